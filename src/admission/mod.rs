@@ -1,0 +1,1184 @@
+//! The account-wide budget: one governor GCRA bucket, a daily cap, a concurrency cap, the
+//! upstream cooldown gate and the fair queue in front of them.
+//!
+//! Shape: all mutable state sits in one `Mutex<Inner>` that is only ever held for a few
+//! hundred nanoseconds and never across an `.await`. A request that can be admitted at once
+//! (empty queue, every gate open, a token in the bucket) is admitted inline by [`Admission::acquire`]
+//! without any task switch. Everything else waits on a oneshot channel, and a single
+//! dispatcher task decides who goes next: only the dispatcher sleeps on a timer, so waiters
+//! never wake as a herd, and the queue decides the order, so a newcomer never overtakes.
+//!
+//! What is absent on purpose: no I/O (the state file is written by `crate::state`'s writer
+//! task; admission only asks for a write and waits for it), no HTTP types, no response
+//! rendering (a refusal is a typed [`Rejection`] that `crate::response` turns into bytes).
+//!
+//! Tokens and the daily count are taken only at the moment a request is granted; a waiter that
+//! leaves or times out consumes nothing. The grant is a [`Permit`] that the proxy keeps inside
+//! the response body, so the concurrency slot is freed exactly when the stream ends or the
+//! client goes away, and a permit dropped before its request was sent gives the daily count
+//! back.
+
+mod queue;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use governor::clock::Clock as _;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
+
+pub use queue::ClientId;
+use queue::FairQueue;
+
+use crate::clock::{TokioClock, WallClock};
+use crate::config::Config;
+use crate::response::{LimitsView, Policy, Reason, Rejection};
+use crate::signals::Hint;
+use crate::state::Persisted;
+use crate::units::{day_end, day_index};
+
+type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+type Reply = oneshot::Sender<Result<Permit, Rejection>>;
+
+/// What the budget needs from the configuration, copied out once.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    pub requests_per_day: Option<u64>,
+    pub day_reset_offset: u32,
+    pub max_concurrent: usize,
+    pub max_depth: usize,
+    pub max_wait: Duration,
+    pub cooldown_initial: Duration,
+    pub cooldown_max: Duration,
+    pub cooldown_multiplier: f64,
+    pub cooldown_decay: Duration,
+    /// Whether granted requests must be covered by a reservation on disk first.
+    pub durable: bool,
+    pub clients: Vec<ClientSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub name: Arc<str>,
+    pub weight: u32,
+    pub requests_per_minute: Option<u32>,
+    pub burst: u32,
+    pub requests_per_day: Option<u64>,
+    pub max_wait: Option<Duration>,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Settings {
+        let mut clients = vec![ClientSettings {
+            name: Arc::from("default"),
+            weight: c.clients.default_weight.get(),
+            requests_per_minute: None,
+            burst: 1,
+            requests_per_day: None,
+            max_wait: None,
+        }];
+        clients.extend(c.clients.clients.iter().map(|cc| ClientSettings {
+            name: Arc::from(cc.name.as_str()),
+            weight: cc.weight.get(),
+            requests_per_minute: cc.requests_per_minute.map(|r| r.get()),
+            burst: cc.burst.get(),
+            requests_per_day: cc.requests_per_day.map(|d| d.get()),
+            max_wait: cc.max_wait,
+        }));
+        Settings {
+            requests_per_minute: c.limits.requests_per_minute.get(),
+            burst: c.limits.burst.get(),
+            requests_per_day: c.limits.requests_per_day.map(|d| d.get()),
+            day_reset_offset: c.limits.day_reset_offset,
+            max_concurrent: c.limits.max_concurrent,
+            max_depth: c.queue.max_depth,
+            max_wait: c.queue.max_wait,
+            cooldown_initial: c.cooldown.initial,
+            cooldown_max: c.cooldown.max,
+            cooldown_multiplier: c.cooldown.multiplier,
+            cooldown_decay: c.cooldown.decay_after,
+            durable: c.state.path.is_some(),
+            clients,
+        }
+    }
+
+    /// The GCRA emission interval.
+    pub fn spacing(&self) -> Duration {
+        Duration::from_secs(60) / self.requests_per_minute.max(1)
+    }
+
+    /// How many daily requests one state write reserves ahead. A crash over-counts by at most
+    /// this much; a larger block means fewer fsyncs. 1% of the cap, between 1 and 50.
+    fn reserve_block(&self) -> u64 {
+        self.requests_per_day.map_or(1, |d| (d / 100).clamp(1, 50))
+    }
+}
+
+/// How an upstream exchange ended, as far as the budget cares.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// A response that was not a rate-limit signal. `exhausted` is set when its headers say no
+    /// requests are left until the given delay (proactive closing of the gate).
+    Success { exhausted: Option<Duration> },
+    /// Upstream 429.
+    RateLimited {
+        hint: Option<Hint>,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    /// Upstream 402 with a quota message.
+    QuotaExceeded { reset_unix: Option<f64> },
+    /// No usable response: connect error, reset, timeout.
+    Failed,
+}
+
+/// What a 429 did to the gate, for the log line and the rewritten response.
+#[derive(Debug, Clone)]
+pub struct CooldownDecision {
+    pub duration: Duration,
+    pub until_unix: f64,
+    pub level: u32,
+    /// Why the upstream's hint was not used as is (garbage, or clamped to `cooldown.max`).
+    pub hint_note: Option<String>,
+    /// False when this 429 belonged to a burst already being cooled down.
+    pub escalated: bool,
+}
+
+/// The last upstream 429, for `/status`.
+#[derive(Debug, Clone)]
+pub struct Last429 {
+    pub at_unix: f64,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Normal operation.
+    Open,
+    /// A cooldown just ended: the next request granted is the probe.
+    Ready,
+    /// The probe is in flight; everyone else waits for its answer.
+    Outstanding,
+}
+
+impl Probe {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Probe::Open => "open",
+            Probe::Ready => "probe_ready",
+            Probe::Outstanding => "probe_in_flight",
+        }
+    }
+}
+
+struct Cooldown {
+    until: Option<Instant>,
+    /// Set for a gate closed by `remaining: 0` headers rather than a 429: no escalation and no
+    /// probe afterwards, the upstream told us exactly when it resets.
+    proactive: bool,
+    level: u32,
+    /// Incremented whenever a cooldown starts; a permit remembers the epoch it was granted in
+    /// so that 429s from requests already in flight do not escalate the same episode again.
+    epoch: u64,
+    probe: Probe,
+    ended_at: Option<Instant>,
+    last_429: Option<Last429>,
+}
+
+struct Day {
+    index: i64,
+    /// Granted today, including requests in flight.
+    used: u64,
+    /// Reserved on disk: a crash restarts with this count, so `used` may never pass it.
+    durable: u64,
+    /// A reservation write in progress up to this count.
+    pending: Option<u64>,
+    /// Upstream 402 quota gate (UNIX seconds).
+    gate_until_unix: Option<f64>,
+}
+
+struct ClientState {
+    settings: ClientSettings,
+    bucket: Option<Bucket>,
+    used_today: u64,
+    forwarded: u64,
+}
+
+struct Inner {
+    queue: FairQueue<Reply>,
+    in_flight: usize,
+    /// Mirror of governor's theoretical arrival time (a reading of `clock`), because governor
+    /// offers no way to look without taking. Updated exactly as governor's GCRA does on each
+    /// token taken, and used only for estimates and `/status`, never for the decision itself.
+    tat: Option<Duration>,
+    day: Day,
+    cooldown: Cooldown,
+    clients: Vec<ClientState>,
+}
+
+struct Shared {
+    settings: Settings,
+    clock: TokioClock,
+    wall: WallClock,
+    bucket: Bucket,
+    inner: Mutex<Inner>,
+    /// Wakes the dispatcher: a waiter arrived or left, a permit ended, a gate changed.
+    wake: Notify,
+    /// Bumped to ask the state writer for a write; `None` when memory only.
+    persist: Option<watch::Sender<u64>>,
+}
+
+/// The handle the proxy holds. Dropping it stops the dispatcher.
+pub struct Admission {
+    shared: Arc<Shared>,
+    dispatcher: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.dispatcher.abort();
+    }
+}
+
+/// Why the budget cannot grant right now, other than the bucket.
+enum Blocked {
+    Daily { open_at_unix: f64 },
+    Cooldown { until: Instant },
+    Probe,
+    Concurrency,
+    Durability,
+}
+
+impl Admission {
+    /// Build the budget from settings and the persisted state, and start its dispatcher.
+    /// `persist` is the state writer's trigger (see `crate::state::spawn_writer`).
+    pub fn new(
+        settings: Settings,
+        wall: WallClock,
+        restored: Persisted,
+        persist: Option<watch::Sender<u64>>,
+    ) -> Admission {
+        let clock = TokioClock::new(Instant::now());
+        let bucket = make_bucket(settings.requests_per_minute, settings.burst, clock);
+        let now_unix = wall.now_unix();
+        let today = day_index(now_unix as i64, settings.day_reset_offset);
+        let (used, gate) = if restored.day == Some(today) {
+            (restored.used, restored.daily_gate_until_unix)
+        } else {
+            (0, None)
+        };
+        let durable = if settings.durable && settings.requests_per_day.is_some() {
+            used
+        } else {
+            u64::MAX
+        };
+        let gate = gate.filter(|&g| g > now_unix);
+        let cooldown_until = restored
+            .cooldown_until_unix
+            .filter(|&u| u > now_unix)
+            .map(|u| wall.instant_at(u));
+        let clients = settings
+            .clients
+            .iter()
+            .map(|c| ClientState {
+                bucket: c
+                    .requests_per_minute
+                    .map(|rpm| make_bucket(rpm, c.burst, clock)),
+                used_today: if restored.day == Some(today) {
+                    restored.clients.get(&*c.name).copied().unwrap_or(0)
+                } else {
+                    0
+                },
+                forwarded: 0,
+                settings: c.clone(),
+            })
+            .collect();
+        let weights: Vec<u32> = settings.clients.iter().map(|c| c.weight).collect();
+        let inner = Inner {
+            queue: FairQueue::new(&weights),
+            in_flight: 0,
+            tat: None,
+            day: Day {
+                index: today,
+                used,
+                durable,
+                pending: None,
+                gate_until_unix: gate,
+            },
+            cooldown: Cooldown {
+                until: cooldown_until,
+                proactive: false,
+                level: restored.cooldown_level,
+                epoch: 0,
+                probe: Probe::Open,
+                ended_at: None,
+                last_429: None,
+            },
+            clients,
+        };
+        let shared = Arc::new(Shared {
+            settings,
+            clock,
+            wall,
+            bucket,
+            inner: Mutex::new(inner),
+            wake: Notify::new(),
+            persist,
+        });
+        let dispatcher = tokio::spawn(dispatch(Arc::clone(&shared)));
+        Admission { shared, dispatcher }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Client index by name (`default` is 0).
+    pub fn client_id(&self, name: &str) -> Option<ClientId> {
+        self.shared
+            .settings
+            .clients
+            .iter()
+            .position(|c| &*c.name == name)
+    }
+
+    pub fn client_name(&self, id: ClientId) -> Arc<str> {
+        self.shared.settings.clients[id].name.clone()
+    }
+
+    /// Wait for admission. `max_wait` is the caller's wait (already capped by the proxy at
+    /// `queue.max_wait` and the client's own limit). Cancel-safe: dropping the future leaves
+    /// the queue at once and consumes nothing.
+    pub async fn acquire(&self, client: ClientId, max_wait: Duration) -> Result<Permit, Rejection> {
+        let shared = &self.shared;
+        let now = Instant::now();
+        let deadline = now + max_wait;
+        let (id, rx) = {
+            let mut g = shared.lock();
+            let now_unix = shared.wall.now_unix();
+            g.roll_day(shared, now_unix);
+            g.check_client_caps(shared, client, now_unix)?;
+            let blocked = g.blocked(shared, now, now_unix);
+            if g.queue.is_empty() && blocked.is_none() {
+                match shared.bucket.check() {
+                    Ok(()) => {
+                        g.took_token(shared);
+                        return Ok(g.grant(shared, client, Duration::ZERO));
+                    }
+                    Err(_) if max_wait.is_zero() => {}
+                    Err(_) => {}
+                }
+            }
+            // Not now: shed at once if waiting cannot help, in the contract's order.
+            match blocked {
+                Some(Blocked::Daily { open_at_unix }) => {
+                    let open = shared.wall.instant_at(open_at_unix);
+                    if open > deadline {
+                        return Err(g.reject(
+                            shared,
+                            Reason::DailyQuotaExhausted,
+                            open - now,
+                            now_unix,
+                        ));
+                    }
+                }
+                Some(Blocked::Cooldown { until }) if until > deadline => {
+                    return Err(g.reject(shared, Reason::UpstreamCooldown, until - now, now_unix));
+                }
+                _ => {}
+            }
+            if g.queue.len() >= shared.settings.max_depth {
+                let drain = g.estimate(shared, g.queue.len(), now) - now;
+                return Err(g.reject(shared, Reason::QueueFull, drain, now_unix));
+            }
+            let ahead = g.queue.ahead_of_new(client);
+            let eta = g.estimate(shared, ahead, now);
+            if eta > deadline || max_wait.is_zero() {
+                let wait = (eta - now).max(shared.settings.spacing().min(Duration::from_secs(1)));
+                let mut r = g.reject(shared, Reason::QueueTimeout, wait, now_unix);
+                r.detail = Some(if max_wait.is_zero() {
+                    "the request asked not to queue".into()
+                } else {
+                    format!(
+                        "estimated wait {:.1}s exceeds the wait limit {:.1}s",
+                        (eta - now).as_secs_f64(),
+                        max_wait.as_secs_f64()
+                    )
+                });
+                return Err(r);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = g.queue.push(client, deadline, now, tx);
+            (id, rx)
+        };
+        shared.wake.notify_one();
+        let mut guard = LeaveOnDrop {
+            shared,
+            client,
+            id,
+            armed: true,
+        };
+        let mut rx = rx;
+        let result = tokio::select! {
+            r = &mut rx => r.ok(),
+            _ = tokio::time::sleep_until(deadline) => rx.try_recv().ok(),
+        };
+        guard.armed = false;
+        match result {
+            Some(r) => r,
+            None => {
+                // Deadline reached (or the dispatcher is gone): leave the queue now.
+                let mut g = shared.lock();
+                g.queue.remove(client, id);
+                let now = Instant::now();
+                let now_unix = shared.wall.now_unix();
+                let ahead = g.queue.len();
+                let eta = g.estimate(shared, ahead, now);
+                let mut r = g.reject(shared, Reason::QueueTimeout, eta - now, now_unix);
+                r.detail = Some(format!(
+                    "waited {:.1}s, the wait limit",
+                    max_wait.as_secs_f64()
+                ));
+                drop(g);
+                shared.wake.notify_one();
+                Err(r)
+            }
+        }
+    }
+
+    /// A point-in-time view for `/status` and metrics.
+    pub fn snapshot(&self) -> Snapshot {
+        let shared = &self.shared;
+        let now = Instant::now();
+        let now_unix = shared.wall.now_unix();
+        let mut g = shared.lock();
+        g.roll_day(shared, now_unix);
+        let s = &shared.settings;
+        let (tokens, next_in) = g.tokens_now(shared);
+        let cooldown_until = g.cooldown.until.filter(|&u| u > now);
+        Snapshot {
+            requests_per_minute: s.requests_per_minute,
+            burst: s.burst,
+            requests_per_day: s.requests_per_day,
+            max_concurrent: s.max_concurrent,
+            max_depth: s.max_depth,
+            max_wait: s.max_wait,
+            tokens_available: tokens,
+            next_token_in: next_in,
+            used_today: g.day.used,
+            remaining_today: s.requests_per_day.map(|d| d.saturating_sub(g.day.used)),
+            day_resets_at_unix: day_end(g.day.index, s.day_reset_offset),
+            daily_gate_until_unix: g.day.gate_until_unix.filter(|&u| u > now_unix),
+            cooldown_active: cooldown_until.is_some(),
+            cooldown_proactive: cooldown_until.is_some() && g.cooldown.proactive,
+            cooldown_until_unix: cooldown_until.map(|u| shared.wall.unix_at(u)),
+            cooldown_level: g.effective_level(shared, now),
+            gate: g.cooldown.probe,
+            last_429: g.cooldown.last_429.clone(),
+            queue_depth: g.queue.len(),
+            oldest_wait: g.queue.oldest().map(|o| now - o),
+            in_flight: g.in_flight,
+            clients: g
+                .clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ClientSnapshot {
+                    name: c.settings.name.clone(),
+                    weight: c.settings.weight,
+                    queued: g.queue.client_len(i),
+                    used_today: c.used_today,
+                    forwarded: c.forwarded,
+                    requests_per_minute: c.settings.requests_per_minute,
+                    requests_per_day: c.settings.requests_per_day,
+                })
+                .collect(),
+        }
+    }
+
+    /// What the state file should hold now. `exact` (clean shutdown) stores the true count;
+    /// otherwise the reservation, so that a crash can only over-count.
+    pub fn persisted(&self, exact: bool) -> Persisted {
+        self.shared.persisted(exact)
+    }
+
+    /// Called by the state writer after a successful write of `p`.
+    pub fn persisted_ok(&self, p: &Persisted) {
+        let shared = &self.shared;
+        {
+            let mut g = shared.lock();
+            if p.day == Some(g.day.index) && g.day.durable != u64::MAX {
+                g.day.durable = g.day.durable.max(p.used);
+            }
+            if g.day.pending.is_some_and(|t| t <= p.used) {
+                g.day.pending = None;
+            }
+        }
+        shared.wake.notify_one();
+    }
+
+    /// A rejection carrying the current limits (for responses built outside admission).
+    pub fn rejection(&self, reason: Reason) -> Rejection {
+        let shared = &self.shared;
+        let now_unix = shared.wall.now_unix();
+        let now = Instant::now();
+        let mut g = shared.lock();
+        let retry = match g.blocked(shared, now, now_unix) {
+            Some(Blocked::Daily { open_at_unix }) => {
+                Some(Duration::from_secs_f64((open_at_unix - now_unix).max(0.0)))
+            }
+            Some(Blocked::Cooldown { until }) => Some(until - now),
+            _ => None,
+        };
+        let mut r = g.reject(shared, reason, Duration::ZERO, now_unix);
+        r.retry_after = retry;
+        r
+    }
+
+    /// Called by the state writer after a pause following a failed write: look again (the
+    /// dispatcher asks for a new reservation if someone is waiting for one).
+    pub fn persist_retry(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Called by the state writer when a write failed: the reservation did not happen, so a
+    /// new one will be asked for (the writer retries after a pause).
+    pub fn persist_failed(&self) {
+        let mut g = self.shared.lock();
+        g.day.pending = None;
+    }
+}
+
+/// Removes a waiter from the queue if its request future is dropped while queued (the client
+/// went away): it leaves at once and its place goes to the next.
+struct LeaveOnDrop<'a> {
+    shared: &'a Shared,
+    client: ClientId,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for LeaveOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let removed = self.shared.lock().queue.remove(self.client, self.id);
+            drop(removed);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+fn make_bucket(rpm: u32, burst: u32, clock: TokioClock) -> Bucket {
+    let period = Duration::from_secs(60) / rpm.max(1);
+    // `with_period` only fails for a zero period, which a non-zero rpm cannot give; fall back
+    // to one per nanosecond rather than panic.
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MAX))
+        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN));
+    RateLimiter::direct_with_clock(quota, clock)
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug; the state is still consistent
+        // enough to keep serving, so recover rather than take the whole proxy down.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn request_persist(&self) {
+        if let Some(p) = &self.persist {
+            p.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    fn persisted(&self, exact: bool) -> Persisted {
+        let g = self.lock();
+        let now = Instant::now();
+        let used = if exact {
+            g.day.used
+        } else {
+            g.day.pending.unwrap_or(0).max(g.day.used)
+        };
+        Persisted {
+            day: Some(g.day.index),
+            used,
+            daily_gate_until_unix: g.day.gate_until_unix,
+            cooldown_until_unix: g
+                .cooldown
+                .until
+                .filter(|&u| u > now && !g.cooldown.proactive)
+                .map(|u| self.wall.unix_at(u)),
+            cooldown_level: g.cooldown.level,
+            clients: g
+                .clients
+                .iter()
+                .filter(|c| c.used_today > 0)
+                .map(|c| (c.settings.name.to_string(), c.used_today))
+                .collect(),
+        }
+    }
+}
+
+impl Inner {
+    fn roll_day(&mut self, shared: &Shared, now_unix: f64) {
+        let today = day_index(now_unix as i64, shared.settings.day_reset_offset);
+        if today != self.day.index {
+            // Requests still in flight were counted yesterday; today starts at zero.
+            self.day.index = today;
+            self.day.used = 0;
+            self.day.pending = None;
+            if self.day.durable != u64::MAX {
+                self.day.durable = 0;
+            }
+            if self.day.gate_until_unix.is_some_and(|g| g <= now_unix) {
+                self.day.gate_until_unix = None;
+            }
+            for c in &mut self.clients {
+                c.used_today = 0;
+            }
+            tracing::info!(day = today, "new quota day: daily counts reset");
+            shared.request_persist();
+        }
+    }
+
+    /// The gates other than the bucket, in the contract's order. Ends an expired cooldown.
+    fn blocked(&mut self, shared: &Shared, now: Instant, now_unix: f64) -> Option<Blocked> {
+        let s = &shared.settings;
+        if let Some(cap) = s.requests_per_day {
+            if self.day.used >= cap {
+                return Some(Blocked::Daily {
+                    open_at_unix: day_end(self.day.index, s.day_reset_offset) as f64,
+                });
+            }
+        }
+        if let Some(g) = self.day.gate_until_unix {
+            if g > now_unix {
+                return Some(Blocked::Daily { open_at_unix: g });
+            }
+            self.day.gate_until_unix = None;
+            tracing::info!("upstream quota gate reopened");
+            shared.request_persist();
+        }
+        if let Some(until) = self.cooldown.until {
+            if until > now {
+                return Some(Blocked::Cooldown { until });
+            }
+            self.cooldown.until = None;
+            self.cooldown.ended_at = Some(now);
+            if self.cooldown.proactive {
+                self.cooldown.proactive = false;
+                tracing::info!("upstream rate-limit window reset: gate reopened");
+            } else {
+                self.cooldown.probe = Probe::Ready;
+                tracing::info!(
+                    level = self.cooldown.level,
+                    "cooldown over: sending one probe request before reopening"
+                );
+            }
+            shared.request_persist();
+        }
+        if self.cooldown.probe == Probe::Outstanding {
+            return Some(Blocked::Probe);
+        }
+        if self.in_flight >= s.max_concurrent {
+            return Some(Blocked::Concurrency);
+        }
+        if self.day.used >= self.day.durable {
+            self.reserve(shared);
+            return Some(Blocked::Durability);
+        }
+        None
+    }
+
+    /// Ask the state writer to reserve the next block of daily requests on disk.
+    fn reserve(&mut self, shared: &Shared) {
+        if self.day.durable == u64::MAX || self.day.pending.is_some() {
+            return;
+        }
+        let block = shared.settings.reserve_block();
+        self.day.pending = Some(self.day.used + block);
+        shared.request_persist();
+    }
+
+    /// Record a token taken from governor in the mirror (same update as governor's GCRA).
+    fn took_token(&mut self, shared: &Shared) {
+        let now = shared.clock.now();
+        let t = shared.settings.spacing();
+        let tat = self.tat.unwrap_or(now).max(now);
+        self.tat = Some(tat + t);
+    }
+
+    /// Tokens in the bucket now, and how long until the next one.
+    fn tokens_now(&self, shared: &Shared) -> (u32, Duration) {
+        let s = &shared.settings;
+        let t = s.spacing();
+        let tau = t * (s.burst - 1);
+        let now = shared.clock.now();
+        let Some(tat) = self.tat else {
+            return (s.burst, Duration::ZERO);
+        };
+        let earliest = tat.saturating_sub(tau);
+        if now < earliest {
+            return (0, earliest - now);
+        }
+        let tokens = ((now + t - earliest).as_nanos() / t.as_nanos().max(1)) as u64;
+        let tokens = tokens.min(u64::from(s.burst)) as u32;
+        let next = if tokens >= s.burst {
+            Duration::ZERO
+        } else {
+            let next_at = earliest + t * tokens;
+            next_at.saturating_sub(now)
+        };
+        (tokens, next)
+    }
+
+    /// When a request with `ahead` waiters before it would get its token: the bucket's next
+    /// conforming time plus one spacing per waiter ahead, and no earlier than the end of a
+    /// cooldown (after which the probe goes first and the rest follow at the spacing).
+    fn estimate(&self, shared: &Shared, ahead: usize, now: Instant) -> Instant {
+        let s = &shared.settings;
+        let t = s.spacing();
+        let tau = t * (s.burst - 1);
+        let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
+        let behind = t.saturating_mul(ahead);
+        let mut at = now;
+        if let Some(tat) = self.tat {
+            at = at.max(shared.clock.to_instant(tat.saturating_sub(tau)) + behind);
+        } else if ahead >= s.burst {
+            at = at.max(now + t * (ahead - s.burst + 1));
+        }
+        if let Some(until) = self.cooldown.until.filter(|&u| u > now) {
+            at = at.max(until + behind);
+        }
+        at
+    }
+
+    fn check_client_caps(
+        &mut self,
+        shared: &Shared,
+        client: ClientId,
+        now_unix: f64,
+    ) -> Result<(), Rejection> {
+        let c = &self.clients[client];
+        if let Some(cap) = c.settings.requests_per_day {
+            if c.used_today >= cap {
+                let reset = day_end(self.day.index, shared.settings.day_reset_offset) as f64;
+                let wait = Duration::from_secs_f64((reset - now_unix).max(0.0));
+                let mut r = self.reject(
+                    shared,
+                    Reason::ClientDailyQuotaExhausted,
+                    wait,
+                    now_unix,
+                );
+                r.client = Some(c.settings.name.clone());
+                return Err(r);
+            }
+        }
+        if let Some(b) = &c.bucket {
+            if let Err(nu) = b.check() {
+                let wait = nu.wait_time_from(shared.clock.now());
+                let mut r = self.reject(shared, Reason::ClientRateLimited, wait, now_unix);
+                r.client = Some(self.clients[client].settings.name.clone());
+                return Err(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hand out a permit: take the daily count and a concurrency slot; the first grant after
+    /// a cooldown is the probe.
+    fn grant(&mut self, shared: &Arc<Shared>, client: ClientId, waited: Duration) -> Permit {
+        self.in_flight += 1;
+        self.day.used += 1;
+        let c = &mut self.clients[client];
+        c.used_today += 1;
+        c.forwarded += 1;
+        let probe = self.cooldown.probe == Probe::Ready;
+        if probe {
+            self.cooldown.probe = Probe::Outstanding;
+        }
+        if self.day.durable != u64::MAX {
+            // Reserve the next block while half of this one is still left, so the write is
+            // normally done before anyone has to wait for it.
+            let block = shared.settings.reserve_block();
+            if self.day.used + block / 2 >= self.day.durable {
+                self.reserve(shared);
+            }
+        } else if shared.persist.is_some() {
+            shared.request_persist();
+        }
+        Permit {
+            shared: Arc::clone(shared),
+            client,
+            epoch: self.cooldown.epoch,
+            probe,
+            sent: false,
+            reported: false,
+            queue_wait: waited,
+        }
+    }
+
+    fn limits_view(&self, shared: &Shared) -> LimitsView {
+        let s = &shared.settings;
+        LimitsView {
+            requests_per_minute: s.requests_per_minute,
+            burst: s.burst,
+            requests_per_day: s.requests_per_day,
+            used_today: self.day.used,
+            remaining_today: s.requests_per_day.map(|d| d.saturating_sub(self.day.used)),
+            day_resets_at_unix: day_end(self.day.index, s.day_reset_offset),
+        }
+    }
+
+    fn reject(
+        &self,
+        shared: &Shared,
+        reason: Reason,
+        retry_after: Duration,
+        now_unix: f64,
+    ) -> Rejection {
+        let now = Instant::now();
+        let tripped = match reason {
+            Reason::DailyQuotaExhausted | Reason::ClientDailyQuotaExhausted => Policy::Day,
+            _ => Policy::Minute,
+        };
+        Rejection {
+            reason,
+            retry_after: Some(retry_after),
+            limits: Some(self.limits_view(shared)),
+            cooldown_until_unix: self
+                .cooldown
+                .until
+                .filter(|&u| u > now)
+                .map(|u| now_unix + (u - now).as_secs_f64()),
+            tripped,
+            ..Rejection::new(reason)
+        }
+    }
+
+    /// The escalation level after decay: a quiet period of `cooldown.decay_after` since the
+    /// last cooldown ended forgets it.
+    fn effective_level(&self, shared: &Shared, now: Instant) -> u32 {
+        match self.cooldown.ended_at {
+            Some(end)
+                if self.cooldown.until.is_none()
+                    && now.saturating_duration_since(end) >= shared.settings.cooldown_decay =>
+            {
+                0
+            }
+            _ => self.cooldown.level,
+        }
+    }
+
+    /// One dispatcher pass: grant or shed as many waiters as possible, then say when to look
+    /// again. Replies are collected in `out` and sent after the lock is released (a refused
+    /// reply drops its permit, and the permit's `Drop` takes the lock).
+    fn step(
+        &mut self,
+        shared: &Arc<Shared>,
+        out: &mut Vec<(Reply, Result<Permit, Rejection>)>,
+    ) -> Option<Instant> {
+        let now = Instant::now();
+        let now_unix = shared.wall.now_unix();
+        self.roll_day(shared, now_unix);
+        loop {
+            // Skip waiters whose client has already gone (their guard is about to remove them).
+            while let Some(w) = self.queue.peek() {
+                if w.payload.is_closed() {
+                    let (client, id) = (w.client, w.id);
+                    self.queue.remove(client, id);
+                } else {
+                    break;
+                }
+            }
+            if self.queue.is_empty() {
+                return None;
+            }
+            match self.blocked(shared, now, now_unix) {
+                Some(Blocked::Daily { open_at_unix }) => {
+                    let open = shared.wall.instant_at(open_at_unix);
+                    for w in self.queue.drain_where(|w| w.deadline < open) {
+                        let r = self.reject(
+                            shared,
+                            Reason::DailyQuotaExhausted,
+                            open - now,
+                            now_unix,
+                        );
+                        out.push((w.payload, Err(r)));
+                    }
+                    return (!self.queue.is_empty()).then_some(open);
+                }
+                Some(Blocked::Cooldown { until }) => {
+                    for w in self.queue.drain_where(|w| w.deadline < until) {
+                        let r = self.reject(shared, Reason::UpstreamCooldown, until - now, now_unix);
+                        out.push((w.payload, Err(r)));
+                    }
+                    return Some(until);
+                }
+                Some(Blocked::Probe | Blocked::Concurrency | Blocked::Durability) => return None,
+                None => {}
+            }
+            if let Err(nu) = shared.bucket.check() {
+                return Some(now + nu.wait_time_from(shared.clock.now()));
+            }
+            self.took_token(shared);
+            let Some(w) = self.queue.pop() else {
+                return None;
+            };
+            let permit = self.grant(shared, w.client, now - w.enqueued);
+            out.push((w.payload, Ok(permit)));
+        }
+    }
+}
+
+/// The dispatcher: the only task that sleeps on the bucket's or a gate's timer.
+async fn dispatch(shared: Arc<Shared>) {
+    let mut out = Vec::new();
+    loop {
+        let next = shared.lock().step(&shared, &mut out);
+        for (tx, r) in out.drain(..) {
+            // A waiter that left in the meantime drops the permit here, which returns it.
+            let _ = tx.send(r);
+        }
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = shared.wake.notified() => {}
+                }
+            }
+            None => shared.wake.notified().await,
+        }
+    }
+}
+
+/// The right to have one request in flight upstream. Owned by the response body; dropping it
+/// frees the concurrency slot, returns the daily count if the request was never sent, and
+/// lets another request probe if this was an unanswered probe.
+pub struct Permit {
+    shared: Arc<Shared>,
+    client: ClientId,
+    epoch: u64,
+    probe: bool,
+    sent: bool,
+    reported: bool,
+    /// How long the request waited in the queue.
+    pub queue_wait: Duration,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("client", &self.client)
+            .field("probe", &self.probe)
+            .field("queue_wait", &self.queue_wait)
+            .finish()
+    }
+}
+
+impl Permit {
+    /// The request is going upstream now: from here on it counts against the day.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+
+    /// Feed the upstream's answer back into the budget. Returns the cooldown it started, if
+    /// any, for the log line and the rewritten 429.
+    pub fn report(&mut self, outcome: Outcome) -> Option<CooldownDecision> {
+        self.reported = true;
+        let shared = &*self.shared;
+        let now = Instant::now();
+        let now_unix = shared.wall.now_unix();
+        let s = &shared.settings;
+        let mut g = shared.lock();
+        let decision = match outcome {
+            Outcome::Success { exhausted } => {
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                    tracing::info!("probe succeeded: gate reopened for every client");
+                }
+                if let Some(d) = exhausted {
+                    let d = d.min(s.cooldown_max);
+                    let until = now + d;
+                    if !d.is_zero() && g.cooldown.until.is_none_or(|u| u < until) {
+                        g.cooldown.until = Some(until);
+                        g.cooldown.proactive = g.cooldown.proactive || g.cooldown.until == Some(until);
+                        tracing::info!(
+                            seconds = d.as_secs_f64(),
+                            "upstream reports no requests left: gate closed until its reset"
+                        );
+                    }
+                }
+                None
+            }
+            Outcome::RateLimited {
+                hint,
+                status,
+                headers,
+                body,
+            } => {
+                g.cooldown.last_429 = Some(Last429 {
+                    at_unix: now_unix,
+                    status,
+                    headers,
+                    body,
+                });
+                let escalate = self.epoch == g.cooldown.epoch;
+                let level = if escalate {
+                    g.effective_level(shared, now).saturating_add(1)
+                } else {
+                    g.cooldown.level.max(1)
+                };
+                let computed = {
+                    let factor = s
+                        .cooldown_multiplier
+                        .powi(level.saturating_sub(1).min(64) as i32);
+                    let secs = s.cooldown_initial.as_secs_f64() * factor;
+                    if secs.is_finite() {
+                        Duration::from_secs_f64(secs.min(s.cooldown_max.as_secs_f64()))
+                    } else {
+                        s.cooldown_max
+                    }
+                };
+                let (duration, hint_note) = match hint {
+                    Some(Hint::After(d)) if d <= s.cooldown_max => (d.max(Duration::from_secs(1)), None),
+                    Some(Hint::After(d)) => (
+                        s.cooldown_max,
+                        Some(format!(
+                            "upstream asked for {:.0}s, clamped to cooldown.max",
+                            d.as_secs_f64()
+                        )),
+                    ),
+                    Some(Hint::Unparseable(h)) => (
+                        computed,
+                        Some(format!("unparseable rate-limit header ignored: {h}")),
+                    ),
+                    None => (computed, None),
+                };
+                let until = now + duration;
+                let longer = g.cooldown.until.is_none_or(|u| u < until);
+                if escalate {
+                    g.cooldown.level = level;
+                    g.cooldown.epoch += 1;
+                }
+                if escalate || longer {
+                    g.cooldown.until = Some(g.cooldown.until.map_or(until, |u| u.max(until)));
+                    g.cooldown.proactive = false;
+                    g.cooldown.probe = Probe::Open;
+                }
+                let until = g.cooldown.until.unwrap_or(until);
+                shared.request_persist();
+                Some(CooldownDecision {
+                    duration: until - now,
+                    until_unix: now_unix + (until - now).as_secs_f64(),
+                    level: g.cooldown.level,
+                    hint_note,
+                    escalated: escalate,
+                })
+            }
+            Outcome::QuotaExceeded { reset_unix } => {
+                let next_reset = day_end(g.day.index, s.day_reset_offset) as f64;
+                // A reset claimed in the past or more than two days ahead is not believable.
+                let until = reset_unix
+                    .filter(|&r| r > now_unix && r < now_unix + 2.0 * 86_400.0)
+                    .unwrap_or(next_reset);
+                g.day.gate_until_unix = Some(until);
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                }
+                tracing::warn!(
+                    until = %crate::units::format_rfc3339(until as i64),
+                    "upstream says the daily quota is spent: gate closed until its reset"
+                );
+                shared.request_persist();
+                None
+            }
+            Outcome::Failed => {
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    // No answer is not a success: let the next request probe.
+                    g.cooldown.probe = Probe::Ready;
+                }
+                None
+            }
+        };
+        drop(g);
+        shared.wake.notify_one();
+        decision
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let shared = &*self.shared;
+        {
+            let mut g = shared.lock();
+            g.in_flight -= 1;
+            if !self.sent {
+                g.day.used = g.day.used.saturating_sub(1);
+                let c = &mut g.clients[self.client];
+                c.used_today = c.used_today.saturating_sub(1);
+                c.forwarded = c.forwarded.saturating_sub(1);
+            }
+            if self.probe && !self.reported && g.cooldown.probe == Probe::Outstanding {
+                g.cooldown.probe = Probe::Ready;
+            }
+        }
+        shared.wake.notify_one();
+    }
+}
+
+/// `/status` view of the budget.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub requests_per_minute: u32,
+    pub burst: u32,
+    pub requests_per_day: Option<u64>,
+    pub max_concurrent: usize,
+    pub max_depth: usize,
+    pub max_wait: Duration,
+    pub tokens_available: u32,
+    pub next_token_in: Duration,
+    pub used_today: u64,
+    pub remaining_today: Option<u64>,
+    pub day_resets_at_unix: i64,
+    pub daily_gate_until_unix: Option<f64>,
+    pub cooldown_active: bool,
+    pub cooldown_proactive: bool,
+    pub cooldown_until_unix: Option<f64>,
+    pub cooldown_level: u32,
+    pub gate: Probe,
+    pub last_429: Option<Last429>,
+    pub queue_depth: usize,
+    pub oldest_wait: Option<Duration>,
+    pub in_flight: usize,
+    pub clients: Vec<ClientSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    pub name: Arc<str>,
+    pub weight: u32,
+    pub queued: usize,
+    pub used_today: u64,
+    pub forwarded: u64,
+    pub requests_per_minute: Option<u32>,
+    pub requests_per_day: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,327 @@
+//! Streaming bodies in both directions. Nothing here buffers a body: each frame is passed on
+//! as it arrives.
+//!
+//! * [`RequestBody`] carries the client's upload to the upstream, counting bytes against
+//!   `server.max_request_body` and failing the upload if the client stalls longer than
+//!   `upstream.idle_timeout` between chunks.
+//! * [`ResponseBody`] carries the upstream's answer (or one of the proxy's own JSON bodies) to
+//!   the client. A streamed answer owns the admission [`Permit`], so the concurrency slot is
+//!   held exactly until the last byte is sent or the client goes away; it applies the idle
+//!   timeout, rewrites Chutes' raw in-stream error lines into SSE events, and emits the
+//!   request's log line when it ends.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::admission::Permit;
+use crate::log::RequestLog;
+use crate::sse::SseErrorRewriter;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a body stream was cut short.
+#[derive(Debug)]
+pub enum BodyError {
+    TooLarge { limit: u64 },
+    Idle(Duration),
+    Upstream(hyper::Error),
+    Client(hyper::Error),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => write!(f, "request body exceeds {limit} bytes"),
+            BodyError::Idle(d) => write!(f, "no body data for {:.1}s", d.as_secs_f64()),
+            BodyError::Upstream(e) => write!(f, "upstream body error: {e}"),
+            BodyError::Client(e) => write!(f, "client body error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// Observations the proxy reads after the upload ends or fails.
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    pub bytes: AtomicU64,
+    pub too_large: AtomicBool,
+    pub stalled: AtomicBool,
+}
+
+/// The client's request body on its way upstream.
+pub struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    stats: Arc<UploadStats>,
+    done: bool,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64, idle: Duration, stats: Arc<UploadStats>) -> Self {
+        RequestBody {
+            inner,
+            limit,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            stats,
+            done: false,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this
+                        .stats
+                        .bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    if total > this.limit {
+                        this.done = true;
+                        this.stats.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                }
+                let deadline = Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(BodyError::Client(e))))
+            }
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                this.done = true;
+                this.stats.stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(BodyError::Idle(this.idle))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What the client receives.
+pub struct ResponseBody {
+    kind: Kind,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Stream(Box<Streaming>),
+}
+
+struct Streaming {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+    sse: Option<SseErrorRewriter>,
+    /// Held until the stream ends; dropping it frees the concurrency slot.
+    permit: Option<Permit>,
+    log: RequestLog,
+    /// An SSE error event to send after an upstream failure, then end cleanly.
+    trailer: Option<Bytes>,
+    finished: bool,
+}
+
+impl ResponseBody {
+    pub fn full(bytes: Bytes) -> Self {
+        ResponseBody {
+            kind: Kind::Full(Some(bytes)),
+        }
+    }
+
+    pub fn empty() -> Self {
+        ResponseBody {
+            kind: Kind::Full(None),
+        }
+    }
+
+    /// Stream an upstream body, holding `permit` until it ends.
+    pub fn stream(
+        inner: Incoming,
+        idle: Duration,
+        sse: bool,
+        permit: Permit,
+        log: RequestLog,
+    ) -> Self {
+        ResponseBody {
+            kind: Kind::Stream(Box::new(Streaming {
+                inner,
+                idle,
+                timer: Box::pin(tokio::time::sleep(idle)),
+                sse: sse.then(SseErrorRewriter::new),
+                permit: Some(permit),
+                log,
+                trailer: None,
+                finished: false,
+            })),
+        }
+    }
+}
+
+impl Streaming {
+    /// The stream is over (normally or not): release the slot and log now, not when hyper
+    /// gets round to dropping the body.
+    fn finish(&mut self, error: Option<String>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if let Some(sse) = &self.sse {
+            self.log.stream_error_events = sse.saw_error();
+        }
+        self.log.stream_error = error;
+        self.log.finish();
+        self.permit = None;
+    }
+
+    /// An upstream failure mid-stream. For SSE the client gets a final error event and a clean
+    /// end, so SDKs raise instead of hanging or silently truncating; other bodies are aborted
+    /// so the client sees an incomplete response rather than a short one that looks whole.
+    fn fail(&mut self, why: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::warn!(request_id = %self.log.request_id, error = %why, "upstream stream ended abnormally");
+        if self.sse.is_some() {
+            let mut event = Vec::with_capacity(160);
+            let msg = serde_json::json!({"error": {
+                "message": format!("upstream stream interrupted: {why}"),
+                "type": "upstream_error", "param": null, "code": "upstream_stream_error"}});
+            event.extend_from_slice(b"\n\ndata: ");
+            event.extend_from_slice(msg.to_string().as_bytes());
+            event.extend_from_slice(b"\n\n");
+            self.trailer = Some(Bytes::from(event));
+            self.finish(Some(why));
+            Poll::Ready(self.trailer.take().map(|b| Ok(Frame::data(b))))
+        } else {
+            self.finish(Some(why.clone()));
+            Poll::Ready(Some(Err(why.into())))
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let s = match &mut self.kind {
+            Kind::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => s,
+        };
+        if s.finished {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut s.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = Instant::now() + s.idle;
+                    s.timer.as_mut().reset(deadline);
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let data = match &mut s.sse {
+                                Some(sse) => sse.push(data),
+                                None => data,
+                            };
+                            if data.is_empty() {
+                                // Held back by the rewriter (a partial raw line): keep reading.
+                                continue;
+                            }
+                            s.log.bytes_out += data.len() as u64;
+                            // hyper stops polling once a Content-Length body is complete, so
+                            // the end is recognised here rather than by a final `None`.
+                            if s.inner.is_end_stream() && s.sse.is_none() {
+                                s.finish(None);
+                            }
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) => return s.fail(e.to_string()),
+                Poll::Ready(None) => {
+                    let tail = s.sse.as_mut().and_then(|sse| sse.finish());
+                    s.finish(None);
+                    return Poll::Ready(tail.map(|t| Ok(Frame::data(t))));
+                }
+                Poll::Pending => {
+                    ready!(s.timer.as_mut().poll(cx));
+                    let why = format!(
+                        "no data from the upstream for {:.1}s (upstream.idle_timeout)",
+                        s.idle.as_secs_f64()
+                    );
+                    return s.fail(why);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Stream(s) => s.finished,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            // The SSE rewriter may change lengths, so never promise the upstream's.
+            Kind::Stream(s) if s.sse.is_some() => SizeHint::default(),
+            Kind::Stream(s) => s.inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if !self.finished {
+            let why = if self.inner.is_end_stream() {
+                None
+            } else {
+                Some("client went away before the end of the response".into())
+            };
+            self.finish(why);
+        }
+    }
+}

@@ -1,0 +1,1268 @@
+//! Configuration: TOML file + command-line overrides -> one validated, typed [`Config`].
+//!
+//! The file is read into a `toml::Table` and walked key by key rather than deserialised with
+//! serde, so that *every* problem (a typo'd key, a bad duration, a zero rate) is reported at once,
+//! each naming its dotted key. A typo must never silently drop a limit, so unknown keys are
+//! errors. Everything downstream receives typed values (`Duration`, `NonZeroU32`, ...) and never
+//! re-validates. This module does no I/O beyond reading the config file and the key file, and
+//! holds no global state: the `Config` is passed explicitly.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme};
+use toml::{Table, Value};
+
+use crate::units::{parse_duration, parse_hhmm, parse_size};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Chat requests with long contexts are a few hundred KiB; 4 MiB leaves room for images.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 4 * 1024 * 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Each idle keep-alive connection costs a task and a few KiB; 10,000 fits well under 64 MiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// hyper's default read buffer; request heads larger than this are answered 431.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const DEFAULT_UPSTREAM_URL: &str = "https://llm.chutes.ai";
+pub const DEFAULT_API_KEY_ENV: &str = "CHUTES_API_KEY";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Large models can think for a long time before their first token.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Below Chutes' edge limit of about 60/min, leaving headroom for clock skew between edges.
+pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 50;
+pub const DEFAULT_BURST: u32 = 5;
+pub const DEFAULT_MAX_CONCURRENT: usize = 16;
+pub const DEFAULT_QUEUE_DEPTH: usize = 1000;
+/// Long enough to ride out normal spacing, short enough that callers' own timeouts do not fire.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(20);
+pub const DEFAULT_COOLDOWN_INITIAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_COOLDOWN_MAX: Duration = Duration::from_secs(3600);
+pub const DEFAULT_COOLDOWN_MULTIPLIER: f64 = 2.0;
+/// A quiet period this long after a cooldown ends forgets the escalation level.
+pub const DEFAULT_COOLDOWN_DECAY: Duration = Duration::from_secs(600);
+pub const DEFAULT_STATE_PATH: &str = "chutes-proxy-state.json";
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub cooldown: CooldownConfig,
+    pub state: StateConfig,
+    pub clients: ClientsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// `None` when `admin_listen = ""`.
+    pub admin_listen: Option<SocketAddr>,
+    pub allow_remote_admin: bool,
+    pub shutdown_grace: Duration,
+    pub max_request_body: u64,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    pub url: UpstreamUrl,
+    /// Where the key came from, for `--check` and the startup line (never the key itself).
+    pub api_key_source: String,
+    pub api_key: Option<ApiKey>,
+    pub auth_header: HeaderName,
+    pub auth_prefix: String,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &self.url.to_string())
+            .field("api_key", &self.api_key)
+            .field("api_key_source", &self.api_key_source)
+            .field("auth_header", &self.auth_header)
+            .field("auth_prefix", &self.auth_prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_byte_timeout", &self.first_byte_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+/// The upstream API key. Its `Debug` and `Display` are redacted so that no log line, error or
+/// `--check` output can ever contain it; the only way out is [`ApiKey::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> Self {
+        ApiKey(key)
+    }
+    /// The raw key, for building the upstream auth header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// scheme + authority + optional path prefix (without trailing slash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub path_prefix: String,
+}
+
+impl UpstreamUrl {
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.path_prefix)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub requests_per_minute: NonZeroU32,
+    pub burst: NonZeroU32,
+    /// `None` = no daily cap.
+    pub requests_per_day: Option<NonZeroU64>,
+    /// Seconds after 00:00 UTC at which the daily count resets.
+    pub day_reset_offset: u32,
+    pub max_concurrent: usize,
+}
+
+impl Limits {
+    /// The GCRA emission interval: one request every 60/rpm seconds.
+    pub fn spacing(&self) -> Duration {
+        Duration::from_secs(60) / self.requests_per_minute.get()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub max_depth: usize,
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CooldownConfig {
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub decay_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// `None` = memory only.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientsConfig {
+    pub require_token: bool,
+    pub default_weight: NonZeroU32,
+    pub clients: Vec<ClientConfig>,
+}
+
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub token_env: Option<String>,
+    pub token: Option<ApiKey>,
+    pub weight: NonZeroU32,
+    pub requests_per_minute: Option<NonZeroU32>,
+    pub burst: NonZeroU32,
+    pub requests_per_day: Option<NonZeroU64>,
+    pub max_wait: Option<Duration>,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .field("token_env", &self.token_env)
+            .field("token", &self.token)
+            .field("weight", &self.weight)
+            .field("requests_per_minute", &self.requests_per_minute)
+            .field("burst", &self.burst)
+            .field("requests_per_day", &self.requests_per_day)
+            .field("max_wait", &self.max_wait)
+            .finish()
+    }
+}
+
+/// Values given on the command line (or their env vars); each replaces the file's key.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+}
+
+/// One problem with the configuration, naming the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found, in file order.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl ConfigErrors {
+    fn one(key: &str, message: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// Where environment values come from; tests pass a map instead of touching the process env.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+impl Config {
+    /// Load from `path` (if any), apply `overrides`, validate. `explicit` says whether the user
+    /// named the file (a missing named file is an error; a missing default file means defaults).
+    pub fn load(
+        path: Option<&Path>,
+        explicit: bool,
+        overrides: &Overrides,
+        env: &dyn Env,
+    ) -> Result<Config, ConfigErrors> {
+        let text = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => t,
+                Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => {
+                    return Err(ConfigErrors::one(
+                        "",
+                        format!("cannot read config file {}: {e}", p.display()),
+                    ))
+                }
+            },
+            None => String::new(),
+        };
+        Config::from_toml(&text, overrides, env)
+    }
+
+    /// Parse and validate TOML text with overrides.
+    pub fn from_toml(
+        text: &str,
+        overrides: &Overrides,
+        env: &dyn Env,
+    ) -> Result<Config, ConfigErrors> {
+        let mut table: Table = text.parse::<Table>().map_err(|e| {
+            // toml's message includes line and column; keep it on one line.
+            let msg = e.to_string().replace('\n', " ");
+            ConfigErrors::one("", format!("invalid TOML: {}", msg.trim()))
+        })?;
+        apply_overrides(&mut table, overrides);
+        let mut v = Validator::default();
+        let cfg = v.config(table, env);
+        match cfg {
+            Some(cfg) if v.errors.is_empty() => Ok(cfg),
+            _ => Err(ConfigErrors(v.errors)),
+        }
+    }
+
+    /// Defaults only (plus the process env for the key); used by tests and benches.
+    pub fn defaults_with(env: &dyn Env) -> Config {
+        Config::from_toml("", &Overrides::default(), env).expect("built-in defaults are valid")
+    }
+
+    /// The effective configuration as TOML, key redacted, for `--check`.
+    pub fn render(&self) -> String {
+        let s = &self.server;
+        let u = &self.upstream;
+        let l = &self.limits;
+        let mut out = String::new();
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "[server]");
+        let _ = writeln!(out, "listen = \"{}\"", s.listen);
+        let _ = writeln!(
+            out,
+            "admin_listen = \"{}\"",
+            s.admin_listen.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let _ = writeln!(out, "allow_remote_admin = {}", s.allow_remote_admin);
+        let _ = writeln!(out, "shutdown_grace = \"{}\"", fmt_dur(s.shutdown_grace));
+        let _ = writeln!(out, "max_request_body = {}", s.max_request_body);
+        let _ = writeln!(
+            out,
+            "header_read_timeout = \"{}\"",
+            fmt_dur(s.header_read_timeout)
+        );
+        let _ = writeln!(out, "max_connections = {}", s.max_connections);
+        let _ = writeln!(out, "max_header_bytes = {}", s.max_header_bytes);
+        let _ = writeln!(out, "\n[upstream]");
+        let _ = writeln!(out, "url = \"{}\"", u.url);
+        let key_state = match &u.api_key {
+            Some(_) => format!("set (from {}, redacted)", u.api_key_source),
+            None => format!(
+                "not set ({}): client Authorization passes through",
+                u.api_key_source
+            ),
+        };
+        let _ = writeln!(out, "# api key: {key_state}");
+        let _ = writeln!(out, "auth_header = \"{}\"", u.auth_header);
+        let _ = writeln!(out, "auth_prefix = {:?}", u.auth_prefix);
+        let _ = writeln!(out, "connect_timeout = \"{}\"", fmt_dur(u.connect_timeout));
+        let _ = writeln!(
+            out,
+            "first_byte_timeout = \"{}\"",
+            fmt_dur(u.first_byte_timeout)
+        );
+        let _ = writeln!(out, "idle_timeout = \"{}\"", fmt_dur(u.idle_timeout));
+        let _ = writeln!(out, "\n[limits]");
+        let _ = writeln!(out, "requests_per_minute = {}", l.requests_per_minute);
+        let _ = writeln!(out, "burst = {}", l.burst);
+        let _ = writeln!(
+            out,
+            "requests_per_day = {}",
+            l.requests_per_day.map_or(0, |d| d.get())
+        );
+        let _ = writeln!(
+            out,
+            "day_reset_utc = \"{:02}:{:02}\"",
+            l.day_reset_offset / 3600,
+            (l.day_reset_offset % 3600) / 60
+        );
+        let _ = writeln!(out, "max_concurrent = {}", l.max_concurrent);
+        let _ = writeln!(out, "\n[queue]");
+        let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
+        let _ = writeln!(out, "max_wait = \"{}\"", fmt_dur(self.queue.max_wait));
+        let c = &self.cooldown;
+        let _ = writeln!(out, "\n[cooldown]");
+        let _ = writeln!(out, "initial = \"{}\"", fmt_dur(c.initial));
+        let _ = writeln!(out, "max = \"{}\"", fmt_dur(c.max));
+        let _ = writeln!(out, "multiplier = {:?}", c.multiplier);
+        let _ = writeln!(out, "decay_after = \"{}\"", fmt_dur(c.decay_after));
+        let _ = writeln!(out, "\n[state]");
+        let _ = writeln!(
+            out,
+            "path = {:?}",
+            self.state
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        let cl = &self.clients;
+        let _ = writeln!(out, "\n[clients]");
+        let _ = writeln!(out, "require_token = {}", cl.require_token);
+        let _ = writeln!(out, "default_weight = {}", cl.default_weight);
+        for c in &cl.clients {
+            let _ = writeln!(out, "\n[[clients.client]]");
+            let _ = writeln!(out, "name = {:?}", c.name);
+            if let Some(env) = &c.token_env {
+                let state = if c.token.is_some() {
+                    "set, redacted"
+                } else {
+                    "NOT SET"
+                };
+                let _ = writeln!(out, "token_env = {env:?}  # {state}");
+            }
+            let _ = writeln!(out, "weight = {}", c.weight);
+            if let Some(r) = c.requests_per_minute {
+                let _ = writeln!(out, "requests_per_minute = {r}");
+                let _ = writeln!(out, "burst = {}", c.burst);
+            }
+            if let Some(d) = c.requests_per_day {
+                let _ = writeln!(out, "requests_per_day = {d}");
+            }
+            if let Some(w) = c.max_wait {
+                let _ = writeln!(out, "max_wait = \"{}\"", fmt_dur(w));
+            }
+        }
+        out
+    }
+}
+
+/// A duration in the config's own syntax, for `--check` output.
+pub fn fmt_dur(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn apply_overrides(table: &mut Table, o: &Overrides) {
+    let mut set = |section: &str, key: &str, value: &Option<String>| {
+        if let Some(v) = value {
+            let sec = table
+                .entry(section.to_string())
+                .or_insert_with(|| Value::Table(Table::new()));
+            if let Value::Table(t) = sec {
+                t.insert(key.to_string(), Value::String(v.clone()));
+            }
+        }
+    };
+    set("server", "listen", &o.listen);
+    set("server", "admin_listen", &o.admin_listen);
+    set("upstream", "url", &o.upstream);
+}
+
+/// Collects errors while walking the table.
+#[derive(Default)]
+struct Validator {
+    errors: Vec<ConfigError>,
+}
+
+/// One TOML table being read; keys are removed as they are read so leftovers are unknown.
+struct Section {
+    prefix: String,
+    table: Table,
+}
+
+impl Validator {
+    fn err(&mut self, key: &str, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn section(&mut self, root: &mut Table, name: &str) -> Section {
+        let table = match root.remove(name) {
+            None => Table::new(),
+            Some(Value::Table(t)) => t,
+            Some(other) => {
+                self.err(
+                    name,
+                    format!("expected a table [{name}], found {}", other.type_str()),
+                );
+                Table::new()
+            }
+        };
+        Section {
+            prefix: name.to_string(),
+            table,
+        }
+    }
+
+    fn finish(&mut self, s: Section) {
+        let mut keys: Vec<_> = s.table.keys().cloned().collect();
+        keys.sort();
+        for k in keys {
+            self.err(&format!("{}.{k}", s.prefix), "unknown key");
+        }
+    }
+
+    fn str_val(&mut self, s: &mut Section, key: &str, default: &str) -> Option<String> {
+        let full = format!("{}.{key}", s.prefix);
+        match s.table.remove(key) {
+            None => Some(default.to_string()),
+            Some(Value::String(v)) => Some(v),
+            Some(other) => {
+                self.err(
+                    &full,
+                    format!("expected a string, found {}", other.type_str()),
+                );
+                None
+            }
+        }
+    }
+
+    fn bool_val(&mut self, s: &mut Section, key: &str, default: bool) -> bool {
+        let full = format!("{}.{key}", s.prefix);
+        match s.table.remove(key) {
+            None => default,
+            Some(Value::Boolean(b)) => b,
+            Some(other) => {
+                self.err(
+                    &full,
+                    format!("expected true or false, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn int_val(&mut self, s: &mut Section, key: &str, default: i64, min: i64, max: i64) -> i64 {
+        let full = format!("{}.{key}", s.prefix);
+        match s.table.remove(key) {
+            None => default,
+            Some(Value::Integer(i)) if (min..=max).contains(&i) => i,
+            Some(Value::Integer(i)) => {
+                self.err(&full, format!("{i} is out of range ({min}..={max})"));
+                default
+            }
+            Some(other) => {
+                self.err(
+                    &full,
+                    format!("expected an integer, found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
+    fn float_val(&mut self, s: &mut Section, key: &str, default: f64, min: f64, max: f64) -> f64 {
+        let full = format!("{}.{key}", s.prefix);
+        let v = match s.table.remove(key) {
+            None => return default,
+            Some(Value::Float(f)) => f,
+            Some(Value::Integer(i)) => i as f64,
+            Some(other) => {
+                self.err(&full, format!("expected a number, found {}", other.type_str()));
+                return default;
+            }
+        };
+        if v.is_finite() && v >= min && v <= max {
+            v
+        } else {
+            self.err(&full, format!("{v} is out of range ({min}..={max})"));
+            default
+        }
+    }
+
+    fn duration_val(&mut self, s: &mut Section, key: &str, default: Duration) -> Duration {
+        let full = format!("{}.{key}", s.prefix);
+        match s.table.remove(key) {
+            None => default,
+            Some(Value::String(v)) => match parse_duration(&v) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.err(&full, e);
+                    default
+                }
+            },
+            Some(other) => {
+                self.err(
+                    &full,
+                    format!(
+                        "expected a duration string like \"20s\", found {}",
+                        other.type_str()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn positive_duration(&mut self, s: &mut Section, key: &str, default: Duration) -> Duration {
+        let d = self.duration_val(s, key, default);
+        if d.is_zero() {
+            self.err(&format!("{}.{key}", s.prefix), "must be greater than zero");
+            return default;
+        }
+        d
+    }
+
+    fn config(&mut self, mut root: Table, env: &dyn Env) -> Option<Config> {
+        let server = self.server(&mut root);
+        let upstream = self.upstream(&mut root, env);
+        let limits = self.limits(&mut root);
+        let queue = self.queue(&mut root);
+        let cooldown = self.cooldown(&mut root);
+        let state = self.state(&mut root);
+        let clients = self.clients(&mut root, env, queue.max_wait);
+        self.shared_state(&mut root);
+        let mut names: Vec<_> = root.keys().cloned().collect();
+        names.sort();
+        for k in names {
+            self.err(&k, "unknown section or key");
+        }
+        Some(Config {
+            server: server?,
+            upstream: upstream?,
+            limits,
+            queue,
+            cooldown,
+            state,
+            clients,
+        })
+    }
+
+    fn server(&mut self, root: &mut Table) -> Option<ServerConfig> {
+        let mut s = self.section(root, "server");
+        let listen = self.str_val(&mut s, "listen", DEFAULT_LISTEN);
+        let listen = listen.and_then(|v| match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    "server.listen",
+                    format!("{v:?} is not an address like \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        });
+        let admin = self.str_val(&mut s, "admin_listen", DEFAULT_ADMIN_LISTEN);
+        let allow_remote_admin = self.bool_val(&mut s, "allow_remote_admin", false);
+        let admin_listen = match admin {
+            Some(v) if v.is_empty() => Some(None),
+            Some(v) => match v.parse::<SocketAddr>() {
+                Ok(a) if !a.ip().is_loopback() && !allow_remote_admin => {
+                    self.err(
+                        "server.admin_listen",
+                        format!(
+                            "{v} is not a loopback address; the admin endpoints expose \
+                             limits and usage, so set server.allow_remote_admin = true to \
+                             bind it anyway"
+                        ),
+                    );
+                    None
+                }
+                Ok(a) => Some(Some(a)),
+                Err(_) => {
+                    self.err(
+                        "server.admin_listen",
+                        format!("{v:?} is not an address like \"127.0.0.1:9090\" (or \"\" to disable)"),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let shutdown_grace = self.duration_val(&mut s, "shutdown_grace", DEFAULT_SHUTDOWN_GRACE);
+        let max_request_body = match s.table.remove("max_request_body") {
+            None => DEFAULT_MAX_REQUEST_BODY,
+            Some(Value::String(v)) => match parse_size(&v) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.err("server.max_request_body", e);
+                    DEFAULT_MAX_REQUEST_BODY
+                }
+            },
+            Some(Value::Integer(i)) if i >= 0 => i as u64,
+            Some(other) => {
+                self.err(
+                    "server.max_request_body",
+                    format!(
+                        "expected a size like \"4MiB\", found {}",
+                        other.type_str()
+                    ),
+                );
+                DEFAULT_MAX_REQUEST_BODY
+            }
+        };
+        let header_read_timeout =
+            self.positive_duration(&mut s, "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT);
+        let max_connections = self.int_val(
+            &mut s,
+            "max_connections",
+            DEFAULT_MAX_CONNECTIONS as i64,
+            1,
+            1_000_000,
+        ) as usize;
+        let max_header_bytes = self.int_val(
+            &mut s,
+            "max_header_bytes",
+            DEFAULT_MAX_HEADER_BYTES as i64,
+            8192,
+            1 << 24,
+        ) as usize;
+        self.finish(s);
+        Some(ServerConfig {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            allow_remote_admin,
+            shutdown_grace,
+            max_request_body,
+            header_read_timeout,
+            max_connections,
+            max_header_bytes,
+        })
+    }
+
+    fn upstream(&mut self, root: &mut Table, env: &dyn Env) -> Option<UpstreamConfig> {
+        let mut s = self.section(root, "upstream");
+        let url = self
+            .str_val(&mut s, "url", DEFAULT_UPSTREAM_URL)
+            .and_then(|v| match parse_upstream_url(&v) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    self.err("upstream.url", e);
+                    None
+                }
+            });
+        let key_env = self
+            .str_val(&mut s, "api_key_env", DEFAULT_API_KEY_ENV)
+            .unwrap_or_default();
+        let key_file = match s.table.remove("api_key_file") {
+            None => None,
+            Some(Value::String(p)) if p.is_empty() => None,
+            Some(Value::String(p)) => Some(PathBuf::from(p)),
+            Some(other) => {
+                self.err(
+                    "upstream.api_key_file",
+                    format!("expected a path string, found {}", other.type_str()),
+                );
+                None
+            }
+        };
+        let (api_key, api_key_source) = if let Some(path) = &key_file {
+            match std::fs::read_to_string(path) {
+                Ok(k) if !k.trim().is_empty() => (
+                    Some(ApiKey(k.trim().to_string())),
+                    format!("file {}", path.display()),
+                ),
+                Ok(_) => {
+                    self.err(
+                        "upstream.api_key_file",
+                        format!("{} is empty", path.display()),
+                    );
+                    (None, String::new())
+                }
+                Err(e) => {
+                    self.err(
+                        "upstream.api_key_file",
+                        format!("cannot read {}: {}", path.display(), e.kind()),
+                    );
+                    (None, String::new())
+                }
+            }
+        } else if key_env.is_empty() {
+            (None, "no api_key_env configured".into())
+        } else {
+            match env.var(&key_env).map(|k| k.trim().to_string()) {
+                Some(k) if !k.is_empty() => (Some(ApiKey(k)), format!("env {key_env}")),
+                _ => (None, format!("env {key_env} is unset")),
+            }
+        };
+        if let Some(k) = &api_key {
+            if k.0.bytes().any(|b| b < 0x20 || b == 0x7f) {
+                self.err(
+                    "upstream.api_key",
+                    format!("the key from {api_key_source} contains control characters"),
+                );
+            }
+        }
+        let auth_header = self
+            .str_val(&mut s, "auth_header", "authorization")
+            .and_then(|h| match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.err(
+                        "upstream.auth_header",
+                        format!("{h:?} is not a valid header name"),
+                    );
+                    None
+                }
+            });
+        let auth_prefix = self
+            .str_val(&mut s, "auth_prefix", "Bearer ")
+            .unwrap_or_default();
+        if auth_prefix.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+            self.err("upstream.auth_prefix", "contains control characters");
+        }
+        let connect_timeout =
+            self.positive_duration(&mut s, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+        let first_byte_timeout =
+            self.positive_duration(&mut s, "first_byte_timeout", DEFAULT_FIRST_BYTE_TIMEOUT);
+        let idle_timeout = self.positive_duration(&mut s, "idle_timeout", DEFAULT_IDLE_TIMEOUT);
+        self.finish(s);
+        Some(UpstreamConfig {
+            url: url?,
+            api_key_source,
+            api_key,
+            auth_header: auth_header?,
+            auth_prefix,
+            connect_timeout,
+            first_byte_timeout,
+            idle_timeout,
+        })
+    }
+
+    fn limits(&mut self, root: &mut Table) -> Limits {
+        let mut s = self.section(root, "limits");
+        let rpm = self.int_val(
+            &mut s,
+            "requests_per_minute",
+            DEFAULT_REQUESTS_PER_MINUTE as i64,
+            1,
+            60_000_000,
+        );
+        let burst = self.int_val(&mut s, "burst", DEFAULT_BURST as i64, 1, 1_000_000);
+        let per_day = self.int_val(&mut s, "requests_per_day", 0, 0, i64::MAX);
+        let reset = self
+            .str_val(&mut s, "day_reset_utc", "00:00")
+            .and_then(|v| match parse_hhmm(&v) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    self.err("limits.day_reset_utc", e);
+                    None
+                }
+            })
+            .unwrap_or(0);
+        let max_concurrent = self.int_val(
+            &mut s,
+            "max_concurrent",
+            DEFAULT_MAX_CONCURRENT as i64,
+            1,
+            1_000_000,
+        ) as usize;
+        self.finish(s);
+        Limits {
+            requests_per_minute: NonZeroU32::new(rpm as u32).unwrap_or(NonZeroU32::MIN),
+            burst: NonZeroU32::new(burst as u32).unwrap_or(NonZeroU32::MIN),
+            requests_per_day: NonZeroU64::new(per_day as u64),
+            day_reset_offset: reset,
+            max_concurrent,
+        }
+    }
+
+    fn queue(&mut self, root: &mut Table) -> QueueConfig {
+        let mut s = self.section(root, "queue");
+        let max_depth = self.int_val(
+            &mut s,
+            "max_depth",
+            DEFAULT_QUEUE_DEPTH as i64,
+            0,
+            10_000_000,
+        ) as usize;
+        let max_wait = self.duration_val(&mut s, "max_wait", DEFAULT_MAX_WAIT);
+        self.finish(s);
+        QueueConfig {
+            max_depth,
+            max_wait,
+        }
+    }
+
+    fn cooldown(&mut self, root: &mut Table) -> CooldownConfig {
+        let mut s = self.section(root, "cooldown");
+        let initial = self.positive_duration(&mut s, "initial", DEFAULT_COOLDOWN_INITIAL);
+        let max = self.positive_duration(&mut s, "max", DEFAULT_COOLDOWN_MAX);
+        let multiplier =
+            self.float_val(&mut s, "multiplier", DEFAULT_COOLDOWN_MULTIPLIER, 1.0, 100.0);
+        let decay_after = self.positive_duration(&mut s, "decay_after", DEFAULT_COOLDOWN_DECAY);
+        if initial > max {
+            self.err(
+                "cooldown.initial",
+                format!(
+                    "{} is longer than cooldown.max ({})",
+                    fmt_dur(initial),
+                    fmt_dur(max)
+                ),
+            );
+        }
+        self.finish(s);
+        CooldownConfig {
+            initial,
+            max,
+            multiplier,
+            decay_after,
+        }
+    }
+
+    fn state(&mut self, root: &mut Table) -> StateConfig {
+        let mut s = self.section(root, "state");
+        let path = self
+            .str_val(&mut s, "path", DEFAULT_STATE_PATH)
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from);
+        self.finish(s);
+        StateConfig { path }
+    }
+
+    fn shared_state(&mut self, root: &mut Table) {
+        // Only the embedded backend exists in this build; the section is read so that a
+        // config written for the fleet backend fails loudly instead of silently running with
+        // a per-process budget (which would multiply the account's limit).
+        let mut s = self.section(root, "shared_state");
+        if let Some(b) = self.str_val(&mut s, "backend", "local") {
+            if b != "local" {
+                self.err(
+                    "shared_state.backend",
+                    format!("{b:?} is not available in this build (only \"local\")"),
+                );
+            }
+        }
+        self.finish(s);
+    }
+
+    fn clients(&mut self, root: &mut Table, env: &dyn Env, max_wait: Duration) -> ClientsConfig {
+        let mut s = self.section(root, "clients");
+        let require_token = self.bool_val(&mut s, "require_token", false);
+        let default_weight = self.int_val(&mut s, "default_weight", 1, 1, 1000);
+        let list = match s.table.remove("client") {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a,
+            Some(other) => {
+                self.err(
+                    "clients.client",
+                    format!(
+                        "expected [[clients.client]] entries, found {}",
+                        other.type_str()
+                    ),
+                );
+                Vec::new()
+            }
+        };
+        self.finish(s);
+        let mut clients = Vec::new();
+        for (i, item) in list.into_iter().enumerate() {
+            let prefix = format!("clients.client[{i}]");
+            let Value::Table(t) = item else {
+                self.err(&prefix, "expected a table");
+                continue;
+            };
+            let mut c = Section { prefix, table: t };
+            let name = self.str_val(&mut c, "name", "").unwrap_or_default();
+            if name.is_empty()
+                || name == "default"
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                self.err(
+                    &format!("{}.name", c.prefix),
+                    format!("{name:?}: a client needs a name of letters, digits, '-', '_' or '.', other than \"default\""),
+                );
+            } else if clients.iter().any(|x: &ClientConfig| x.name == name) {
+                self.err(
+                    &format!("{}.name", c.prefix),
+                    format!("{name:?} is configured twice"),
+                );
+            }
+            let token_env = match c.table.remove("token_env") {
+                None => None,
+                Some(Value::String(e)) if !e.is_empty() => Some(e),
+                Some(_) => {
+                    self.err(
+                        &format!("{}.token_env", c.prefix),
+                        "expected the name of an environment variable",
+                    );
+                    None
+                }
+            };
+            let token = token_env
+                .as_ref()
+                .and_then(|e| env.var(e))
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .map(ApiKey);
+            if let (Some(e), None) = (&token_env, &token) {
+                self.err(
+                    &format!("{}.token_env", c.prefix),
+                    format!("environment variable {e} is unset or empty"),
+                );
+            }
+            let weight = self.int_val(&mut c, "weight", default_weight, 1, 1000) as u32;
+            let rpm = self.int_val(&mut c, "requests_per_minute", 0, 0, 60_000_000) as u32;
+            let burst = self.int_val(&mut c, "burst", 1, 1, 1_000_000) as u32;
+            let per_day = self.int_val(&mut c, "requests_per_day", 0, 0, i64::MAX) as u64;
+            let cmw = match c.table.contains_key("max_wait") {
+                true => {
+                    let d = self.duration_val(&mut c, "max_wait", max_wait);
+                    if d > max_wait {
+                        self.err(
+                            &format!("{}.max_wait", c.prefix),
+                            format!(
+                                "{} is longer than queue.max_wait ({})",
+                                fmt_dur(d),
+                                fmt_dur(max_wait)
+                            ),
+                        );
+                    }
+                    Some(d.min(max_wait))
+                }
+                false => None,
+            };
+            self.finish(c);
+            clients.push(ClientConfig {
+                name,
+                token_env,
+                token,
+                weight: NonZeroU32::new(weight).unwrap_or(NonZeroU32::MIN),
+                requests_per_minute: NonZeroU32::new(rpm),
+                burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+                requests_per_day: NonZeroU64::new(per_day),
+                max_wait: cmw,
+            });
+        }
+        ClientsConfig {
+            require_token,
+            default_weight: NonZeroU32::new(default_weight as u32).unwrap_or(NonZeroU32::MIN),
+            clients,
+        }
+    }
+}
+
+/// `scheme://host[:port][/prefix]`; no query, fragment or userinfo.
+pub fn parse_upstream_url(v: &str) -> Result<UpstreamUrl, String> {
+    let uri: http::Uri = v
+        .parse()
+        .map_err(|_| format!("{v:?} is not a URL like \"https://llm.chutes.ai\""))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("{v:?} needs a scheme (https:// or http://)"))?;
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(format!("{v:?}: only http and https upstreams are supported"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("{v:?} has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{v:?}: credentials in the URL are not supported; use upstream.api_key_env"
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(format!("{v:?}: a query string is not allowed here"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_string();
+    Ok(UpstreamUrl {
+        scheme,
+        authority,
+        path_prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_none(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(text, &Overrides::default(), &env_none)
+    }
+
+    fn keys(e: ConfigErrors) -> Vec<String> {
+        e.0.into_iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            c.server.admin_listen.unwrap().to_string(),
+            "127.0.0.1:9090"
+        );
+        assert_eq!(c.upstream.url.to_string(), "https://llm.chutes.ai");
+        assert_eq!(c.limits.requests_per_minute.get(), 50);
+        assert_eq!(c.limits.burst.get(), 5);
+        assert_eq!(c.limits.requests_per_day, None);
+        assert_eq!(c.limits.max_concurrent, 16);
+        assert_eq!(c.limits.spacing(), Duration::from_millis(1200));
+        assert_eq!(c.queue.max_depth, 1000);
+        assert_eq!(c.queue.max_wait, Duration::from_secs(20));
+        assert_eq!(c.cooldown.initial, Duration::from_secs(30));
+        assert_eq!(c.server.max_request_body, 4 * 1024 * 1024);
+        assert_eq!(
+            c.state.path.as_deref(),
+            Some(Path::new("chutes-proxy-state.json"))
+        );
+        assert!(c.upstream.api_key.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let e = load(
+            r#"
+            [server]
+            listen = "nope"
+            shutdown_grace = "forever"
+            [limits]
+            requests_per_minute = 0
+            burts = 3
+            day_reset_utc = "25:00"
+            [queue]
+            max_wait = 20
+            [cooldown]
+            initial = "2h"
+            [bogus]
+            "#,
+        )
+        .unwrap_err();
+        let k = keys(e);
+        for want in [
+            "server.listen",
+            "server.shutdown_grace",
+            "limits.requests_per_minute",
+            "limits.burts",
+            "limits.day_reset_utc",
+            "queue.max_wait",
+            "cooldown.initial",
+            "bogus",
+        ] {
+            assert!(k.iter().any(|x| x == want), "missing {want} in {k:?}");
+        }
+    }
+
+    #[test]
+    fn remote_admin_needs_explicit_consent() {
+        let e = load("[server]\nadmin_listen = \"0.0.0.0:9090\"").unwrap_err();
+        assert_eq!(keys(e), vec!["server.admin_listen"]);
+        let c = load("[server]\nadmin_listen = \"0.0.0.0:9090\"\nallow_remote_admin = true")
+            .unwrap();
+        assert!(c.server.admin_listen.is_some());
+        let c = load("[server]\nadmin_listen = \"\"").unwrap();
+        assert!(c.server.admin_listen.is_none());
+    }
+
+    #[test]
+    fn upstream_url_forms() {
+        let u = parse_upstream_url("http://127.0.0.1:3000/prefix/").unwrap();
+        assert_eq!(u.path_prefix, "/prefix");
+        assert_eq!(u.to_string(), "http://127.0.0.1:3000/prefix");
+        assert!(parse_upstream_url("ftp://x").is_err());
+        assert!(parse_upstream_url("llm.chutes.ai").is_err());
+        assert!(parse_upstream_url("https://user:pw@host").is_err());
+        assert!(parse_upstream_url("https://host/?q=1").is_err());
+    }
+
+    #[test]
+    fn key_comes_from_env_and_is_redacted_everywhere() {
+        let env = |n: &str| (n == "CHUTES_API_KEY").then(|| "cpk_secret_value".to_string());
+        let c = Config::from_toml("", &Overrides::default(), &env).unwrap();
+        assert_eq!(c.upstream.api_key.as_ref().unwrap().expose(), "cpk_secret_value");
+        assert!(!format!("{c:?}").contains("cpk_secret_value"));
+        assert!(!c.render().contains("cpk_secret_value"));
+    }
+
+    #[test]
+    fn overrides_replace_file_values_and_are_validated() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            upstream: Some("not a url".into()),
+            ..Default::default()
+        };
+        let e = Config::from_toml("[server]\nlisten = \"1.2.3.4:1\"", &o, &env_none).unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.url"]);
+        let o = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let c = Config::from_toml("[server]\nlisten = \"1.2.3.4:1\"", &o, &env_none).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:0");
+    }
+
+    #[test]
+    fn invalid_toml_is_one_clear_error() {
+        let e = load("[server\nlisten=").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert!(e.to_string().starts_with("invalid TOML"));
+    }
+
+    #[test]
+    fn clients_are_validated() {
+        let env = |n: &str| (n == "BOT_TOKEN").then(|| "tok".to_string());
+        let c = Config::from_toml(
+            r#"
+            [[clients.client]]
+            name = "bot"
+            token_env = "BOT_TOKEN"
+            weight = 3
+            requests_per_minute = 10
+            "#,
+            &Overrides::default(),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.clients.clients[0].weight.get(), 3);
+        let e = Config::from_toml(
+            r#"
+            [[clients.client]]
+            name = "default"
+            [[clients.client]]
+            name = "x"
+            token_env = "MISSING"
+            max_wait = "1h"
+            colour = 1
+            "#,
+            &Overrides::default(),
+            &env,
+        )
+        .unwrap_err();
+        let k = keys(e);
+        assert!(k.contains(&"clients.client[0].name".to_string()));
+        assert!(k.contains(&"clients.client[1].token_env".to_string()));
+        assert!(k.contains(&"clients.client[1].max_wait".to_string()));
+        assert!(k.contains(&"clients.client[1].colour".to_string()));
+    }
+
+    #[test]
+    fn the_shipped_config_file_is_valid_and_complete() {
+        let text = include_str!("../config.toml");
+        let c = load(text).expect("config.toml must be valid");
+        assert_eq!(c.limits.requests_per_minute.get(), 50);
+    }
+}

@@ -1,0 +1,187 @@
+//! chutes-proxy: a local reverse proxy that holds one Chutes API key and one account-wide
+//! budget for every service that shares the account.
+//!
+//! Code map (see ARCHITECTURE.md for the life of a request):
+//! - [`config`]: TOML + flags -> validated, typed `Config`; every error at once.
+//! - [`server`]: accept loops, connection limits, graceful drain.
+//! - [`proxy`]: the request pipeline (identify, admit, forward, read signals, answer).
+//! - [`clients`]: which configured client a request belongs to.
+//! - [`admission`]: the budget: governor bucket, daily cap, concurrency, cooldown, fair queue.
+//! - [`upstream`]: the pooled hyper client, TLS, target rewrite, header rules.
+//! - [`body`]: streaming request/response bodies, permits held by the response body.
+//! - [`signals`]: reading upstream 429/402/rate-limit headers.
+//! - [`sse`]: rewriting raw in-stream error lines into SSE error events.
+//! - [`response`]: the only place that renders the proxy's own responses.
+//! - [`state`]: the persisted state file and its writer.
+//! - [`metrics`], [`admin`], [`log`]: what operators see.
+//! - [`status_cmd`]: the `chutes-proxy status` command.
+//! - [`clock`], [`units`]: time sources, durations, sizes, dates.
+
+pub mod admin;
+pub mod admission;
+pub mod body;
+pub mod clients;
+pub mod clock;
+pub mod config;
+pub mod log;
+pub mod metrics;
+pub mod proxy;
+pub mod response;
+pub mod server;
+pub mod signals;
+pub mod sse;
+pub mod state;
+pub mod status_cmd;
+pub mod units;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admission::{Admission, Settings};
+use crate::clock::WallClock;
+use crate::config::Config;
+use crate::state::{Loaded, Persisted};
+
+/// Bind the listeners a config asks for. Separate from [`run`] so tests and embedders can
+/// bind `127.0.0.1:0` themselves.
+pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, Option<TcpListener>)> {
+    let main = TcpListener::bind(config.server.listen).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.server.listen))
+    })?;
+    let admin = match config.server.admin_listen {
+        Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {a} (admin): {e}"))
+        })?),
+        None => None,
+    };
+    Ok((main, admin))
+}
+
+/// Run the proxy on already-bound listeners until `shutdown` completes, then drain, save the
+/// state and return. `wall` is the wall clock (the system clock outside tests).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    wall: WallClock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let config = Arc::new(config);
+    let settings = Settings::from_config(&config);
+    let restored = restore(&config, &settings, wall);
+    let (persist_tx, persist_rx) = watch::channel(0u64);
+    let persist = config.state.path.is_some().then_some(persist_tx);
+    let admission = Arc::new(Admission::new(settings, wall, restored, persist));
+    let writer = config.state.path.clone().map(|path| {
+        tokio::spawn(state::run_writer(
+            Arc::clone(&admission),
+            path,
+            config.limits.day_reset_offset,
+            persist_rx,
+        ))
+    });
+    let upstream = upstream::Upstream::new(&config.upstream)?;
+    let names: Vec<_> = admission.settings().clients.iter().map(|c| c.name.clone()).collect();
+    let metrics = Arc::new(metrics::Metrics::new(&names, config.limits.requests_per_day.is_some()));
+    let proxy = Arc::new(proxy::Proxy::new(
+        Arc::clone(&config),
+        Arc::clone(&admission),
+        upstream,
+        Arc::clone(&metrics),
+        clients::Clients::new(&config.clients),
+    ));
+    let main_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+    announce(&config, main_addr, admin_addr);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let p = Arc::clone(&proxy);
+    let main_task = tokio::spawn({
+        let cfg = config.server.clone();
+        let stop = stop_rx.clone();
+        async move {
+            server::serve(listener, &cfg, move |req| Arc::clone(&p).handle(req), stop, "proxy").await
+        }
+    });
+    let admin_task = admin_listener.map(|l| {
+        let admin = Arc::new(admin::Admin {
+            config: Arc::clone(&config),
+            admission: Arc::clone(&admission),
+            metrics: Arc::clone(&metrics),
+        });
+        let mut cfg = config.server.clone();
+        // Scrapes are short; there is nothing to wait for at shutdown.
+        cfg.shutdown_grace = std::time::Duration::from_secs(1);
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            server::serve(l, &cfg, move |req| Arc::clone(&admin).handle(req), stop, "admin").await
+        })
+    });
+
+    shutdown.await;
+    tracing::info!("shutdown requested");
+    let _ = stop_tx.send(true);
+    let _ = main_task.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    if let Some(w) = writer {
+        w.abort();
+    }
+    if let Some(path) = &config.state.path {
+        state::write_final(&admission, path, config.limits.day_reset_offset).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Read the state file, deciding what to assume if it cannot be trusted.
+fn restore(config: &Config, settings: &Settings, wall: WallClock) -> Persisted {
+    let Some(path) = &config.state.path else {
+        return Persisted::default();
+    };
+    match state::load(path) {
+        Loaded::Fresh => Persisted::default(),
+        Loaded::Restored(p) => {
+            tracing::info!(path = %path.display(), used = p.used, "state restored");
+            p
+        }
+        Loaded::Corrupt { message } => {
+            // Never under-count: without a trustworthy count, assume today's cap is spent.
+            let today = units::day_index(wall.now_unix() as i64, settings.day_reset_offset);
+            let used = settings.requests_per_day.unwrap_or(0);
+            tracing::error!(
+                "{message}; assuming {} requests already used today{} — delete or fix the file and restart to change that",
+                used,
+                if used > 0 { " (the whole daily cap)" } else { "" }
+            );
+            Persisted {
+                day: Some(today),
+                used,
+                ..Persisted::default()
+            }
+        }
+    }
+}
+
+fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
+    let l = &config.limits;
+    tracing::info!(
+        "chutes-proxy {} listening on http://{main} (admin: {}) -> upstream {} | {} req/min, burst {}, {} per day, {} concurrent | queue {} deep, wait up to {:.1}s | key: {}",
+        env!("CARGO_PKG_VERSION"),
+        admin.map_or("disabled".to_string(), |a| format!("http://{a}")),
+        config.upstream.url,
+        l.requests_per_minute,
+        l.burst,
+        l.requests_per_day.map_or("unlimited".to_string(), |d| d.to_string()),
+        l.max_concurrent,
+        config.queue.max_depth,
+        config.queue.max_wait.as_secs_f64(),
+        if config.upstream.api_key.is_some() { "injected" } else { "client's own (none configured)" },
+    );
+}

@@ -1,0 +1,105 @@
+//! The one log line per request: who asked, what happened, how long it waited and took, and
+//! how many bytes moved. Emitted once, when the response has been fully sent (or the client
+//! left), so streamed responses are logged with their real duration and size.
+//!
+//! Never logged: the query string (it may carry user data), any header value, the API key or a
+//! client token.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::body::UploadStats;
+
+pub struct RequestLog {
+    pub request_id: String,
+    pub client: Arc<str>,
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    /// `forwarded` or a shed reason.
+    pub outcome: &'static str,
+    pub started: Instant,
+    pub queue_wait: Option<Duration>,
+    /// Time from sending upstream to the response head.
+    pub upstream_latency: Option<Duration>,
+    pub upload: Option<Arc<UploadStats>>,
+    pub bytes_out: u64,
+    pub stream_error: Option<String>,
+    pub stream_error_events: bool,
+    logged: bool,
+}
+
+impl RequestLog {
+    pub fn new(request_id: String, client: Arc<str>, method: http::Method, path: &str) -> Self {
+        // Paths are bounded in the log so a hostile client cannot write megabyte lines.
+        let path = if path.len() > 256 {
+            let mut end = 256;
+            while !path.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}…", &path[..end])
+        } else {
+            path.to_string()
+        };
+        RequestLog {
+            request_id,
+            client,
+            method,
+            path,
+            status: 0,
+            outcome: "forwarded",
+            started: Instant::now(),
+            queue_wait: None,
+            upstream_latency: None,
+            upload: None,
+            bytes_out: 0,
+            stream_error: None,
+            stream_error_events: false,
+            logged: false,
+        }
+    }
+
+    /// Mark as logged without logging (for a placeholder left behind by a hand-over).
+    pub fn finish_silently(&mut self) {
+        self.logged = true;
+    }
+
+    /// Emit the line (once).
+    pub fn finish(&mut self) {
+        if self.logged {
+            return;
+        }
+        self.logged = true;
+        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let bytes_in = self
+            .upload
+            .as_ref()
+            .map_or(0, |u| u.bytes.load(Ordering::Relaxed));
+        tracing::info!(
+            target: "chutes_proxy::request",
+            request_id = %self.request_id,
+            client = %self.client,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            outcome = self.outcome,
+            queue_wait_ms = ms(self.queue_wait),
+            upstream_ms = ms(self.upstream_latency),
+            total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in,
+            bytes_out = self.bytes_out,
+            stream_error = self.stream_error.as_deref(),
+            stream_error_events = self.stream_error_events,
+            "request"
+        );
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

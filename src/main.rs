@@ -1,0 +1,149 @@
+//! The `chutes-proxy` binary: command line, logging, listeners, signals. Everything else is
+//! in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use chutes_proxy::clock::WallClock;
+use chutes_proxy::config::{Config, Overrides, ProcessEnv};
+
+#[derive(Parser, Debug)]
+#[command(name = "chutes-proxy", version, about = "Rate-limiting reverse proxy for one Chutes account", long_about = None)]
+struct Cli {
+    /// Config file (default: ./config.toml if it exists, else built-in defaults).
+    #[arg(long, env = "CHUTES_PROXY_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Address to serve the proxy on (overrides server.listen).
+    #[arg(long, env = "CHUTES_PROXY_LISTEN")]
+    listen: Option<String>,
+    /// Address for /healthz, /status, /metrics; "" disables (overrides server.admin_listen).
+    #[arg(long, env = "CHUTES_PROXY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Upstream base URL (overrides upstream.url).
+    #[arg(long, env = "CHUTES_PROXY_UPSTREAM")]
+    upstream: Option<String>,
+    /// Validate the configuration, print it (API key redacted) and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", env = "CHUTES_PROXY_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a human summary of a running proxy's /status.
+    Status {
+        /// Admin base URL of the proxy.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the raw /status JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chutes-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Status { admin, json }) = &cli.command {
+        return runtime.block_on(chutes_proxy::status_cmd::run(admin, *json));
+    }
+    let (path, explicit) = match &cli.config {
+        Some(p) => (Some(p.clone()), true),
+        None => (Some(PathBuf::from("config.toml")), false),
+    };
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        admin_listen: cli.admin_listen.clone(),
+        upstream: cli.upstream.clone(),
+    };
+    let config = match Config::load(path.as_deref(), explicit, &overrides, &ProcessEnv) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("chutes-proxy: invalid configuration:");
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        println!("# configuration OK{}", match (&path, explicit) {
+            (Some(p), true) => format!(" ({})", p.display()),
+            (Some(p), false) if p.exists() => format!(" ({})", p.display()),
+            _ => " (built-in defaults)".to_string(),
+        });
+        print!("{}", config.render());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.log_format);
+    runtime.block_on(async move {
+        let (main, admin) = match chutes_proxy::bind(&config).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match chutes_proxy::run(config, main, admin, WallClock::System, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,427 @@
+//! The one request handler, as a straight pipeline:
+//!
+//! 1. identify: request id, client, the client's wait limit (`x-proxy-max-wait`);
+//! 2. refuse what can never be forwarded: CONNECT, a declared body over the limit;
+//! 3. admit: wait for the account budget ([`Admission::acquire`]), or be shed;
+//! 4. forward: rewrite target and headers, stream the body up;
+//! 5. read the signals in the response head (429, 402 quota, remaining=0) and feed them back;
+//! 6. answer: pass the upstream response through (streamed, holding the permit), or render
+//!    the proxy's own response.
+//!
+//! Every exit goes through [`Pipeline::own`] or the streaming body, so every response carries
+//! `x-proxy-request-id`, is counted once in the metrics and logged once.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::admission::{Admission, ClientId, Outcome, Permit};
+use crate::body::{RequestBody, ResponseBody, UploadStats};
+use crate::clients::Clients;
+use crate::config::Config;
+use crate::log::RequestLog;
+use crate::metrics::Metrics;
+use crate::response::{Reason, Rejection, REQUEST_ID};
+use crate::signals;
+use crate::upstream::{SendError, Upstream, MAX_WAIT_HEADER};
+
+/// How much of an upstream 429/402 body is kept (the contract's "first 2 KiB").
+const UPSTREAM_BODY_SNIPPET: usize = 2048;
+/// A 402 body is read whole to look for the quota message; Chutes' are ~200 bytes. Anything
+/// larger is not a quota message and is passed through as read so far.
+const QUOTA_BODY_LIMIT: usize = 64 * 1024;
+/// Reading an error body must not hold the client (and a permit) for long.
+const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Proxy {
+    pub config: Arc<Config>,
+    pub admission: Arc<Admission>,
+    pub upstream: Upstream,
+    pub metrics: Arc<Metrics>,
+    pub clients: Clients,
+    next_id: AtomicU64,
+    id_prefix: String,
+}
+
+impl Proxy {
+    pub fn new(
+        config: Arc<Config>,
+        admission: Arc<Admission>,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        clients: Clients,
+    ) -> Proxy {
+        // Ids are unique across restarts without a random-number dependency: the start time
+        // in base 36 and a counter.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id());
+        Proxy {
+            config,
+            admission,
+            upstream,
+            metrics,
+            clients,
+            next_id: AtomicU64::new(0),
+            id_prefix: base36(start),
+        }
+    }
+
+    fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
+        if let Some(v) = req.headers().get(&REQUEST_ID) {
+            // A client-sent id is kept if it is a sane token (it goes into logs and bodies).
+            if !v.is_empty()
+                && v.len() <= 128
+                && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            {
+                return v.clone();
+            }
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}", self.id_prefix, base36(n));
+        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    }
+
+    /// Handle one client request. Never fails: every problem becomes a response.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        let request_id = self.request_id(&req);
+        let ident = self.clients.identify(req.headers());
+        let client = ident.client;
+        let log = RequestLog::new(
+            request_id.to_str().unwrap_or("").to_string(),
+            self.admission.client_name(client),
+            req.method().clone(),
+            req.uri().path(),
+        );
+        let p = Pipeline {
+            proxy: &self,
+            request_id,
+            client,
+            log,
+        };
+        if ident.unauthorized {
+            return p.own(Rejection::new(Reason::UnauthorizedClient));
+        }
+        if req.method() == Method::CONNECT {
+            return p.own(
+                Rejection::new(Reason::MethodNotAllowed)
+                    .with_detail("CONNECT is refused: this is a reverse proxy to one upstream"),
+            );
+        }
+        let limit = self.config.server.max_request_body;
+        if let Some(len) = declared_length(&req) {
+            if len > limit {
+                return p.own(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+                    "{len} bytes declared, the limit is {limit} (server.max_request_body)"
+                )));
+            }
+        }
+        let max_wait = match self.max_wait(&req, client) {
+            Ok(w) => w,
+            Err(r) => return p.own(r),
+        };
+        let permit = match self.admission.acquire(client, max_wait).await {
+            Ok(permit) => permit,
+            Err(r) => return p.own(r),
+        };
+        p.forward(req, permit, ident.strip_auth).await
+    }
+
+    /// The wait this request may spend queued: `queue.max_wait`, the client's own limit, and
+    /// the request's `x-proxy-max-wait`, whichever is shortest.
+    fn max_wait(&self, req: &Request<Incoming>, client: ClientId) -> Result<Duration, Rejection> {
+        let mut wait = self.config.queue.max_wait;
+        if let Some(w) = self.admission.settings().clients[client].max_wait {
+            wait = wait.min(w);
+        }
+        if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {
+            let asked = v
+                .to_str()
+                .map_err(|_| "not text".to_string())
+                .and_then(|s| crate::units::parse_wait(s.trim()));
+            match asked {
+                Ok(d) => wait = wait.min(d),
+                Err(e) => {
+                    return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
+                        "x-proxy-max-wait: {e} (use a duration like \"5s\" or \"500ms\", or seconds)"
+                    )))
+                }
+            }
+        }
+        Ok(wait)
+    }
+}
+
+struct Pipeline<'a> {
+    proxy: &'a Proxy,
+    request_id: HeaderValue,
+    client: ClientId,
+    log: RequestLog,
+}
+
+impl Pipeline<'_> {
+    /// Answer with one of the proxy's own responses.
+    fn own(mut self, r: Rejection) -> Response<ResponseBody> {
+        let resp = r.render(&self.request_id);
+        self.proxy.metrics.request(self.client, Some(r.reason));
+        self.log.status = resp.status().as_u16();
+        self.log.outcome = r.reason.as_str();
+        self.log.bytes_out = resp.body().len() as u64;
+        if r.reason.status() == StatusCode::TOO_MANY_REQUESTS
+            || r.reason == Reason::SharedStateUnavailable
+        {
+            tracing::debug!(request_id = %self.log.request_id, reason = r.reason.as_str(),
+                retry_after_s = r.retry_after.map(|d| d.as_secs_f64()), "shed");
+        }
+        self.log.finish();
+        resp.map(ResponseBody::full)
+    }
+
+    async fn forward(
+        mut self,
+        req: Request<Incoming>,
+        mut permit: Permit,
+        strip_auth: bool,
+    ) -> Response<ResponseBody> {
+        let proxy = self.proxy;
+        let queue_wait = permit.queue_wait;
+        self.log.queue_wait = Some(queue_wait);
+        proxy.metrics.observe_queue_wait(queue_wait);
+        let (mut parts, body) = req.into_parts();
+        let uri = match proxy.upstream.target(&parts.uri) {
+            Ok(u) => u,
+            Err(e) => return self.own(Rejection::new(Reason::BadRequest).with_detail(e)),
+        };
+        proxy
+            .upstream
+            .prepare_headers(&mut parts.headers, strip_auth);
+        parts.headers.insert(REQUEST_ID, self.request_id.clone());
+        let upload = Arc::new(UploadStats::default());
+        self.log.upload = Some(Arc::clone(&upload));
+        let body = RequestBody::new(
+            body,
+            proxy.config.server.max_request_body,
+            proxy.config.upstream.idle_timeout,
+            Arc::clone(&upload),
+        );
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = parts.headers;
+        // The upstream connection picks its own version (ALPN); the client's is irrelevant.
+        permit.mark_sent();
+        let sent_at = Instant::now();
+        let result = proxy.upstream.send(up).await;
+        let latency = sent_at.elapsed();
+        self.log.upstream_latency = Some(latency);
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                permit.report(Outcome::Failed);
+                let r = self.send_error(e, &upload);
+                return self.own(r);
+            }
+        };
+        proxy
+            .metrics
+            .upstream_latency
+            .observe(latency.as_secs_f64());
+        let status = resp.status();
+        proxy.metrics.upstream_status(status.as_u16());
+        match status.as_u16() {
+            429 => self.upstream_429(resp, permit).await,
+            402 => self.upstream_402(resp, permit).await,
+            _ => {
+                let exhausted = if status.is_success() {
+                    signals::exhausted_hint(resp.headers(), unix_now())
+                } else {
+                    None
+                };
+                permit.report(Outcome::Success { exhausted });
+                self.pass_through(resp, permit)
+            }
+        }
+    }
+
+    fn send_error(&self, e: SendError, upload: &UploadStats) -> Rejection {
+        match e {
+            SendError::Upload(_) if upload.too_large.load(Ordering::Relaxed) => {
+                Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+                    "the body exceeded {} bytes (server.max_request_body)",
+                    self.proxy.config.server.max_request_body
+                ))
+            }
+            SendError::Upload(_) if upload.stalled.load(Ordering::Relaxed) => {
+                Rejection::new(Reason::UpstreamTimeout).with_detail(
+                    "the client's request body stalled longer than upstream.idle_timeout",
+                )
+            }
+            SendError::Upload(why) | SendError::Unavailable(why) => {
+                tracing::warn!(request_id = %self.log.request_id, error = %why, "upstream request failed");
+                Rejection::new(Reason::UpstreamUnavailable)
+            }
+            SendError::Timeout(d) => {
+                tracing::warn!(request_id = %self.log.request_id, timeout_s = d.as_secs_f64(),
+                    "no response head from the upstream in time");
+                Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
+                    "no response within {:.0}s (upstream.first_byte_timeout)",
+                    d.as_secs_f64()
+                ))
+            }
+        }
+    }
+
+    /// Stream the upstream response to the client, holding the permit until it ends.
+    fn pass_through(mut self, resp: Response<Incoming>, permit: Permit) -> Response<ResponseBody> {
+        let proxy = self.proxy;
+        let (mut parts, body) = resp.into_parts();
+        crate::upstream::strip_hop_by_hop(&mut parts.headers);
+        let sse = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+        if sse {
+            // The rewriter may lengthen the stream; hyper will chunk it.
+            parts.headers.remove(CONTENT_LENGTH);
+        }
+        parts
+            .headers
+            .insert(REQUEST_ID, self.request_id.clone());
+        proxy.metrics.request(self.client, None);
+        self.log.status = parts.status.as_u16();
+        let log = std::mem::replace(
+            &mut self.log,
+            RequestLog::new(String::new(), Arc::from(""), Method::GET, ""),
+        );
+        // The placeholder left behind must not log.
+        self.log.finish_silently();
+        let body = ResponseBody::stream(body, proxy.config.upstream.idle_timeout, sse, permit, log);
+        Response::from_parts(parts, body)
+    }
+
+    async fn upstream_429(self, resp: Response<Incoming>, mut permit: Permit) -> Response<ResponseBody> {
+        let now = unix_now();
+        let hint = signals::cooldown_hint(resp.headers(), now);
+        let rl_headers = signals::rate_limit_headers(resp.headers());
+        let body = read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET).await;
+        let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
+        let decision = permit.report(Outcome::RateLimited {
+            hint: hint.clone(),
+            status: 429,
+            headers: rl_headers.clone(),
+            body: snippet.clone(),
+        });
+        drop(permit);
+        let mut r = self.proxy.admission.rejection(Reason::UpstreamRateLimited);
+        r.upstream_status = Some(429);
+        r.upstream_body = Some(snippet);
+        if let Some(d) = &decision {
+            r.retry_after = Some(d.duration);
+            r.cooldown_until_unix = Some(d.until_unix);
+            self.proxy.metrics.cooldown_seconds.observe(d.duration.as_secs_f64());
+            tracing::warn!(
+                request_id = %self.log.request_id,
+                upstream_headers = ?rl_headers,
+                cooldown_s = d.duration.as_secs_f64(),
+                level = d.level,
+                escalated = d.escalated,
+                hint_note = d.hint_note.as_deref(),
+                "upstream 429: the whole account is paused"
+            );
+        }
+        self.own(r)
+    }
+
+    async fn upstream_402(self, resp: Response<Incoming>, mut permit: Permit) -> Response<ResponseBody> {
+        let (parts, body) = resp.into_parts();
+        let bytes = read_prefix(body, QUOTA_BODY_LIMIT).await;
+        match signals::quota_exceeded(&bytes) {
+            Some(q) => {
+                permit.report(Outcome::QuotaExceeded {
+                    reset_unix: q.reset_unix,
+                });
+                drop(permit);
+                let mut r = self.proxy.admission.rejection(Reason::DailyQuotaExhausted);
+                r.upstream_status = Some(402);
+                r.upstream_body = Some(signals::body_snippet(&bytes, UPSTREAM_BODY_SNIPPET));
+                self.own(r)
+            }
+            None => {
+                // Not a quota message: the client gets the upstream's 402 as it was.
+                permit.report(Outcome::Success { exhausted: None });
+                drop(permit);
+                let mut parts = parts;
+                crate::upstream::strip_hop_by_hop(&mut parts.headers);
+                parts.headers.remove(CONTENT_LENGTH);
+                parts.headers.insert(REQUEST_ID, self.request_id.clone());
+                let mut me = self;
+                me.proxy.metrics.request(me.client, None);
+                me.log.status = 402;
+                me.log.bytes_out = bytes.len() as u64;
+                me.log.finish();
+                Response::from_parts(parts, ResponseBody::full(bytes))
+            }
+        }
+    }
+}
+
+/// Read at most `limit` bytes of a body, within `ERROR_BODY_TIMEOUT`; the rest is discarded.
+async fn read_prefix(mut body: Incoming, limit: usize) -> Bytes {
+    let mut buf = BytesMut::new();
+    let read = async {
+        while buf.len() < limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let take = data.len().min(limit - buf.len());
+                        buf.extend_from_slice(&data[..take]);
+                    }
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(ERROR_BODY_TIMEOUT, read).await;
+    buf.freeze()
+}
+
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    use http_body::Body as _;
+    req.body().size_hint().exact().or_else(|| {
+        req.headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn base36(mut n: u64) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::with_capacity(13);
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
+}

@@ -1,0 +1,1142 @@
+//! Reading the rate-limit signals an upstream response carries: headers and bytes in,
+//! plain values out.
+//!
+//! Owns: interpreting `Retry-After`, the `x-ratelimit-*` family (OpenAI style), the IETF
+//! `RateLimit` field (draft-ietf-httpapi-ratelimit-headers, new and old shapes), Chutes'
+//! 402 quota body, and picking out the rate-limit headers worth logging.
+//!
+//! Does not own: what a hint does to the account (cooldown growth, clamping to
+//! `cooldown.max`, logging an unparseable hint: all the caller's), the clock (the caller
+//! passes `now_unix`), or building responses. Nothing here does I/O or panics; hostile
+//! header values produce `Hint::Unparseable` or `None`, and every delay saturates at
+//! `u32::MAX` seconds instead of overflowing.
+
+use http::HeaderMap;
+use serde_json::Value;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Largest delay we ever return. Far beyond any sane cooldown (136 years), so the
+/// caller's clamp to `cooldown.max` still sees "huge" and can log it as such.
+const MAX_HINT_SECS: u64 = u32::MAX as u64;
+
+/// A bare reset value above this is a UNIX timestamp in seconds, not a delay (1e9 s is
+/// 2001-09-09; no upstream asks for a 31-year wait).
+const EPOCH_SECS_THRESHOLD: f64 = 1e9;
+/// ... and above this, a UNIX timestamp in milliseconds.
+const EPOCH_MS_THRESHOLD: f64 = 1e12;
+
+/// Header value length kept in `Hint::Unparseable`: enough to diagnose, bounded for logs.
+const HINT_VALUE_CHARS: usize = 100;
+const LOGGED_VALUE_CHARS: usize = 200;
+const MAX_LOGGED_HEADERS: usize = 16;
+
+/// Reset headers that carry a delay or instant, most specific first. The request-count
+/// reset comes before the generic and token ones because the proxy budgets requests.
+const RESET_HEADERS: [&str; 3] = [
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset",
+    "x-ratelimit-reset-tokens",
+];
+/// The pre-structured-field draft of the IETF header set (`RateLimit-Reset: 12`).
+const OLD_DRAFT_RESET: &str = "ratelimit-reset";
+const REMAINING_HEADERS: [&str; 3] = [
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining",
+    "ratelimit-remaining",
+];
+
+/// What an upstream asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Hint {
+    /// Stay away this long (already relative to `now_unix`; 0 for an instant in the past).
+    After(Duration),
+    /// A hint header was present but meant nothing we could read: `"name: value"` for a
+    /// log line, the value cut to 100 characters.
+    Unparseable(String),
+}
+
+/// What one header (or header family) said.
+enum Found {
+    Absent,
+    Delay(Duration),
+    /// Present but unreadable: the `"name: value"` text for `Hint::Unparseable`.
+    Bad(String),
+}
+
+/// The first `max` characters of `s` (not bytes: never splits a character).
+fn truncate_chars(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((cut, _)) => s.get(..cut).unwrap_or(s),
+        None => s,
+    }
+}
+
+fn bad(name: &str, value: &str) -> Found {
+    Found::Bad(format!(
+        "{name}: {}",
+        truncate_chars(value, HINT_VALUE_CHARS)
+    ))
+}
+
+/// Seconds as a `Duration`: the past (and NaN, e.g. from a garbage `now_unix`) is zero,
+/// anything huge or infinite saturates at `MAX_HINT_SECS`.
+fn saturating_secs(secs: f64) -> Duration {
+    if secs.is_nan() || secs <= 0.0 {
+        return Duration::ZERO;
+    }
+    if secs >= MAX_HINT_SECS as f64 {
+        return Duration::from_secs(MAX_HINT_SECS);
+    }
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::from_secs(MAX_HINT_SECS))
+}
+
+fn cap(d: Duration) -> Duration {
+    d.min(Duration::from_secs(MAX_HINT_SECS))
+}
+
+/// A plain non-negative decimal ("12", "1.5", ".5"). Deliberately stricter than
+/// `f64::from_str`, which would also take "inf", "NaN", "-3" and "1e9".
+/// May return +inf for absurdly long digit strings; `saturating_secs` handles that.
+fn plain_number(s: &str) -> Option<f64> {
+    let mut digits = 0usize;
+    let mut dots = 0usize;
+    for b in s.bytes() {
+        match b {
+            b'0'..=b'9' => digits += 1,
+            b'.' => dots += 1,
+            _ => return None,
+        }
+    }
+    if digits == 0 || dots > 1 {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|v| !v.is_nan())
+}
+
+fn http_date_unix(s: &str) -> Option<f64> {
+    let t = httpdate::parse_http_date(s).ok()?;
+    Some(match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => after.as_secs_f64(),
+        // Before 1970: certainly in the past; the exact value does not matter.
+        Err(before) => -before.duration().as_secs_f64(),
+    })
+}
+
+/// `Retry-After`: delay-seconds (decimals tolerated) or an HTTP-date. A Go-style duration
+/// ("30s") is not standard but costs nothing to understand.
+fn parse_retry_after(value: &str, now_unix: f64) -> Option<Duration> {
+    let v = value.trim();
+    if let Some(secs) = plain_number(v) {
+        return Some(saturating_secs(secs));
+    }
+    if let Some(at) = http_date_unix(v) {
+        return Some(saturating_secs(at - now_unix));
+    }
+    if v.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return crate::units::parse_duration(v).ok().map(cap);
+    }
+    None
+}
+
+/// `x-ratelimit-reset*` / `RateLimit-Reset`: seconds, an epoch in seconds or
+/// milliseconds, a Go duration ("6m0s"), or an absolute RFC 3339 / HTTP date.
+fn parse_reset(value: &str, now_unix: f64) -> Option<Duration> {
+    let v = value.trim();
+    if let Some(n) = plain_number(v) {
+        let delay = if n > EPOCH_MS_THRESHOLD {
+            n / 1_000.0 - now_unix
+        } else if n > EPOCH_SECS_THRESHOLD {
+            n - now_unix
+        } else {
+            n
+        };
+        return Some(saturating_secs(delay));
+    }
+    if let Some(at) = crate::units::parse_rfc3339(v).or_else(|| http_date_unix(v)) {
+        return Some(saturating_secs(at - now_unix));
+    }
+    if v.starts_with(|c: char| c.is_ascii_digit() || c == '.') {
+        return crate::units::parse_duration(v).ok().map(cap);
+    }
+    None
+}
+
+/// One header through one parser. Only the first value of a repeated header is read:
+/// a repeated Retry-After is a broken upstream, and the first is as good as any.
+fn single_header(
+    headers: &HeaderMap,
+    name: &str,
+    now_unix: f64,
+    parse: fn(&str, f64) -> Option<Duration>,
+) -> Found {
+    let Some(raw) = headers.get(name) else {
+        return Found::Absent;
+    };
+    let value = String::from_utf8_lossy(raw.as_bytes());
+    match parse(&value, now_unix) {
+        Some(d) => Found::Delay(d),
+        None => bad(name, &value),
+    }
+}
+
+/// One member of an IETF `RateLimit` field: its remaining quota `r` and reset `t`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct RateLimitItem {
+    r: Option<f64>,
+    t: Option<f64>,
+}
+
+/// Splits at `sep` outside double-quoted strings (policy names are sf-strings and may,
+/// in principle, contain ',' or ';'). A backslash escapes the next character in a string.
+fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut in_quotes = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if in_quotes && c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_quotes = !in_quotes;
+        } else if c == sep && !in_quotes {
+            parts.push(s.get(start..i).unwrap_or_default());
+            start = i + c.len_utf8();
+        }
+    }
+    parts.push(s.get(start..).unwrap_or_default());
+    parts
+}
+
+/// Applies one `key=value` parameter to `item`; false if the value is not a number.
+/// `remaining`/`reset` are the older draft's dictionary keys for the same things.
+fn apply_param(item: &mut RateLimitItem, key: &str, value: &str) -> bool {
+    let slot = match key.trim().to_ascii_lowercase().as_str() {
+        "r" | "remaining" => &mut item.r,
+        "t" | "reset" => &mut item.t,
+        _ => return true,
+    };
+    match plain_number(value.trim().trim_matches('"')) {
+        Some(n) => {
+            *slot = Some(n);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Every `RateLimit` member, across all `RateLimit` header lines, plus whether any
+/// number in it was unreadable.
+///
+/// Two shapes exist. The current draft: `"minute";r=0;t=12, "day";r=40;t=3600`, one item
+/// per policy. The older draft: a dictionary `limit=10, remaining=0, reset=12` whose
+/// members together describe one item; those are merged.
+fn ratelimit_items(headers: &HeaderMap) -> Option<(Vec<RateLimitItem>, bool, String)> {
+    let mut items = Vec::new();
+    let mut dictionary = RateLimitItem::default();
+    let mut saw_dictionary = false;
+    let mut any_bad = false;
+    let mut raw_values: Vec<String> = Vec::new();
+    for raw in headers.get_all("ratelimit") {
+        let value = String::from_utf8_lossy(raw.as_bytes()).into_owned();
+        for member in split_unquoted(&value, ',') {
+            let member = member.trim();
+            if member.is_empty() {
+                continue;
+            }
+            let mut parts = split_unquoted(member, ';').into_iter();
+            let head = parts.next().unwrap_or_default().trim();
+            // A head that is itself `key=value` (and not a quoted name) is the old
+            // dictionary shape.
+            let dict_pair = (!head.starts_with('"'))
+                .then(|| head.split_once('='))
+                .flatten();
+            if let Some((key, val)) = dict_pair {
+                saw_dictionary = true;
+                any_bad |= !apply_param(&mut dictionary, key, val);
+                continue;
+            }
+            let mut item = RateLimitItem::default();
+            for param in parts {
+                if let Some((key, val)) = param.split_once('=') {
+                    any_bad |= !apply_param(&mut item, key, val);
+                }
+            }
+            items.push(item);
+        }
+        raw_values.push(value);
+    }
+    if raw_values.is_empty() {
+        return None;
+    }
+    if saw_dictionary {
+        items.push(dictionary);
+    }
+    Some((items, any_bad, raw_values.join(", ")))
+}
+
+fn is_zero(n: Option<f64>) -> bool {
+    n == Some(0.0)
+}
+
+fn max_t<'a>(items: impl Iterator<Item = &'a RateLimitItem>) -> Option<f64> {
+    items.filter_map(|i| i.t).reduce(f64::max)
+}
+
+/// The `RateLimit` field's delay for a 429: the largest `t` among exhausted (`r=0`)
+/// policies, since all of them must reset before a request can pass; else the largest
+/// `t` of any policy.
+fn ratelimit_cooldown(headers: &HeaderMap) -> Found {
+    let Some((items, _any_bad, raw)) = ratelimit_items(headers) else {
+        return Found::Absent;
+    };
+    let t = max_t(items.iter().filter(|i| is_zero(i.r))).or_else(|| max_t(items.iter()));
+    match t {
+        Some(t) => Found::Delay(saturating_secs(t)),
+        // Present but with no readable t at all: say so rather than pretend it is absent.
+        None => bad("ratelimit", &raw),
+    }
+}
+
+/// How long the upstream asks us to stay away, from a 429's headers. Preference:
+/// Retry-After (delay-seconds incl. decimals, or HTTP-date via httpdate, relative to
+/// now_unix), then x-ratelimit-reset-requests, x-ratelimit-reset, x-ratelimit-reset-tokens
+/// (values: plain seconds, decimal seconds, Go-style durations like "6m0s"/"1h2m3.5s"/
+/// "450ms", or an epoch timestamp in seconds (> 1_000_000_000) or ms (> 1e12) turned into a
+/// delay from now_unix), then the IETF RateLimit header's t= (take the largest t among
+/// items with r=0, else the largest t) and the older draft `RateLimit-Reset: 12`.
+/// Returns None when no such header exists. A past HTTP-date/epoch gives After(0).
+/// Negative, NaN, non-numeric gives Unparseable. Large values are not clamped (the caller
+/// clamps to its max and logs) but saturate at `u32::MAX` seconds.
+///
+/// When a preferred header is unreadable but a later one is fine, the later one wins: a
+/// real upstream hint beats the computed fallback. `Unparseable` (naming the first bad
+/// header) is returned only when no header could be read.
+pub fn cooldown_hint(headers: &HeaderMap, now_unix: f64) -> Option<Hint> {
+    let mut first_bad: Option<String> = None;
+    let mut consider = |found: Found| -> Option<Duration> {
+        match found {
+            Found::Absent => None,
+            Found::Delay(d) => Some(d),
+            Found::Bad(text) => {
+                first_bad.get_or_insert(text);
+                None
+            }
+        }
+    };
+    let delay = consider(single_header(
+        headers,
+        "retry-after",
+        now_unix,
+        parse_retry_after,
+    ))
+    .or_else(|| {
+        RESET_HEADERS
+            .iter()
+            .find_map(|name| consider(single_header(headers, name, now_unix, parse_reset)))
+    })
+    .or_else(|| consider(ratelimit_cooldown(headers)))
+    .or_else(|| {
+        consider(single_header(
+            headers,
+            OLD_DRAFT_RESET,
+            now_unix,
+            parse_reset,
+        ))
+    });
+    match delay {
+        Some(d) => Some(Hint::After(d)),
+        None => first_bad.map(Hint::Unparseable),
+    }
+}
+
+/// On a SUCCESS response: Some(reset delay) if the upstream says we have no requests left:
+/// `x-ratelimit-remaining` or `x-ratelimit-remaining-requests` == 0 (with the delay from
+/// the reset headers as above; None when the delay is unknown), or a RateLimit item with
+/// r=0 and t=N. None otherwise (remaining > 0, absent, garbage).
+///
+/// The old draft's `RateLimit-Remaining: 0` with `RateLimit-Reset` counts too. If several
+/// signals say "exhausted", the longest delay wins: every exhausted window must reset.
+/// `Retry-After` is ignored here; on a success it is not about our budget.
+pub fn exhausted_hint(headers: &HeaderMap, now_unix: f64) -> Option<Duration> {
+    let exhausted = REMAINING_HEADERS.iter().any(|name| {
+        headers.get_all(*name).iter().any(|raw| {
+            let value = String::from_utf8_lossy(raw.as_bytes());
+            is_zero(plain_number(value.trim()))
+        })
+    });
+    let from_reset_headers = if exhausted {
+        RESET_HEADERS
+            .iter()
+            .chain(std::iter::once(&OLD_DRAFT_RESET))
+            .find_map(
+                |name| match single_header(headers, name, now_unix, parse_reset) {
+                    Found::Delay(d) => Some(d),
+                    Found::Absent | Found::Bad(_) => None,
+                },
+            )
+    } else {
+        None
+    };
+    let from_ratelimit = ratelimit_items(headers)
+        .and_then(|(items, _, _)| max_t(items.iter().filter(|i| is_zero(i.r))))
+        .map(saturating_secs);
+    match (from_reset_headers, from_ratelimit) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// An upstream 402 that means "daily quota spent" (as opposed to any other 402).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaExceeded {
+    /// When the quota comes back, if the upstream said (UNIX seconds).
+    pub reset_unix: Option<f64>,
+}
+
+fn mentions_quota(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("quota")
+}
+
+/// `quota_reset_timestamp` as UNIX seconds: an RFC 3339 string (what Chutes sends) or,
+/// defensively, a non-negative epoch number in seconds or milliseconds.
+fn reset_timestamp(v: &Value) -> Option<f64> {
+    match v {
+        Value::String(s) => crate::units::parse_rfc3339(s),
+        Value::Number(n) => {
+            let n = n.as_f64().filter(|n| n.is_finite() && *n >= 0.0)?;
+            Some(if n > EPOCH_MS_THRESHOLD {
+                n / 1_000.0
+            } else {
+                n
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Upstream 402 body: Chutes sends {"detail":{"message":"Quota exceeded ...",
+/// "quota_reset_timestamp":"2025-09-13T00:00:00+00:00"}}; also accepts "detail" as a plain
+/// string mentioning quota. Returns None if the body is not a quota message
+/// (case-insensitive "quota" in the message). Some(QuotaExceeded{reset_unix}) otherwise,
+/// the reset from quota_reset_timestamp via `crate::units::parse_rfc3339` if present and
+/// valid.
+///
+/// Also recognised: the same object under "error" (OpenAI's shape) or at the top level,
+/// and an object with a non-null `quota_reset_timestamp` even if its message is worded
+/// without "quota". A body that is not JSON is never a quota message.
+pub fn quota_exceeded(body: &[u8]) -> Option<QuotaExceeded> {
+    let root: Value = serde_json::from_slice(body).ok()?;
+    let candidates = [root.get("detail"), root.get("error"), Some(&root)];
+    for candidate in candidates.into_iter().flatten() {
+        match candidate {
+            Value::String(s) if mentions_quota(s) => {
+                return Some(QuotaExceeded { reset_unix: None })
+            }
+            Value::Object(obj) => {
+                let message_says_quota = obj
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .is_some_and(mentions_quota);
+                let timestamp = obj.get("quota_reset_timestamp").filter(|v| !v.is_null());
+                if message_says_quota || timestamp.is_some() {
+                    return Some(QuotaExceeded {
+                        reset_unix: timestamp.and_then(reset_timestamp),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn is_rate_limit_header(name: &str) -> bool {
+    name == "retry-after"
+        || name == "retry-after-ms"
+        || name.starts_with("x-ratelimit-")
+        || name.starts_with("ratelimit")
+}
+
+/// Rate-limit related headers of an upstream response, for logs and /status: retry-after
+/// (and retry-after-ms), x-ratelimit-*, ratelimit*, each as (lowercase name, value
+/// lossy-utf8 truncated to 200 chars); at most 16 entries, in the header map's order.
+pub fn rate_limit_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| is_rate_limit_header(name.as_str()))
+        .take(MAX_LOGGED_HEADERS)
+        .map(|(name, value)| {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            (
+                name.as_str().to_owned(),
+                truncate_chars(&text, LOGGED_VALUE_CHARS).to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// First `max` bytes of a body as text: lossy UTF-8; a character cut at the end becomes
+/// U+FFFD, which is fine for a log line or an error body excerpt.
+pub fn body_snippet(body: &[u8], max: usize) -> String {
+    let cut = body.get(..max).unwrap_or(body);
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::{HeaderName, HeaderValue};
+
+    const NOW: f64 = 1_757_721_600.0; // 2025-09-13T00:00:00Z
+
+    /// Header (name, raw value) pairs, as a test case spells a response.
+    type Pairs<'a> = &'a [(&'a str, &'a [u8])];
+    /// (label, body, expected `reset_unix` if it is a quota message)
+    type QuotaCase<'a> = (&'a str, &'a [u8], Option<Option<f64>>);
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("test header name"),
+                HeaderValue::from_bytes(value).expect("test header value"),
+            );
+        }
+        map
+    }
+
+    fn after_ms(ms: u64) -> Option<Hint> {
+        Some(Hint::After(Duration::from_millis(ms)))
+    }
+
+    fn after(secs: u64) -> Option<Hint> {
+        Some(Hint::After(Duration::from_secs(secs)))
+    }
+
+    fn bad_hint(text: &str) -> Option<Hint> {
+        Some(Hint::Unparseable(text.to_owned()))
+    }
+
+    const MAX: u64 = u32::MAX as u64;
+
+    #[test]
+    fn cooldown_hint_table() {
+        let nines = "9".repeat(400);
+        let cases: &[(&str, Pairs, Option<Hint>)] = &[
+            ("nothing", &[], None),
+            ("unrelated", &[("content-type", b"text/html")], None),
+            ("retry-after seconds", &[("retry-after", b"12")], after(12)),
+            ("retry-after zero", &[("retry-after", b"0")], after(0)),
+            (
+                "retry-after decimal",
+                &[("retry-after", b"1.5")],
+                after_ms(1_500),
+            ),
+            ("retry-after spaces", &[("retry-after", b"  7 ")], after(7)),
+            (
+                "retry-after http-date",
+                &[("retry-after", b"Sat, 13 Sep 2025 00:01:00 GMT")],
+                after(60),
+            ),
+            (
+                "retry-after past date",
+                &[("retry-after", b"Wed, 21 Oct 2015 07:28:00 GMT")],
+                after(0),
+            ),
+            (
+                "retry-after pre-1970 date",
+                &[("retry-after", b"Thu, 01 Jan 1960 00:00:00 GMT")],
+                // httpdate refuses years before 1970; nothing real sends one.
+                bad_hint("retry-after: Thu, 01 Jan 1960 00:00:00 GMT"),
+            ),
+            (
+                "retry-after go duration",
+                &[("retry-after", b"1m30s")],
+                after(90),
+            ),
+            (
+                "retry-after huge saturates",
+                &[("retry-after", b"99999999999999999999")],
+                after(MAX),
+            ),
+            (
+                "retry-after absurdly long saturates",
+                &[("retry-after", nines.as_bytes())],
+                after(MAX),
+            ),
+            (
+                "retry-after negative",
+                &[("retry-after", b"-5")],
+                bad_hint("retry-after: -5"),
+            ),
+            (
+                "retry-after NaN",
+                &[("retry-after", b"NaN")],
+                bad_hint("retry-after: NaN"),
+            ),
+            (
+                "retry-after inf",
+                &[("retry-after", b"inf")],
+                bad_hint("retry-after: inf"),
+            ),
+            (
+                "retry-after exp",
+                &[("retry-after", b"1e3")],
+                bad_hint("retry-after: 1e3"),
+            ),
+            (
+                "retry-after empty",
+                &[("retry-after", b"")],
+                bad_hint("retry-after: "),
+            ),
+            (
+                "retry-after text",
+                &[("retry-after", b"soon")],
+                bad_hint("retry-after: soon"),
+            ),
+            (
+                "retry-after obs-text",
+                &[("retry-after", b"\xff\xfe")],
+                bad_hint("retry-after: \u{fffd}\u{fffd}"),
+            ),
+            (
+                "retry-after wins over reset",
+                &[("retry-after", b"5"), ("x-ratelimit-reset-requests", b"50")],
+                after(5),
+            ),
+            (
+                "bad retry-after falls through to reset",
+                &[("retry-after", b"later"), ("x-ratelimit-reset", b"9")],
+                after(9),
+            ),
+            (
+                "reset-requests go",
+                &[("x-ratelimit-reset-requests", b"6m0s")],
+                after(360),
+            ),
+            (
+                "reset-requests compound",
+                &[("x-ratelimit-reset-requests", b"1h2m3.5s")],
+                after_ms(3_723_500),
+            ),
+            (
+                "reset-requests ms",
+                &[("x-ratelimit-reset-requests", b"450ms")],
+                after_ms(450),
+            ),
+            ("reset plain", &[("x-ratelimit-reset", b"30")], after(30)),
+            (
+                "reset decimal",
+                &[("x-ratelimit-reset", b"2.25")],
+                after_ms(2_250),
+            ),
+            (
+                "reset epoch secs",
+                &[("x-ratelimit-reset", b"1757721645")],
+                after(45),
+            ),
+            (
+                "reset epoch ms",
+                &[("x-ratelimit-reset", b"1757721645500")],
+                after_ms(45_500),
+            ),
+            (
+                "reset epoch past",
+                &[("x-ratelimit-reset", b"1600000000")],
+                after(0),
+            ),
+            (
+                "reset epoch ms past",
+                &[("x-ratelimit-reset", b"1600000000000")],
+                after(0),
+            ),
+            (
+                "reset rfc3339",
+                &[("x-ratelimit-reset", b"2025-09-13T00:00:30Z")],
+                after(30),
+            ),
+            (
+                "reset just under epoch threshold",
+                &[("x-ratelimit-reset", b"1000000000")],
+                after(1_000_000_000),
+            ),
+            (
+                "reset-requests preferred over reset",
+                &[
+                    ("x-ratelimit-reset", b"100"),
+                    ("x-ratelimit-reset-requests", b"10s"),
+                ],
+                after(10),
+            ),
+            (
+                "reset preferred over reset-tokens",
+                &[
+                    ("x-ratelimit-reset-tokens", b"1s"),
+                    ("x-ratelimit-reset", b"20"),
+                ],
+                after(20),
+            ),
+            (
+                "reset-tokens alone",
+                &[("x-ratelimit-reset-tokens", b"3s")],
+                after(3),
+            ),
+            (
+                "reset negative",
+                &[("x-ratelimit-reset", b"-30")],
+                bad_hint("x-ratelimit-reset: -30"),
+            ),
+            (
+                "reset garbage",
+                &[("x-ratelimit-reset-requests", b"6 minutes")],
+                bad_hint("x-ratelimit-reset-requests: 6 minutes"),
+            ),
+            (
+                // Beyond u64 seconds a duration is nonsense, not a long wait.
+                "reset go overflow",
+                &[("x-ratelimit-reset", b"99999999999999999999999h")],
+                bad_hint("x-ratelimit-reset: 99999999999999999999999h"),
+            ),
+            (
+                "reset go huge saturates",
+                &[("x-ratelimit-reset", b"9999999999h")],
+                after(MAX),
+            ),
+            (
+                "ratelimit single",
+                &[("ratelimit", b"\"minute\";r=0;t=12")],
+                after(12),
+            ),
+            (
+                "ratelimit token name",
+                &[("ratelimit", b"minute;r=0;t=12")],
+                after(12),
+            ),
+            (
+                "ratelimit largest exhausted t",
+                &[(
+                    "ratelimit",
+                    b"\"minute\";r=0;t=12, \"day\";r=0;t=3600, \"hour\";r=5;t=9999",
+                )],
+                after(3_600),
+            ),
+            (
+                "ratelimit none exhausted: largest t",
+                &[("ratelimit", b"\"minute\";r=3;t=12, \"day\";r=9;t=300")],
+                after(300),
+            ),
+            (
+                "ratelimit across header lines",
+                &[
+                    ("ratelimit", b"\"minute\";r=4;t=12"),
+                    ("ratelimit", b"\"day\";r=0;t=40"),
+                ],
+                after(40),
+            ),
+            (
+                "ratelimit quoted comma and semicolon",
+                &[("ratelimit", b"\"a,b;c\";r=0;t=7")],
+                after(7),
+            ),
+            (
+                "ratelimit spaces and case",
+                &[("ratelimit", b" \"minute\" ; R=0 ; T=8 ")],
+                after(8),
+            ),
+            (
+                "ratelimit old dictionary",
+                &[("ratelimit", b"limit=10, remaining=0, reset=15")],
+                after(15),
+            ),
+            (
+                "ratelimit no t",
+                &[("ratelimit", b"\"minute\";r=0")],
+                bad_hint("ratelimit: \"minute\";r=0"),
+            ),
+            (
+                "ratelimit bad t",
+                &[("ratelimit", b"\"minute\";r=0;t=soon")],
+                bad_hint("ratelimit: \"minute\";r=0;t=soon"),
+            ),
+            (
+                "ratelimit one bad t among good",
+                &[("ratelimit", b"\"minute\";r=0;t=-1, \"day\";r=0;t=60")],
+                after(60),
+            ),
+            (
+                "ratelimit garbage",
+                &[("ratelimit", b",,;;==\"")],
+                bad_hint("ratelimit: ,,;;==\""),
+            ),
+            ("old draft reset", &[("ratelimit-reset", b"12")], after(12)),
+            (
+                "ratelimit preferred over old draft",
+                &[("ratelimit-reset", b"99"), ("ratelimit", b"\"m\";r=0;t=3")],
+                after(3),
+            ),
+            (
+                "all bad: first bad is reported",
+                &[
+                    ("x-ratelimit-reset", b"x"),
+                    ("retry-after", b"y"),
+                    ("ratelimit-reset", b"z"),
+                ],
+                bad_hint("retry-after: y"),
+            ),
+        ];
+        for (label, pairs, want) in cases {
+            assert_eq!(&cooldown_hint(&headers(pairs), NOW), want, "{label}");
+        }
+    }
+
+    #[test]
+    fn unparseable_value_is_truncated() {
+        let long = "x".repeat(500);
+        let got = cooldown_hint(&headers(&[("retry-after", long.as_bytes())]), NOW);
+        assert_eq!(got, bad_hint(&format!("retry-after: {}", "x".repeat(100))));
+    }
+
+    #[test]
+    fn garbage_clock_never_panics() {
+        let map = headers(&[
+            ("retry-after", b"Sat, 13 Sep 2025 00:01:00 GMT"),
+            ("x-ratelimit-reset", b"1757721645"),
+        ]);
+        for now in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -1e300,
+            1e300,
+            0.0,
+        ] {
+            let _ = cooldown_hint(&map, now);
+            let _ = exhausted_hint(&map, now);
+        }
+        assert_eq!(cooldown_hint(&map, f64::NEG_INFINITY), after(MAX));
+        assert_eq!(cooldown_hint(&map, f64::NAN), after(0));
+    }
+
+    #[test]
+    fn exhausted_hint_table() {
+        let secs = |n: u64| Some(Duration::from_secs(n));
+        let cases: &[(&str, Pairs, Option<Duration>)] = &[
+            ("nothing", &[], None),
+            (
+                "remaining-requests 0 with reset",
+                &[
+                    ("x-ratelimit-remaining-requests", b"0"),
+                    ("x-ratelimit-reset-requests", b"12s"),
+                ],
+                secs(12),
+            ),
+            (
+                "remaining 0 with epoch reset",
+                &[
+                    ("x-ratelimit-remaining", b"0"),
+                    ("x-ratelimit-reset", b"1757721660"),
+                ],
+                secs(60),
+            ),
+            (
+                "remaining 0.0 counts as zero",
+                &[
+                    ("x-ratelimit-remaining", b"0.0"),
+                    ("x-ratelimit-reset", b"5"),
+                ],
+                secs(5),
+            ),
+            (
+                "remaining 0 without any reset is unknown",
+                &[("x-ratelimit-remaining-requests", b"0")],
+                None,
+            ),
+            (
+                "remaining 0 with garbage reset is unknown",
+                &[
+                    ("x-ratelimit-remaining", b"0"),
+                    ("x-ratelimit-reset", b"eventually"),
+                ],
+                None,
+            ),
+            (
+                "remaining 0 ignores retry-after",
+                &[("x-ratelimit-remaining", b"0"), ("retry-after", b"5")],
+                None,
+            ),
+            (
+                "remaining 0 with garbage preferred reset falls through",
+                &[
+                    ("x-ratelimit-remaining-requests", b"0"),
+                    ("x-ratelimit-reset-requests", b"?"),
+                    ("x-ratelimit-reset", b"7"),
+                ],
+                secs(7),
+            ),
+            (
+                "remaining > 0",
+                &[
+                    ("x-ratelimit-remaining-requests", b"3"),
+                    ("x-ratelimit-reset-requests", b"12s"),
+                ],
+                None,
+            ),
+            (
+                "remaining garbage",
+                &[
+                    ("x-ratelimit-remaining", b"zero"),
+                    ("x-ratelimit-reset", b"12"),
+                ],
+                None,
+            ),
+            (
+                "remaining negative",
+                &[
+                    ("x-ratelimit-remaining", b"-0"),
+                    ("x-ratelimit-reset", b"12"),
+                ],
+                None,
+            ),
+            (
+                "only tokens exhausted does not count",
+                &[
+                    ("x-ratelimit-remaining-tokens", b"0"),
+                    ("x-ratelimit-reset-tokens", b"12s"),
+                ],
+                None,
+            ),
+            (
+                "old draft remaining 0",
+                &[("ratelimit-remaining", b"0"), ("ratelimit-reset", b"30")],
+                secs(30),
+            ),
+            (
+                "ratelimit r=0",
+                &[("ratelimit", b"\"minute\";r=0;t=12")],
+                secs(12),
+            ),
+            (
+                "ratelimit r=0 without t",
+                &[("ratelimit", b"\"minute\";r=0")],
+                None,
+            ),
+            (
+                "ratelimit r>0",
+                &[("ratelimit", b"\"minute\";r=3;t=12")],
+                None,
+            ),
+            (
+                "ratelimit largest exhausted",
+                &[(
+                    "ratelimit",
+                    b"\"minute\";r=0;t=12, \"day\";r=0;t=900, \"x\";r=1;t=5000",
+                )],
+                secs(900),
+            ),
+            (
+                "ratelimit old dictionary",
+                &[("ratelimit", b"limit=10, remaining=0, reset=15")],
+                secs(15),
+            ),
+            (
+                "both sources: longest wins",
+                &[
+                    ("x-ratelimit-remaining", b"0"),
+                    ("x-ratelimit-reset", b"10"),
+                    ("ratelimit", b"\"day\";r=0;t=20"),
+                ],
+                secs(20),
+            ),
+            ("ratelimit garbage", &[("ratelimit", b"r=;t=")], None),
+        ];
+        for (label, pairs, want) in cases {
+            assert_eq!(exhausted_hint(&headers(pairs), NOW), *want, "{label}");
+        }
+    }
+
+    #[test]
+    fn quota_exceeded_table() {
+        let cases: &[QuotaCase] = &[
+            (
+                "chutes shape",
+                br#"{"detail":{"message":"Quota exceeded for today","quota_reset_timestamp":"2025-09-13T00:00:00+00:00"}}"#,
+                Some(Some(NOW)),
+            ),
+            (
+                "chutes shape, bad timestamp",
+                br#"{"detail":{"message":"Quota exceeded","quota_reset_timestamp":"tomorrow"}}"#,
+                Some(None),
+            ),
+            (
+                "chutes shape, null timestamp",
+                br#"{"detail":{"message":"QUOTA exceeded","quota_reset_timestamp":null}}"#,
+                Some(None),
+            ),
+            (
+                "epoch number timestamp",
+                br#"{"detail":{"message":"quota","quota_reset_timestamp":1757721600}}"#,
+                Some(Some(NOW)),
+            ),
+            (
+                "epoch ms timestamp",
+                br#"{"detail":{"message":"quota","quota_reset_timestamp":1757721600000}}"#,
+                Some(Some(NOW)),
+            ),
+            (
+                "negative timestamp",
+                br#"{"detail":{"message":"quota","quota_reset_timestamp":-5}}"#,
+                Some(None),
+            ),
+            (
+                "timestamp without quota wording",
+                br#"{"detail":{"message":"Limit reached","quota_reset_timestamp":"2025-09-13T00:00:00Z"}}"#,
+                Some(Some(NOW)),
+            ),
+            (
+                "detail string",
+                br#"{"detail":"Daily quota exceeded, add balance"}"#,
+                Some(None),
+            ),
+            (
+                "openai shape",
+                br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota"}}"#,
+                Some(None),
+            ),
+            ("top-level message", br#"{"message":"quota exceeded"}"#, Some(None)),
+            ("other 402", br#"{"detail":"Insufficient balance"}"#, None),
+            ("other 402 object", br#"{"detail":{"message":"Payment required"}}"#, None),
+            ("message not a string", br#"{"detail":{"message":["quota"]}}"#, None),
+            ("detail array", br#"{"detail":[{"msg":"quota"}]}"#, None),
+            ("not json", b"Quota exceeded", None),
+            ("html", b"<html>402 quota</html>", None),
+            ("empty", b"", None),
+            ("json string", br#""quota""#, Some(None)),
+            ("json number", b"402", None),
+            ("invalid utf8", b"\xff\xfe{", None),
+            ("truncated", br#"{"detail":{"message":"Quota exc"#, None),
+        ];
+        for (label, body, want) in cases {
+            let got = quota_exceeded(body).map(|q| q.reset_unix);
+            assert_eq!(got, *want, "{label}");
+        }
+    }
+
+    #[test]
+    fn rate_limit_headers_picks_and_bounds() {
+        let long = "v".repeat(300);
+        let map = headers(&[
+            ("content-type", b"application/json"),
+            ("retry-after", b"12"),
+            ("retry-after-ms", b"12000"),
+            ("x-ratelimit-remaining-requests", b"0"),
+            ("x-ratelimit-reset", long.as_bytes()),
+            ("RateLimit", b"\"minute\";r=0;t=12"),
+            ("ratelimit-policy", b"\"minute\";q=60;w=60"),
+            ("x-request-id", b"abc"),
+            ("x-ratelimit-odd", b"\xffok"),
+        ]);
+        let mut got = rate_limit_headers(&map);
+        got.sort();
+        let want: Vec<(String, String)> = [
+            ("ratelimit", "\"minute\";r=0;t=12"),
+            ("ratelimit-policy", "\"minute\";q=60;w=60"),
+            ("retry-after", "12"),
+            ("retry-after-ms", "12000"),
+            ("x-ratelimit-odd", "\u{fffd}ok"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset", &long[..200]),
+        ]
+        .iter()
+        .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(got, want);
+
+        let mut many = HeaderMap::new();
+        for i in 0..40 {
+            many.append(
+                HeaderName::from_bytes(format!("x-ratelimit-h{i}").as_bytes()).expect("name"),
+                HeaderValue::from_static("1"),
+            );
+        }
+        assert_eq!(rate_limit_headers(&many).len(), 16);
+        assert!(rate_limit_headers(&HeaderMap::new()).is_empty());
+    }
+
+    #[test]
+    fn body_snippet_table() {
+        let cases: &[(&[u8], usize, &str)] = &[
+            (b"", 10, ""),
+            (b"hello", 0, ""),
+            (b"hello", 3, "hel"),
+            (b"hello", 5, "hello"),
+            (b"hello", 500, "hello"),
+            (b"hello", usize::MAX, "hello"),
+            ("héllo".as_bytes(), 2, "h\u{fffd}"),
+            ("héllo".as_bytes(), 3, "hé"),
+            (b"\xff\xfeok", 10, "\u{fffd}\u{fffd}ok"),
+        ];
+        for (body, max, want) in cases {
+            assert_eq!(body_snippet(body, *max), *want, "{body:?} {max}");
+        }
+    }
+
+    #[test]
+    fn truncate_chars_respects_boundaries() {
+        assert_eq!(truncate_chars("ééé", 2), "éé");
+        assert_eq!(truncate_chars("ab", 5), "ab");
+        assert_eq!(truncate_chars("ab", 0), "");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let values: &[&[u8]] = &[
+            b"",
+            b" ",
+            b"-",
+            b".",
+            b"..",
+            b"0",
+            b"-0",
+            b"1e999",
+            b"nan",
+            b"\xff",
+            b"\"",
+            b";",
+            b",",
+            b"=",
+            b"r=0;t=",
+            b"\"a\";t=1e400",
+            b"t=99999999999999999999999999999999",
+            b"1.7976931348623157e309",
+            b"Sun, 06 Nov 1994 08:49:37 GMT",
+            b"9999-12-31T23:59:59Z",
+            b"1h1h1h1h1h1h1h1h1h1h1h1h1h",
+            b"\"\\",
+            b"\"minute\";r=0;t=1, \"",
+        ];
+        let names = [
+            "retry-after",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-reset",
+            "x-ratelimit-reset-tokens",
+            "ratelimit",
+            "ratelimit-reset",
+            "x-ratelimit-remaining",
+        ];
+        for name in names {
+            for value in values {
+                let map = headers(&[(name, value), ("x-ratelimit-remaining-requests", b"0")]);
+                if let Some(Hint::After(d)) = cooldown_hint(&map, NOW) {
+                    assert!(d <= Duration::from_secs(MAX), "{name}: {value:?}");
+                }
+                if let Some(d) = exhausted_hint(&map, NOW) {
+                    assert!(d <= Duration::from_secs(MAX), "{name}: {value:?}");
+                }
+                let _ = rate_limit_headers(&map);
+                let _ = quota_exceeded(value);
+            }
+        }
+    }
+}

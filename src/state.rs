@@ -1,0 +1,270 @@
+//! The state file: the quota day, the requests counted against it, any cooldown and quota
+//! gate, and per-client daily counts, so that a restart neither reopens a closed gate nor
+//! forgets what was spent.
+//!
+//! Writes are atomic (temp file in the same directory, `sync_all`, rename, fsync of the
+//! directory) and happen on a blocking thread owned by the writer task, never on the request
+//! path. Crash safety comes from admission reserving daily requests *ahead* in small blocks:
+//! the file always holds a count at least as large as what was granted, so after `kill -9` the
+//! proxy may over-count a little but never admits more than `requests_per_day` in a day. A
+//! clean shutdown writes the exact count.
+//!
+//! Only wall-clock values (UNIX seconds, quota-day index) are stored; monotonic instants mean
+//! nothing to another process.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::admission::Admission;
+
+/// Bumped when the file format changes incompatibly.
+const FORMAT_VERSION: u32 = 1;
+/// After a failed write, wait this long before trying again (a full disk rarely clears
+/// within milliseconds, and hammering it helps nobody).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Writes that are not reservations (cooldown changes, counts without a daily cap) are
+/// coalesced to at most one per this interval.
+const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What survives a restart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Persisted {
+    /// Quota-day index (`units::day_index`); `None` for a fresh start.
+    pub day: Option<i64>,
+    /// Requests counted against that day (a reservation: at least what was sent).
+    pub used: u64,
+    #[serde(default)]
+    pub daily_gate_until_unix: Option<f64>,
+    #[serde(default)]
+    pub cooldown_until_unix: Option<f64>,
+    #[serde(default)]
+    pub cooldown_level: u32,
+    #[serde(default)]
+    pub clients: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileFormat {
+    version: u32,
+    /// For people reading the file; ignored on load.
+    #[serde(default)]
+    day_started_at: String,
+    #[serde(flatten)]
+    state: Persisted,
+}
+
+/// The result of reading the state file at startup.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No file yet (or memory only): start fresh.
+    Fresh,
+    Restored(Persisted),
+    /// The file exists but cannot be trusted. `message` says what was wrong and where the
+    /// bad file was moved; the caller starts conservatively.
+    Corrupt { message: String },
+}
+
+/// Read the state file. Never panics; a bad file is moved aside (so it is not overwritten and
+/// can be inspected) and reported.
+pub fn load(path: &Path) -> Loaded {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Fresh,
+        Err(e) => {
+            return Loaded::Corrupt {
+                message: format!("cannot read state file {}: {e}", path.display()),
+            }
+        }
+    };
+    match parse(&bytes) {
+        Ok(p) => Loaded::Restored(p),
+        Err(why) => {
+            let aside = aside_name(path);
+            let moved = match std::fs::rename(path, &aside) {
+                Ok(()) => format!("moved to {}", aside.display()),
+                Err(e) => format!("could not be moved aside: {e}"),
+            };
+            Loaded::Corrupt {
+                message: format!("state file {} is unusable ({why}); {moved}", path.display()),
+            }
+        }
+    }
+}
+
+/// Parse state-file bytes; rejects anything that is not exactly what this version writes.
+pub fn parse(bytes: &[u8]) -> Result<Persisted, String> {
+    let f: FileFormat = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    if f.version != FORMAT_VERSION {
+        return Err(format!("unsupported format version {}", f.version));
+    }
+    let p = f.state;
+    for v in [p.daily_gate_until_unix, p.cooldown_until_unix]
+        .into_iter()
+        .flatten()
+    {
+        if !v.is_finite() || v < 0.0 {
+            return Err(format!("invalid instant {v}"));
+        }
+    }
+    Ok(p)
+}
+
+fn aside_name(path: &Path) -> PathBuf {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".corrupt-{stamp}"));
+    path.with_file_name(name)
+}
+
+pub fn render(p: &Persisted, reset_offset: u32) -> Vec<u8> {
+    let f = FileFormat {
+        version: FORMAT_VERSION,
+        day_started_at: p
+            .day
+            .map(|d| crate::units::format_rfc3339(crate::units::day_end(d - 1, reset_offset)))
+            .unwrap_or_default(),
+        state: p.clone(),
+    };
+    let mut out = serde_json::to_vec_pretty(&f).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Write atomically: temp file beside the target, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // The rename is durable only once the directory entry is.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The writer: waits for admission to ask for a write, writes on a blocking thread, and tells
+/// admission what is now durable. Stops when the trigger's sender is gone.
+pub async fn run_writer(
+    admission: Arc<Admission>,
+    path: PathBuf,
+    reset_offset: u32,
+    mut trigger: watch::Receiver<u64>,
+) {
+    let mut last_write = tokio::time::Instant::now() - MIN_WRITE_INTERVAL;
+    loop {
+        if trigger.changed().await.is_err() {
+            return;
+        }
+        // Coalesce bursts of requests into one write, but never delay a reservation that
+        // someone is waiting on by more than the interval.
+        tokio::time::sleep_until(last_write + MIN_WRITE_INTERVAL).await;
+        trigger.borrow_and_update();
+        let snapshot = admission.persisted(false);
+        let bytes = render(&snapshot, reset_offset);
+        let p = path.clone();
+        let result = tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await;
+        last_write = tokio::time::Instant::now();
+        match result {
+            Ok(Ok(())) => admission.persisted_ok(&snapshot),
+            Ok(Err(e)) => {
+                tracing::error!(path = %path.display(), error = %e,
+                    "cannot write the state file; requests beyond the last reservation wait until it can be written");
+                admission.persist_failed();
+                tokio::time::sleep(RETRY_AFTER_FAILURE).await;
+                admission.persist_retry();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "state writer thread failed");
+                admission.persist_failed();
+            }
+        }
+    }
+}
+
+/// The final, exact write at shutdown.
+pub async fn write_final(admission: &Admission, path: &Path, reset_offset: u32) {
+    let snapshot = admission.persisted(true);
+    let bytes = render(&snapshot, reset_offset);
+    let p = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
+        Ok(Ok(())) => tracing::info!(path = %path.display(), used = snapshot.used, "state saved"),
+        Ok(Err(e)) => tracing::error!(path = %path.display(), error = %e, "cannot save state at shutdown"),
+        Err(e) => tracing::error!(error = %e, "state writer thread failed at shutdown"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let p = Persisted {
+            day: Some(20_415),
+            used: 812,
+            daily_gate_until_unix: None,
+            cooldown_until_unix: Some(1_795_990_000.5),
+            cooldown_level: 2,
+            clients: [("bot".to_string(), 3)].into_iter().collect(),
+        };
+        let bytes = render(&p, 0);
+        assert_eq!(parse(&bytes).unwrap(), p);
+    }
+
+    #[test]
+    fn garbage_is_rejected_with_a_reason() {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"{\"version\":1}",
+            b"{\"version\":9,\"day\":1,\"used\":1}",
+            b"{\"version\":1,\"day\":1,\"used\":-1}",
+            b"{\"version\":1,\"day\":1,\"used\":1,\"extra\":1}",
+            b"\xff\xfe",
+        ] {
+            assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, b"{not json").unwrap();
+        match load(&path) {
+            Loaded::Corrupt { message } => {
+                assert!(message.contains("unusable"), "{message}");
+                assert!(message.contains("moved to"), "{message}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(!path.exists());
+        assert!(matches!(load(&path), Loaded::Fresh));
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

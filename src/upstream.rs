@@ -1,0 +1,268 @@
+//! The way out: one pooled hyper client to the one configured upstream, the URI rewrite that
+//! makes it impossible to reach anywhere else, the header rules (hop-by-hop, key injection),
+//! and the first-byte timeout.
+//!
+//! TLS is rustls on ring with the webpki roots (no OpenSSL, no cmake); HTTP/2 or HTTP/1.1 is
+//! chosen by ALPN; plain `http://` upstreams speak HTTP/1.1 (tests and sidecars). Pooled
+//! connections expire after `POOL_IDLE_TIMEOUT`, which needs a pool timer to actually fire.
+//!
+//! Not here: deciding whether to send (admission) or what a status means (signals, proxy).
+
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::Request;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::RequestBody;
+use crate::config::{UpstreamConfig, UpstreamUrl};
+
+/// Below the usual 60–120 s idle cut-off of cloud load balancers, so the pool rarely hands out
+/// a connection the other side is about to close.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// TCP keepalive on upstream sockets: notices a dead peer under a long silent stream.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Headers that only the proxy reads; never forwarded.
+pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-proxy-max-wait");
+pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-proxy-client");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Why the upstream exchange failed before a response head arrived.
+#[derive(Debug)]
+pub enum SendError {
+    /// Connect refused, DNS failure, TLS failure, reset before the head.
+    Unavailable(String),
+    /// No response head within `first_byte_timeout`.
+    Timeout(Duration),
+    /// The client's upload failed (too large, stalled, or the client broke off).
+    Upload(String),
+}
+
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    base: UpstreamUrl,
+    /// The complete auth header value (prefix + key), marked sensitive so hyper never logs or
+    /// HPACK-indexes it.
+    auth: Option<HeaderValue>,
+    auth_header: HeaderName,
+    first_byte_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        // The provider is passed explicitly so that another crypto provider elsewhere in the
+        // dependency graph can never make rustls pick one at runtime (and panic).
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| format!("TLS setup failed: {e}"))?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(https);
+        let auth = match &cfg.api_key {
+            Some(key) => {
+                let mut v = HeaderValue::from_str(&format!("{}{}", cfg.auth_prefix, key.expose()))
+                    .map_err(|_| "upstream.api_key: not a valid header value".to_string())?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Upstream {
+            client,
+            base: cfg.url.clone(),
+            auth,
+            auth_header: cfg.auth_header.clone(),
+            first_byte_timeout: cfg.first_byte_timeout,
+        })
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.auth.is_some()
+    }
+
+    /// The upstream URI for a request: always the configured scheme and authority, whatever
+    /// the request target or `Host` said, with the configured path prefix in front of the
+    /// request's path and query.
+    pub fn target(&self, uri: &Uri) -> Result<Uri, String> {
+        let pq = uri
+            .path_and_query()
+            .map(PathAndQuery::as_str)
+            .unwrap_or("/");
+        // An authority-form or asterisk-form target has no path to forward.
+        let pq = if pq.starts_with('/') { pq } else { "/" };
+        let full = if self.base.path_prefix.is_empty() {
+            PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_bytes()))
+        } else {
+            PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, pq))
+        }
+        .map_err(|e| format!("invalid request path: {e}"))?;
+        Uri::builder()
+            .scheme(self.base.scheme.clone())
+            .authority(self.base.authority.clone())
+            .path_and_query(full)
+            .build()
+            .map_err(|e| format!("invalid request path: {e}"))
+    }
+
+    /// Rewrite request headers for the upstream: drop hop-by-hop and proxy-only headers and
+    /// `Host` (the client sets it from the URI), and put the account key in place of whatever
+    /// credentials the client sent. `strip_client_auth` removes the client's credentials even
+    /// without an account key (they were a proxy client token, never meant for the upstream).
+    pub fn prepare_headers(&self, headers: &mut HeaderMap, strip_client_auth: bool) {
+        strip_hop_by_hop(headers);
+        headers.remove(header::HOST);
+        headers.remove(MAX_WAIT_HEADER);
+        headers.remove(CLIENT_HEADER);
+        if let Some(auth) = &self.auth {
+            headers.remove(header::AUTHORIZATION);
+            headers.remove(X_API_KEY);
+            headers.insert(self.auth_header.clone(), auth.clone());
+        } else if strip_client_auth {
+            headers.remove(header::AUTHORIZATION);
+            headers.remove(X_API_KEY);
+        }
+    }
+
+    /// Send and wait for the response head, at most `first_byte_timeout`.
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+            Err(_) => Err(SendError::Timeout(self.first_byte_timeout)),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+}
+
+/// Describe a client error without leaking anything sensitive (hyper errors never contain
+/// header values), and tell an upload failure from an upstream failure.
+fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
+    let mut chain = String::new();
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut upload = false;
+    while let Some(s) = src {
+        if s.downcast_ref::<crate::body::BodyError>().is_some() {
+            upload = true;
+        }
+        if !chain.is_empty() {
+            chain.push_str(": ");
+        }
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    if upload {
+        SendError::Upload(chain)
+    } else {
+        SendError::Unavailable(chain)
+    }
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1), including any named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse_upstream_url, Config, Overrides};
+
+    fn upstream(url: &str, key: Option<&str>) -> Upstream {
+        let key = key.map(str::to_string);
+        let env = move |n: &str| (n == "CHUTES_API_KEY").then(|| key.clone()).flatten();
+        let mut cfg = Config::from_toml("", &Overrides::default(), &env).unwrap();
+        cfg.upstream.url = parse_upstream_url(url).unwrap();
+        Upstream::new(&cfg.upstream).unwrap()
+    }
+
+    #[tokio::test]
+    async fn target_is_always_the_configured_upstream() {
+        let u = upstream("http://127.0.0.1:9/prefix", None);
+        for (given, want) in [
+            ("/v1/models?x=1", "http://127.0.0.1:9/prefix/v1/models?x=1"),
+            ("http://evil.example/v1/x", "http://127.0.0.1:9/prefix/v1/x"),
+            ("https://evil.example:443/", "http://127.0.0.1:9/prefix/"),
+            ("*", "http://127.0.0.1:9/prefix/"),
+            ("evil.example:443", "http://127.0.0.1:9/prefix/"),
+        ] {
+            let uri: Uri = given.parse().unwrap();
+            assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
+        }
+    }
+
+    #[tokio::test]
+    async fn headers_are_rewritten() {
+        let u = upstream("https://llm.chutes.ai", Some("cpk_test"));
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("proxy-authorization", "Basic x".parse().unwrap());
+        h.insert("host", "evil.example".parse().unwrap());
+        h.insert("authorization", "Bearer client".parse().unwrap());
+        h.insert("x-api-key", "client".parse().unwrap());
+        h.insert("x-proxy-max-wait", "5s".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        u.prepare_headers(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(h["authorization"], "Bearer cpk_test");
+        assert!(h["authorization"].is_sensitive());
+        assert_eq!(h["content-type"], "application/json");
+    }
+
+    #[tokio::test]
+    async fn without_a_key_client_auth_passes_through() {
+        let u = upstream("https://llm.chutes.ai", None);
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer client".parse().unwrap());
+        u.prepare_headers(&mut h, false);
+        assert_eq!(h["authorization"], "Bearer client");
+        u.prepare_headers(&mut h, true);
+        assert!(h.get("authorization").is_none());
+    }
+}

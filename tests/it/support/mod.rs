@@ -1,0 +1,15 @@
+//! Shared helpers for the integration tests. `mock` is the in-process upstream (and the raw-TCP
+//! misbehaving ones) that the proxy is pointed at; everything is re-exported here so tests write
+//! `support::MockUpstream`.
+//!
+//! Not every test module uses every helper, hence the `allow`s: an unused helper is not a bug.
+#![allow(dead_code)]
+
+pub mod mock;
+
+// Re-exports a given test binary does not use would otherwise warn.
+#[allow(unused_imports)]
+pub use mock::{
+    closed_port_url, raw_upstream, read_request_head, sse_data, within, Gate, MockUpstream,
+    RawUpstream, Recorded, Reply, WAIT_LIMIT,
+};
