@@ -18,7 +18,7 @@ use crate::admission::Admission;
 use crate::body::ResponseBody;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::units::{format_rfc3339, format_reset};
+use crate::units::{format_reset, format_rfc3339};
 
 pub struct Admin {
     pub config: Arc<Config>,
@@ -29,7 +29,11 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
         }
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -76,9 +80,7 @@ impl Admin {
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
-        let state = if s.daily_gate_until_unix.is_some()
-            || s.remaining_today == Some(0)
-        {
+        let state = if s.daily_gate_until_unix.is_some() || s.remaining_today == Some(0) {
             "daily_quota_exhausted"
         } else if s.cooldown_active && !s.cooldown_proactive {
             "cooldown"

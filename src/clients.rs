@@ -79,7 +79,10 @@ impl Clients {
             .and_then(|v| v.to_str().ok())
             .and_then(|n| {
                 let n = n.trim();
-                self.by_name.iter().find(|(name, _)| name == n).map(|(_, id)| *id)
+                self.by_name
+                    .iter()
+                    .find(|(name, _)| name == n)
+                    .map(|(_, id)| *id)
             });
         Ident {
             client: named.unwrap_or(0),
@@ -101,8 +104,14 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -135,7 +144,10 @@ mod tests {
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for (k, v) in pairs {
-            m.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            m.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         m
     }
@@ -143,16 +155,33 @@ mod tests {
     #[test]
     fn attribution_order() {
         let c = clients(false);
-        assert_eq!(c.identify(&h(&[("authorization", "Bearer tok-bot")])).client, 1);
-        assert!(c.identify(&h(&[("authorization", "bearer tok-bot")])).strip_auth);
+        assert_eq!(
+            c.identify(&h(&[("authorization", "Bearer tok-bot")]))
+                .client,
+            1
+        );
+        assert!(
+            c.identify(&h(&[("authorization", "bearer tok-bot")]))
+                .strip_auth
+        );
         assert_eq!(c.identify(&h(&[("x-api-key", "tok-bot")])).client, 1);
         // A token wins over a name.
-        assert_eq!(c.identify(&h(&[("x-api-key", "tok-bot"), ("x-proxy-client", "batch")])).client, 1);
+        assert_eq!(
+            c.identify(&h(&[("x-api-key", "tok-bot"), ("x-proxy-client", "batch")]))
+                .client,
+            1
+        );
         assert_eq!(c.identify(&h(&[("x-proxy-client", "batch")])).client, 2);
         // A client with a token cannot be claimed by name.
         assert_eq!(c.identify(&h(&[("x-proxy-client", "bot")])).client, 0);
-        assert_eq!(c.identify(&h(&[("authorization", "Bearer nope")])).client, 0);
-        assert!(!c.identify(&h(&[("authorization", "Bearer nope")])).strip_auth);
+        assert_eq!(
+            c.identify(&h(&[("authorization", "Bearer nope")])).client,
+            0
+        );
+        assert!(
+            !c.identify(&h(&[("authorization", "Bearer nope")]))
+                .strip_auth
+        );
     }
 
     #[test]
@@ -160,7 +189,10 @@ mod tests {
         let c = clients(true);
         assert!(c.identify(&h(&[])).unauthorized);
         assert!(c.identify(&h(&[("x-proxy-client", "batch")])).unauthorized);
-        assert!(!c.identify(&h(&[("authorization", "Bearer tok-bot")])).unauthorized);
+        assert!(
+            !c.identify(&h(&[("authorization", "Bearer tok-bot")]))
+                .unauthorized
+        );
     }
 
     #[test]

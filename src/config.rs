@@ -145,7 +145,11 @@ impl UpstreamUrl {
 
 impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.path_prefix)
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
     }
 }
 
@@ -585,7 +589,10 @@ impl Validator {
             Some(Value::Float(f)) => f,
             Some(Value::Integer(i)) => i as f64,
             Some(other) => {
-                self.err(&full, format!("expected a number, found {}", other.type_str()));
+                self.err(
+                    &full,
+                    format!("expected a number, found {}", other.type_str()),
+                );
                 return default;
             }
         };
@@ -672,27 +679,29 @@ impl Validator {
         let allow_remote_admin = self.bool_val(&mut s, "allow_remote_admin", false);
         let admin_listen = match admin {
             Some(v) if v.is_empty() => Some(None),
-            Some(v) => match v.parse::<SocketAddr>() {
-                Ok(a) if !a.ip().is_loopback() && !allow_remote_admin => {
-                    self.err(
-                        "server.admin_listen",
-                        format!(
-                            "{v} is not a loopback address; the admin endpoints expose \
+            Some(v) => {
+                match v.parse::<SocketAddr>() {
+                    Ok(a) if !a.ip().is_loopback() && !allow_remote_admin => {
+                        self.err(
+                            "server.admin_listen",
+                            format!(
+                                "{v} is not a loopback address; the admin endpoints expose \
                              limits and usage, so set server.allow_remote_admin = true to \
                              bind it anyway"
-                        ),
-                    );
-                    None
-                }
-                Ok(a) => Some(Some(a)),
-                Err(_) => {
-                    self.err(
+                            ),
+                        );
+                        None
+                    }
+                    Ok(a) => Some(Some(a)),
+                    Err(_) => {
+                        self.err(
                         "server.admin_listen",
                         format!("{v:?} is not an address like \"127.0.0.1:9090\" (or \"\" to disable)"),
                     );
-                    None
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
         let shutdown_grace = self.duration_val(&mut s, "shutdown_grace", DEFAULT_SHUTDOWN_GRACE);
@@ -709,10 +718,7 @@ impl Validator {
             Some(other) => {
                 self.err(
                     "server.max_request_body",
-                    format!(
-                        "expected a size like \"4MiB\", found {}",
-                        other.type_str()
-                    ),
+                    format!("expected a size like \"4MiB\", found {}", other.type_str()),
                 );
                 DEFAULT_MAX_REQUEST_BODY
             }
@@ -824,7 +830,10 @@ impl Validator {
         let auth_prefix = self
             .str_val(&mut s, "auth_prefix", "Bearer ")
             .unwrap_or_default();
-        if auth_prefix.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        if auth_prefix
+            .bytes()
+            .any(|b| b < 0x20 && b != b'\t' || b == 0x7f)
+        {
             self.err("upstream.auth_prefix", "contains control characters");
         }
         let connect_timeout =
@@ -904,8 +913,13 @@ impl Validator {
         let mut s = self.section(root, "cooldown");
         let initial = self.positive_duration(&mut s, "initial", DEFAULT_COOLDOWN_INITIAL);
         let max = self.positive_duration(&mut s, "max", DEFAULT_COOLDOWN_MAX);
-        let multiplier =
-            self.float_val(&mut s, "multiplier", DEFAULT_COOLDOWN_MULTIPLIER, 1.0, 100.0);
+        let multiplier = self.float_val(
+            &mut s,
+            "multiplier",
+            DEFAULT_COOLDOWN_MULTIPLIER,
+            1.0,
+            100.0,
+        );
         let decay_after = self.positive_duration(&mut s, "decay_after", DEFAULT_COOLDOWN_DECAY);
         if initial > max {
             self.err(
@@ -1070,7 +1084,9 @@ pub fn parse_upstream_url(v: &str) -> Result<UpstreamUrl, String> {
         .cloned()
         .ok_or_else(|| format!("{v:?} needs a scheme (https:// or http://)"))?;
     if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
-        return Err(format!("{v:?}: only http and https upstreams are supported"));
+        return Err(format!(
+            "{v:?}: only http and https upstreams are supported"
+        ));
     }
     let authority = uri
         .authority()
@@ -1112,10 +1128,7 @@ mod tests {
     fn defaults_match_the_contract() {
         let c = load("").unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(
-            c.server.admin_listen.unwrap().to_string(),
-            "127.0.0.1:9090"
-        );
+        assert_eq!(c.server.admin_listen.unwrap().to_string(), "127.0.0.1:9090");
         assert_eq!(c.upstream.url.to_string(), "https://llm.chutes.ai");
         assert_eq!(c.limits.requests_per_minute.get(), 50);
         assert_eq!(c.limits.burst.get(), 5);
@@ -1171,8 +1184,8 @@ mod tests {
     fn remote_admin_needs_explicit_consent() {
         let e = load("[server]\nadmin_listen = \"0.0.0.0:9090\"").unwrap_err();
         assert_eq!(keys(e), vec!["server.admin_listen"]);
-        let c = load("[server]\nadmin_listen = \"0.0.0.0:9090\"\nallow_remote_admin = true")
-            .unwrap();
+        let c =
+            load("[server]\nadmin_listen = \"0.0.0.0:9090\"\nallow_remote_admin = true").unwrap();
         assert!(c.server.admin_listen.is_some());
         let c = load("[server]\nadmin_listen = \"\"").unwrap();
         assert!(c.server.admin_listen.is_none());
@@ -1193,7 +1206,10 @@ mod tests {
     fn key_comes_from_env_and_is_redacted_everywhere() {
         let env = |n: &str| (n == "CHUTES_API_KEY").then(|| "cpk_secret_value".to_string());
         let c = Config::from_toml("", &Overrides::default(), &env).unwrap();
-        assert_eq!(c.upstream.api_key.as_ref().unwrap().expose(), "cpk_secret_value");
+        assert_eq!(
+            c.upstream.api_key.as_ref().unwrap().expose(),
+            "cpk_secret_value"
+        );
         assert!(!format!("{c:?}").contains("cpk_secret_value"));
         assert!(!c.render().contains("cpk_secret_value"));
     }

@@ -51,7 +51,10 @@ use crate::state::{Loaded, Persisted};
 /// bind `127.0.0.1:0` themselves.
 pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, Option<TcpListener>)> {
     let main = TcpListener::bind(config.server.listen).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.server.listen))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}", config.server.listen),
+        )
     })?;
     let admin = match config.server.admin_listen {
         Some(a) => Some(TcpListener::bind(a).await.map_err(|e| {
@@ -86,8 +89,16 @@ pub async fn run(
         ))
     });
     let upstream = upstream::Upstream::new(&config.upstream)?;
-    let names: Vec<_> = admission.settings().clients.iter().map(|c| c.name.clone()).collect();
-    let metrics = Arc::new(metrics::Metrics::new(&names, config.limits.requests_per_day.is_some()));
+    let names: Vec<_> = admission
+        .settings()
+        .clients
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let metrics = Arc::new(metrics::Metrics::new(
+        &names,
+        config.limits.requests_per_day.is_some(),
+    ));
     let proxy = Arc::new(proxy::Proxy::new(
         Arc::clone(&config),
         Arc::clone(&admission),
@@ -105,7 +116,14 @@ pub async fn run(
         let cfg = config.server.clone();
         let stop = stop_rx.clone();
         async move {
-            server::serve(listener, &cfg, move |req| Arc::clone(&p).handle(req), stop, "proxy").await
+            server::serve(
+                listener,
+                &cfg,
+                move |req| Arc::clone(&p).handle(req),
+                stop,
+                "proxy",
+            )
+            .await
         }
     });
     let admin_task = admin_listener.map(|l| {
@@ -119,7 +137,14 @@ pub async fn run(
         cfg.shutdown_grace = std::time::Duration::from_secs(1);
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            server::serve(l, &cfg, move |req| Arc::clone(&admin).handle(req), stop, "admin").await
+            server::serve(
+                l,
+                &cfg,
+                move |req| Arc::clone(&admin).handle(req),
+                stop,
+                "admin",
+            )
+            .await
         })
     });
 

@@ -28,7 +28,13 @@ struct Cli {
     #[arg(long)]
     check: bool,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "text", env = "CHUTES_PROXY_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "CHUTES_PROXY_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
@@ -68,7 +74,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("chutes-proxy: cannot start the runtime: {e}");
@@ -98,11 +107,14 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        println!("# configuration OK{}", match (&path, explicit) {
-            (Some(p), true) => format!(" ({})", p.display()),
-            (Some(p), false) if p.exists() => format!(" ({})", p.display()),
-            _ => " (built-in defaults)".to_string(),
-        });
+        println!(
+            "# configuration OK{}",
+            match (&path, explicit) {
+                (Some(p), true) => format!(" ({})", p.display()),
+                (Some(p), false) if p.exists() => format!(" ({})", p.display()),
+                _ => " (built-in defaults)".to_string(),
+            }
+        );
         print!("{}", config.render());
         return ExitCode::SUCCESS;
     }
@@ -130,7 +142,10 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut int), Ok(mut term)) => {
                 tokio::select! {
                     _ = int.recv() => {}

@@ -159,8 +159,14 @@ impl Metrics {
             g
         };
         let queue_depth = gauge("queue_depth", "Requests waiting for admission");
-        let in_flight = gauge("in_flight", "Requests in flight upstream (streams until their last byte)");
-        let daily_used = gauge("daily_used", "Requests counted against the current quota day");
+        let in_flight = gauge(
+            "in_flight",
+            "Requests in flight upstream (streams until their last byte)",
+        );
+        let daily_used = gauge(
+            "daily_used",
+            "Requests counted against the current quota day",
+        );
         let daily_remaining = daily_cap.then(|| {
             gauge(
                 "daily_remaining",
@@ -236,7 +242,12 @@ impl Metrics {
     /// Counters since start, by outcome, summed over clients (for `/status`).
     pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
         (0..=Reason::ALL.len())
-            .map(|i| (outcome_name(i), self.requests.iter().map(|r| r[i].get()).sum()))
+            .map(|i| {
+                (
+                    outcome_name(i),
+                    self.requests.iter().map(|r| r[i].get()).sum(),
+                )
+            })
             .collect()
     }
 
@@ -276,8 +287,9 @@ impl Metrics {
         if let (Some(g), Some(r)) = (&self.daily_remaining, snap.remaining_today) {
             g.set(r as i64);
         }
-        self.cooldown_active
-            .set(i64::from(snap.cooldown_active || snap.daily_gate_until_unix.is_some()));
+        self.cooldown_active.set(i64::from(
+            snap.cooldown_active || snap.daily_gate_until_unix.is_some(),
+        ));
         self.cooldown_level.set(i64::from(snap.cooldown_level));
         self.tokens_available.set(i64::from(snap.tokens_available));
         for (c, name) in snap.clients.iter().zip(&self.client_names) {

@@ -79,9 +79,7 @@ impl Proxy {
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
         if let Some(v) = req.headers().get(&REQUEST_ID) {
             // A client-sent id is kept if it is a sane token (it goes into logs and bodies).
-            if !v.is_empty()
-                && v.len() <= 128
-                && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             {
                 return v.clone();
             }
@@ -150,11 +148,9 @@ impl Proxy {
                 .and_then(|s| crate::units::parse_wait(s.trim()));
             match asked {
                 Ok(d) => wait = wait.min(d),
-                Err(e) => {
-                    return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
-                        "x-proxy-max-wait: {e} (use a duration like \"5s\" or \"500ms\", or seconds)"
-                    )))
-                }
+                Err(e) => return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
+                    "x-proxy-max-wait: {e} (use a duration like \"5s\" or \"500ms\", or seconds)"
+                ))),
             }
         }
         Ok(wait)
@@ -260,11 +256,10 @@ impl Pipeline<'_> {
                     self.proxy.config.server.max_request_body
                 ))
             }
-            SendError::Upload(_) if upload.stalled.load(Ordering::Relaxed) => {
-                Rejection::new(Reason::UpstreamTimeout).with_detail(
-                    "the client's request body stalled longer than upstream.idle_timeout",
-                )
-            }
+            SendError::Upload(_) if upload.stalled.load(Ordering::Relaxed) => Rejection::new(
+                Reason::UpstreamTimeout,
+            )
+            .with_detail("the client's request body stalled longer than upstream.idle_timeout"),
             SendError::Upload(why) | SendError::Unavailable(why) => {
                 tracing::warn!(request_id = %self.log.request_id, error = %why, "upstream request failed");
                 Rejection::new(Reason::UpstreamUnavailable)
@@ -294,9 +289,7 @@ impl Pipeline<'_> {
             // The rewriter may lengthen the stream; hyper will chunk it.
             parts.headers.remove(CONTENT_LENGTH);
         }
-        parts
-            .headers
-            .insert(REQUEST_ID, self.request_id.clone());
+        parts.headers.insert(REQUEST_ID, self.request_id.clone());
         proxy.metrics.request(self.client, None);
         self.log.status = parts.status.as_u16();
         let log = std::mem::replace(
@@ -309,7 +302,11 @@ impl Pipeline<'_> {
         Response::from_parts(parts, body)
     }
 
-    async fn upstream_429(self, resp: Response<Incoming>, mut permit: Permit) -> Response<ResponseBody> {
+    async fn upstream_429(
+        self,
+        resp: Response<Incoming>,
+        mut permit: Permit,
+    ) -> Response<ResponseBody> {
         let now = unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
@@ -328,7 +325,10 @@ impl Pipeline<'_> {
         if let Some(d) = &decision {
             r.retry_after = Some(d.duration);
             r.cooldown_until_unix = Some(d.until_unix);
-            self.proxy.metrics.cooldown_seconds.observe(d.duration.as_secs_f64());
+            self.proxy
+                .metrics
+                .cooldown_seconds
+                .observe(d.duration.as_secs_f64());
             tracing::warn!(
                 request_id = %self.log.request_id,
                 upstream_headers = ?rl_headers,
@@ -342,7 +342,11 @@ impl Pipeline<'_> {
         self.own(r)
     }
 
-    async fn upstream_402(self, resp: Response<Incoming>, mut permit: Permit) -> Response<ResponseBody> {
+    async fn upstream_402(
+        self,
+        resp: Response<Incoming>,
+        mut permit: Permit,
+    ) -> Response<ResponseBody> {
         let (parts, body) = resp.into_parts();
         let bytes = read_prefix(body, QUOTA_BODY_LIMIT).await;
         match signals::quota_exceeded(&bytes) {

@@ -315,11 +315,7 @@ impl Rejection {
                     remaining
                 };
                 insert_text(h, RATELIMIT_POLICY, &policy);
-                insert_text(
-                    h,
-                    RATELIMIT,
-                    &format!("\"{name}\";r={remaining};t={secs}"),
-                );
+                insert_text(h, RATELIMIT, &format!("\"{name}\";r={remaining};t={secs}"));
                 h.insert(LIMIT_REQUESTS, HeaderValue::from(limit));
                 h.insert(REMAINING_REQUESTS, HeaderValue::from(remaining));
             }

@@ -82,7 +82,9 @@ pub async fn serve<H, Fut>(
             let h = h.clone();
             async move { Ok::<_, Infallible>(h(req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -93,8 +95,18 @@ pub async fn serve<H, Fut>(
     }
     drop(listener);
     let grace = cfg.shutdown_grace;
-    tracing::info!(listener = name, grace_s = grace.as_secs_f64(), "stopped accepting; draining connections");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(listener = name, "shutdown grace period over; closing remaining connections");
+    tracing::info!(
+        listener = name,
+        grace_s = grace.as_secs_f64(),
+        "stopped accepting; draining connections"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = name,
+            "shutdown grace period over; closing remaining connections"
+        );
     }
 }

@@ -68,7 +68,9 @@ pub enum Loaded {
     Restored(Persisted),
     /// The file exists but cannot be trusted. `message` says what was wrong and where the
     /// bad file was moved; the caller starts conservatively.
-    Corrupt { message: String },
+    Corrupt {
+        message: String,
+    },
 }
 
 /// Read the state file. Never panics; a bad file is moved aside (so it is not overwritten and
@@ -203,7 +205,9 @@ pub async fn write_final(admission: &Admission, path: &Path, reset_offset: u32) 
     let p = path.to_path_buf();
     match tokio::task::spawn_blocking(move || write_atomic(&p, &bytes)).await {
         Ok(Ok(())) => tracing::info!(path = %path.display(), used = snapshot.used, "state saved"),
-        Ok(Err(e)) => tracing::error!(path = %path.display(), error = %e, "cannot save state at shutdown"),
+        Ok(Err(e)) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot save state at shutdown")
+        }
         Err(e) => tracing::error!(error = %e, "state writer thread failed at shutdown"),
     }
 }

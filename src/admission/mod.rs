@@ -771,12 +771,7 @@ impl Inner {
             if c.used_today >= cap {
                 let reset = day_end(self.day.index, shared.settings.day_reset_offset) as f64;
                 let wait = Duration::from_secs_f64((reset - now_unix).max(0.0));
-                let mut r = self.reject(
-                    shared,
-                    Reason::ClientDailyQuotaExhausted,
-                    wait,
-                    now_unix,
-                );
+                let mut r = self.reject(shared, Reason::ClientDailyQuotaExhausted, wait, now_unix);
                 r.client = Some(c.settings.name.clone());
                 return Err(r);
             }
@@ -905,19 +900,16 @@ impl Inner {
                 Some(Blocked::Daily { open_at_unix }) => {
                     let open = shared.wall.instant_at(open_at_unix);
                     for w in self.queue.drain_where(|w| w.deadline < open) {
-                        let r = self.reject(
-                            shared,
-                            Reason::DailyQuotaExhausted,
-                            open - now,
-                            now_unix,
-                        );
+                        let r =
+                            self.reject(shared, Reason::DailyQuotaExhausted, open - now, now_unix);
                         out.push((w.payload, Err(r)));
                     }
                     return (!self.queue.is_empty()).then_some(open);
                 }
                 Some(Blocked::Cooldown { until }) => {
                     for w in self.queue.drain_where(|w| w.deadline < until) {
-                        let r = self.reject(shared, Reason::UpstreamCooldown, until - now, now_unix);
+                        let r =
+                            self.reject(shared, Reason::UpstreamCooldown, until - now, now_unix);
                         out.push((w.payload, Err(r)));
                     }
                     return Some(until);
@@ -1017,7 +1009,8 @@ impl Permit {
                     let until = now + d;
                     if !d.is_zero() && g.cooldown.until.is_none_or(|u| u < until) {
                         g.cooldown.until = Some(until);
-                        g.cooldown.proactive = g.cooldown.proactive || g.cooldown.until == Some(until);
+                        g.cooldown.proactive =
+                            g.cooldown.proactive || g.cooldown.until == Some(until);
                         tracing::info!(
                             seconds = d.as_secs_f64(),
                             "upstream reports no requests left: gate closed until its reset"
@@ -1056,7 +1049,9 @@ impl Permit {
                     }
                 };
                 let (duration, hint_note) = match hint {
-                    Some(Hint::After(d)) if d <= s.cooldown_max => (d.max(Duration::from_secs(1)), None),
+                    Some(Hint::After(d)) if d <= s.cooldown_max => {
+                        (d.max(Duration::from_secs(1)), None)
+                    }
                     Some(Hint::After(d)) => (
                         s.cooldown_max,
                         Some(format!(

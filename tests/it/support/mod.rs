@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod mock;
+pub mod proxy;
 
 // Re-exports a given test binary does not use would otherwise warn.
 #[allow(unused_imports)]
@@ -13,3 +14,5 @@ pub use mock::{
     closed_port_url, raw_upstream, read_request_head, sse_data, within, Gate, MockUpstream,
     RawUpstream, Recorded, Reply, WAIT_LIMIT,
 };
+#[allow(unused_imports)]
+pub use proxy::{client, get, req, send, Got, Start, TestClient, TestProxy, TEST_KEY};

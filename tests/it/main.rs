@@ -1,0 +1,7 @@
+//! The one integration-test binary: every test runs the real proxy in-process against the
+//! in-process mock upstream on loopback. No fixed ports, no internet, no sleeps standing in
+//! for synchronisation.
+
+mod support;
+
+mod smoke;

@@ -1,0 +1,206 @@
+//! An in-process chutes-proxy for integration tests: built from TOML text, bound to
+//! `127.0.0.1:0` for both listeners, stopped on demand (graceful) or on drop (abort).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chutes_proxy::clock::WallClock;
+use chutes_proxy::config::{Config, Overrides};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The API key tests configure; asserting it never leaks means grepping for this.
+pub const TEST_KEY: &str = "cpk_test_SECRET_key_0123456789";
+
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), String>>>,
+}
+
+/// Options beyond the TOML text.
+pub struct Start {
+    pub toml: String,
+    pub env: Vec<(String, String)>,
+    pub wall: WallClock,
+}
+
+impl Start {
+    /// `toml` is appended after `[upstream] url = <upstream>` and `[state] path = ""` defaults,
+    /// so tests only write what they care about (later keys in the same table are fine as
+    /// long as they are not repeated; use `Start::raw` for full control).
+    pub fn new(upstream: &str, extra: &str) -> Start {
+        Start {
+            toml: format!("[upstream]\nurl = \"{upstream}\"\n{}", extra),
+            env: vec![("CHUTES_API_KEY".into(), TEST_KEY.into())],
+            wall: WallClock::System,
+        }
+    }
+
+    pub fn raw(toml: &str) -> Start {
+        Start {
+            toml: toml.to_string(),
+            env: vec![("CHUTES_API_KEY".into(), TEST_KEY.into())],
+            wall: WallClock::System,
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Start {
+        self.env.retain(|(n, _)| n != k);
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn no_key(mut self) -> Start {
+        self.env.retain(|(n, _)| n != "CHUTES_API_KEY");
+        self
+    }
+
+    pub fn config(&self) -> Config {
+        let env = self.env.clone();
+        let lookup = move |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            upstream: None,
+        };
+        let mut text = self.toml.clone();
+        if !text.contains("[state]") {
+            text.push_str("\n[state]\npath = \"\"\n");
+        }
+        Config::from_toml(&text, &overrides, &lookup)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"))
+    }
+
+    pub async fn start(self) -> TestProxy {
+        let config = self.config();
+        let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
+        TestProxy::start_on(config, main, admin, self.wall).await
+    }
+}
+
+impl TestProxy {
+    pub async fn start_on(
+        config: Config,
+        main: TcpListener,
+        admin: Option<TcpListener>,
+        wall: WallClock,
+    ) -> TestProxy {
+        let addr = main.local_addr().unwrap();
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(chutes_proxy::run(config, main, admin, wall, async move {
+            let _ = rx.await;
+        }));
+        TestProxy {
+            addr,
+            admin: admin_addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin.expect("admin listener"), path)
+    }
+
+    /// Graceful stop: stop accepting, drain, save state; waits for it to finish.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(format!("proxy task failed: {e}")),
+            Err(_) => Err("proxy did not stop within 60s".into()),
+        }
+    }
+
+    /// Begin a graceful stop without waiting (for drain tests); returns the task to await.
+    pub fn begin_stop(mut self) -> JoinHandle<Result<(), String>> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 client for tests.
+pub type TestClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A buffered response, for assertions.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Send a request and read the whole response (panics after 20 s via `within`).
+pub async fn send(c: &TestClient, req: http::Request<Full<Bytes>>) -> Got {
+    super::within("a response from the proxy", async {
+        let resp = c.request(req).await.expect("request failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body failed").to_bytes();
+        Got {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    })
+    .await
+}
+
+pub async fn get(c: &TestClient, url: &str) -> Got {
+    send(
+        c,
+        http::Request::get(url)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+}
+
+pub fn req(method: &str, url: &str) -> http::request::Builder {
+    http::Request::builder().method(method).uri(url)
+}
