@@ -136,6 +136,7 @@ impl Proxy {
 
     /// The wait this request may spend queued: `queue.max_wait`, the client's own limit, and
     /// the request's `x-proxy-max-wait`, whichever is shortest.
+    #[allow(clippy::result_large_err)] // see admission::Inner::check_client_caps
     fn max_wait(&self, req: &Request<Incoming>, client: ClientId) -> Result<Duration, Rejection> {
         let mut wait = self.config.queue.max_wait;
         if let Some(w) = self.admission.settings().clients[client].max_wait {
@@ -148,9 +149,11 @@ impl Proxy {
                 .and_then(|s| crate::units::parse_wait(s.trim()));
             match asked {
                 Ok(d) => wait = wait.min(d),
-                Err(e) => return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
+                Err(e) => {
+                    return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
                     "x-proxy-max-wait: {e} (use a duration like \"5s\" or \"500ms\", or seconds)"
-                ))),
+                )))
+                }
             }
         }
         Ok(wait)

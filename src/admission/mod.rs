@@ -396,7 +396,8 @@ impl Admission {
                 _ => {}
             }
             if g.queue.len() >= shared.settings.max_depth {
-                let drain = g.estimate(shared, g.queue.len(), now) - now;
+                // When the last request now queued is served.
+                let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
                 return Err(g.reject(shared, Reason::QueueFull, drain, now_unix));
             }
             let ahead = g.queue.ahead_of_new(client);
@@ -435,7 +436,17 @@ impl Admission {
         match result {
             Some(r) => r,
             None => {
-                // Deadline reached (or the dispatcher is gone): leave the queue now.
+                // Deadline reached. A token due at this very instant may not have been handed
+                // out yet (the dispatcher's timer fires at the same tick): run one dispatcher
+                // step first, so a request whose estimate was exactly its deadline is served.
+                let mut out = Vec::new();
+                let _ = shared.lock().step(shared, &mut out);
+                for (tx, r) in out {
+                    let _ = tx.send(r);
+                }
+                if let Ok(r) = rx.try_recv() {
+                    return r;
+                }
                 let mut g = shared.lock();
                 g.queue.remove(client, id);
                 let now = Instant::now();
@@ -760,6 +771,9 @@ impl Inner {
         at
     }
 
+    // A rejection is built once per shed request and moved a couple of times; boxing it
+    // would add an allocation for nothing.
+    #[allow(clippy::result_large_err)]
     fn check_client_caps(
         &mut self,
         shared: &Shared,
@@ -921,9 +935,7 @@ impl Inner {
                 return Some(now + nu.wait_time_from(shared.clock.now()));
             }
             self.took_token(shared);
-            let Some(w) = self.queue.pop() else {
-                return None;
-            };
+            let w = self.queue.pop()?;
             let permit = self.grant(shared, w.client, now - w.enqueued);
             out.push((w.payload, Ok(permit)));
         }
