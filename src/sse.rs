@@ -520,7 +520,7 @@ mod tests {
     #[test]
     fn overlong_brace_line_is_released_unchanged() {
         let mut line = b"{\"error\":\"".to_vec();
-        line.extend(std::iter::repeat(b'x').take(MAX_HELD_LINE + 10));
+        line.extend(std::iter::repeat_n(b'x', MAX_HELD_LINE + 10));
         line.extend_from_slice(b"\"}\ndata: after\n\n");
         // Whole, and fed in awkward pieces around the cap: same bytes out, nothing rewritten.
         let (out, saw) = run(&[&line]);
@@ -552,7 +552,7 @@ mod tests {
         let suffix = b"\"}";
         let fill = MAX_HELD_LINE - prefix.len() - suffix.len();
         let mut line = prefix.to_vec();
-        line.extend(std::iter::repeat(b'y').take(fill));
+        line.extend(std::iter::repeat_n(b'y', fill));
         line.extend_from_slice(suffix);
         assert_eq!(line.len(), MAX_HELD_LINE);
         line.push(b'\n');

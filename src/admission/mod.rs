@@ -365,16 +365,16 @@ impl Admission {
             let mut g = shared.lock();
             let now_unix = shared.wall.now_unix();
             g.roll_day(shared, now_unix);
-            g.check_client_caps(shared, client, now_unix)?;
             let blocked = g.blocked(shared, now, now_unix);
+            // The client's own caps are checked only once the account could take the request
+            // at all, so a request shed for an account reason costs its client nothing.
+            let mut client_checked = false;
             if g.queue.is_empty() && blocked.is_none() {
-                match shared.bucket.check() {
-                    Ok(()) => {
-                        g.took_token(shared);
-                        return Ok(g.grant(shared, client, Duration::ZERO));
-                    }
-                    Err(_) if max_wait.is_zero() => {}
-                    Err(_) => {}
+                g.check_client_caps(shared, client, now_unix)?;
+                client_checked = true;
+                if shared.bucket.check().is_ok() {
+                    g.took_token(shared);
+                    return Ok(g.grant(shared, client, Duration::ZERO));
                 }
             }
             // Not now: shed at once if waiting cannot help, in the contract's order.
@@ -415,6 +415,9 @@ impl Admission {
                     )
                 });
                 return Err(r);
+            }
+            if !client_checked {
+                g.check_client_caps(shared, client, now_unix)?;
             }
             let (tx, rx) = oneshot::channel();
             let id = g.queue.push(client, deadline, now, tx);

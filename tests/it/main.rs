@@ -5,3 +5,5 @@
 mod support;
 
 mod smoke;
+mod budget;
+mod clients;
