@@ -48,6 +48,8 @@ pub const DEFAULT_COOLDOWN_MULTIPLIER: f64 = 2.0;
 /// A quiet period this long after a cooldown ends forgets the escalation level.
 pub const DEFAULT_COOLDOWN_DECAY: Duration = Duration::from_secs(600);
 pub const DEFAULT_STATE_PATH: &str = "chutes-proxy-state.json";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_KEY_PREFIX: &str = "chutes-proxy:";
 
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
@@ -59,6 +61,31 @@ pub struct Config {
     pub cooldown: CooldownConfig,
     pub state: StateConfig,
     pub clients: ClientsConfig,
+    pub shared_state: SharedStateConfig,
+}
+
+/// Where the account budget lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// This process only (plus `state.path`).
+    Local,
+    /// Shared by every replica through Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    FailClosed,
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct SharedStateConfig {
+    pub backend: Backend,
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub on_redis_error: OnRedisError,
+    pub local_fallback_share: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -424,6 +451,36 @@ impl Config {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default()
         );
+        let ss = &self.shared_state;
+        let _ = writeln!(out, "\n[shared_state]");
+        let _ = writeln!(
+            out,
+            "backend = \"{}\"",
+            if ss.backend == Backend::Redis {
+                "redis"
+            } else {
+                "local"
+            }
+        );
+        if ss.backend == Backend::Redis {
+            // A Redis URL may carry a password: show only where it points.
+            let shown = match ss.redis_url.split_once('@') {
+                Some((_, host)) => format!("redis://<redacted>@{host}"),
+                None => ss.redis_url.clone(),
+            };
+            let _ = writeln!(out, "redis_url = {shown:?}");
+            let _ = writeln!(out, "key_prefix = {:?}", ss.key_prefix);
+            let _ = writeln!(
+                out,
+                "on_redis_error = \"{}\"",
+                if ss.on_redis_error == OnRedisError::Local {
+                    "local"
+                } else {
+                    "fail_closed"
+                }
+            );
+            let _ = writeln!(out, "local_fallback_share = {:?}", ss.local_fallback_share);
+        }
         let cl = &self.clients;
         let _ = writeln!(out, "\n[clients]");
         let _ = writeln!(out, "require_token = {}", cl.require_token);
@@ -645,7 +702,7 @@ impl Validator {
         let cooldown = self.cooldown(&mut root);
         let state = self.state(&mut root);
         let clients = self.clients(&mut root, env, queue.max_wait);
-        self.shared_state(&mut root);
+        let shared_state = self.shared_state(&mut root);
         let mut names: Vec<_> = root.keys().cloned().collect();
         names.sort();
         for k in names {
@@ -659,6 +716,7 @@ impl Validator {
             cooldown,
             state,
             clients,
+            shared_state,
         })
     }
 
@@ -950,20 +1008,69 @@ impl Validator {
         StateConfig { path }
     }
 
-    fn shared_state(&mut self, root: &mut Table) {
-        // Only the embedded backend exists in this build; the section is read so that a
-        // config written for the fleet backend fails loudly instead of silently running with
-        // a per-process budget (which would multiply the account's limit).
+    fn shared_state(&mut self, root: &mut Table) -> SharedStateConfig {
         let mut s = self.section(root, "shared_state");
-        if let Some(b) = self.str_val(&mut s, "backend", "local") {
-            if b != "local" {
+        let backend = match self.str_val(&mut s, "backend", "local").as_deref() {
+            Some("local") | None => Backend::Local,
+            Some("redis") => Backend::Redis,
+            Some(other) => {
                 self.err(
                     "shared_state.backend",
-                    format!("{b:?} is not available in this build (only \"local\")"),
+                    format!("{other:?}: expected \"local\" or \"redis\""),
                 );
+                Backend::Local
             }
+        };
+        let redis_url = self
+            .str_val(&mut s, "redis_url", DEFAULT_REDIS_URL)
+            .unwrap_or_default();
+        if backend == Backend::Redis && redis::Client::open(redis_url.as_str()).is_err() {
+            self.err(
+                "shared_state.redis_url",
+                format!("{redis_url:?} is not a Redis URL like \"redis://127.0.0.1:6379/0\""),
+            );
+        }
+        let key_prefix = self
+            .str_val(&mut s, "key_prefix", DEFAULT_KEY_PREFIX)
+            .unwrap_or_default();
+        if key_prefix.is_empty() {
+            self.err(
+                "shared_state.key_prefix",
+                "must not be empty (it names the account in Redis)",
+            );
+        }
+        let on_redis_error = match self
+            .str_val(&mut s, "on_redis_error", "fail_closed")
+            .as_deref()
+        {
+            Some("fail_closed") | None => OnRedisError::FailClosed,
+            Some("local") => OnRedisError::Local,
+            Some(other) => {
+                self.err(
+                    "shared_state.on_redis_error",
+                    format!("{other:?}: expected \"fail_closed\" or \"local\""),
+                );
+                OnRedisError::FailClosed
+            }
+        };
+        let local_fallback_share = self.float_val(&mut s, "local_fallback_share", 0.5, 0.0, 1.0);
+        if self.bool_val(&mut s, "global_concurrency", false) {
+            // Refused rather than ignored: a user who asked for a fleet-wide cap must not
+            // silently get N times it.
+            self.err(
+                "shared_state.global_concurrency",
+                "fleet-wide concurrency leases are not available in this build; \
+                 limits.max_concurrent applies per replica",
+            );
         }
         self.finish(s);
+        SharedStateConfig {
+            backend,
+            redis_url,
+            key_prefix,
+            on_redis_error,
+            local_fallback_share,
+        }
     }
 
     fn clients(&mut self, root: &mut Table, env: &dyn Env, max_wait: Duration) -> ClientsConfig {

@@ -79,13 +79,37 @@ pub async fn run(
     let restored = restore(&config, &settings, wall);
     let (persist_tx, persist_rx) = watch::channel(0u64);
     let persist = config.state.path.is_some().then_some(persist_tx);
-    let admission = Arc::new(Admission::new(settings, wall, restored, persist));
+    let fleet = match config.shared_state.backend {
+        config::Backend::Local => None,
+        config::Backend::Redis => {
+            let ss = &config.shared_state;
+            let f = admission::fleet::Fleet::new(admission::fleet::FleetSettings {
+                redis_url: ss.redis_url.clone(),
+                key_prefix: ss.key_prefix.clone(),
+                on_error: match ss.on_redis_error {
+                    config::OnRedisError::FailClosed => admission::fleet::OnError::FailClosed,
+                    config::OnRedisError::Local => admission::fleet::OnError::Local,
+                },
+                local_fallback_share: ss.local_fallback_share,
+                // The probe's holder may die; after this another replica may probe.
+                probe_ttl: config.upstream.first_byte_timeout + std::time::Duration::from_secs(5),
+            })?;
+            Some(Arc::new(f))
+        }
+    };
+    let admission = Arc::new(Admission::with_fleet(
+        settings, wall, restored, persist, fleet,
+    ));
+    let (writer_stop, writer_stopped) = tokio::sync::oneshot::channel::<()>();
     let writer = config.state.path.clone().map(|path| {
-        tokio::spawn(state::run_writer(
+        tokio::spawn(state::run_writer_until(
             Arc::clone(&admission),
             path,
             config.limits.day_reset_offset,
             persist_rx,
+            async move {
+                let _ = writer_stopped.await;
+            },
         ))
     });
     let upstream = upstream::Upstream::new(&config.upstream)?;
@@ -156,7 +180,9 @@ pub async fn run(
         let _ = t.await;
     }
     if let Some(w) = writer {
-        w.abort();
+        // Not an abort: a write in progress must land before the final one, not after it.
+        let _ = writer_stop.send(());
+        let _ = w.await;
     }
     if let Some(path) = &config.state.path {
         state::write_final(&admission, path, config.limits.day_reset_offset).await;

@@ -100,7 +100,7 @@ impl Proxy {
             req.method().clone(),
             req.uri().path(),
         );
-        let p = Pipeline {
+        let mut p = Pipeline {
             proxy: &self,
             request_id,
             client,
@@ -127,9 +127,14 @@ impl Proxy {
             Ok(w) => w,
             Err(r) => return p.own(r),
         };
+        let waiting = Instant::now();
         let permit = match self.admission.acquire(client, max_wait).await {
             Ok(permit) => permit,
-            Err(r) => return p.own(r),
+            Err(r) => {
+                // A request shed after queueing waited too; its log line says how long.
+                p.log.queue_wait = Some(waiting.elapsed());
+                return p.own(r);
+            }
         };
         p.forward(req, permit, ident.strip_auth).await
     }
@@ -235,6 +240,8 @@ impl Pipeline<'_> {
             .upstream_latency
             .observe(latency.as_secs_f64());
         let status = resp.status();
+        // Logged apart from the client's status, which differs when a 402 or 429 is rewritten.
+        self.log.upstream_status = Some(status.as_u16());
         proxy.metrics.upstream_status(status.as_u16());
         match status.as_u16() {
             429 => self.upstream_429(resp, permit).await,
@@ -313,20 +320,29 @@ impl Pipeline<'_> {
         let now = unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
-        let body = read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET).await;
-        let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
+        // The whole account stops on the 429's head: reading its body first could take up
+        // to ERROR_BODY_TIMEOUT, and every request granted meanwhile would hit the upstream
+        // again and lengthen the ban. The body is attached to the record once read.
+        let reported_at = Instant::now();
         let decision = permit.report(Outcome::RateLimited {
             hint: hint.clone(),
             status: 429,
             headers: rl_headers.clone(),
-            body: snippet.clone(),
+            body: String::new(),
         });
+        let body = read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET).await;
+        let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
+        if let Some(d) = &decision {
+            permit.attach_429_body(d, snippet.clone());
+        }
+        permit.announced().await;
         drop(permit);
         let mut r = self.proxy.admission.rejection(Reason::UpstreamRateLimited);
         r.upstream_status = Some(429);
         r.upstream_body = Some(snippet);
         if let Some(d) = &decision {
-            r.retry_after = Some(d.duration);
+            // What is left of the cooldown now, after the body was read.
+            r.retry_after = Some(d.duration.saturating_sub(reported_at.elapsed()));
             r.cooldown_until_unix = Some(d.until_unix);
             self.proxy
                 .metrics
@@ -357,6 +373,7 @@ impl Pipeline<'_> {
                 permit.report(Outcome::QuotaExceeded {
                     reset_unix: q.reset_unix,
                 });
+                permit.announced().await;
                 drop(permit);
                 let mut r = self.proxy.admission.rejection(Reason::DailyQuotaExhausted);
                 r.upstream_status = Some(402);

@@ -383,7 +383,7 @@ mod tests {
             requests_per_day: Some(5000),
             used_today: 812,
             remaining_today: Some(4188),
-            day_resets_at_unix: 1_795_996_800, // 2026-11-24T00:00:00Z
+            day_resets_at_unix: 1_795_478_400, // 2026-11-24T00:00:00Z
         }
     }
 

@@ -33,8 +33,9 @@ const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 const MIN_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// What survives a restart.
+/// Unknown fields are ignored (serde cannot deny them through `flatten`); `version` is what
+/// guards the format.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Persisted {
     /// Quota-day index (`units::day_index`); `None` for a fresh start.
     pub day: Option<i64>,
@@ -165,16 +166,42 @@ pub async fn run_writer(
     admission: Arc<Admission>,
     path: PathBuf,
     reset_offset: u32,
-    mut trigger: watch::Receiver<u64>,
+    trigger: watch::Receiver<u64>,
 ) {
+    run_writer_until(
+        admission,
+        path,
+        reset_offset,
+        trigger,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// [`run_writer`] that also returns once `stop` completes, but never in the middle of a
+/// write. Shutdown uses this rather than aborting the task: an abort leaves a write already
+/// handed to a blocking thread running, and that older snapshot could be renamed over the
+/// final one (a restart would then forget a cooldown that began just before it).
+pub async fn run_writer_until(
+    admission: Arc<Admission>,
+    path: PathBuf,
+    reset_offset: u32,
+    mut trigger: watch::Receiver<u64>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
     let mut last_write = tokio::time::Instant::now() - MIN_WRITE_INTERVAL;
     loop {
-        if trigger.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = trigger.changed() => if changed.is_err() { return },
+            () = &mut stop => return,
         }
         // Coalesce bursts of requests into one write, but never delay a reservation that
         // someone is waiting on by more than the interval.
-        tokio::time::sleep_until(last_write + MIN_WRITE_INTERVAL).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(last_write + MIN_WRITE_INTERVAL) => {}
+            () = &mut stop => return,
+        }
         trigger.borrow_and_update();
         let snapshot = admission.persisted(false);
         let bytes = render(&snapshot, reset_offset);
@@ -187,7 +214,10 @@ pub async fn run_writer(
                 tracing::error!(path = %path.display(), error = %e,
                     "cannot write the state file; requests beyond the last reservation wait until it can be written");
                 admission.persist_failed();
-                tokio::time::sleep(RETRY_AFTER_FAILURE).await;
+                tokio::select! {
+                    () = tokio::time::sleep(RETRY_AFTER_FAILURE) => {}
+                    () = &mut stop => return,
+                }
                 admission.persist_retry();
             }
             Err(e) => {
@@ -239,7 +269,6 @@ mod tests {
             b"{\"version\":1}",
             b"{\"version\":9,\"day\":1,\"used\":1}",
             b"{\"version\":1,\"day\":1,\"used\":-1}",
-            b"{\"version\":1,\"day\":1,\"used\":1,\"extra\":1}",
             b"\xff\xfe",
         ] {
             assert!(parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));

@@ -18,6 +18,7 @@
 //! client goes away, and a permit dropped before its request was sent gives the daily count
 //! back.
 
+pub mod fleet;
 mod queue;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,6 +31,7 @@ use governor::{Quota, RateLimiter};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
+use fleet::{Fleet, OnError, Take};
 pub use queue::ClientId;
 use queue::FairQueue;
 
@@ -60,6 +62,8 @@ pub struct Settings {
     /// Whether granted requests must be covered by a reservation on disk first.
     pub durable: bool,
     pub clients: Vec<ClientSettings>,
+    /// Share of the limits used while Redis is unreachable with `on_redis_error = "local"`.
+    pub fallback_share: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +108,7 @@ impl Settings {
             cooldown_decay: c.cooldown.decay_after,
             durable: c.state.path.is_some(),
             clients,
+            fallback_share: c.shared_state.local_fallback_share,
         }
     }
 
@@ -148,6 +153,8 @@ pub struct CooldownDecision {
     pub hint_note: Option<String>,
     /// False when this 429 belonged to a burst already being cooled down.
     pub escalated: bool,
+    /// When the 429 was recorded (`Last429::at_unix`), to attach its body later.
+    pub reported_at_unix: f64,
 }
 
 /// The last upstream 429, for `/status`.
@@ -222,6 +229,8 @@ struct Inner {
     day: Day,
     cooldown: Cooldown,
     clients: Vec<ClientState>,
+    /// Fleet mode: Redis said the next token is not before this; no need to ask earlier.
+    remote_not_before: Option<Instant>,
 }
 
 struct Shared {
@@ -234,6 +243,10 @@ struct Shared {
     wake: Notify,
     /// Bumped to ask the state writer for a write; `None` when memory only.
     persist: Option<watch::Sender<u64>>,
+    /// The shared Redis budget, when `shared_state.backend = "redis"`.
+    fleet: Option<Arc<Fleet>>,
+    /// The local budget used while Redis is unreachable (`on_redis_error = "local"`).
+    fallback: Bucket,
 }
 
 /// The handle the proxy holds. Dropping it stops the dispatcher.
@@ -266,6 +279,18 @@ impl Admission {
         restored: Persisted,
         persist: Option<watch::Sender<u64>>,
     ) -> Admission {
+        Admission::with_fleet(settings, wall, restored, persist, None)
+    }
+
+    /// As [`Admission::new`], sharing the account budget with other replicas through `fleet`.
+    /// Daily counts then live in Redis; the state file only keeps this replica's figures.
+    pub fn with_fleet(
+        settings: Settings,
+        wall: WallClock,
+        restored: Persisted,
+        persist: Option<watch::Sender<u64>>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Admission {
         let clock = TokioClock::new(Instant::now());
         let bucket = make_bucket(settings.requests_per_minute, settings.burst, clock);
         let now_unix = wall.now_unix();
@@ -275,7 +300,8 @@ impl Admission {
         } else {
             (0, None)
         };
-        let durable = if settings.durable && settings.requests_per_day.is_some() {
+        let durable = if settings.durable && settings.requests_per_day.is_some() && fleet.is_none()
+        {
             used
         } else {
             u64::MAX
@@ -323,7 +349,14 @@ impl Admission {
                 last_429: None,
             },
             clients,
+            remote_not_before: None,
         };
+        let share = settings.fallback_share.clamp(0.0, 1.0);
+        let fallback = make_bucket(
+            ((f64::from(settings.requests_per_minute) * share).floor() as u32).max(1),
+            ((f64::from(settings.burst) * share).floor() as u32).max(1),
+            clock,
+        );
         let shared = Arc::new(Shared {
             settings,
             clock,
@@ -332,7 +365,12 @@ impl Admission {
             inner: Mutex::new(inner),
             wake: Notify::new(),
             persist,
+            fleet,
+            fallback,
         });
+        if let Some(f) = &shared.fleet {
+            tokio::spawn(listen_fleet(Arc::clone(f), Arc::downgrade(&shared)));
+        }
         let dispatcher = tokio::spawn(dispatch(Arc::clone(&shared)));
         Admission { shared, dispatcher }
     }
@@ -360,16 +398,39 @@ impl Admission {
     pub async fn acquire(&self, client: ClientId, max_wait: Duration) -> Result<Permit, Rejection> {
         let shared = &self.shared;
         let now = Instant::now();
-        let deadline = now + max_wait;
+        let mut max_wait = max_wait;
+        let mut deadline = now + max_wait;
         let (id, rx) = {
             let mut g = shared.lock();
             let now_unix = shared.wall.now_unix();
             g.roll_day(shared, now_unix);
             let blocked = g.blocked(shared, now, now_unix);
+            if shared.fleet.is_some()
+                && max_wait.is_zero()
+                && g.queue.is_empty()
+                && blocked.is_none()
+            {
+                // "Never queue" still deserves its one question to Redis: there is no inline
+                // grant in fleet mode, so allow exactly the time of that round trip.
+                max_wait = fleet::CALL_TIMEOUT;
+                deadline = now + max_wait;
+            }
             // The client's own caps are checked only once the account could take the request
             // at all, so a request shed for an account reason costs its client nothing.
             let mut client_checked = false;
-            if g.queue.is_empty() && blocked.is_none() {
+            if let Some(f) = &shared.fleet {
+                if !f.is_healthy() && f.settings.on_error == OnError::FailClosed {
+                    // Shed now; the dispatcher keeps checking whether Redis is back.
+                    drop(g);
+                    shared.wake.notify_one();
+                    let mut r = Rejection::new(Reason::SharedStateUnavailable);
+                    r.retry_after = Some(fleet::CALL_TIMEOUT * 2);
+                    r.detail = f.last_error();
+                    return Err(r);
+                }
+            }
+            // In fleet mode every grant goes through the dispatcher's one Redis call.
+            if g.queue.is_empty() && blocked.is_none() && shared.fleet.is_none() {
                 g.check_client_caps(shared, client, now_unix)?;
                 client_checked = true;
                 if shared.bucket.check().is_ok() {
@@ -689,11 +750,17 @@ impl Inner {
             if self.cooldown.proactive {
                 self.cooldown.proactive = false;
                 tracing::info!("upstream rate-limit window reset: gate reopened");
-            } else {
+            } else if shared.fleet.is_none() {
                 self.cooldown.probe = Probe::Ready;
                 tracing::info!(
                     level = self.cooldown.level,
                     "cooldown over: sending one probe request before reopening"
+                );
+            } else {
+                // In a fleet, Redis picks the one probe among all replicas.
+                tracing::info!(
+                    level = self.cooldown.level,
+                    "cooldown over: the fleet probes once"
                 );
             }
             shared.request_persist();
@@ -833,6 +900,7 @@ impl Inner {
             probe,
             sent: false,
             reported: false,
+            announcement: None,
             queue_wait: waited,
         }
     }
@@ -896,7 +964,7 @@ impl Inner {
         &mut self,
         shared: &Arc<Shared>,
         out: &mut Vec<(Reply, Result<Permit, Rejection>)>,
-    ) -> Option<Instant> {
+    ) -> Next {
         let now = Instant::now();
         let now_unix = shared.wall.now_unix();
         self.roll_day(shared, now_unix);
@@ -911,7 +979,7 @@ impl Inner {
                 }
             }
             if self.queue.is_empty() {
-                return None;
+                return Next::Idle;
             }
             match self.blocked(shared, now, now_unix) {
                 Some(Blocked::Daily { open_at_unix }) => {
@@ -921,7 +989,11 @@ impl Inner {
                             self.reject(shared, Reason::DailyQuotaExhausted, open - now, now_unix);
                         out.push((w.payload, Err(r)));
                     }
-                    return (!self.queue.is_empty()).then_some(open);
+                    return if self.queue.is_empty() {
+                        Next::Idle
+                    } else {
+                        Next::At(open)
+                    };
                 }
                 Some(Blocked::Cooldown { until }) => {
                     for w in self.queue.drain_where(|w| w.deadline < until) {
@@ -929,20 +1001,78 @@ impl Inner {
                             self.reject(shared, Reason::UpstreamCooldown, until - now, now_unix);
                         out.push((w.payload, Err(r)));
                     }
-                    return Some(until);
+                    return Next::At(until);
                 }
-                Some(Blocked::Probe | Blocked::Concurrency | Blocked::Durability) => return None,
+                Some(Blocked::Probe | Blocked::Concurrency | Blocked::Durability) => {
+                    return Next::Idle
+                }
                 None => {}
             }
+            if shared.fleet.is_some() {
+                // The token comes from Redis, asked outside the lock by the dispatcher.
+                return match self.remote_not_before {
+                    Some(t) if t > now => Next::At(t),
+                    _ => Next::Take,
+                };
+            }
             if let Err(nu) = shared.bucket.check() {
-                return Some(now + nu.wait_time_from(shared.clock.now()));
+                return Next::At(now + nu.wait_time_from(shared.clock.now()));
             }
             self.took_token(shared);
-            let w = self.queue.pop()?;
-            let permit = self.grant(shared, w.client, now - w.enqueued);
-            out.push((w.payload, Ok(permit)));
+            if !self.grant_head(shared, out, now) {
+                return Next::Idle;
+            }
         }
     }
+
+    /// Grant to the next waiter still there; false if nobody is left.
+    fn grant_head(
+        &mut self,
+        shared: &Arc<Shared>,
+        out: &mut Vec<(Reply, Result<Permit, Rejection>)>,
+        now: Instant,
+    ) -> bool {
+        while let Some(w) = self.queue.pop() {
+            if w.payload.is_closed() {
+                continue;
+            }
+            let permit = self.grant(shared, w.client, now.saturating_duration_since(w.enqueued));
+            out.push((w.payload, Ok(permit)));
+            return true;
+        }
+        false
+    }
+
+    /// A cooldown announced by the fleet (or found in Redis): close this replica's gate too.
+    fn apply_fleet_cooldown(&mut self, shared: &Shared, until_unix: f64, level: u32) {
+        let now = Instant::now();
+        let until = shared.wall.instant_at(until_unix);
+        if until > now && self.cooldown.until.is_none_or(|u| u < until) {
+            self.cooldown.until = Some(until);
+            self.cooldown.proactive = false;
+            self.cooldown.epoch += 1;
+            if self.cooldown.probe == Probe::Ready {
+                self.cooldown.probe = Probe::Open;
+            }
+            tracing::info!(
+                seconds = (until - now).as_secs_f64(),
+                level,
+                "fleet cooldown: another replica was rate limited; gate closed"
+            );
+        }
+        self.cooldown.level = self.cooldown.level.max(level);
+        self.remote_not_before = None;
+    }
+}
+
+/// What the dispatcher does next.
+enum Next {
+    /// Nothing to do until woken.
+    Idle,
+    /// Look again at this instant (or when woken).
+    At(Instant),
+    /// Fleet mode: ask Redis for a token for the head of the queue.
+    Take,
 }
 
 /// The dispatcher: the only task that sleeps on the bucket's or a gate's timer.
@@ -950,20 +1080,188 @@ async fn dispatch(shared: Arc<Shared>) {
     let mut out = Vec::new();
     loop {
         let next = shared.lock().step(&shared, &mut out);
-        for (tx, r) in out.drain(..) {
-            // A waiter that left in the meantime drops the permit here, which returns it.
-            let _ = tx.send(r);
-        }
+        deliver(&mut out);
         match next {
-            Some(at) => {
+            Next::At(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = shared.wake.notified() => {}
                 }
             }
-            None => shared.wake.notified().await,
+            Next::Idle => match &shared.fleet {
+                // Keep finding out whether Redis is back, so that shedding or the local
+                // fallback ends as soon as it is, not at the next request.
+                Some(f) if !f.is_healthy() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(FLEET_HEALTH_RETRY) => {
+                            let day = shared.lock().day.index;
+                            let _ = f.status(day).await;
+                        }
+                        _ = shared.wake.notified() => {}
+                    }
+                }
+                _ => shared.wake.notified().await,
+            },
+            Next::Take => {
+                take_remote(&shared, &mut out).await;
+                deliver(&mut out);
+            }
         }
     }
+}
+
+/// While Redis is down and nobody is waiting, check on it this often.
+const FLEET_HEALTH_RETRY: Duration = Duration::from_secs(1);
+
+fn deliver(out: &mut Vec<(Reply, Result<Permit, Rejection>)>) {
+    for (tx, r) in out.drain(..) {
+        // A waiter that left in the meantime drops the permit here, which returns it.
+        let _ = tx.send(r);
+    }
+}
+
+/// One Redis admission attempt for the head of the queue (fleet mode).
+async fn take_remote(shared: &Arc<Shared>, out: &mut Vec<(Reply, Result<Permit, Rejection>)>) {
+    let Some(f) = shared.fleet.clone() else {
+        return;
+    };
+    let s = &shared.settings;
+    let result = f
+        .take(s.spacing(), s.burst, s.requests_per_day, s.day_reset_offset)
+        .await;
+    let now = Instant::now();
+    let now_unix = shared.wall.now_unix();
+    let mut g = shared.lock();
+    match result {
+        Ok(Take::Granted { probe, .. }) => {
+            if probe {
+                g.cooldown.probe = Probe::Ready;
+            }
+            if !g.grant_head(shared, out, now) {
+                // Everyone left while Redis answered: give the token and the count back.
+                if probe {
+                    g.cooldown.probe = Probe::Open;
+                    let _ = spawn_fleet(shared, "probe release", |f| async move {
+                        f.probe_done(false).await
+                    });
+                }
+                let spacing = s.spacing();
+                let offset = s.day_reset_offset;
+                spawn_fleet(shared, "refund", move |f| async move {
+                    f.refund(spacing, offset).await
+                });
+            }
+        }
+        Ok(Take::Wait(d)) => g.remote_not_before = Some(now + d),
+        Ok(Take::ProbeBusy) => g.remote_not_before = Some(now + fleet::PROBE_POLL),
+        Ok(Take::Cooldown { until_unix, level }) => {
+            g.apply_fleet_cooldown(shared, until_unix, level)
+        }
+        Ok(Take::DailyClosed { until_unix }) => {
+            g.day.gate_until_unix = Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+        }
+        Err(e) => match f.settings.on_error {
+            OnError::FailClosed => {
+                for w in g.queue.drain_where(|_| true) {
+                    let mut r = Rejection::new(Reason::SharedStateUnavailable);
+                    r.retry_after = Some(FLEET_HEALTH_RETRY);
+                    r.detail = Some(e.clone());
+                    out.push((w.payload, Err(r)));
+                }
+                let _ = now_unix;
+            }
+            OnError::Local => match shared.fallback.check() {
+                Ok(()) => {
+                    g.grant_head(shared, out, now);
+                }
+                Err(nu) => {
+                    g.remote_not_before = Some(now + nu.wait_time_from(shared.clock.now()));
+                }
+            },
+        },
+    }
+}
+
+/// Run a fleet call in the background (from synchronous code such as `Permit::report` and
+/// `Drop`), logging a failure: the local gate has already changed, Redis catches up.
+fn spawn_fleet<F, Fut, T>(
+    shared: &Shared,
+    what: &'static str,
+    f: F,
+) -> Option<tokio::task::JoinHandle<()>>
+where
+    F: FnOnce(Arc<Fleet>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    T: Send + 'static,
+{
+    let fleet = shared.fleet.as_ref()?;
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let fut = f(Arc::clone(fleet));
+    Some(handle.spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::warn!(what, error = %e, "could not tell the fleet");
+        }
+    }))
+}
+
+/// Apply other replicas' announcements to this replica's gates.
+async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shared>) {
+    let alive = {
+        let shared = shared.clone();
+        move || shared.strong_count() > 0
+    };
+    let apply = {
+        let shared = shared.clone();
+        move |ev: fleet::Event| {
+            let Some(sh) = shared.upgrade() else {
+                return;
+            };
+            {
+                let mut g = sh.lock();
+                match ev {
+                    fleet::Event::Cooldown { until_unix, level } => {
+                        g.apply_fleet_cooldown(&sh, until_unix, level)
+                    }
+                    fleet::Event::Gate { until_unix } => {
+                        g.day.gate_until_unix =
+                            Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+                    }
+                    fleet::Event::Open | fleet::Event::ProbeReleased => {
+                        g.remote_not_before = None;
+                    }
+                }
+            }
+            sh.wake.notify_one();
+        }
+    };
+    let resync = {
+        let shared = shared.clone();
+        let fleet = Arc::clone(&fleet);
+        move || {
+            let shared = shared.clone();
+            let fleet = Arc::clone(&fleet);
+            async move {
+                let Some(day) = shared.upgrade().map(|sh| sh.lock().day.index) else {
+                    return;
+                };
+                let st = fleet.status(day).await;
+                if let Some(sh) = shared.upgrade() {
+                    {
+                        let mut g = sh.lock();
+                        if let Some(u) = st.cooldown_until_unix {
+                            g.apply_fleet_cooldown(&sh, u, st.level);
+                        }
+                        if let Some(u) = st.gate_until_unix {
+                            g.day.gate_until_unix =
+                                Some(g.day.gate_until_unix.unwrap_or(0.0).max(u));
+                        }
+                    }
+                    sh.wake.notify_one();
+                }
+            }
+        }
+    };
+    fleet.listen(alive, apply, resync).await;
 }
 
 /// The right to have one request in flight upstream. Owned by the response body; dropping it
@@ -976,6 +1274,8 @@ pub struct Permit {
     probe: bool,
     sent: bool,
     reported: bool,
+    /// The fleet announcement `report` started, for [`Permit::announced`].
+    announcement: Option<tokio::task::JoinHandle<()>>,
     /// How long the request waited in the queue.
     pub queue_wait: Duration,
 }
@@ -1013,6 +1313,15 @@ impl Permit {
         let now_unix = shared.wall.now_unix();
         let s = &shared.settings;
         let mut g = shared.lock();
+        // What the other replicas must hear about, decided before `outcome` is consumed.
+        let news = match &outcome {
+            Outcome::Success { .. } if self.probe => FleetNews::ProbeDone(true),
+            Outcome::Failed if self.probe => FleetNews::ProbeDone(false),
+            Outcome::RateLimited { .. } => FleetNews::Cooldown,
+            Outcome::QuotaExceeded { .. } => FleetNews::Gate,
+            _ => FleetNews::Nothing,
+        };
+        let tell_fleet = shared.fleet.is_some().then_some(news);
         let decision = match outcome {
             Outcome::Success { exhausted } => {
                 if self.probe && g.cooldown.probe == Probe::Outstanding {
@@ -1023,9 +1332,15 @@ impl Permit {
                     let d = d.min(s.cooldown_max);
                     let until = now + d;
                     if !d.is_zero() && g.cooldown.until.is_none_or(|u| u < until) {
+                        // A 429 cooldown that is still on stays one when a window reset
+                        // lengthens it: it must still end with a single probe and survive
+                        // a restart. Only a gate closed on headers alone is proactive.
+                        let rate_limited = g.cooldown.until.is_some() && !g.cooldown.proactive;
                         g.cooldown.until = Some(until);
-                        g.cooldown.proactive =
-                            g.cooldown.proactive || g.cooldown.until == Some(until);
+                        g.cooldown.proactive = !rate_limited;
+                        if rate_limited {
+                            shared.request_persist();
+                        }
                         tracing::info!(
                             seconds = d.as_secs_f64(),
                             "upstream reports no requests left: gate closed until its reset"
@@ -1099,6 +1414,7 @@ impl Permit {
                     level: g.cooldown.level,
                     hint_note,
                     escalated: escalate,
+                    reported_at_unix: now_unix,
                 })
             }
             Outcome::QuotaExceeded { reset_unix } => {
@@ -1126,9 +1442,53 @@ impl Permit {
                 None
             }
         };
+        let gate = g.day.gate_until_unix;
+        let level = g.cooldown.level;
         drop(g);
+        self.announcement = match (tell_fleet, &decision) {
+            (Some(FleetNews::ProbeDone(ok)), _) => {
+                spawn_fleet(shared, "probe result", move |f| async move {
+                    f.probe_done(ok).await
+                })
+            }
+            (Some(FleetNews::Cooldown), Some(d)) => {
+                let (dur, decay) = (d.duration, s.cooldown_decay);
+                spawn_fleet(shared, "cooldown", move |f| async move {
+                    f.start_cooldown(dur, level, decay).await
+                })
+            }
+            (Some(FleetNews::Gate), Some(_)) | (Some(FleetNews::Gate), None) => {
+                gate.and_then(|until| {
+                    spawn_fleet(shared, "quota gate", move |f| async move {
+                        f.close_daily_gate(until).await
+                    })
+                })
+            }
+            _ => None,
+        };
         shared.wake.notify_one();
         decision
+    }
+
+    /// Wait until the other replicas have been told what `report` found (fleet mode), so a
+    /// client that got the rewritten 429 cannot reach another replica before the cooldown
+    /// does. Bounded by the Redis call timeout; a no-op without a fleet.
+    pub async fn announced(&mut self) {
+        if let Some(h) = self.announcement.take() {
+            let _ = h.await;
+        }
+    }
+
+    /// Attach the body of the 429 this permit reported (read after the cooldown started, so
+    /// a slow error body never delays closing the gate) to `/status`'s last-429 record,
+    /// unless a later 429 has replaced that record meanwhile.
+    pub fn attach_429_body(&self, decision: &CooldownDecision, body: String) {
+        let mut g = self.shared.lock();
+        if let Some(last) = g.cooldown.last_429.as_mut() {
+            if last.at_unix == decision.reported_at_unix {
+                last.body = body;
+            }
+        }
     }
 }
 
@@ -1146,9 +1506,32 @@ impl Drop for Permit {
             }
             if self.probe && !self.reported && g.cooldown.probe == Probe::Outstanding {
                 g.cooldown.probe = Probe::Ready;
+                let _ = spawn_fleet(shared, "probe release", |f| async move {
+                    f.probe_done(false).await
+                });
             }
         }
         shared.wake.notify_one();
+    }
+}
+
+/// What a permit's outcome means for the other replicas.
+enum FleetNews {
+    Nothing,
+    ProbeDone(bool),
+    Cooldown,
+    Gate,
+}
+
+impl Admission {
+    /// The fleet backend, if configured (for `/status`).
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.shared.fleet.as_ref()
+    }
+
+    /// The current quota-day index.
+    pub fn day_index(&self) -> i64 {
+        self.shared.lock().day.index
     }
 }
 

@@ -24,6 +24,7 @@ fn settings(rpm: u32, burst: u32) -> Settings {
         cooldown_multiplier: 2.0,
         cooldown_decay: Duration::from_secs(600),
         durable: false,
+        fallback_share: 0.5,
         clients: vec![ClientSettings {
             name: Arc::from("default"),
             weight: 1,
@@ -36,7 +37,7 @@ fn settings(rpm: u32, burst: u32) -> Settings {
 }
 
 /// 2026-11-23T12:00:00Z
-const NOON: f64 = 1_795_953_600.0;
+const NOON: f64 = 1_795_435_200.0;
 
 fn admission(s: Settings) -> Arc<Admission> {
     Arc::new(Admission::new(
@@ -312,7 +313,7 @@ async fn daily_cap_sheds_until_the_reset_instant() {
     let mut s = settings(60_000, 100);
     s.requests_per_day = Some(3);
     // 23:59:58 UTC: the quota day ends in 2 seconds.
-    let a = admission_at(s, 1_795_996_798.0);
+    let a = admission_at(s, 1_795_478_398.0);
     for _ in 0..3 {
         drop(sent(a.acquire(0, Duration::from_secs(1)).await.unwrap()));
     }
@@ -327,7 +328,7 @@ async fn daily_cap_sheds_until_the_reset_instant() {
     drop(sent(p));
     let snap = a.snapshot();
     assert_eq!(snap.used_today, 1);
-    assert_eq!(snap.day_resets_at_unix, 1_795_996_800 + 86_400);
+    assert_eq!(snap.day_resets_at_unix, 1_795_478_400 + 86_400);
 }
 
 #[tokio::test(start_paused = true)]

@@ -7,3 +7,4 @@ mod support;
 mod smoke;
 mod budget;
 mod clients;
+mod fleet;

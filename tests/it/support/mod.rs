@@ -7,8 +7,11 @@
 
 pub mod mock;
 pub mod proxy;
+pub mod redis;
 
 // Re-exports a given test binary does not use would otherwise warn.
+#[allow(unused_imports)]
+pub use self::redis::{redis_available, RedisServer};
 #[allow(unused_imports)]
 pub use mock::{
     closed_port_url, raw_upstream, read_request_head, sse_data, within, Gate, MockUpstream,

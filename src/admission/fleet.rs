@@ -1,0 +1,551 @@
+//! The fleet backend: several chutes-proxy replicas spending one account through one Redis.
+//!
+//! What lives in Redis (all keys under `shared_state.key_prefix`):
+//! - `tat`: the GCRA theoretical arrival time (µs, Redis clock) of the account bucket;
+//! - `day:<index>`: requests granted in that quota day;
+//! - `cooldown`: until when (µs) the account is paused after an upstream 429, with `level`;
+//! - `gate`: until when (µs) an upstream 402 quota message closed the daily gate;
+//! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder.
+//!
+//! The bucket, the daily count, both gates and the probe are taken in one Lua script using
+//! Redis `TIME`, so replicas' clocks do not matter and a refused request consumes nothing.
+//! Timestamps stay integers formatted with `%d` (Lua's `tostring` would print 1.79e+15).
+//! Changes to the gates are also published on `<prefix>events`, so every replica closes its
+//! own gate (and sheds its own waiters) at once instead of finding out on its next attempt;
+//! the script is what guarantees correctness, pub/sub only makes it prompt.
+//!
+//! Each replica keeps its own queue, deadlines and fairness (`admission/mod.rs`); it asks
+//! Redis once per admission attempt and, when told to wait, sleeps for exactly the wait Redis
+//! computed. Every call has a timeout; `ConnectionManager` reconnects by itself.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+/// Every Redis call is bounded by this; a slow Redis is treated like an absent one.
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a replica waits before asking again while another replica's probe is out.
+pub const PROBE_POLL: Duration = Duration::from_millis(250);
+/// After losing the pub/sub connection, wait this long before reconnecting.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
+
+/// What a replica does when Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Shed with `shared_state_unavailable` (503) until Redis is back.
+    FailClosed,
+    /// Fall back to a local budget of `local_fallback_share` × the limits.
+    Local,
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    pub redis_url: String,
+    pub key_prefix: String,
+    pub on_error: OnError,
+    pub local_fallback_share: f64,
+    /// How long the fleet-wide probe may stay out before another replica may probe
+    /// (the holder may have died): the upstream's first-byte timeout plus a margin.
+    pub probe_ttl: Duration,
+}
+
+/// The answer to one admission attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Take {
+    Granted {
+        probe: bool,
+        used_today: u64,
+    },
+    /// The bucket is empty: the next token is this far away.
+    Wait(Duration),
+    Cooldown {
+        until_unix: f64,
+        level: u32,
+    },
+    DailyClosed {
+        until_unix: f64,
+    },
+    /// Another replica's probe is out.
+    ProbeBusy,
+}
+
+/// Fleet-wide figures for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct FleetStatus {
+    pub reachable: bool,
+    pub used_today: Option<u64>,
+    pub cooldown_until_unix: Option<f64>,
+    pub level: u32,
+    pub gate_until_unix: Option<f64>,
+    pub probe_needed: bool,
+    pub last_error: Option<String>,
+}
+
+const TAKE: &str = r#"
+local p = ARGV[1]
+local T = tonumber(ARGV[2])
+local tau = tonumber(ARGV[3])
+local cap = tonumber(ARGV[4])
+local offset = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local secs = tonumber(t[1])
+local now = secs * 1000000 + tonumber(t[2])
+local cd = tonumber(redis.call('GET', p .. 'cooldown') or '0')
+if cd > now then
+  return {2, string.format('%d', cd), redis.call('GET', p .. 'level') or '0'}
+end
+local gate = tonumber(redis.call('GET', p .. 'gate') or '0')
+if gate > now then
+  return {3, string.format('%d', gate), '0'}
+end
+local day = math.floor((secs - offset) / 86400)
+local dkey = p .. 'day:' .. string.format('%d', day)
+local used = tonumber(redis.call('GET', dkey) or '0')
+if cap > 0 and used >= cap then
+  return {4, string.format('%d', ((day + 1) * 86400 + offset) * 1000000), '0'}
+end
+local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
+if tat < now then tat = now end
+if now < tat - tau then
+  return {1, string.format('%d', tat - tau - now), '0'}
+end
+local probe = 0
+if redis.call('EXISTS', p .. 'probe_needed') == 1 then
+  if redis.call('SET', p .. 'probe', '1', 'NX', 'PX', ARGV[6]) then
+    probe = 1
+  else
+    return {5, '0', '0'}
+  end
+end
+local next = tat + T
+redis.call('SET', p .. 'tat', string.format('%d', next), 'PX', math.floor((next - now) / 1000) + 1000)
+used = redis.call('INCR', dkey)
+redis.call('EXPIRE', dkey, 2 * 86400 + 3600)
+return {0, string.format('%d', used), string.format('%d', probe)}
+"#;
+
+/// Give back a token and a daily count taken for a waiter that left in the meantime.
+const REFUND: &str = r#"
+local p = ARGV[1]
+local T = tonumber(ARGV[2])
+local offset = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local day = math.floor((tonumber(t[1]) - offset) / 86400)
+local dkey = p .. 'day:' .. string.format('%d', day)
+if tonumber(redis.call('GET', dkey) or '0') > 0 then redis.call('DECR', dkey) end
+local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
+if tat > 0 then redis.call('SET', p .. 'tat', string.format('%d', tat - T), 'KEEPTTL') end
+return 1
+"#;
+
+const COOLDOWN: &str = r#"
+local p = ARGV[1]
+local dur_ms = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local untl = now + dur_ms * 1000
+local cur = tonumber(redis.call('GET', p .. 'cooldown') or '0')
+if untl > cur then
+  redis.call('SET', p .. 'cooldown', string.format('%d', untl), 'PX', dur_ms)
+else
+  untl = cur
+end
+local level = tonumber(ARGV[3])
+local old = tonumber(redis.call('GET', p .. 'level') or '0')
+if old > level then level = old end
+redis.call('SET', p .. 'level', string.format('%d', level), 'PX', dur_ms + tonumber(ARGV[4]))
+redis.call('SET', p .. 'probe_needed', '1')
+redis.call('DEL', p .. 'probe')
+redis.call('PUBLISH', p .. 'events', 'cooldown ' .. string.format('%d', untl) .. ' ' .. string.format('%d', level))
+return string.format('%d', untl)
+"#;
+
+const GATE: &str = r#"
+local p = ARGV[1]
+local untl = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if untl > now then
+  redis.call('SET', p .. 'gate', string.format('%d', untl), 'PX', math.floor((untl - now) / 1000) + 1)
+  redis.call('PUBLISH', p .. 'events', 'gate ' .. string.format('%d', untl))
+end
+return 1
+"#;
+
+const PROBE_DONE: &str = r#"
+local p = ARGV[1]
+if ARGV[2] == '1' then
+  redis.call('DEL', p .. 'probe_needed', p .. 'probe')
+  redis.call('PUBLISH', p .. 'events', 'open')
+else
+  redis.call('DEL', p .. 'probe')
+  redis.call('PUBLISH', p .. 'events', 'probe_released')
+end
+return 1
+"#;
+
+/// A change another replica announced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Cooldown { until_unix: f64, level: u32 },
+    Gate { until_unix: f64 },
+    Open,
+    ProbeReleased,
+}
+
+pub fn parse_event(msg: &str) -> Option<Event> {
+    let mut it = msg.split_ascii_whitespace();
+    let us = |v: Option<&str>| {
+        v.and_then(|v| v.parse::<i64>().ok())
+            .map(|u| u as f64 / 1e6)
+    };
+    match it.next()? {
+        "cooldown" => Some(Event::Cooldown {
+            until_unix: us(it.next())?,
+            level: it.next().and_then(|l| l.parse().ok()).unwrap_or(1),
+        }),
+        "gate" => Some(Event::Gate {
+            until_unix: us(it.next())?,
+        }),
+        "open" => Some(Event::Open),
+        "probe_released" => Some(Event::ProbeReleased),
+        _ => None,
+    }
+}
+
+pub struct Fleet {
+    pub settings: FleetSettings,
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<ConnectionManager>>,
+    take: Script,
+    refund: Script,
+    cooldown: Script,
+    gate: Script,
+    probe_done: Script,
+    healthy: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// Redis round trips, for `/status` and the benchmarks.
+    pub round_trips: AtomicU64,
+}
+
+impl Fleet {
+    pub fn new(settings: FleetSettings) -> Result<Fleet, String> {
+        let client = redis::Client::open(settings.redis_url.as_str())
+            .map_err(|e| format!("shared_state.redis_url: {e}"))?;
+        Ok(Fleet {
+            settings,
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            take: Script::new(TAKE),
+            refund: Script::new(REFUND),
+            cooldown: Script::new(COOLDOWN),
+            gate: Script::new(GATE),
+            probe_done: Script::new(PROBE_DONE),
+            // Optimistic until the first call says otherwise.
+            healthy: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            round_trips: AtomicU64::new(0),
+        })
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.settings.key_prefix)
+    }
+
+    async fn connection(&self) -> Result<ConnectionManager, String> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CALL_TIMEOUT))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(1);
+        let c = tokio::time::timeout(
+            CALL_TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), cfg),
+        )
+        .await
+        .map_err(|_| "connecting to Redis timed out".to_string())?
+        .map_err(|e| format!("cannot connect to Redis: {e}"))?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Run a call with the timeout, and keep the health flag and last error up to date.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, String>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = match self.connection().await {
+            Ok(c) => match tokio::time::timeout(CALL_TIMEOUT, f(c)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(format!("Redis error: {e}")),
+                Err(_) => Err("Redis call timed out".to_string()),
+            },
+            Err(e) => Err(e),
+        };
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(_) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("Redis reachable again: fleet budget restored");
+                }
+            }
+            Err(e) => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "Redis unreachable: shared budget unavailable");
+                }
+                if let Ok(mut l) = self.last_error.lock() {
+                    *l = Some(e.clone());
+                }
+            }
+        }
+        result
+    }
+
+    /// One atomic admission attempt against the fleet budget.
+    pub async fn take(
+        &self,
+        spacing: Duration,
+        burst: u32,
+        daily_cap: Option<u64>,
+        day_reset_offset: u32,
+    ) -> Result<Take, String> {
+        let t_us = spacing.as_micros().max(1) as u64;
+        let tau_us = t_us * u64::from(burst.saturating_sub(1));
+        let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
+        let prefix = self.settings.key_prefix.clone();
+        let (code, a, b): (i64, String, String) = self
+            .call(|mut c| {
+                let script = self.take.clone();
+                async move {
+                    script
+                        .arg(prefix)
+                        .arg(t_us)
+                        .arg(tau_us)
+                        .arg(daily_cap.unwrap_or(0))
+                        .arg(day_reset_offset)
+                        .arg(probe_ms)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let num = |s: &str| s.parse::<i64>().unwrap_or(0);
+        Ok(match code {
+            0 => Take::Granted {
+                used_today: num(&a).max(0) as u64,
+                probe: b == "1",
+            },
+            1 => Take::Wait(Duration::from_micros(num(&a).max(0) as u64)),
+            2 => Take::Cooldown {
+                until_unix: num(&a) as f64 / 1e6,
+                level: b.parse().unwrap_or(1),
+            },
+            3 | 4 => Take::DailyClosed {
+                until_unix: num(&a) as f64 / 1e6,
+            },
+            5 => Take::ProbeBusy,
+            other => return Err(format!("unexpected reply {other} from the take script")),
+        })
+    }
+
+    pub async fn refund(&self, spacing: Duration, day_reset_offset: u32) -> Result<(), String> {
+        let prefix = self.settings.key_prefix.clone();
+        let t_us = spacing.as_micros().max(1) as u64;
+        self.call(|mut c| {
+            let s = self.refund.clone();
+            async move {
+                s.arg(prefix)
+                    .arg(t_us)
+                    .arg(day_reset_offset)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Start (or extend) the fleet-wide cooldown; returns its end (UNIX seconds).
+    pub async fn start_cooldown(
+        &self,
+        duration: Duration,
+        level: u32,
+        decay: Duration,
+    ) -> Result<f64, String> {
+        let prefix = self.settings.key_prefix.clone();
+        let ms = duration.as_millis().max(1) as u64;
+        let decay_ms = decay.as_millis() as u64;
+        let until: String = self
+            .call(|mut c| {
+                let s = self.cooldown.clone();
+                async move {
+                    s.arg(prefix)
+                        .arg(ms)
+                        .arg(level)
+                        .arg(decay_ms)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(until.parse::<i64>().unwrap_or(0) as f64 / 1e6)
+    }
+
+    pub async fn close_daily_gate(&self, until_unix: f64) -> Result<(), String> {
+        let prefix = self.settings.key_prefix.clone();
+        let us = (until_unix * 1e6) as i64;
+        self.call(|mut c| {
+            let s = self.gate.clone();
+            async move { s.arg(prefix).arg(us).invoke_async::<i64>(&mut c).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The probe answered (`ok`: the gate reopens for the fleet) or went away (another may probe).
+    pub async fn probe_done(&self, ok: bool) -> Result<(), String> {
+        let prefix = self.settings.key_prefix.clone();
+        self.call(|mut c| {
+            let s = self.probe_done.clone();
+            async move {
+                s.arg(prefix)
+                    .arg(if ok { "1" } else { "0" })
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Fleet-wide figures, read without changing anything.
+    pub async fn status(&self, day_index: i64) -> FleetStatus {
+        let keys = [
+            self.key(&format!("day:{day_index}")),
+            self.key("cooldown"),
+            self.key("level"),
+            self.key("gate"),
+            self.key("probe_needed"),
+        ];
+        let r: Result<Vec<Option<String>>, String> = self
+            .call(|mut c| async move {
+                redis::cmd("MGET")
+                    .arg(&keys[..])
+                    .query_async::<Vec<Option<String>>>(&mut c)
+                    .await
+            })
+            .await;
+        match r {
+            Ok(v) => {
+                let get = |i: usize| v.get(i).cloned().flatten();
+                let us = |i: usize| {
+                    get(i)
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .map(|u| u as f64 / 1e6)
+                };
+                FleetStatus {
+                    reachable: true,
+                    used_today: Some(get(0).and_then(|s| s.parse().ok()).unwrap_or(0)),
+                    cooldown_until_unix: us(1),
+                    level: get(2).and_then(|s| s.parse().ok()).unwrap_or(0),
+                    gate_until_unix: us(3),
+                    probe_needed: get(4).is_some(),
+                    last_error: None,
+                }
+            }
+            Err(e) => FleetStatus {
+                reachable: false,
+                last_error: Some(e),
+                ..FleetStatus::default()
+            },
+        }
+    }
+
+    /// Listen for other replicas' announcements and apply them through `apply` while `alive`. Reconnects after any error; after each (re)subscription `resync` is called so a
+    /// change missed while disconnected is picked up.
+    pub async fn listen<L, A, R, Fut>(self: Arc<Self>, alive: L, apply: A, resync: R)
+    where
+        L: Fn() -> bool + Send + Sync,
+        A: Fn(Event) + Send + Sync,
+        R: Fn() -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let channel = self.key("events");
+        while alive() {
+            let sub = async {
+                let mut ps = self.client.get_async_pubsub().await?;
+                ps.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match tokio::time::timeout(CALL_TIMEOUT * 2, sub).await {
+                Ok(Ok(ps)) => {
+                    resync().await;
+                    let mut stream = ps.into_on_message();
+                    while let Some(msg) = stream.next().await {
+                        if !alive() {
+                            return;
+                        }
+                        if let Ok(text) = msg.get_payload::<String>() {
+                            if let Some(ev) = parse_event(&text) {
+                                apply(ev);
+                            }
+                        }
+                    }
+                    tracing::warn!("Redis pub/sub connection lost; resubscribing");
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "cannot subscribe to Redis events"),
+                Err(_) => tracing::debug!("subscribing to Redis events timed out"),
+            }
+            tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse() {
+        assert_eq!(
+            parse_event("cooldown 1795435200000000 3"),
+            Some(Event::Cooldown {
+                until_unix: 1_795_435_200.0,
+                level: 3
+            })
+        );
+        assert_eq!(
+            parse_event("gate 1795435200500000"),
+            Some(Event::Gate {
+                until_unix: 1_795_435_200.5
+            })
+        );
+        assert_eq!(parse_event("open"), Some(Event::Open));
+        for bad in [
+            "",
+            "cooldown",
+            "cooldown x",
+            "gate",
+            "reboot 1",
+            "cooldown 1e9 2",
+        ] {
+            assert_eq!(parse_event(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Several proxies, one account: three replicas sharing one budget through a real Redis. The
+//! upstream must see the account's limits for the whole fleet, a 429 seen by one replica must
+//! stop them all, and Redis failures must give the configured behaviour and recovery.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::support::*;
+
+fn fleet_cfg(redis: &RedisServer, prefix: &str, extra: &str) -> String {
+    format!(
+        "{extra}\n[shared_state]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+        redis.url()
+    )
+}
+
+fn no_wait(url: &str) -> http::Request<Full<Bytes>> {
+    req("GET", url)
+        .header("x-proxy-max-wait", "0")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn three_replicas_never_exceed_the_account_rate() {
+    if !redis_available("three_replicas_never_exceed_the_account_rate") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "rate:",
+        "[limits]\nrequests_per_minute = 1200\nburst = 3\n[queue]\nmax_wait = \"60s\"\n",
+    );
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(Start::new(&mock.url(), &cfg).start().await);
+    }
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let c = c.clone();
+        let url = proxies[i % 3].url("/v1/chat/completions");
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..5 {
+                if get(&c, &url).await.status == 200 {
+                    ok += 1;
+                }
+            }
+            ok
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        ok += t.await.unwrap();
+    }
+    assert_eq!(ok, 60);
+    let seen = mock.wait_for_requests(60).await;
+    let mut at: Vec<_> = seen.iter().map(|r| r.at).collect();
+    at.sort();
+    let spacing = Duration::from_millis(50);
+    for (i, &t) in at.iter().enumerate() {
+        for w_ms in [0u64, 50, 200, 1000] {
+            let w = Duration::from_millis(w_ms);
+            let n = at[i..].iter().take_while(|&&x| x <= t + w).count();
+            // One request of slack for loopback jitter, as in the single-replica test.
+            let allowed = 3 + (w.as_nanos() / spacing.as_nanos()) as usize + 1;
+            assert!(
+                n <= allowed,
+                "{n} arrivals within {w_ms}ms (allowed {allowed})"
+            );
+        }
+    }
+    let span = *at.last().unwrap() - at[0];
+    assert!(
+        span >= spacing * 56,
+        "60 requests in {span:?}: the fleet burst"
+    );
+    for p in proxies {
+        p.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_429_seen_by_one_replica_stops_every_replica() {
+    if !redis_available("a_429_seen_by_one_replica_stops_every_replica") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    mock.push(
+        Reply::text(429, "text/html", "<html>429 Too Many Requests</html>")
+            .header("retry-after", "120"),
+    );
+    let cfg = fleet_cfg(
+        &redis,
+        "cool:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n",
+    );
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    let cc = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    let got = get(&c, &a.url("/v1/x")).await;
+    assert_eq!(got.status, 429);
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "upstream_rate_limited"
+    );
+    // The other replicas refuse at once, with the fleet's cooldown as Retry-After.
+    for p in [&b, &cc, &a] {
+        let got = send(&c, no_wait(&p.url("/v1/x"))).await;
+        assert_eq!(got.status, 429, "{}", got.text());
+        assert_eq!(got.json()["error"]["proxy"]["reason"], "upstream_cooldown");
+        let retry: u64 = got.header("retry-after").unwrap().parse().unwrap();
+        assert!((100..=121).contains(&retry), "retry-after {retry}");
+    }
+    assert_eq!(mock.count(), 1, "nothing went upstream during the cooldown");
+    // A replica started now learns of the cooldown from Redis too.
+    let d = Start::new(&mock.url(), &cfg).start().await;
+    let got = send(&c, no_wait(&d.url("/v1/x"))).await;
+    assert_eq!(got.json()["error"]["proxy"]["reason"], "upstream_cooldown");
+    assert_eq!(mock.count(), 1);
+    for p in [a, b, cc, d] {
+        p.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn after_a_fleet_cooldown_exactly_one_replica_probes() {
+    if !redis_available("after_a_fleet_cooldown_exactly_one_replica_probes") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    mock.push(Reply::status(429).header("retry-after", "1"));
+    mock.set_default(Reply::json(200, "{\"ok\":true}").gated(gate.clone()));
+    let cfg = fleet_cfg(
+        &redis,
+        "probe:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n[queue]\nmax_wait = \"30s\"\n",
+    );
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(Start::new(&mock.url(), &cfg).start().await);
+    }
+    let c = client();
+    assert_eq!(get(&c, &proxies[0].url("/v1/x")).await.status, 429);
+    // Two waiters on each replica outlast the 1 s cooldown.
+    let mut waiters = Vec::new();
+    for p in &proxies {
+        for _ in 0..2 {
+            let c = c.clone();
+            let url = p.url("/v1/x");
+            waiters.push(tokio::spawn(async move { get(&c, &url).await.status }));
+        }
+    }
+    // The probe arrives after the cooldown and is held by the gate.
+    mock.wait_for_requests(2).await;
+    // Negative check: while the probe is unanswered nobody else may go. A bounded window is
+    // the only way to observe an absence.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(mock.count(), 2, "only one probe for the whole fleet");
+    gate.open();
+    for w in waiters {
+        assert_eq!(w.await.unwrap(), 200);
+    }
+    assert_eq!(mock.count(), 7);
+    for p in proxies {
+        p.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_and_recovers() {
+    if !redis_available("redis_down_fails_closed_and_recovers") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "down:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n",
+    );
+    let p = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
+    redis.kill();
+    let got = get(&c, &p.url("/v1/x")).await;
+    assert_eq!(got.status, 503, "{}", got.text());
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "shared_state_unavailable"
+    );
+    assert_eq!(got.json()["error"]["code"], "shared_state_unavailable");
+    assert!(got.header("retry-after").is_some());
+    assert_eq!(mock.count(), 1);
+    redis.restart();
+    // Recovery needs no restart of the proxy: poll (bounded) until requests flow again.
+    let mut recovered = false;
+    for _ in 0..100 {
+        if get(&c, &p.url("/v1/x")).await.status == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the proxy did not recover when Redis came back");
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_a_local_share() {
+    if !redis_available("redis_down_falls_back_to_a_local_share") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "fallback:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n",
+    ) + "on_redis_error = \"local\"\nlocal_fallback_share = 0.5\n";
+    let p = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    redis.kill();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
+    }
+    assert_eq!(mock.count(), 3);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_replica_loses_no_daily_count() {
+    if !redis_available("a_dead_replica_loses_no_daily_count") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "daily:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 5\n",
+    );
+    let c = client();
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    for _ in 0..3 {
+        assert_eq!(get(&c, &a.url("/v1/x")).await.status, 200);
+    }
+    drop(a); // aborted, no graceful stop: as good as kill -9 for the fleet's count
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    for _ in 0..2 {
+        assert_eq!(get(&c, &b.url("/v1/x")).await.status, 200);
+    }
+    let got = get(&c, &b.url("/v1/x")).await;
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "daily_quota_exhausted"
+    );
+    assert_eq!(mock.count(), 5);
+    b.stop().await.unwrap();
+}
