@@ -838,6 +838,11 @@ impl Inner {
         if let Some(until) = self.cooldown.until.filter(|&u| u > now) {
             at = at.max(until + behind);
         }
+        // Fleet mode: the local mirror does not see other replicas' tokens, but Redis told us
+        // when the next one comes.
+        if let Some(t) = self.remote_not_before.filter(|&t| t > now) {
+            at = at.max(t + behind);
+        }
         at
     }
 
