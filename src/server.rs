@@ -3,10 +3,10 @@
 //!
 //! Client connections speak HTTP/1.1 or HTTP/2 with prior knowledge (h2c), detected per
 //! connection. A client that has not sent its whole request head within
-//! `server.header_read_timeout` is dropped (slow loris), heads over `server.max_header_bytes`
-//! get 431, and at most `server.max_connections` connections are open at once: past that the
-//! loop stops accepting and new connections wait in the kernel's backlog rather than
-//! exhausting file descriptors.
+//! `server.header_read_timeout` is dropped (slow loris), including one that never even reveals
+//! its protocol; heads over `server.max_header_bytes` get 431; and at most
+//! `server.max_connections` connections are open at once: past that the loop stops accepting
+//! and new connections wait in the kernel's backlog rather than exhausting file descriptors.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::body::ResponseBody;
 use crate::config::ServerConfig;
@@ -78,7 +78,11 @@ pub async fn serve<H, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let h = handler.clone();
+        // Set when the first request head has been parsed (hyper calls the service then).
+        let first_head = Arc::new(Notify::new());
+        let seen = Arc::clone(&first_head);
         let svc = service_fn(move |req| {
+            seen.notify_one();
             let h = h.clone();
             async move { Ok::<_, Infallible>(h(req).await) }
         });
@@ -86,8 +90,34 @@ pub async fn serve<H, Fut>(
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
         let conn = graceful.watch(conn);
+        let head_timeout = cfg.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            // hyper's HTTP/1 header timer starts only once the protocol is known, and HTTP/2
+            // has none: a client that sends nothing, or half the HTTP/2 preface, or a preface
+            // and no request, would hold its connection slot forever. So the first request
+            // head must arrive within `header_read_timeout` whatever the protocol; later ones
+            // are hyper's business (HTTP/1 header timer, HTTP/2 keep-alive pings).
+            let first = tokio::time::timeout(head_timeout, async {
+                tokio::select! {
+                    done = conn.as_mut() => Some(done),
+                    () = first_head.notified() => None,
+                }
+            })
+            .await;
+            let done = match first {
+                Ok(Some(done)) => done,
+                Ok(None) => conn.await,
+                Err(_) => {
+                    tracing::debug!(
+                        listener = name,
+                        "no request head within server.header_read_timeout; closing"
+                    );
+                    drop(slot);
+                    return;
+                }
+            };
+            if let Err(e) = done {
                 tracing::debug!(listener = name, error = %e, "connection ended with an error");
             }
             drop(slot);

@@ -4,7 +4,8 @@
 
 mod support;
 
-mod smoke;
 mod budget;
 mod clients;
+mod core;
 mod fleet;
+mod smoke;
