@@ -18,7 +18,7 @@ async fn many_clients_never_exceed_the_account_rate() {
     let mock = MockUpstream::start().await;
     let proxy = Start::new(
         &mock.url(),
-        "[limits]\nrequests_per_minute = 1200\nburst = 3\n[queue]\nmax_wait = \"60s\"\n",
+        "[limits]\nrequests_per_minute = 120\nburst = 3\n[queue]\nmax_wait = \"60s\"\n",
     )
     .start()
     .await;
@@ -29,7 +29,7 @@ async fn many_clients_never_exceed_the_account_rate() {
         let url = proxy.url("/v1/chat/completions");
         tasks.push(tokio::spawn(async move {
             let mut statuses = Vec::new();
-            for _ in 0..6 {
+            for _ in 0..2 {
                 let r = req("POST", &url)
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
@@ -42,21 +42,25 @@ async fn many_clients_never_exceed_the_account_rate() {
     for t in tasks {
         assert!(t.await.unwrap().iter().all(|&s| s == 200));
     }
-    let seen = mock.wait_for_requests(60).await;
+    let seen = mock.wait_for_requests(20).await;
     let mut at: Vec<_> = seen.iter().map(|r| r.at).collect();
     at.sort();
-    let spacing = Duration::from_millis(50);
+    // 500 ms spacing: scheduling jitter on a loaded 2-core machine stays far below it.
+    let spacing = Duration::from_millis(500);
     for (i, &t) in at.iter().enumerate() {
-        for w_ms in [0u64, 50, 200, 1000] {
+        for w_ms in [0u64, 500, 1000, 3000] {
             let w = Duration::from_millis(w_ms);
             let n = at[i..].iter().take_while(|&&x| x <= t + w).count();
             let allowed = 3 + (w.as_nanos() / spacing.as_nanos()) as usize + 1;
-            assert!(n <= allowed, "{n} arrivals within {w_ms}ms (allowed {allowed})");
+            assert!(
+                n <= allowed,
+                "{n} arrivals within {w_ms}ms (allowed {allowed})"
+            );
         }
     }
-    // 60 requests at 20/s after a burst of 3 cannot be faster than 57 spacings.
+    // 20 requests at 2/s after a burst of 3 take 17 spacings (one of slack for jitter).
     let span = *at.last().unwrap() - at[0];
-    assert!(span >= spacing * 56, "60 requests in {span:?}");
+    assert!(span >= spacing * 16, "20 requests in {span:?}");
     proxy.stop().await.unwrap();
 }
 
@@ -197,7 +201,10 @@ async fn daily_cap_survives_a_restart_exactly() {
     }
     let got = get(&c, &proxy.url("/v1/x")).await;
     assert_eq!(got.status, 429);
-    assert_eq!(got.json()["error"]["proxy"]["reason"], "daily_quota_exhausted");
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "daily_quota_exhausted"
+    );
     assert_eq!(got.json()["error"]["type"], "insufficient_quota");
     assert_eq!(got.header("x-should-retry"), Some("false"));
     assert_eq!(mock.count(), 5);
@@ -218,7 +225,10 @@ async fn a_corrupt_state_file_starts_conservatively() {
     let c = client();
     // Without a trustworthy count the day's cap is assumed spent: never under-count.
     let got = get(&c, &proxy.url("/v1/x")).await;
-    assert_eq!(got.json()["error"]["proxy"]["reason"], "daily_quota_exhausted");
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "daily_quota_exhausted"
+    );
     assert_eq!(mock.count(), 0);
     // The bad file was kept for inspection, not overwritten.
     let kept = std::fs::read_dir(dir.path())
@@ -234,11 +244,12 @@ async fn concurrency_slot_is_held_until_the_stream_ends() {
     let mock = MockUpstream::start().await;
     let gate = Gate::new();
     mock.push(
-        Reply::status(200).sse([
-            (Duration::ZERO, sse_data("{\"a\":1}")),
-            (Duration::ZERO, sse_data("[DONE]")),
-        ])
-        .hold_chunk(1, gate.clone()),
+        Reply::status(200)
+            .sse([
+                (Duration::ZERO, sse_data("{\"a\":1}")),
+                (Duration::ZERO, sse_data("[DONE]")),
+            ])
+            .hold_chunk(1, gate.clone()),
     );
     let proxy = Start::new(
         &mock.url(),
@@ -248,9 +259,14 @@ async fn concurrency_slot_is_held_until_the_stream_ends() {
     .await;
     let c = client();
     // The stream's head arrives; its body is still open.
-    let resp = within("stream head", c.request(
-        req("GET", &proxy.url("/v1/stream")).body(Full::new(Bytes::new())).unwrap(),
-    ))
+    let resp = within(
+        "stream head",
+        c.request(
+            req("GET", &proxy.url("/v1/stream"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        ),
+    )
     .await
     .unwrap();
     assert_eq!(resp.status(), 200);
@@ -268,7 +284,10 @@ async fn concurrency_slot_is_held_until_the_stream_ends() {
     assert_eq!(got.status, 429);
     gate.open();
     use http_body_util::BodyExt;
-    let body = within("stream end", resp.into_body().collect()).await.unwrap().to_bytes();
+    let body = within("stream end", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("[DONE]"));
     // The slot is free again.
     assert_eq!(get(&c, &proxy.url("/v1/x")).await.status, 200);

@@ -37,10 +37,16 @@ async fn tokens_attribute_and_never_reach_the_upstream() {
     let mock = MockUpstream::start().await;
     let proxy = start(&mock, "").start().await;
     let c = client();
-    for h in [("authorization", "Bearer tok-chatbot-123"), ("x-api-key", "tok-chatbot-123")] {
+    for h in [
+        ("authorization", "Bearer tok-chatbot-123"),
+        ("x-api-key", "tok-chatbot-123"),
+    ] {
         let got = send(
             &c,
-            req("GET", &proxy.url("/v1/models")).header(h.0, h.1).body(Full::new(Bytes::new())).unwrap(),
+            req("GET", &proxy.url("/v1/models"))
+                .header(h.0, h.1)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
         )
         .await;
         assert_eq!(got.status, 200);
@@ -56,11 +62,17 @@ async fn tokens_attribute_and_never_reach_the_upstream() {
     assert_eq!(named.status, 200);
     assert_eq!(get(&c, &proxy.url("/v1/models")).await.status, 200);
     for r in mock.wait_for_requests(4).await {
-        assert_eq!(r.header("authorization"), Some(format!("Bearer {TEST_KEY}").as_str()));
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {TEST_KEY}").as_str())
+        );
         assert!(r.header("x-api-key").is_none());
         assert!(r.header("x-proxy-client").is_none());
         for (_, v) in r.headers.iter() {
-            assert!(!v.as_bytes().windows(9).any(|w| w == b"tok-chatb"), "token leaked upstream");
+            assert!(
+                !v.as_bytes().windows(9).any(|w| w == b"tok-chatb"),
+                "token leaked upstream"
+            );
         }
     }
     let status = get(&c, &proxy.admin_url("/status")).await.json();
@@ -69,10 +81,12 @@ async fn tokens_attribute_and_never_reach_the_upstream() {
     assert_eq!(client_stat(&status, "default")["forwarded"], 1);
     let metrics = get(&c, &proxy.admin_url("/metrics")).await.text();
     assert!(
-        metrics.lines().any(|l| l.starts_with("chutes_proxy_requests_total")
-            && l.contains("client=\"chatbot\"")
-            && l.contains("outcome=\"forwarded\"")
-            && l.ends_with(" 2")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("chutes_proxy_requests_total")
+                && l.contains("client=\"chatbot\"")
+                && l.contains("outcome=\"forwarded\"")
+                && l.ends_with(" 2")),
         "{metrics}"
     );
     proxy.stop().await.unwrap();
@@ -108,10 +122,16 @@ async fn require_token_refuses_unknown_callers() {
     .start()
     .await;
     let c = client();
-    for h in [("authorization", "Bearer wrong"), ("x-proxy-client", "batch")] {
+    for h in [
+        ("authorization", "Bearer wrong"),
+        ("x-proxy-client", "batch"),
+    ] {
         let got = send(
             &c,
-            req("GET", &proxy.url("/v1/models")).header(h.0, h.1).body(Full::new(Bytes::new())).unwrap(),
+            req("GET", &proxy.url("/v1/models"))
+                .header(h.0, h.1)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
         )
         .await;
         assert_eq!(got.status, 401);

@@ -33,7 +33,7 @@ async fn three_replicas_never_exceed_the_account_rate() {
     let cfg = fleet_cfg(
         &redis,
         "rate:",
-        "[limits]\nrequests_per_minute = 1200\nburst = 3\n[queue]\nmax_wait = \"60s\"\n",
+        "[limits]\nrequests_per_minute = 240\nburst = 3\n[queue]\nmax_wait = \"60s\"\n",
     );
     let mut proxies = Vec::new();
     for _ in 0..3 {
@@ -46,7 +46,7 @@ async fn three_replicas_never_exceed_the_account_rate() {
         let url = proxies[i % 3].url("/v1/chat/completions");
         tasks.push(tokio::spawn(async move {
             let mut ok = 0;
-            for _ in 0..5 {
+            for _ in 0..2 {
                 if get(&c, &url).await.status == 200 {
                     ok += 1;
                 }
@@ -58,13 +58,14 @@ async fn three_replicas_never_exceed_the_account_rate() {
     for t in tasks {
         ok += t.await.unwrap();
     }
-    assert_eq!(ok, 60);
-    let seen = mock.wait_for_requests(60).await;
+    assert_eq!(ok, 24);
+    let seen = mock.wait_for_requests(24).await;
     let mut at: Vec<_> = seen.iter().map(|r| r.at).collect();
     at.sort();
-    let spacing = Duration::from_millis(50);
+    // 250 ms spacing keeps scheduling jitter on a loaded machine well below one interval.
+    let spacing = Duration::from_millis(250);
     for (i, &t) in at.iter().enumerate() {
-        for w_ms in [0u64, 50, 200, 1000] {
+        for w_ms in [0u64, 250, 1000, 3000] {
             let w = Duration::from_millis(w_ms);
             let n = at[i..].iter().take_while(|&&x| x <= t + w).count();
             // One request of slack for loopback jitter, as in the single-replica test.
@@ -76,9 +77,10 @@ async fn three_replicas_never_exceed_the_account_rate() {
         }
     }
     let span = *at.last().unwrap() - at[0];
+    // 24 requests after a burst of 3 take 21 spacings (one of slack for jitter).
     assert!(
-        span >= spacing * 56,
-        "60 requests in {span:?}: the fleet burst"
+        span >= spacing * 20,
+        "24 requests in {span:?}: the fleet burst"
     );
     for p in proxies {
         p.stop().await.unwrap();
