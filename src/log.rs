@@ -18,7 +18,10 @@ pub struct RequestLog {
     pub client: Arc<str>,
     pub method: http::Method,
     pub path: String,
+    /// What the client got.
     pub status: u16,
+    /// What the upstream answered, when it was asked and answered.
+    pub upstream_status: Option<u16>,
     /// `forwarded` or a shed reason.
     pub outcome: &'static str,
     pub started: Instant,
@@ -50,6 +53,7 @@ impl RequestLog {
             method,
             path,
             status: 0,
+            upstream_status: None,
             outcome: "forwarded",
             started: Instant::now(),
             queue_wait: None,
@@ -85,6 +89,7 @@ impl RequestLog {
             method = %self.method,
             path = %self.path,
             status = self.status,
+            upstream_status = self.upstream_status,
             outcome = self.outcome,
             queue_wait_ms = ms(self.queue_wait),
             upstream_ms = ms(self.upstream_latency),
