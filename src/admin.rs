@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, VARY};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
@@ -17,8 +17,11 @@ use serde_json::{json, Value};
 use crate::admission::Admission;
 use crate::body::ResponseBody;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 use crate::units::{format_reset, format_rfc3339};
+
+/// How much of the last upstream 429's body `/status` shows.
+const LAST_429_BODY_CHARS: usize = 512;
 
 pub struct Admin {
     pub config: Arc<Config>,
@@ -42,12 +45,18 @@ impl Admin {
                 text(StatusCode::OK, "application/json", body.into())
             }
             "/metrics" => {
+                let format =
+                    Format::negotiate(req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()));
                 let snap = self.admission.snapshot();
-                text(
+                let mut r = text(
                     StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    self.metrics.encode(&snap).into(),
-                )
+                    format.content_type(),
+                    self.metrics.encode(&snap, format).into(),
+                );
+                // The body depends on Accept; a cache in between must not mix the two.
+                r.headers_mut()
+                    .insert(VARY, HeaderValue::from_static("accept"));
+                r
             }
             _ => text(
                 StatusCode::NOT_FOUND,
@@ -57,13 +66,17 @@ impl Admin {
         }
     }
 
-    /// The `/status` document (see README for every field).
+    /// The `/status` document. Every field is described in docs/observability.md; keys are
+    /// stable (scripts read them), and a field that does not apply is `null` rather than
+    /// missing.
     pub fn status(&self) -> Value {
         let s = self.admission.snapshot();
+        let settings = self.admission.settings();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
+        // Milliseconds are the finest grain anyone reading this needs.
         let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
         let until = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));
         let left = |u: Option<f64>| u.map(|u| ((u - now).max(0.0) * 1000.0).round() / 1000.0);
@@ -80,7 +93,9 @@ impl Admin {
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
-        let state = if s.daily_gate_until_unix.is_some() || s.remaining_today == Some(0) {
+        let daily_exhausted = s.daily_gate_until_unix.is_some() || s.remaining_today == Some(0);
+        // The one word a person looks for first; the most binding gate wins.
+        let state = if daily_exhausted {
             "daily_quota_exhausted"
         } else if s.cooldown_active && !s.cooldown_proactive {
             "cooldown"
@@ -89,32 +104,42 @@ impl Admin {
         } else {
             s.gate.as_str()
         };
+        let reset_in = (s.day_resets_at_unix as f64 - now).max(0.0);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": secs(self.metrics.uptime()),
             "now": format_rfc3339(now as i64),
             "state": state,
             "upstream": cfg.upstream.url.to_string(),
+            // Whether a key is configured, never the key (nor its length or a prefix).
             "api_key": if cfg.upstream.api_key.is_some() { "configured" } else { "not configured (client auth passes through)" },
             "backend": "local",
             "limits": {
                 "requests_per_minute": s.requests_per_minute,
                 "burst": s.burst,
                 "requests_per_day": s.requests_per_day,
+                "day_reset_utc": format!("{:02}:{:02}", settings.day_reset_offset / 3600, settings.day_reset_offset % 3600 / 60),
                 "max_concurrent": s.max_concurrent,
                 "queue_max_depth": s.max_depth,
                 "queue_max_wait_seconds": secs(s.max_wait),
+                "cooldown_initial_seconds": secs(settings.cooldown_initial),
+                "cooldown_max_seconds": secs(settings.cooldown_max),
+                "cooldown_multiplier": settings.cooldown_multiplier,
             },
             "tokens": {
                 "available": s.tokens_available,
+                "capacity": s.burst,
+                "spacing_seconds": secs(settings.spacing()),
                 "next_in_seconds": secs(s.next_token_in),
             },
             "daily": {
                 "used": s.used_today,
+                "limit": s.requests_per_day,
                 "remaining": s.remaining_today,
+                "exhausted": daily_exhausted,
                 "resets_at": format_rfc3339(s.day_resets_at_unix),
-                "resets_in_seconds": ((s.day_resets_at_unix as f64 - now).max(0.0)).round(),
-                "resets_in": format_reset(Duration::from_secs_f64((s.day_resets_at_unix as f64 - now).max(0.0))),
+                "resets_in_seconds": reset_in.round(),
+                "resets_in": format_reset(Duration::from_secs_f64(reset_in)),
                 "upstream_quota_gate_until": until(s.daily_gate_until_unix),
             },
             "cooldown": {
@@ -126,9 +151,12 @@ impl Admin {
                 "gate": s.gate.as_str(),
                 "last_upstream_429": s.last_429.as_ref().map(|l| json!({
                     "at": format_rfc3339(l.at_unix as i64),
+                    "ago_seconds": (now - l.at_unix).max(0.0).round(),
                     "status": l.status,
                     "headers": l.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-                    "body": l.body.chars().take(512).collect::<String>(),
+                    // Enough to tell an nginx edge page from a JSON `detail`; the full 2 KiB
+                    // went to the client that got the 429.
+                    "body": l.body.chars().take(LAST_429_BODY_CHARS).collect::<String>(),
                 })),
             },
             "queue": {

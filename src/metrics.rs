@@ -1,5 +1,7 @@
-//! Every metric name and label in one place, exposed in the Prometheus text format by the admin
-//! listener.
+//! Every metric name and label in one place, exposed by the admin listener in either of the two
+//! text formats Prometheus scrapes: OpenMetrics 1.0 (what prometheus-client writes, and what
+//! Prometheus asks for first) or the classic text format 0.0.4 (for `curl`, older scrapers and
+//! parsers that choke on `# EOF`), chosen by the scraper's `Accept` header ([`Format`]).
 //!
 //! Label sets are bounded by construction: `outcome` is `forwarded` or one of the fixed shed
 //! reasons, `client` is the configured set plus `default`, and `status` is one of a fixed list
@@ -44,6 +46,109 @@ struct ClientLabels {
     client: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: &'static str,
+}
+
+/// The exposition format of one scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `application/openmetrics-text; version=1.0.0`: what Prometheus asks for first.
+    OpenMetrics,
+    /// `text/plain; version=0.0.4`: the classic format, for anyone who does not ask for
+    /// OpenMetrics (a plain `curl`, older agents).
+    Text,
+}
+
+impl Format {
+    /// Pick the format from a request's `Accept` header the way Prometheus' own client
+    /// libraries do: OpenMetrics only when it is asked for (with a non-zero q no lower than
+    /// any acceptable plain-text type), the classic format otherwise, including when there is
+    /// no header or it cannot be read.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Text;
+        };
+        let mut openmetrics = 0.0f32;
+        let mut text = 0.0f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(0.0);
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(q),
+                "text/plain" | "text/*" | "*/*" => text = text.max(q),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrite prometheus-client's OpenMetrics text as the classic 0.0.4 format. The samples are
+/// identical; what differs is the metadata: a 0.0.4 counter's `# HELP`/`# TYPE` lines name the
+/// sample (`x_total`) where OpenMetrics names the family (`x`), `# UNIT` and `# EOF` do not
+/// exist, and neither do the `info`/`unknown` types. HELP escaping differs only for `"`, which
+/// none of our help texts contain.
+fn to_text_004(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's HELP comes before its TYPE, but its name can only be fixed once the TYPE is
+    // known, so it waits here.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gauge" | "histogram" | "summary" => (name.to_string(), kind),
+                _ => (name.to_string(), "untyped"),
+            };
+            if let Some(h) = help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|r| r.split_once(' '))
+                    .map_or("", |(_, t)| t);
+                out.push_str(format!("# HELP {name} {text}").trim_end());
+                out.push('\n');
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        if let Some(h) = help.take() {
+            out.push_str(h);
+            out.push('\n');
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+        } else if line != "# EOF" && !line.starts_with("# UNIT ") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if let Some(h) = help {
+        out.push_str(h);
+        out.push('\n');
+    }
+    out
+}
+
 /// `forwarded` plus every reason, in a fixed order: the index into the counter table.
 pub fn outcome_index(reason: Option<Reason>) -> usize {
     match reason {
@@ -75,6 +180,8 @@ pub struct Metrics {
     in_flight: Gauge,
     daily_used: Gauge,
     daily_remaining: Option<Gauge>,
+    daily_limit: Option<Gauge>,
+    daily_exhausted: Gauge,
     cooldown_active: Gauge,
     cooldown_level: Gauge,
     tokens_available: Gauge,
@@ -173,12 +280,38 @@ impl Metrics {
                 "Requests left in the current quota day (only with limits.requests_per_day)",
             )
         });
+        // The cap itself, so an alert can say "90% of the cap" without hard-coding it.
+        let daily_limit = daily_cap.then(|| {
+            gauge(
+                "daily_limit",
+                "The daily request cap in force (only with limits.requests_per_day)",
+            )
+        });
+        // Separate from cooldown_active: a spent day needs a different response (wait for the
+        // reset or raise the plan) from a rate-limit pause that ends by itself in minutes.
+        let daily_exhausted = gauge(
+            "daily_quota_exhausted",
+            "1 while the daily gate is closed: the local cap is spent or the upstream answered 402 quota exceeded",
+        );
         let cooldown_active = gauge(
             "cooldown_active",
-            "1 while the account is paused after an upstream rate-limit signal",
+            "1 while the account is paused after an upstream 429 or a rate-limit window reported empty",
         );
         let cooldown_level = gauge("cooldown_level", "Cooldown escalation level (0 = none)");
         let tokens_available = gauge("tokens_available", "Tokens in the account bucket now");
+        // The usual `_info` idiom: a constant 1 whose label says which version is running, so
+        // dashboards can mark deploys.
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the label says which chutes-proxy version is running",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
         let client_queue = Family::<ClientLabels, Gauge>::default();
         registry.register(
             "client_queue_depth",
@@ -204,6 +337,8 @@ impl Metrics {
             in_flight,
             daily_used,
             daily_remaining,
+            daily_limit,
+            daily_exhausted,
             cooldown_active,
             cooldown_level,
             tokens_available,
@@ -279,17 +414,21 @@ impl Metrics {
         self.started.elapsed()
     }
 
-    /// Text exposition, with gauges refreshed from `snap`.
-    pub fn encode(&self, snap: &Snapshot) -> String {
+    /// One scrape in `format`, with gauges refreshed from `snap`.
+    pub fn encode(&self, snap: &Snapshot, format: Format) -> String {
         self.queue_depth.set(snap.queue_depth as i64);
         self.in_flight.set(snap.in_flight as i64);
         self.daily_used.set(snap.used_today as i64);
         if let (Some(g), Some(r)) = (&self.daily_remaining, snap.remaining_today) {
             g.set(r as i64);
         }
-        self.cooldown_active.set(i64::from(
-            snap.cooldown_active || snap.daily_gate_until_unix.is_some(),
+        if let (Some(g), Some(d)) = (&self.daily_limit, snap.requests_per_day) {
+            g.set(d as i64);
+        }
+        self.daily_exhausted.set(i64::from(
+            snap.daily_gate_until_unix.is_some() || snap.remaining_today == Some(0),
         ));
+        self.cooldown_active.set(i64::from(snap.cooldown_active));
         self.cooldown_level.set(i64::from(snap.cooldown_level));
         self.tokens_available.set(i64::from(snap.tokens_available));
         for (c, name) in snap.clients.iter().zip(&self.client_names) {
@@ -302,6 +441,174 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Text => to_text_004(&out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::Probe;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            requests_per_minute: 50,
+            burst: 5,
+            requests_per_day: Some(100),
+            max_concurrent: 16,
+            max_depth: 1000,
+            max_wait: Duration::from_secs(20),
+            tokens_available: 3,
+            next_token_in: Duration::from_millis(400),
+            used_today: 7,
+            remaining_today: Some(93),
+            day_resets_at_unix: 1_795_996_800,
+            daily_gate_until_unix: None,
+            cooldown_active: false,
+            cooldown_proactive: false,
+            cooldown_until_unix: None,
+            cooldown_level: 0,
+            gate: Probe::Open,
+            last_429: None,
+            queue_depth: 2,
+            oldest_wait: None,
+            in_flight: 4,
+            clients: Vec::new(),
+        }
+    }
+
+    /// The value of the sample written exactly as `series` (name and labels), if present.
+    fn sample(text: &str, series: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map(str::to_owned)
+    }
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        let cases: &[(Option<&str>, Format)] = &[
+            (None, Format::Text),
+            (Some(""), Format::Text),
+            (Some("*/*"), Format::Text),
+            (Some("text/plain"), Format::Text),
+            (Some(prometheus), Format::OpenMetrics),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (Some("application/openmetrics-text;q=0"), Format::Text),
+            (
+                Some("text/plain;q=0.9, application/openmetrics-text;q=0.5"),
+                Format::Text,
+            ),
+            (
+                Some("application/openmetrics-text;q=nonsense"),
+                Format::Text,
+            ),
+            (Some(";;;,,=,q="), Format::Text),
+        ];
+        for (accept, want) in cases {
+            assert_eq!(Format::negotiate(*accept), *want, "Accept: {accept:?}");
+        }
+    }
+
+    #[test]
+    fn classic_format_names_counters_by_their_sample() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total{a=\"b\"} 3\n# HELP x_up Up.\n# TYPE x_up gauge\n# UNIT x_up seconds\nx_up 1\n# HELP x_build Build.\n# TYPE x_build info\nx_build_info{version=\"1\"} 1\n# EOF\n";
+        let want = "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\nx_requests_total{a=\"b\"} 3\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# HELP x_build_info Build.\n# TYPE x_build_info gauge\nx_build_info{version=\"1\"} 1\n";
+        assert_eq!(to_text_004(om), want);
+        // Malformed input is passed along, never a panic.
+        assert_eq!(to_text_004("# HELP\n# TYPE\n"), "# HELP\n# TYPE\n");
+        assert_eq!(
+            to_text_004("# HELP x\n# TYPE x"),
+            "# HELP x\n# TYPE x untyped\n"
+        );
+    }
+
+    #[test]
+    fn scrape_reflects_counters_and_the_snapshot() {
+        let m = Metrics::new(&[Arc::from("default"), Arc::from("bot")], true);
+        m.request(0, None);
+        m.request(0, None);
+        m.request(1, Some(Reason::QueueTimeout));
+        m.request(9, Some(Reason::QueueFull)); // unknown client: ignored, not a panic
+        m.upstream_status(200);
+        m.upstream_status(418);
+        m.upstream_status(7);
+        m.observe_queue_wait(Duration::from_millis(30));
+        let om = m.encode(&snapshot(), Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let text = m.encode(&snapshot(), Format::Text);
+        assert!(!text.contains("# EOF"));
+        for t in [&om, &text] {
+            let s = |series: &str| sample(t, series).unwrap_or_else(|| panic!("{series}:\n{t}"));
+            assert_eq!(
+                s("chutes_proxy_requests_total{outcome=\"forwarded\",client=\"default\"}"),
+                "2"
+            );
+            assert_eq!(
+                s("chutes_proxy_requests_total{outcome=\"queue_timeout\",client=\"bot\"}"),
+                "1"
+            );
+            assert_eq!(
+                s("chutes_proxy_requests_total{outcome=\"queue_full\",client=\"default\"}"),
+                "0"
+            );
+            assert_eq!(
+                s("chutes_proxy_upstream_responses_total{status=\"200\"}"),
+                "1"
+            );
+            assert_eq!(
+                s("chutes_proxy_upstream_responses_total{status=\"4xx\"}"),
+                "1"
+            );
+            assert_eq!(
+                s("chutes_proxy_upstream_responses_total{status=\"1xx\"}"),
+                "1"
+            );
+            assert_eq!(s("chutes_proxy_queue_wait_seconds_count"), "1");
+            assert_eq!(s("chutes_proxy_queue_depth"), "2");
+            assert_eq!(s("chutes_proxy_in_flight"), "4");
+            assert_eq!(s("chutes_proxy_daily_used"), "7");
+            assert_eq!(s("chutes_proxy_daily_remaining"), "93");
+            assert_eq!(s("chutes_proxy_daily_limit"), "100");
+            assert_eq!(s("chutes_proxy_daily_quota_exhausted"), "0");
+            assert_eq!(s("chutes_proxy_cooldown_active"), "0");
+            assert_eq!(s("chutes_proxy_tokens_available"), "3");
+            assert_eq!(
+                s(&format!(
+                    "chutes_proxy_build_info{{version=\"{}\"}}",
+                    env!("CARGO_PKG_VERSION")
+                )),
+                "1"
+            );
+        }
+        assert!(text.contains("# TYPE chutes_proxy_requests_total counter\n"));
+        assert_eq!(
+            m.statuses(),
+            vec![(200, 1), (418, 1)],
+            "exact codes for /status; 7 is not a status code"
+        );
+    }
+
+    #[test]
+    fn no_daily_cap_means_no_remaining_series() {
+        let m = Metrics::new(&[Arc::from("default")], false);
+        let mut snap = snapshot();
+        snap.requests_per_day = None;
+        snap.remaining_today = None;
+        snap.cooldown_active = true;
+        let t = m.encode(&snap, Format::Text);
+        assert!(!t.contains("chutes_proxy_daily_remaining"));
+        assert!(!t.contains("chutes_proxy_daily_limit"));
+        assert_eq!(
+            sample(&t, "chutes_proxy_cooldown_active").as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            sample(&t, "chutes_proxy_daily_quota_exhausted").as_deref(),
+            Some("0")
+        );
     }
 }

@@ -1,9 +1,815 @@
-//! `chutes-proxy status`: fetch `/status` from a running proxy and print what a person needs
-//! at a glance. Placeholder summary; see issue notes.
+//! `chutes-proxy status`: fetch `/status` from a running proxy's admin listener and print what a
+//! person needs at a glance: is the account usable, how much of today is spent and when it
+//! resets, whether it is paused and why, and what is waiting.
+//!
+//! Owns the fetch (plain HTTP, bounded in time and size), the check that the answer really is a
+//! `/status` document, and [`render`], a pure function from that document to text so the
+//! wording is unit-tested without a proxy. It does not own the document's shape (`admin.rs`
+//! does) and reads it defensively: a field that is missing or of the wrong type is left out
+//! of the summary, never a panic, so an older or newer proxy still gets a useful summary.
 
+use std::fmt::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::header::{ACCEPT, USER_AGENT};
+use http::{Request, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// The whole exchange, connect to last byte. The admin listener answers from memory in
+/// microseconds; anything slower than this is a wedged process or the wrong address, and a
+/// person at a terminal (or a script in a cron job) should hear so rather than hang.
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// A `/status` document is a few KiB even with many clients; more than this is not one.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+/// Width of the daily-usage bar, in characters: fits an 80-column line with the numbers.
+const BAR_WIDTH: u64 = 20;
+/// How much of the last upstream 429's body the summary shows (the JSON has more).
+const BODY_CHARS: usize = 160;
+/// Width of the label column.
+const LABEL: usize = 11;
+
+/// Run the command: exit 0 with the summary (or the raw JSON) on stdout, or exit 1 with one
+/// line on stderr saying what went wrong.
 pub async fn run(admin: &str, json: bool) -> ExitCode {
-    let _ = (admin, json);
-    ExitCode::FAILURE
+    let result = match status_url(admin) {
+        Ok(url) => fetch(&url).await,
+        Err(e) => Err(e),
+    };
+    let doc = match result {
+        Ok(doc) => doc,
+        Err(e) => {
+            eprintln!("chutes-proxy status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let out = if json {
+        let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        s.push('\n');
+        s
+    } else {
+        render(&doc, use_color())
+    };
+    // Not `print!`: that panics when stdout is a closed pipe (`status | head -1`).
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    ExitCode::SUCCESS
+}
+
+/// Colour only for a person at a terminal who has not opted out (https://no-color.org: set
+/// and non-empty disables it).
+fn use_color() -> bool {
+    let opted_out = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    std::io::stdout().is_terminal() && !opted_out
+}
+
+/// `--admin` as given (`http://host:port`, `host:port`, with or without a trailing `/status`)
+/// -> the `/status` URL.
+fn status_url(admin: &str) -> Result<Uri, String> {
+    let admin = admin.trim();
+    let with_scheme = if admin.contains("://") {
+        admin.to_string()
+    } else {
+        format!("http://{admin}")
+    };
+    let uri: Uri = with_scheme
+        .parse()
+        .map_err(|e| format!("invalid --admin URL {admin:?}: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "invalid --admin URL {admin:?}: only http:// is supported (the admin listener does not speak TLS)"
+        ));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("invalid --admin URL {admin:?}: no host"));
+    };
+    let base = uri.path().trim_end_matches('/');
+    let path = if base.ends_with("/status") {
+        base.to_string()
+    } else {
+        format!("{base}/status")
+    };
+    format!("http://{authority}{path}")
+        .parse()
+        .map_err(|e| format!("invalid --admin URL {admin:?}: {e}"))
+}
+
+async fn fetch(url: &Uri) -> Result<Value, String> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(url.clone())
+        .header(ACCEPT, "application/json")
+        .header(
+            USER_AGENT,
+            concat!("chutes-proxy-status/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::new())
+        .map_err(|e| format!("invalid --admin URL {url}: {e}"))?;
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| {
+            format!(
+                "cannot reach the proxy's admin listener at {url}: {} (is the proxy running, and is --admin its server.admin_listen?)",
+                causes(&e)
+            )
+        })?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer from {url} failed: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!(
+                "{url} answered {status}, not a /status document (is --admin the proxy's admin listener, not its main one?)"
+            ));
+        }
+        let doc: Value = serde_json::from_slice(&body).map_err(|e| {
+            format!("{url} did not answer with JSON ({e}): is --admin the proxy's admin listener?")
+        })?;
+        check_document(&doc).map_err(|missing| {
+            format!(
+                "{url} answered JSON that is not a chutes-proxy /status document (no {missing})"
+            )
+        })?;
+        Ok(doc)
+    };
+    match tokio::time::timeout(TIMEOUT, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no answer from {url} within {}s (is something else listening there?)",
+            TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The error and its causes on one line. hyper-util's own message ("client error (Connect)")
+/// says little; the words a person needs ("Connection refused") are in its sources.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        parts.push(cause.to_string());
+        next = cause.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// The fields without which the summary would be meaningless; returns the first one absent.
+fn check_document(doc: &Value) -> Result<(), &'static str> {
+    let has = |pointer: &str, ok: fn(&Value) -> bool| doc.pointer(pointer).is_some_and(ok);
+    if !has("/version", Value::is_string) {
+        Err("\"version\"")
+    } else if !has("/limits", Value::is_object) {
+        Err("\"limits\"")
+    } else if !has("/daily", Value::is_object) {
+        Err("\"daily\"")
+    } else if !has("/daily/used", Value::is_u64) {
+        Err("\"daily.used\"")
+    } else {
+        Ok(())
+    }
+}
+
+/// ANSI styling that is a no-op without colour, so the plain output is the same text.
+struct Style {
+    color: bool,
+}
+
+impl Style {
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    }
+    fn bold(&self, s: &str) -> String {
+        self.paint("1", s)
+    }
+    fn dim(&self, s: &str) -> String {
+        self.paint("2", s)
+    }
+    fn red(&self, s: &str) -> String {
+        self.paint("1;31", s)
+    }
+    fn green(&self, s: &str) -> String {
+        self.paint("32", s)
+    }
+    fn yellow(&self, s: &str) -> String {
+        self.paint("33", s)
+    }
+}
+
+fn num(doc: &Value, pointer: &str) -> Option<u64> {
+    doc.pointer(pointer).and_then(Value::as_u64)
+}
+
+fn float(doc: &Value, pointer: &str) -> Option<f64> {
+    doc.pointer(pointer)
+        .and_then(Value::as_f64)
+        .filter(|f| f.is_finite())
+}
+
+fn text<'a>(doc: &'a Value, pointer: &str) -> Option<&'a str> {
+    doc.pointer(pointer).and_then(Value::as_str)
+}
+
+/// Text from the document made safe for a terminal: control characters (an upstream body
+/// could carry escape sequences) are shown escaped, and long text is cut at `max` characters.
+fn clean(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A duration for people: `400ms`, `2.5s`, `42s`, `12m05s`, `3h12m`, `2d4h`.
+pub fn human_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs <= 0.0 {
+        return "0s".to_string();
+    }
+    if secs < 1.0 {
+        return format!("{}ms", (secs * 1000.0).round().max(1.0) as u64);
+    }
+    if secs < 10.0 {
+        return format!("{:.1}s", (secs * 10.0).floor() / 10.0);
+    }
+    // Whole seconds from here; u64 saturates for absurd values rather than wrapping.
+    let s = secs.round() as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3_599 => format!("{}m{:02}s", s / 60, s % 60),
+        3_600..=86_399 => format!("{}h{:02}m", s / 3_600, s % 3_600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3_600),
+    }
+}
+
+/// `[####----------------] 812/5000 (16%)`: used of the daily cap.
+fn bar(used: u64, cap: u64, style: &Style) -> String {
+    // u128: `used * 100` cannot overflow whatever the document says.
+    let (u, c) = (u128::from(used), u128::from(cap.max(1)));
+    let pct = (u * 100 / c).min(100) as u64;
+    let filled = (u * u128::from(BAR_WIDTH) / c).min(u128::from(BAR_WIDTH)) as usize;
+    let hashes = "#".repeat(filled);
+    let dashes = "-".repeat(BAR_WIDTH as usize - filled);
+    let hashes = if pct >= 90 {
+        style.red(&hashes)
+    } else if pct >= 75 {
+        style.yellow(&hashes)
+    } else {
+        style.green(&hashes)
+    };
+    format!("[{hashes}{dashes}] {used}/{cap} ({pct}%)")
+}
+
+/// The summary `chutes-proxy status` prints, from a `/status` document. Pure: the same
+/// document gives the same text. With `color` false the output is plain ASCII apart from any
+/// non-ASCII text inside the document itself (an upstream body, a client name).
+pub fn render(status: &Value, color: bool) -> String {
+    let st = Style { color };
+    let mut lines: Vec<(String, String)> = Vec::new();
+    let mut line = |label: &str, value: String| lines.push((label.to_string(), value));
+
+    // Header: what is answering, and for how long.
+    let mut head = format!(
+        "chutes-proxy {}",
+        clean(text(status, "/version").unwrap_or("?"), 40)
+    );
+    if let Some(up) = float(status, "/uptime_seconds") {
+        let _ = write!(head, ", up {}", human_duration(up));
+    }
+    if let Some(upstream) = text(status, "/upstream") {
+        let _ = write!(head, ", upstream {}", clean(upstream, 200));
+    }
+
+    // State: the one word people look for.
+    let state = text(status, "/state").unwrap_or("unknown");
+    let state_line = match state {
+        "open" => st.green("open"),
+        "probe_ready" => st.yellow("reopening: the next request probes the upstream"),
+        "probe_in_flight" => {
+            st.yellow("reopening: a probe request is in flight; others wait for its answer")
+        }
+        "cooldown" => st.red("COOLDOWN: the upstream answered 429; nothing is sent until it ends"),
+        "upstream_window_exhausted" => {
+            st.yellow("paused: the upstream reported no requests left in its window")
+        }
+        "daily_quota_exhausted" => st.red("DAILY QUOTA EXHAUSTED: nothing is sent until the reset"),
+        other => clean(other, 60),
+    };
+    line("state", state_line);
+
+    // Today: used of the cap, and when it resets.
+    let used = num(status, "/daily/used").unwrap_or(0);
+    let cap = num(status, "/daily/limit").or_else(|| num(status, "/limits/requests_per_day"));
+    match cap {
+        Some(cap) => {
+            let mut s = bar(used, cap, &st);
+            if let Some(rem) = num(status, "/daily/remaining") {
+                let _ = write!(s, ", {rem} left");
+            }
+            line("today", s);
+        }
+        None => line("today", format!("{used} used (no daily cap)")),
+    }
+    let reset_in = float(status, "/daily/resets_in_seconds").map(human_duration);
+    let reset_at = text(status, "/daily/resets_at").map(|s| clean(s, 40));
+    match (reset_in, reset_at) {
+        (Some(i), Some(a)) => line("resets", format!("in {i} at {a}")),
+        (Some(i), None) => line("resets", format!("in {i}")),
+        (None, Some(a)) => line("resets", format!("at {a}")),
+        (None, None) => {}
+    }
+    if let Some(gate) = text(status, "/daily/upstream_quota_gate_until") {
+        line(
+            "quota gate",
+            st.red(&format!(
+                "the upstream answered 402 quota exceeded; closed until {}",
+                clean(gate, 40)
+            )),
+        );
+    }
+
+    // Tokens: what can go now, and when the next one comes.
+    if let Some(avail) = num(status, "/tokens/available") {
+        let capacity = num(status, "/tokens/capacity").or_else(|| num(status, "/limits/burst"));
+        let mut s = match capacity {
+            Some(c) => format!("{avail}/{c} available"),
+            None => format!("{avail} available"),
+        };
+        if let Some(next) = float(status, "/tokens/next_in_seconds").filter(|n| *n > 0.0) {
+            let _ = write!(s, ", next in {}", human_duration(next));
+        }
+        let rpm = num(status, "/limits/requests_per_minute");
+        let burst = num(status, "/limits/burst");
+        if let (Some(rpm), Some(burst)) = (rpm, burst) {
+            let _ = write!(s, " {}", st.dim(&format!("({rpm}/min, burst {burst})")));
+        }
+        line("tokens", s);
+    }
+
+    // Cooldown: whether the account is paused, until when, and what the upstream said.
+    let active = status.pointer("/cooldown/active").and_then(Value::as_bool);
+    let level = num(status, "/cooldown/level").unwrap_or(0);
+    match active {
+        Some(true) => {
+            let mut s = if text(status, "/cooldown/kind") == Some("upstream_window") {
+                "PAUSED (upstream window empty)".to_string()
+            } else {
+                "ACTIVE".to_string()
+            };
+            if let Some(until) = text(status, "/cooldown/until") {
+                let _ = write!(s, " until {}", clean(until, 40));
+            }
+            if let Some(left) = float(status, "/cooldown/remaining_seconds") {
+                let _ = write!(s, " ({} left)", human_duration(left));
+            }
+            let _ = write!(s, ", level {level}");
+            line("cooldown", st.red(&s));
+        }
+        Some(false) if level > 0 => line(
+            "cooldown",
+            format!("none (level {level}: another 429 soon would pause longer)"),
+        ),
+        Some(false) => line("cooldown", "none".to_string()),
+        None => {}
+    }
+    if let Some(last) = status
+        .pointer("/cooldown/last_upstream_429")
+        .filter(|v| v.is_object())
+    {
+        let mut s = String::new();
+        if let Some(ago) = float(last, "/ago_seconds") {
+            let _ = write!(s, "{} ago", human_duration(ago));
+        }
+        if let Some(at) = text(last, "/at") {
+            let at = clean(at, 40);
+            let _ = if s.is_empty() {
+                write!(s, "at {at}")
+            } else {
+                write!(s, " ({at})")
+            };
+        }
+        if let Some(code) = num(last, "/status") {
+            let _ = write!(s, ", status {code}");
+        }
+        let headers: Vec<String> = last
+            .pointer("/headers")
+            .and_then(Value::as_array)
+            .map(|hs| {
+                hs.iter()
+                    .filter_map(|h| {
+                        let pair = h.as_array()?;
+                        let name = pair.first()?.as_str()?;
+                        let value = pair.get(1)?.as_str()?;
+                        Some(format!("{}: {}", clean(name, 60), clean(value, 80)))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if headers.is_empty() {
+            s.push_str(", no rate-limit headers");
+        } else {
+            let _ = write!(s, "; {}", headers.join("; "));
+        }
+        if let Some(body) = text(last, "/body").filter(|b| !b.trim().is_empty()) {
+            let _ = write!(s, "; body \"{}\"", clean(body.trim(), BODY_CHARS));
+        }
+        line("last 429", s);
+    }
+
+    // Queue and concurrency.
+    if let Some(depth) = num(status, "/queue/depth") {
+        let mut s = if depth == 0 {
+            "empty".to_string()
+        } else {
+            format!("{depth} waiting")
+        };
+        if let Some(oldest) = float(status, "/queue/oldest_wait_seconds") {
+            let _ = write!(s, ", oldest {}", human_duration(oldest));
+        }
+        let max = num(status, "/limits/queue_max_depth");
+        let wait = float(status, "/limits/queue_max_wait_seconds");
+        if let (Some(max), Some(wait)) = (max, wait) {
+            let _ = write!(
+                s,
+                " {}",
+                st.dim(&format!("(max {max}, wait up to {})", human_duration(wait)))
+            );
+        }
+        line("queue", s);
+    }
+    if let Some(n) = num(status, "/in_flight") {
+        let s = match num(status, "/limits/max_concurrent") {
+            Some(max) => format!("{n}/{max}"),
+            None => n.to_string(),
+        };
+        line("in flight", s);
+    }
+
+    // Counters since start: forwarded first, then each reason that happened.
+    if let Some(requests) = status.pointer("/requests").and_then(Value::as_object) {
+        let mut parts = Vec::new();
+        if let Some(n) = requests.get("forwarded").and_then(Value::as_u64) {
+            parts.push(format!("forwarded {n}"));
+        }
+        for (reason, n) in requests {
+            match n.as_u64() {
+                Some(n) if n > 0 && reason != "forwarded" => {
+                    parts.push(format!("{} {n}", clean(reason, 40)));
+                }
+                _ => {}
+            }
+        }
+        line("requests", parts.join(", "));
+    }
+    if let Some(codes) = status
+        .pointer("/upstream_responses")
+        .and_then(Value::as_object)
+    {
+        let parts: Vec<String> = codes
+            .iter()
+            .filter_map(|(code, n)| Some(format!("{}: {}", clean(code, 10), n.as_u64()?)))
+            .collect();
+        let s = if parts.is_empty() {
+            "none yet".to_string()
+        } else {
+            parts.join(", ")
+        };
+        line("upstream", s);
+    }
+
+    let mut out = st.bold(&head);
+    out.push('\n');
+    for (label, value) in &lines {
+        let _ = writeln!(out, "{label:<LABEL$}{value}");
+    }
+
+    // Per-client lines, only when clients are configured (the default one alone says nothing
+    // the lines above have not).
+    let clients = status
+        .pointer("/clients")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let only_default = clients.len() == 1 && text(&clients[0], "/name") == Some("default");
+    if !clients.is_empty() && !only_default {
+        out.push_str("clients\n");
+        for c in &clients {
+            let name = clean(text(c, "/name").unwrap_or("?"), 40);
+            let mut s = String::new();
+            if let Some(used) = num(c, "/used_today") {
+                let _ = write!(s, "{used} today");
+                if let Some(cap) = num(c, "/requests_per_day") {
+                    let _ = write!(s, " of {cap}");
+                }
+            }
+            if let Some(q) = num(c, "/queued") {
+                let _ = write!(s, ", {q} queued");
+            }
+            if let Some(w) = num(c, "/weight") {
+                let _ = write!(s, ", weight {w}");
+            }
+            if let Some(rpm) = num(c, "/requests_per_minute") {
+                let _ = write!(s, ", {rpm}/min");
+            }
+            let outcomes: Vec<String> = c
+                .pointer("/outcomes")
+                .and_then(Value::as_object)
+                .map(|o| {
+                    o.iter()
+                        .filter_map(|(k, n)| {
+                            let n = n.as_u64().filter(|n| *n > 0)?;
+                            Some(format!("{} {n}", clean(k, 40)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !outcomes.is_empty() {
+                let _ = write!(s, "; {}", outcomes.join(", "));
+            }
+            let _ = writeln!(out, "  {name:<width$}{s}", width = LABEL - 2);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A document shaped like `admin.rs` writes it: open, 812 of 5000 used.
+    fn open_doc() -> Value {
+        json!({
+            "version": "0.1.0",
+            "uptime_seconds": 4000.5,
+            "now": "2026-11-23T20:48:00Z",
+            "state": "open",
+            "upstream": "https://llm.chutes.ai",
+            "api_key": "configured",
+            "limits": {
+                "requests_per_minute": 50, "burst": 5, "requests_per_day": 5000,
+                "day_reset_utc": "00:00", "max_concurrent": 16, "queue_max_depth": 1000,
+                "queue_max_wait_seconds": 20.0
+            },
+            "tokens": {"available": 3, "capacity": 5, "spacing_seconds": 1.2, "next_in_seconds": 0.4},
+            "daily": {
+                "used": 812, "limit": 5000, "remaining": 4188, "exhausted": false,
+                "resets_at": "2026-11-24T00:00:00Z", "resets_in_seconds": 11520.0,
+                "resets_in": "3h12m0s", "upstream_quota_gate_until": null
+            },
+            "cooldown": {"active": false, "kind": null, "until": null, "remaining_seconds": null,
+                         "level": 0, "gate": "open", "last_upstream_429": null},
+            "queue": {"depth": 0, "oldest_wait_seconds": null},
+            "in_flight": 2,
+            "requests": {"bad_request": 0, "forwarded": 812, "queue_full": 0, "queue_timeout": 3},
+            "upstream_responses": {"200": 811, "500": 1},
+            "clients": [{"name": "default", "weight": 1, "queued": 0, "used_today": 812,
+                         "forwarded": 812, "requests_per_minute": null, "requests_per_day": null,
+                         "outcomes": {"forwarded": 812}}]
+        })
+    }
+
+    fn set(doc: &mut Value, pointer: &str, v: Value) {
+        *doc.pointer_mut(pointer).expect(pointer) = v;
+    }
+
+    #[test]
+    fn open_account_summary() {
+        let out = render(&open_doc(), false);
+        let want = [
+            "chutes-proxy 0.1.0, up 1h06m, upstream https://llm.chutes.ai",
+            "state      open",
+            "today      [###-----------------] 812/5000 (16%), 4188 left",
+            "resets     in 3h12m at 2026-11-24T00:00:00Z",
+            "tokens     3/5 available, next in 400ms (50/min, burst 5)",
+            "cooldown   none",
+            "queue      empty (max 1000, wait up to 20s)",
+            "in flight  2/16",
+            "requests   forwarded 812, queue_timeout 3",
+            "upstream   200: 811, 500: 1",
+        ];
+        assert_eq!(out, want.join("\n") + "\n");
+        assert!(out.is_ascii());
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        assert!(!render(&open_doc(), false).contains('\x1b'));
+        let coloured = render(&open_doc(), true);
+        assert!(coloured.contains("\x1b[32mopen\x1b[0m"), "{coloured}");
+    }
+
+    #[test]
+    fn bar_and_percentages() {
+        let plain = Style { color: false };
+        let cases: &[(u64, u64, &str)] = &[
+            (0, 300, "[--------------------] 0/300 (0%)"),
+            (150, 300, "[##########----------] 150/300 (50%)"),
+            (299, 300, "[###################-] 299/300 (99%)"),
+            (300, 300, "[####################] 300/300 (100%)"),
+            // More used than the cap (an upstream that counted differently): full, not a panic.
+            (400, 300, "[####################] 400/300 (100%)"),
+            (
+                u64::MAX,
+                1,
+                "[####################] 18446744073709551615/1 (100%)",
+            ),
+            (5, 0, "[####################] 5/0 (100%)"),
+        ];
+        for (used, cap, want) in cases {
+            assert_eq!(bar(*used, *cap, &plain), *want);
+        }
+    }
+
+    #[test]
+    fn no_daily_cap_shows_used_only() {
+        let mut doc = open_doc();
+        set(&mut doc, "/daily/limit", Value::Null);
+        set(&mut doc, "/daily/remaining", Value::Null);
+        set(&mut doc, "/limits/requests_per_day", Value::Null);
+        let out = render(&doc, false);
+        assert!(
+            out.contains("today      812 used (no daily cap)\n"),
+            "{out}"
+        );
+        assert!(!out.contains('['), "{out}");
+    }
+
+    #[test]
+    fn cooldown_with_last_429() {
+        let mut doc = open_doc();
+        set(&mut doc, "/state", json!("cooldown"));
+        set(
+            &mut doc,
+            "/cooldown",
+            json!({
+                "active": true, "kind": "rate_limited", "until": "2026-11-23T21:00:00Z",
+                "remaining_seconds": 723.2, "level": 2, "gate": "open",
+                "last_upstream_429": {
+                    "at": "2026-11-23T20:47:00Z", "ago_seconds": 60.0, "status": 429,
+                    "headers": [["retry-after", "30"], ["x-ratelimit-remaining", "0"], "junk"],
+                    // An escape sequence from the upstream must not reach the terminal.
+                    "body": "<html>\n<h1>429 Too Many\u{1b}[31m Requests</h1>"
+                }
+            }),
+        );
+        let out = render(&doc, false);
+        assert!(
+            out.contains("state      COOLDOWN: the upstream answered 429"),
+            "{out}"
+        );
+        assert!(
+            out.contains("cooldown   ACTIVE until 2026-11-23T21:00:00Z (12m03s left), level 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("last 429   1m00s ago (2026-11-23T20:47:00Z), status 429; retry-after: 30; x-ratelimit-remaining: 0; body \"<html>\\n<h1>429 Too Many\\u{1b}[31m Requests</h1>\"\n"), "{out}");
+        assert!(!out.contains('\x1b'));
+    }
+
+    #[test]
+    fn daily_quota_exhausted_and_queue() {
+        let mut doc = open_doc();
+        set(&mut doc, "/state", json!("daily_quota_exhausted"));
+        set(&mut doc, "/daily/used", json!(5000));
+        set(&mut doc, "/daily/remaining", json!(0));
+        set(
+            &mut doc,
+            "/daily/upstream_quota_gate_until",
+            json!("2026-11-24T00:00:00Z"),
+        );
+        set(
+            &mut doc,
+            "/queue",
+            json!({"depth": 4, "oldest_wait_seconds": 2.345}),
+        );
+        set(&mut doc, "/cooldown/level", json!(1));
+        let out = render(&doc, false);
+        assert!(out.contains("DAILY QUOTA EXHAUSTED"), "{out}");
+        assert!(
+            out.contains("[####################] 5000/5000 (100%), 0 left"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quota gate the upstream answered 402"),
+            "{out}"
+        );
+        assert!(
+            out.contains("queue      4 waiting, oldest 2.3s (max 1000"),
+            "{out}"
+        );
+        assert!(out.contains("cooldown   none (level 1:"), "{out}");
+    }
+
+    #[test]
+    fn per_client_lines_only_with_configured_clients() {
+        assert!(!render(&open_doc(), false).contains("clients"));
+        let mut doc = open_doc();
+        set(
+            &mut doc,
+            "/clients",
+            json!([
+                {"name": "default", "weight": 1, "queued": 0, "used_today": 12, "outcomes": {"forwarded": 12}},
+                {"name": "chatbot", "weight": 3, "queued": 2, "used_today": 800,
+                 "requests_per_minute": 30, "requests_per_day": 2000,
+                 "outcomes": {"forwarded": 800, "client_rate_limited": 5, "queue_full": 0}}
+            ]),
+        );
+        let out = render(&doc, false);
+        assert!(out.contains("\nclients\n  default  12 today, 0 queued, weight 1; forwarded 12\n  chatbot  800 today of 2000, 2 queued, weight 3, 30/min; client_rate_limited 5, forwarded 800\n"), "{out}");
+    }
+
+    #[test]
+    fn never_panics_on_odd_documents() {
+        let odd = [
+            json!(null),
+            json!([1, 2, 3]),
+            json!("status"),
+            json!({}),
+            json!({"daily": "x", "limits": 5, "cooldown": {"active": "yes", "last_upstream_429": []}}),
+            json!({"daily": {"used": -1, "limit": 0, "resets_in_seconds": -5.0},
+                   "tokens": {"available": 1e300}, "queue": {"depth": 1, "oldest_wait_seconds": 1e300},
+                   "clients": [null, {"name": 5}], "requests": {"x": "y"}, "upstream_responses": []}),
+        ];
+        for doc in &odd {
+            for color in [false, true] {
+                let _ = render(doc, color);
+            }
+        }
+    }
+
+    #[test]
+    fn durations_for_people() {
+        let cases: &[(f64, &str)] = &[
+            (f64::NAN, "0s"),
+            (-3.0, "0s"),
+            (0.0, "0s"),
+            (0.0001, "1ms"),
+            (0.4, "400ms"),
+            (2.55, "2.5s"),
+            (42.4, "42s"),
+            (725.0, "12m05s"),
+            (11_520.0, "3h12m"),
+            (190_000.0, "2d4h"),
+            (1e300, "213503982334601d7h"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(human_duration(*secs), *want, "{secs}");
+        }
+    }
+
+    #[test]
+    fn admin_urls() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "http://127.0.0.1:9090",
+                Some("http://127.0.0.1:9090/status"),
+            ),
+            (
+                "http://127.0.0.1:9090/",
+                Some("http://127.0.0.1:9090/status"),
+            ),
+            ("127.0.0.1:9090", Some("http://127.0.0.1:9090/status")),
+            (
+                " http://localhost:9090/status ",
+                Some("http://localhost:9090/status"),
+            ),
+            ("http://host:1/prefix/", Some("http://host:1/prefix/status")),
+            ("https://host:9090", None),
+            ("http://", None),
+            ("not a url at all", None),
+        ];
+        for (input, want) in cases {
+            let got = status_url(input).map(|u| u.to_string()).ok();
+            assert_eq!(got.as_deref(), *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn documents_are_checked() {
+        assert!(check_document(&open_doc()).is_ok());
+        assert_eq!(check_document(&json!({"ok": true})), Err("\"version\""));
+        let mut doc = open_doc();
+        set(&mut doc, "/daily/used", json!("many"));
+        assert_eq!(check_document(&doc), Err("\"daily.used\""));
+    }
 }

@@ -8,4 +8,5 @@ mod budget;
 mod clients;
 mod core;
 mod fleet;
+mod observability;
 mod smoke;
