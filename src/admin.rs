@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::admission::Admission;
 use crate::body::ResponseBody;
-use crate::config::Config;
+use crate::config::{Backend, Config, OnRedisError};
 use crate::metrics::{Format, Metrics};
 use crate::units::{format_reset, format_rfc3339};
 
@@ -41,7 +41,7 @@ impl Admin {
         match req.uri().path() {
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/status" => {
-                let body = serde_json::to_vec_pretty(&self.status()).unwrap_or_default();
+                let body = serde_json::to_vec_pretty(&self.status().await).unwrap_or_default();
                 text(StatusCode::OK, "application/json", body.into())
             }
             "/metrics" => {
@@ -69,7 +69,35 @@ impl Admin {
     /// The `/status` document. Every field is described in docs/observability.md; keys are
     /// stable (scripts read them), and a field that does not apply is `null` rather than
     /// missing.
-    pub fn status(&self) -> Value {
+    pub async fn status(&self) -> Value {
+        // Read Redis before taking the snapshot: the call is bounded (fleet::CALL_TIMEOUT) but
+        // still I/O, and the snapshot should be as fresh as possible when the document is sent.
+        let fleet = match self.admission.fleet() {
+            Some(f) => Some((f.status(self.admission.day_index()).await, f.is_healthy())),
+            None => None,
+        };
+        let fleet = fleet.map(|(f, healthy)| {
+            let ss = &self.config.shared_state;
+            let unix = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));
+            json!({
+                "redis_url": redact_url(&ss.redis_url),
+                "key_prefix": ss.key_prefix,
+                "on_redis_error": match ss.on_redis_error {
+                    OnRedisError::FailClosed => "fail_closed",
+                    OnRedisError::Local => "local",
+                },
+                "reachable": f.reachable,
+                // `reachable` is this read; `healthy` is what admission currently believes
+                // (it decides between Redis and the fallback).
+                "healthy": healthy,
+                "last_error": f.last_error,
+                "used_today": f.used_today,
+                "cooldown_until": unix(f.cooldown_until_unix),
+                "cooldown_level": f.level,
+                "quota_gate_until": unix(f.gate_until_unix),
+                "probe_needed": f.probe_needed,
+            })
+        });
         let s = self.admission.snapshot();
         let settings = self.admission.settings();
         let now = std::time::SystemTime::now()
@@ -113,7 +141,13 @@ impl Admin {
             "upstream": cfg.upstream.url.to_string(),
             // Whether a key is configured, never the key (nor its length or a prefix).
             "api_key": if cfg.upstream.api_key.is_some() { "configured" } else { "not configured (client auth passes through)" },
-            "backend": "local",
+            "backend": match self.config.shared_state.backend {
+                Backend::Local => "local",
+                Backend::Redis => "redis",
+            },
+            // The fleet-wide figures from Redis (`null` with the local backend): `daily` and
+            // `cooldown` above are this replica's view.
+            "fleet": fleet,
             "limits": {
                 "requests_per_minute": s.requests_per_minute,
                 "burst": s.burst,
@@ -180,6 +214,22 @@ impl Admin {
     }
 }
 
+/// A URL with any userinfo (a Redis password) replaced. The last `@` ends the userinfo, so a
+/// password containing `@` is hidden whole.
+fn redact_url(url: &str) -> String {
+    match url.rsplit_once('@') {
+        Some((before, host)) => {
+            let scheme = before.split_once("://").map_or("", |(s, _)| s);
+            if scheme.is_empty() {
+                format!("<redacted>@{host}")
+            } else {
+                format!("{scheme}://<redacted>@{host}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ResponseBody> {
     let mut r = Response::new(ResponseBody::full(body));
     *r.status_mut() = status;
@@ -188,4 +238,25 @@ fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redis_passwords_never_show() {
+        let cases = [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            (
+                "redis://:secret@host:6379/0",
+                "redis://<redacted>@host:6379/0",
+            ),
+            ("rediss://user:p@ss@host/1", "rediss://<redacted>@host/1"),
+            ("user:pw@host", "<redacted>@host"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want);
+        }
+    }
 }

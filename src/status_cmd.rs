@@ -317,6 +317,49 @@ pub fn render(status: &Value, color: bool) -> String {
     };
     line("state", state_line);
 
+    // Fleet: several replicas sharing the budget through Redis.
+    if let Some(fleet) = status.pointer("/fleet").filter(|f| f.is_object()) {
+        let mut s = format!(
+            "redis {}",
+            clean(text(fleet, "/redis_url").unwrap_or("?"), 120)
+        );
+        if let Some(prefix) = text(fleet, "/key_prefix") {
+            let _ = write!(s, " (prefix \"{}\")", clean(prefix, 60));
+        }
+        if fleet.pointer("/reachable").and_then(Value::as_bool) == Some(false) {
+            let mut bad = "UNREACHABLE".to_string();
+            if let Some(e) = text(fleet, "/last_error") {
+                let _ = write!(bad, " ({})", clean(e, 120));
+            }
+            let _ = match text(fleet, "/on_redis_error") {
+                Some("fail_closed") => write!(bad, "; requests are shed with 503"),
+                Some("local") => write!(bad, "; running on a local share of the budget"),
+                _ => Ok(()),
+            };
+            let _ = write!(s, ": {}", st.red(&bad));
+        } else {
+            s.push_str(": reachable");
+            if let Some(used) = num(fleet, "/used_today") {
+                let _ = write!(s, ", {used} used today fleet-wide");
+            }
+            if let Some(until) = text(fleet, "/cooldown_until") {
+                let _ = write!(
+                    s,
+                    ", {}",
+                    st.red(&format!("cooldown until {}", clean(until, 40)))
+                );
+            }
+            if let Some(until) = text(fleet, "/quota_gate_until") {
+                let _ = write!(
+                    s,
+                    ", {}",
+                    st.red(&format!("quota gate until {}", clean(until, 40)))
+                );
+            }
+        }
+        line("fleet", s);
+    }
+
     // Today: used of the cap, and when it resets.
     let used = num(status, "/daily/used").unwrap_or(0);
     let cap = num(status, "/daily/limit").or_else(|| num(status, "/limits/requests_per_day"));
@@ -718,6 +761,29 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("cooldown   none (level 1:"), "{out}");
+    }
+
+    #[test]
+    fn fleet_line_says_whether_redis_answers() {
+        assert!(!render(&open_doc(), false).contains("fleet"));
+        let mut doc = open_doc();
+        doc["fleet"] = json!({
+            "redis_url": "redis://<redacted>@10.0.0.5:6379/0", "key_prefix": "chutes-proxy:",
+            "on_redis_error": "fail_closed", "reachable": true, "healthy": true,
+            "last_error": null, "used_today": 2412, "cooldown_until": "2026-11-23T21:00:00Z",
+            "cooldown_level": 1, "quota_gate_until": null, "probe_needed": false
+        });
+        let out = render(&doc, false);
+        assert!(out.contains("fleet      redis redis://<redacted>@10.0.0.5:6379/0 (prefix \"chutes-proxy:\"): reachable, 2412 used today fleet-wide, cooldown until 2026-11-23T21:00:00Z\n"), "{out}");
+        doc["fleet"]["reachable"] = json!(false);
+        doc["fleet"]["last_error"] = json!("Connection refused (os error 111)");
+        let out = render(&doc, false);
+        assert!(
+            out.contains(
+                ": UNREACHABLE (Connection refused (os error 111)); requests are shed with 503\n"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

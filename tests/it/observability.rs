@@ -127,6 +127,8 @@ async fn status_and_metrics_count_forwarded_and_shed_requests() {
     assert!(s["uptime_seconds"].as_f64().is_some_and(|u| u >= 0.0));
     assert_eq!(s["state"], "open");
     assert_eq!(s["api_key"], "configured");
+    assert_eq!(s["backend"], "local");
+    assert_eq!(s["fleet"], Value::Null);
     assert_eq!(s["limits"]["requests_per_minute"], 1);
     assert_eq!(s["limits"]["burst"], 1);
     assert_eq!(s["limits"]["requests_per_day"], 10);
@@ -655,4 +657,46 @@ async fn status_command_fails_clearly_without_a_proxy() {
     let (code, _, err) = run_cli(&["status", "--admin", "https://127.0.0.1:1"]).await;
     assert_ne!(code, Some(0));
     assert!(err.contains("only http://"), "{err}");
+}
+
+#[tokio::test]
+async fn status_shows_the_fleet_and_whether_redis_answers() {
+    if !redis_available("status_shows_the_fleet_and_whether_redis_answers") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = format!(
+        "[shared_state]\nbackend = \"redis\"\nredis_url = \"{}\"\nkey_prefix = \"obs:\"\n",
+        redis.url()
+    );
+    let proxy = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    assert_eq!(get(&c, &proxy.url("/v1/models")).await.status, 200);
+
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["backend"], "redis");
+    let f = &s["fleet"];
+    assert_eq!(f["reachable"], true, "{f}");
+    assert_eq!(f["healthy"], true, "{f}");
+    assert_eq!(f["key_prefix"], "obs:");
+    assert_eq!(f["on_redis_error"], "fail_closed");
+    assert_eq!(f["redis_url"], redis.url());
+    assert_eq!(
+        f["used_today"], 1,
+        "the fleet-wide count is read from Redis"
+    );
+    assert_eq!(f["cooldown_until"], Value::Null);
+
+    redis.kill();
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["fleet"]["reachable"], false, "{}", s["fleet"]);
+    assert!(s["fleet"]["last_error"].is_string(), "{}", s["fleet"]);
+    let (code, out, err) = run_cli(&["status", "--admin", &proxy.admin_url("")]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("UNREACHABLE") && out.contains("requests are shed with 503"),
+        "{out}"
+    );
+    proxy.stop().await.unwrap();
 }
