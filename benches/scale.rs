@@ -1,0 +1,417 @@
+//! Scale: 10,000 clients queued at once, each on its own connection, against a budget that is
+//! shut while they arrive, through the release proxy over loopback.
+//!
+//! Why: a sidecar proxy must survive the day a batch job fires ten thousand requests at it:
+//! bounded memory (target ≤ 64 MiB peak RSS), no reordering (FIFO within a client), and no
+//! client left hanging past its deadline without either a response or a 429 that says when to
+//! come back.
+//!
+//! How: the mock answers a first "primer" request with `x-ratelimit-remaining-requests: 0` and
+//! a reset a few seconds ahead, which closes the proxy's gate (the proactive signal path, no
+//! probe). While it is shut, 10,000 clients connect and send in waves of 100, 25 ms apart,
+//! each tagged `x-bench-seq` with its send order; every one queues (`max_depth = 10,000`,
+//! the estimate fits `max_wait`). Then 200 more arrive and must be shed at once with
+//! `queue_full` and a `Retry-After`. When the gate opens the queue drains at 500 req/s. The
+//! mock logs the order it receives them in; the admin `/status` is polled for the queue depth;
+//! the proxy's peak RSS is its own `VmHWM` (it is a separate process).
+//!
+//! FIFO is checked at wave granularity: waves are 25 ms apart, so every request of wave k is
+//! queued before wave k+1 is sent, and the upstream must see waves in order. Within a wave
+//! the 100 requests race each other through connect/accept, so their relative order is
+//! reported but not expected.
+//!
+//! Run: `cargo bench --bench scale` (raises its own RLIMIT_NOFILE to the hard limit, which
+//! the proxy inherits; `scripts/bench-scale.sh` also tries `ulimit -n`). About 40 s. Under
+//! `cargo test` it does a smoke run with 200 clients.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::{bench_mode, fmt_dur, raise_nofile, raw_request, Conn, Mock, ProxyProcess};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Plan {
+    clients: usize,
+    wave: usize,
+    wave_gap: Duration,
+    extra: usize,
+    gate: Duration,
+    rpm: u32,
+    max_wait: Duration,
+}
+
+/// What one client saw.
+#[derive(Clone, Copy, Default)]
+struct Outcome {
+    status: u16,
+    retry_after: Option<u64>,
+    elapsed: Duration,
+    error: bool,
+}
+
+/// Slack on top of `max_wait` for "answered by its deadline": the proxy sheds at the deadline,
+/// and the answer still has to cross loopback on a busy 2-core machine.
+const DEADLINE_SLACK: Duration = Duration::from_secs(1);
+
+fn main() {
+    let full = bench_mode();
+    let plan = if full {
+        Plan {
+            clients: 10_000,
+            wave: 100,
+            wave_gap: Duration::from_millis(25),
+            extra: 200,
+            gate: Duration::from_secs(8),
+            rpm: 30_000,
+            max_wait: Duration::from_secs(40),
+        }
+    } else {
+        println!("scale: smoke run (cargo test); `cargo bench --bench scale` for the real one");
+        Plan {
+            clients: 200,
+            wave: 50,
+            wave_gap: Duration::from_millis(25),
+            extra: 20,
+            gate: Duration::from_secs(1),
+            rpm: 60_000,
+            max_wait: Duration::from_secs(10),
+        }
+    };
+    let nofile = raise_nofile();
+    let needed = (plan.clients + plan.extra + 200) as u64;
+    if nofile < needed {
+        println!(
+            "scale: RLIMIT_NOFILE is {nofile}, {needed} needed; raise the hard limit (ulimit -Hn) and rerun. Skipped."
+        );
+        return;
+    }
+
+    let mock = Mock::start(2, true, plan.gate);
+    let toml = format!(
+        r#"[server]
+max_connections = {}
+[upstream]
+url = "{}"
+[limits]
+requests_per_minute = {}
+burst = 1
+max_concurrent = 64
+[queue]
+max_depth = {}
+max_wait = "{}s"
+[state]
+path = ""
+"#,
+        plan.clients + plan.extra + 1000,
+        mock.url(),
+        plan.rpm,
+        plan.clients,
+        plan.max_wait.as_secs()
+    );
+    let proxy = ProxyProcess::start(&toml, true, "info");
+    let admin = proxy.admin.expect("admin listener");
+    let (idle_rss, _) = proxy.rss_kib();
+
+    // Close the gate.
+    let mut c = Conn::connect(proxy.addr).expect("connect to the proxy");
+    let primer = c
+        .roundtrip(&raw_request(proxy.addr, false, "x-bench-primer: 1\r\n"))
+        .expect("primer");
+    assert_eq!(primer.status, 200, "primer request");
+    drop(c);
+    mock.clear();
+
+    // Watch the queue depth and the proxy's memory while the clients arrive and drain.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak_depth = Arc::new(AtomicUsize::new(0));
+    let rss_at_peak = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        let peak_depth = Arc::clone(&peak_depth);
+        let rss_at_peak = Arc::clone(&rss_at_peak);
+        let pid = proxy.pid();
+        std::thread::spawn(move || watch(admin, pid, &stop, &peak_depth, &rss_at_peak))
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let outcomes = rt.block_on(clients(proxy.addr, &plan));
+    let total_time = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let (_, hwm) = proxy.rss_kib();
+
+    report(
+        &plan,
+        &mock,
+        &outcomes,
+        idle_rss,
+        hwm,
+        peak_depth.load(Ordering::Relaxed),
+        rss_at_peak.load(Ordering::Relaxed) as u64,
+        total_time,
+    );
+}
+
+/// Poll `/status` every 100 ms for the queue depth, sampling RSS when the depth peaks.
+fn watch(
+    admin: SocketAddr,
+    pid: u32,
+    stop: &AtomicBool,
+    peak: &AtomicUsize,
+    rss_at_peak: &AtomicUsize,
+) {
+    let req = format!("GET /status HTTP/1.1\r\nHost: {admin}\r\n\r\n").into_bytes();
+    let mut conn = Conn::connect(admin).ok();
+    // Bounded: the run itself is bounded, and this stops after 10 minutes regardless.
+    let end = Instant::now() + Duration::from_secs(600);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        if conn.is_none() {
+            conn = Conn::connect(admin).ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            match c.roundtrip_body(&req) {
+                Ok((_, body)) => {
+                    let depth = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["queue"]["depth"].as_u64())
+                        .unwrap_or(0) as usize;
+                    if depth > peak.load(Ordering::Relaxed) {
+                        peak.store(depth, Ordering::Relaxed);
+                        let rss = support::proc_status_kib(pid, "VmRSS").unwrap_or(0);
+                        rss_at_peak.store(rss as usize, Ordering::Relaxed);
+                    }
+                }
+                Err(_) => conn = None,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn clients(addr: SocketAddr, plan: &Plan) -> Vec<Outcome> {
+    let n = plan.clients + plan.extra;
+    let mut set = tokio::task::JoinSet::new();
+    let budget = plan.max_wait + plan.gate + Duration::from_secs(15);
+    for i in 0..n {
+        if i > 0 && i % plan.wave == 0 {
+            tokio::time::sleep(plan.wave_gap).await;
+        }
+        if i == plan.clients {
+            // Let the last wave settle into the queue before the extras test the full queue.
+            tokio::time::sleep(plan.wave_gap * 4).await;
+        }
+        let req = raw_request(
+            addr,
+            false,
+            &format!("Connection: close\r\nx-bench-seq: {i}\r\n"),
+        );
+        set.spawn(async move {
+            let t0 = Instant::now();
+            // Bounded: nobody waits past the run's budget.
+            let r = tokio::time::timeout(budget, one(addr, &req)).await;
+            let mut o = match r {
+                Ok(Ok(o)) => o,
+                _ => Outcome {
+                    error: true,
+                    ..Outcome::default()
+                },
+            };
+            o.elapsed = t0.elapsed();
+            (i, o)
+        });
+    }
+    let mut out = vec![Outcome::default(); n];
+    while let Some(r) = set.join_next().await {
+        if let Ok((i, o)) = r {
+            out[i] = o;
+        }
+    }
+    out
+}
+
+/// One client: its own connection, one request, read until the server closes.
+async fn one(addr: SocketAddr, req: &[u8]) -> std::io::Result<Outcome> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(req).await?;
+    let mut buf = Vec::with_capacity(2048);
+    s.read_to_end(&mut buf).await?;
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let retry_after = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("retry-after")
+            .then(|| v.trim().parse().ok())?
+    });
+    Ok(Outcome {
+        status,
+        retry_after,
+        elapsed: Duration::ZERO,
+        error: false,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    plan: &Plan,
+    mock: &Mock,
+    outcomes: &[Outcome],
+    idle_rss: u64,
+    hwm: u64,
+    peak_depth: usize,
+    rss_at_peak: u64,
+    total_time: Duration,
+) {
+    let deadline = plan.max_wait + DEADLINE_SLACK;
+    let mut by_status: BTreeMap<u16, usize> = BTreeMap::new();
+    let (mut errors, mut late, mut bare_429) = (0, 0, 0);
+    let mut max_elapsed = Duration::ZERO;
+    for o in outcomes {
+        if o.error {
+            errors += 1;
+            continue;
+        }
+        *by_status.entry(o.status).or_default() += 1;
+        if o.status == 429 && o.retry_after.is_none() {
+            bare_429 += 1;
+        }
+        if o.elapsed > deadline {
+            late += 1;
+        }
+        max_elapsed = max_elapsed.max(o.elapsed);
+    }
+    let extras = &outcomes[plan.clients..];
+    let extras_shed_fast = extras
+        .iter()
+        .filter(|o| {
+            o.status == 429 && o.retry_after.is_some() && o.elapsed < Duration::from_secs(1)
+        })
+        .count();
+
+    // FIFO: the upstream's arrival order against send order.
+    let arrivals = mock.arrivals();
+    let seqs: Vec<usize> = arrivals
+        .iter()
+        .filter_map(|a| a.seq.map(|s| s as usize))
+        .collect();
+    // Across waves: the wave index must never go down in arrival order.
+    let mut wave_violations = 0;
+    let mut max_wave = 0;
+    for &s in &seqs {
+        let w = s / plan.wave;
+        if w < max_wave {
+            wave_violations += 1;
+        }
+        max_wave = max_wave.max(w);
+    }
+    // Within a wave: the fraction of request pairs served in the opposite order to the one
+    // they were sent in (0 = send order, about 0.5 = no relation to send order).
+    let (mut inverted, mut pairs) = (0usize, 0usize);
+    for w in 0..plan.clients.div_ceil(plan.wave) {
+        let order: Vec<usize> = seqs
+            .iter()
+            .copied()
+            .filter(|s| s / plan.wave == w)
+            .collect();
+        for i in 0..order.len() {
+            for j in i + 1..order.len() {
+                pairs += 1;
+                inverted += usize::from(order[i] > order[j]);
+            }
+        }
+    }
+    let in_wave_inverted = inverted as f64 / pairs.max(1) as f64;
+    let forwarded = seqs.len();
+    let duplicate_or_lost = {
+        let mut v = seqs.clone();
+        v.sort_unstable();
+        v.dedup();
+        v.len() != forwarded
+    };
+
+    println!();
+    println!(
+        "## {} clients queued at once (+{} over the queue limit), {} req/min, gate shut {}s, max_wait {}s",
+        plan.clients,
+        plan.extra,
+        plan.rpm,
+        plan.gate.as_secs(),
+        plan.max_wait.as_secs()
+    );
+    println!();
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| peak queue depth seen in /status | {peak_depth} |");
+    println!(
+        "| proxy RSS idle / at peak depth / peak (VmHWM) | {:.1} / {:.1} / {:.1} MiB (target ≤ 64 MiB) |",
+        idle_rss as f64 / 1024.0,
+        rss_at_peak as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    println!(
+        "| RSS per queued client (peak − idle) / depth | {:.1} KiB |",
+        (hwm.saturating_sub(idle_rss)) as f64 / peak_depth.max(1) as f64
+    );
+    println!(
+        "| responses by status | {} |",
+        by_status
+            .iter()
+            .map(|(s, n)| format!("{s}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("| client errors (no response at all) | {errors} |");
+    println!("| 429 without Retry-After | {bare_429} |");
+    println!(
+        "| answered after max_wait + {}s | {late} (slowest {}) |",
+        DEADLINE_SLACK.as_secs(),
+        fmt_dur(max_elapsed)
+    );
+    println!(
+        "| extra clients shed at once with 429 + Retry-After | {extras_shed_fast} of {} |",
+        plan.extra
+    );
+    println!(
+        "| forwarded upstream | {forwarded}{} |",
+        if duplicate_or_lost {
+            " (DUPLICATES!)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "| FIFO across waves (waves {} ms apart) | {} |",
+        plan.wave_gap.as_millis(),
+        if wave_violations == 0 {
+            "held: 0 violations".to_string()
+        } else {
+            format!("{wave_violations} requests served before an earlier wave's")
+        }
+    );
+    println!(
+        "| within a wave (sent concurrently): pairs served in reverse send order | {:.1}% |",
+        100.0 * in_wave_inverted
+    );
+    println!("| total run time | {} |", fmt_dur(total_time));
+    if !bench_mode() {
+        assert_eq!(errors, 0, "every client got an answer");
+        assert_eq!(bare_429, 0, "every 429 had a Retry-After");
+    }
+}
