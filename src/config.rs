@@ -464,7 +464,7 @@ impl Config {
         );
         if ss.backend == Backend::Redis {
             // A Redis URL may carry a password: show only where it points.
-            let shown = match ss.redis_url.split_once('@') {
+            let shown = match ss.redis_url.rsplit_once('@') {
                 Some((_, host)) => format!("redis://<redacted>@{host}"),
                 None => ss.redis_url.clone(),
             };
@@ -1380,6 +1380,20 @@ mod tests {
         assert!(k.contains(&"clients.client[1].token_env".to_string()));
         assert!(k.contains(&"clients.client[1].max_wait".to_string()));
         assert!(k.contains(&"clients.client[1].colour".to_string()));
+    }
+
+    #[test]
+    fn redis_passwords_never_show_in_check_output() {
+        let c = load(
+            "[shared_state]\nbackend = \"redis\"\nredis_url = \"redis://:s3cr@t-pw@cache:6379/0\"\n",
+        )
+        .unwrap();
+        let out = c.render();
+        assert!(out.contains("redis://<redacted>@cache:6379/0"), "{out}");
+        assert!(!out.contains("s3cr") && !out.contains("t-pw"), "{out}");
+        let e =
+            load("[shared_state]\nbackend = \"redis\"\nglobal_concurrency = true\n").unwrap_err();
+        assert_eq!(keys(e), vec!["shared_state.global_concurrency"]);
     }
 
     #[test]

@@ -718,7 +718,10 @@ impl Inner {
             for c in &mut self.clients {
                 c.used_today = 0;
             }
-            tracing::info!(day = today, "new quota day: daily counts reset");
+            tracing::info!(
+                day = today,
+                "new quota day: daily counts reset, daily gate open"
+            );
             shared.request_persist();
         }
     }
@@ -881,6 +884,13 @@ impl Inner {
     fn grant(&mut self, shared: &Arc<Shared>, client: ClientId, waited: Duration) -> Permit {
         self.in_flight += 1;
         self.day.used += 1;
+        if shared.settings.requests_per_day == Some(self.day.used) {
+            tracing::info!(
+                used = self.day.used,
+                resets_at = %crate::units::format_rfc3339(day_end(self.day.index, shared.settings.day_reset_offset)),
+                "daily cap reached: gate closed until the quota day resets"
+            );
+        }
         let c = &mut self.clients[client];
         c.used_today += 1;
         c.forwarded += 1;

@@ -9,4 +9,5 @@ mod clients;
 mod core;
 mod fleet;
 mod observability;
+mod signals;
 mod smoke;
