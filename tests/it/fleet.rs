@@ -60,28 +60,8 @@ async fn three_replicas_never_exceed_the_account_rate() {
     }
     assert_eq!(ok, 24);
     let seen = mock.wait_for_requests(24).await;
-    let mut at: Vec<_> = seen.iter().map(|r| r.at).collect();
-    at.sort();
     // 250 ms spacing keeps scheduling jitter on a loaded machine well below one interval.
-    let spacing = Duration::from_millis(250);
-    for (i, &t) in at.iter().enumerate() {
-        for w_ms in [0u64, 250, 1000, 3000] {
-            let w = Duration::from_millis(w_ms);
-            let n = at[i..].iter().take_while(|&&x| x <= t + w).count();
-            // One request of slack for loopback jitter, as in the single-replica test.
-            let allowed = 3 + (w.as_nanos() / spacing.as_nanos()) as usize + 1;
-            assert!(
-                n <= allowed,
-                "{n} arrivals within {w_ms}ms (allowed {allowed})"
-            );
-        }
-    }
-    let span = *at.last().unwrap() - at[0];
-    // 24 requests after a burst of 3 take 21 spacings (one of slack for jitter).
-    assert!(
-        span >= spacing * 20,
-        "24 requests in {span:?}: the fleet burst"
-    );
+    assert_account_rate(&seen, 3, Duration::from_millis(250), &[0, 250, 1000, 3000]);
     for p in proxies {
         p.stop().await.unwrap();
     }

@@ -18,4 +18,6 @@ pub use mock::{
     RawUpstream, Recorded, Reply, WAIT_LIMIT,
 };
 #[allow(unused_imports)]
-pub use proxy::{client, get, req, send, Got, Start, TestClient, TestProxy, TEST_KEY};
+pub use proxy::{
+    assert_account_rate, client, get, req, send, Got, Start, TestClient, TestProxy, TEST_KEY,
+};

@@ -204,3 +204,37 @@ pub async fn get(c: &TestClient, url: &str) -> Got {
 pub fn req(method: &str, url: &str) -> http::request::Builder {
     http::Request::builder().method(method).uri(url)
 }
+
+/// Assert that the upstream's arrival times (`seen`) never exceed `burst + rate × w` in any
+/// window `w` of `windows_ms`, with one request of slack for loopback scheduling jitter (a
+/// request granted just before another can arrive just after it; any real burst overshoots by
+/// far more), and that the whole run was not faster than the spacing allows.
+pub fn assert_account_rate(
+    seen: &[super::Recorded],
+    burst: usize,
+    spacing: Duration,
+    windows_ms: &[u64],
+) {
+    let mut at: Vec<_> = seen.iter().map(|r| r.at).collect();
+    at.sort();
+    for (i, &t) in at.iter().enumerate() {
+        for &w_ms in windows_ms {
+            let w = Duration::from_millis(w_ms);
+            let n = at[i..].iter().take_while(|&&x| x <= t + w).count();
+            let allowed = burst + (w.as_nanos() / spacing.as_nanos()) as usize + 1;
+            assert!(
+                n <= allowed,
+                "{n} arrivals within {w_ms}ms (allowed {allowed})"
+            );
+        }
+    }
+    if at.len() > burst + 1 {
+        let span = *at.last().unwrap() - at[0];
+        let min = spacing * (at.len() - burst - 1) as u32;
+        assert!(
+            span >= min,
+            "{} requests in {span:?} (at least {min:?} expected)",
+            at.len()
+        );
+    }
+}
