@@ -48,6 +48,9 @@ pub const DEFAULT_COOLDOWN_MULTIPLIER: f64 = 2.0;
 /// A quiet period this long after a cooldown ends forgets the escalation level.
 pub const DEFAULT_COOLDOWN_DECAY: Duration = Duration::from_secs(600);
 pub const DEFAULT_STATE_PATH: &str = "chutes-proxy-state.json";
+/// No duration setting makes sense beyond a year, and bounding them keeps every
+/// `Instant + Duration` in the proxy far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 pub const DEFAULT_KEY_PREFIX: &str = "chutes-proxy:";
 
@@ -666,6 +669,13 @@ impl Validator {
         match s.table.remove(key) {
             None => default,
             Some(Value::String(v)) => match parse_duration(&v) {
+                Ok(d) if d > MAX_DURATION => {
+                    self.err(
+                        &full,
+                        format!("{v:?} is longer than the 365 days any setting may be"),
+                    );
+                    default
+                }
                 Ok(d) => d,
                 Err(e) => {
                     self.err(&full, e);
@@ -1380,6 +1390,13 @@ mod tests {
         assert!(k.contains(&"clients.client[1].token_env".to_string()));
         assert!(k.contains(&"clients.client[1].max_wait".to_string()));
         assert!(k.contains(&"clients.client[1].colour".to_string()));
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        let e = load("[queue]\nmax_wait = \"99999999999h\"\n[upstream]\nidle_timeout = \"400d\"\n")
+            .unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.idle_timeout", "queue.max_wait"]);
     }
 
     #[test]
