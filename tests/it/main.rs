@@ -8,6 +8,7 @@ mod budget;
 mod clients;
 mod core;
 mod fleet;
+mod hostile;
 mod observability;
 mod signals;
 mod smoke;
