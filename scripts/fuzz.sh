@@ -32,13 +32,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "building fuzz targets (sanitizer: $sanitizer)..."
-if ! cargo fuzz build --fuzz-dir fuzz -s "$sanitizer" "${targets[@]/#/--bin=}" >/dev/null 2>/tmp/fuzz-build.$$ ; then
-    # Older cargo-fuzz builds one target per call; fall back to that.
+# `cargo fuzz build` takes one target, or none for all of them.
+if [ $# -eq 0 ]; then
+    cargo fuzz build --fuzz-dir fuzz -s "$sanitizer" || exit 1
+else
     for t in "${targets[@]}"; do
-        cargo fuzz build --fuzz-dir fuzz -s "$sanitizer" "$t" || { cat /tmp/fuzz-build.$$ >&2; exit 1; }
+        cargo fuzz build --fuzz-dir fuzz -s "$sanitizer" "$t" || exit 1
     done
 fi
-rm -f /tmp/fuzz-build.$$
 
 logdir="fuzz/artifacts/logs"  # git-ignored with the artifacts
 mkdir -p "$logdir"
