@@ -22,7 +22,7 @@ pub struct RequestLog {
     pub status: u16,
     /// What the upstream answered, when it was asked and answered.
     pub upstream_status: Option<u16>,
-    /// `forwarded` or a shed reason.
+    /// `forwarded`, a shed reason, or `client_gone` (the client left before any response).
     pub outcome: &'static str,
     pub started: Instant,
     pub queue_wait: Option<Duration>,
@@ -54,7 +54,9 @@ impl RequestLog {
             path,
             status: 0,
             upstream_status: None,
-            outcome: "forwarded",
+            // Until the pipeline says otherwise: a request whose client left before any
+            // response (while queued, or before the upstream answered) is logged as such.
+            outcome: "client_gone",
             started: Instant::now(),
             queue_wait: None,
             upstream_latency: None,

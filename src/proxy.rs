@@ -101,7 +101,7 @@ impl Proxy {
             req.uri().path(),
         );
         let mut p = Pipeline {
-            proxy: &self,
+            proxy: Arc::clone(&self),
             request_id,
             client,
             log,
@@ -136,7 +136,22 @@ impl Proxy {
                 return p.own(r);
             }
         };
-        p.forward(req, permit, ident.strip_auth).await
+        // From here on the exchange runs as its own task: if the client goes away before the
+        // upstream answers, the answer is still read and its rate-limit signals (a 429, a
+        // quota 402) still reach the budget. Only then is the response dropped, which frees
+        // the permit and closes the upstream stream.
+        let strip = ident.strip_auth;
+        match tokio::spawn(p.forward(req, permit, strip)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // Only a panic in the pipeline gets here; the permit was released by unwinding.
+                tracing::error!(error = %e, "request pipeline failed");
+                let id = HeaderValue::from_static("unknown");
+                Rejection::new(Reason::UpstreamUnavailable)
+                    .render(&id)
+                    .map(ResponseBody::full)
+            }
+        }
     }
 
     /// The wait this request may spend queued: `queue.max_wait`, the client's own limit, and
@@ -165,14 +180,14 @@ impl Proxy {
     }
 }
 
-struct Pipeline<'a> {
-    proxy: &'a Proxy,
+struct Pipeline {
+    proxy: Arc<Proxy>,
     request_id: HeaderValue,
     client: ClientId,
     log: RequestLog,
 }
 
-impl Pipeline<'_> {
+impl Pipeline {
     /// Answer with one of the proxy's own responses.
     fn own(mut self, r: Rejection) -> Response<ResponseBody> {
         let resp = r.render(&self.request_id);
@@ -196,7 +211,7 @@ impl Pipeline<'_> {
         mut permit: Permit,
         strip_auth: bool,
     ) -> Response<ResponseBody> {
-        let proxy = self.proxy;
+        let proxy = Arc::clone(&self.proxy);
         let queue_wait = permit.queue_wait;
         self.log.queue_wait = Some(queue_wait);
         proxy.metrics.observe_queue_wait(queue_wait);
@@ -287,7 +302,7 @@ impl Pipeline<'_> {
 
     /// Stream the upstream response to the client, holding the permit until it ends.
     fn pass_through(mut self, resp: Response<Incoming>, permit: Permit) -> Response<ResponseBody> {
-        let proxy = self.proxy;
+        let proxy = Arc::clone(&self.proxy);
         let (mut parts, body) = resp.into_parts();
         crate::upstream::strip_hop_by_hop(&mut parts.headers);
         let sse = parts
@@ -302,6 +317,7 @@ impl Pipeline<'_> {
         parts.headers.insert(REQUEST_ID, self.request_id.clone());
         proxy.metrics.request(self.client, None);
         self.log.status = parts.status.as_u16();
+        self.log.outcome = "forwarded";
         let log = std::mem::replace(
             &mut self.log,
             RequestLog::new(String::new(), Arc::from(""), Method::GET, ""),
@@ -391,6 +407,7 @@ impl Pipeline<'_> {
                 let mut me = self;
                 me.proxy.metrics.request(me.client, None);
                 me.log.status = 402;
+                me.log.outcome = "forwarded";
                 me.log.bytes_out = bytes.len() as u64;
                 me.log.finish();
                 Response::from_parts(parts, ResponseBody::full(bytes))

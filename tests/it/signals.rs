@@ -1129,3 +1129,37 @@ async fn the_openai_python_sdk_sees_the_proxy_s_answers() {
         p.stop().await.unwrap();
     }
 }
+
+/// A client that gives up before the upstream answers must not make the proxy miss a 429:
+/// the request was sent and counted by Chutes, so its answer must still close the gate.
+#[tokio::test]
+async fn a_429_for_a_client_that_already_left_still_starts_the_cooldown() {
+    use tokio::io::AsyncWriteExt as _;
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    mock.push(nginx_429().header("retry-after", "60").gated(gate.clone()));
+    let proxy = Start::new(&mock.url(), &config("initial = \"30s\""))
+        .start()
+        .await;
+    let c = client();
+    let mut raw = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    mock.wait_for_requests(1).await;
+    drop(raw);
+    // A window for a proxy that drops the exchange with the client to do so before the
+    // upstream answers; the assertion below does not depend on its length.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.open();
+    let s = status_until(&c, &proxy, "the cooldown to start", |s| {
+        s["cooldown"]["active"] == true
+    })
+    .await;
+    assert_eq!(s["cooldown"]["level"], 1);
+    let got = get_waiting(&c, &proxy.url("/v1/x"), "0").await;
+    assert_shed(&got, "upstream_cooldown");
+    assert_eq!(mock.count(), 1);
+    status_until(&c, &proxy, "the slot to be free", |s| s["in_flight"] == 0).await;
+    proxy.stop().await.unwrap();
+}
