@@ -73,10 +73,14 @@ impl Admin {
         // Read Redis before taking the snapshot: the call is bounded (fleet::CALL_TIMEOUT) but
         // still I/O, and the snapshot should be as fresh as possible when the document is sent.
         let fleet = match self.admission.fleet() {
-            Some(f) => Some((f.status(self.admission.day_index()).await, f.is_healthy())),
+            Some(f) => Some((
+                f.status(self.admission.day_index()).await,
+                f.is_healthy(),
+                f.round_trips.load(std::sync::atomic::Ordering::Relaxed),
+            )),
             None => None,
         };
-        let fleet = fleet.map(|(f, healthy)| {
+        let fleet = fleet.map(|(f, healthy, round_trips)| {
             let ss = &self.config.shared_state;
             let unix = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));
             json!({
@@ -96,6 +100,9 @@ impl Admin {
                 "cooldown_level": f.level,
                 "quota_gate_until": unix(f.gate_until_unix),
                 "probe_needed": f.probe_needed,
+                // Redis calls this replica made since start (admission, announcements, and
+                // these status reads), for judging the fleet backend's cost.
+                "redis_round_trips": round_trips,
             })
         });
         let s = self.admission.snapshot();
