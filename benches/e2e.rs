@@ -18,7 +18,8 @@
 //! E2E_CLOSED_SECS (default 3), E2E_RATE (JSON req/s, default 1000), E2E_SSE_RATE (streams/s,
 //! default 100), E2E_CONNS (default "1,16,64"), E2E_PAYLOADS (default "json,sse50"),
 //! E2E_PROXY_LOG (the proxy's RUST_LOG, default "info" = one log line per request, as users
-//! run it), E2E_NGINX=0 to skip nginx. Under `cargo test` it does a smoke run of a second.
+//! run it), E2E_NGINX=0 to skip nginx, BENCH_PROXY_BIN to measure another build of the
+//! proxy (an A/B of a change). Under `cargo test` it does a smoke run of a second.
 //!
 //! SSE streams are offered at 100/s (5,000 events/s), not 1,000/s: a 50-event stream that
 //! the mock flushes event by event costs the mock itself about half a millisecond, so at
@@ -107,7 +108,7 @@ fn main() {
     }
     println!(
         "e2e: open loop {:.0} req/s (SSE: {:.0} streams/s) for {:.1}s per cell, closed loop {:.1}s; connections {:?}; proxy {} (RUST_LOG={proxy_log}); nofile {nofile}",
-        plan.rate, plan.sse_rate, plan.open_secs, plan.closed_secs, plan.conns, support::PROXY_BIN
+        plan.rate, plan.sse_rate, plan.open_secs, plan.closed_secs, plan.conns, support::proxy_bin()
     );
 
     let mut results: Vec<(&str, usize, &str, Cell)> = Vec::new();

@@ -282,10 +282,20 @@ async fn send(
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let reason = (status != 200).then(|| {
-        serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["proxy"]["reason"].as_str().map(str::to_string))
-            .unwrap_or_else(|| format!("status_{status}"))
+        let v = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default();
+        let reason = v["error"]["proxy"]["reason"]
+            .as_str()
+            .map_or_else(|| format!("status_{status}"), str::to_string);
+        // A queue_timeout is either predicted (shed at once, the point of the design) or a
+        // waiter that reached its deadline in the queue (the prediction was too hopeful).
+        let message = v["error"]["message"].as_str().unwrap_or("");
+        if reason == "queue_timeout" && message.contains("waited") {
+            "queue_timeout (waited to its deadline)".to_string()
+        } else if reason == "queue_timeout" {
+            "queue_timeout (predicted, at once)".to_string()
+        } else {
+            reason
+        }
     });
     Ok((status, reason))
 }

@@ -6,23 +6,25 @@
 //! client left hanging past its deadline without either a response or a 429 that says when to
 //! come back.
 //!
-//! How: the mock answers a first "primer" request with `x-ratelimit-remaining-requests: 0` and
-//! a reset a few seconds ahead, which closes the proxy's gate (the proactive signal path, no
-//! probe). While it is shut, 10,000 clients connect and send in waves of 100, 25 ms apart,
-//! each tagged `x-bench-seq` with its send order; every one queues (`max_depth = 10,000`,
-//! the estimate fits `max_wait`). Then 200 more arrive and must be shed at once with
-//! `queue_full` and a `Retry-After`. When the gate opens the queue drains at 500 req/s. The
-//! mock logs the order it receives them in; the admin `/status` is polled for the queue depth;
-//! the proxy's peak RSS is its own `VmHWM` (it is a separate process).
+//! How, in three phases: (1) all 10,000 clients connect, in waves, and send nothing yet: the
+//! proxy's RSS with that many idle connections. (2) The mock answers a "primer" request with
+//! `x-ratelimit-remaining-requests: 0` and a reset 16 s ahead, which closes the proxy's gate
+//! (the proactive signal path, no probe). (3) While it is shut, the clients send in waves of
+//! 100, 100 ms apart, each tagged `x-bench-seq` with its send order; every one queues
+//! (`max_depth = 10,000`, and the estimate fits `max_wait`). Then 200 more arrive and must be
+//! shed at once with `queue_full` and a `Retry-After`. When the gate opens the queue drains at
+//! 500 req/s. The mock logs the order it receives them in; the admin `/status` is polled for
+//! the queue depth; the proxy's RSS is its own (`VmRSS`, `VmHWM`: it is a separate process).
 //!
-//! FIFO is checked at wave granularity: waves are 25 ms apart, so every request of wave k is
-//! queued before wave k+1 is sent, and the upstream must see waves in order. Within a wave
-//! the 100 requests race each other through connect/accept, so their relative order is
-//! reported but not expected.
+//! FIFO is checked at wave granularity: waves are 100 ms apart, so every request of wave k
+//! should be queued before wave k+1 is sent, and the upstream must see waves in order (a
+//! violation can also mean the loaded machine took over 100 ms to accept and read a wave).
+//! Within a wave the 100 requests race each other through the accept loop and two worker
+//! threads, so their relative order is reported but not expected.
 //!
 //! Run: `cargo bench --bench scale` (raises its own RLIMIT_NOFILE to the hard limit, which
 //! the proxy inherits; `scripts/bench-scale.sh` also tries `ulimit -n`). About 40 s. Under
-//! `cargo test` it does a smoke run with 200 clients.
+//! `cargo test` it does a smoke run with 200 clients (about 5 s).
 
 mod support;
 
@@ -64,9 +66,9 @@ fn main() {
         Plan {
             clients: 10_000,
             wave: 100,
-            wave_gap: Duration::from_millis(25),
+            wave_gap: Duration::from_millis(100),
             extra: 200,
-            gate: Duration::from_secs(8),
+            gate: Duration::from_secs(16),
             rpm: 30_000,
             max_wait: Duration::from_secs(40),
         }
@@ -75,9 +77,9 @@ fn main() {
         Plan {
             clients: 200,
             wave: 50,
-            wave_gap: Duration::from_millis(25),
+            wave_gap: Duration::from_millis(50),
             extra: 20,
-            gate: Duration::from_secs(1),
+            gate: Duration::from_secs(2),
             rpm: 60_000,
             max_wait: Duration::from_secs(10),
         }
@@ -95,6 +97,8 @@ fn main() {
     let toml = format!(
         r#"[server]
 max_connections = {}
+# The clients connect first and send later (to measure idle connections on their own).
+header_read_timeout = "120s"
 [upstream]
 url = "{}"
 [limits]
@@ -116,8 +120,19 @@ path = ""
     let proxy = ProxyProcess::start(&toml, true, "info");
     let admin = proxy.admin.expect("admin listener");
     let (idle_rss, _) = proxy.rss_kib();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
 
-    // Close the gate.
+    // Phase 1: every client connects (in waves, so the listen backlog never overflows), and
+    // nothing is sent yet: the memory of idle connections alone.
+    let streams = rt.block_on(connect_all(proxy.addr, &plan));
+    std::thread::sleep(Duration::from_millis(500));
+    let (conn_rss, _) = proxy.rss_kib();
+
+    // Phase 2: close the gate.
     let mut c = Conn::connect(proxy.addr).expect("connect to the proxy");
     let primer = c
         .roundtrip(&raw_request(proxy.addr, false, "x-bench-primer: 1\r\n"))
@@ -138,28 +153,47 @@ path = ""
         std::thread::spawn(move || watch(admin, pid, &stop, &peak_depth, &rss_at_peak))
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // Phase 3: every client sends, wave by wave; then the extras; then the queue drains.
     let started = Instant::now();
-    let outcomes = rt.block_on(clients(proxy.addr, &plan));
+    let outcomes = rt.block_on(clients(proxy.addr, streams, &plan));
     let total_time = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
-    let (_, hwm) = proxy.rss_kib();
+    let (after_rss, hwm) = proxy.rss_kib();
 
     report(
         &plan,
         &mock,
         &outcomes,
-        idle_rss,
-        hwm,
+        Memory {
+            idle: idle_rss,
+            connections: conn_rss,
+            at_peak: rss_at_peak.load(Ordering::Relaxed) as u64,
+            hwm,
+            after: after_rss,
+        },
         peak_depth.load(Ordering::Relaxed),
-        rss_at_peak.load(Ordering::Relaxed) as u64,
         total_time,
     );
+}
+
+/// Size of the future an async fn of two arguments returns, from its type alone: what hyper
+/// boxes per in-flight request, and so a floor on the memory of each queued client.
+fn future_size_2<A, B, Fut>(_: impl Fn(A, B) -> Fut) -> usize {
+    std::mem::size_of::<Fut>()
+}
+
+fn future_size_3<A, B, C, Fut>(_: impl Fn(A, B, C) -> Fut) -> usize {
+    std::mem::size_of::<Fut>()
+}
+
+/// The proxy's RSS (KiB) at each phase.
+struct Memory {
+    idle: u64,
+    connections: u64,
+    at_peak: u64,
+    hwm: u64,
+    after: u64,
 }
 
 /// Poll `/status` every 100 ms for the queue depth, sampling RSS when the depth peaks.
@@ -198,27 +232,63 @@ fn watch(
     }
 }
 
-async fn clients(addr: SocketAddr, plan: &Plan) -> Vec<Outcome> {
+/// Open one connection per client, `plan.wave` at a time.
+async fn connect_all(addr: SocketAddr, plan: &Plan) -> Vec<Option<tokio::net::TcpStream>> {
+    let mut out = Vec::with_capacity(plan.clients);
+    for w in 0..plan.clients.div_ceil(plan.wave) {
+        let n = plan.wave.min(plan.clients - w * plan.wave);
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..n {
+            set.spawn(async move {
+                let s = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(addr),
+                )
+                .await;
+                (i, s.ok().and_then(Result::ok))
+            });
+        }
+        let mut wave: Vec<Option<tokio::net::TcpStream>> = (0..n).map(|_| None).collect();
+        while let Some(r) = set.join_next().await {
+            if let Ok((i, s)) = r {
+                wave[i] = s;
+            }
+        }
+        out.extend(wave);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    out
+}
+
+async fn clients(
+    addr: SocketAddr,
+    streams: Vec<Option<tokio::net::TcpStream>>,
+    plan: &Plan,
+) -> Vec<Outcome> {
     let n = plan.clients + plan.extra;
     let mut set = tokio::task::JoinSet::new();
     let budget = plan.max_wait + plan.gate + Duration::from_secs(15);
+    let mut streams = streams.into_iter();
     for i in 0..n {
-        if i > 0 && i % plan.wave == 0 {
+        if i > 0 && i % plan.wave == 0 && i <= plan.clients {
             tokio::time::sleep(plan.wave_gap).await;
-        }
-        if i == plan.clients {
-            // Let the last wave settle into the queue before the extras test the full queue.
-            tokio::time::sleep(plan.wave_gap * 4).await;
         }
         let req = raw_request(
             addr,
             false,
             &format!("Connection: close\r\nx-bench-seq: {i}\r\n"),
         );
+        // The extras connect now; the others use the connection they opened in phase 1.
+        let stream = if i < plan.clients {
+            streams.next().flatten()
+        } else {
+            None
+        };
+        let fresh = i >= plan.clients;
         set.spawn(async move {
             let t0 = Instant::now();
             // Bounded: nobody waits past the run's budget.
-            let r = tokio::time::timeout(budget, one(addr, &req)).await;
+            let r = tokio::time::timeout(budget, one(addr, stream, fresh, &req)).await;
             let mut o = match r {
                 Ok(Ok(o)) => o,
                 _ => Outcome {
@@ -239,9 +309,19 @@ async fn clients(addr: SocketAddr, plan: &Plan) -> Vec<Outcome> {
     out
 }
 
-/// One client: its own connection, one request, read until the server closes.
-async fn one(addr: SocketAddr, req: &[u8]) -> std::io::Result<Outcome> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
+/// One client: its own connection (opened earlier, or now if `fresh`), one request, read
+/// until the server closes.
+async fn one(
+    addr: SocketAddr,
+    stream: Option<tokio::net::TcpStream>,
+    fresh: bool,
+    req: &[u8],
+) -> std::io::Result<Outcome> {
+    let mut s = match stream {
+        Some(s) => s,
+        None if fresh => tokio::net::TcpStream::connect(addr).await?,
+        None => return Err(std::io::Error::other("connection failed in phase 1")),
+    };
     s.write_all(req).await?;
     let mut buf = Vec::with_capacity(2048);
     s.read_to_end(&mut buf).await?;
@@ -268,15 +348,12 @@ async fn one(addr: SocketAddr, req: &[u8]) -> std::io::Result<Outcome> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(
     plan: &Plan,
     mock: &Mock,
     outcomes: &[Outcome],
-    idle_rss: u64,
-    hwm: u64,
+    mem: Memory,
     peak_depth: usize,
-    rss_at_peak: u64,
     total_time: Duration,
 ) {
     let deadline = plan.max_wait + DEADLINE_SLACK;
@@ -312,12 +389,13 @@ fn report(
         .filter_map(|a| a.seq.map(|s| s as usize))
         .collect();
     // Across waves: the wave index must never go down in arrival order.
-    let mut wave_violations = 0;
+    let (mut wave_violations, mut worst_lag) = (0, 0);
     let mut max_wave = 0;
     for &s in &seqs {
         let w = s / plan.wave;
         if w < max_wave {
             wave_violations += 1;
+            worst_lag = worst_lag.max(max_wave - w);
         }
         max_wave = max_wave.max(w);
     }
@@ -359,15 +437,25 @@ fn report(
     println!("| measure | value |");
     println!("|---|---|");
     println!("| peak queue depth seen in /status | {peak_depth} |");
+    let mib = |k: u64| k as f64 / 1024.0;
     println!(
-        "| proxy RSS idle / at peak depth / peak (VmHWM) | {:.1} / {:.1} / {:.1} MiB (target ≤ 64 MiB) |",
-        idle_rss as f64 / 1024.0,
-        rss_at_peak as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        "| proxy RSS: started / {} idle connections / at peak depth / peak (VmHWM) / after the drain | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} MiB (target ≤ 64 MiB) |",
+        plan.clients,
+        mib(mem.idle),
+        mib(mem.connections),
+        mib(mem.at_peak),
+        mib(mem.hwm),
+        mib(mem.after)
     );
     println!(
-        "| RSS per queued client (peak − idle) / depth | {:.1} KiB |",
-        (hwm.saturating_sub(idle_rss)) as f64 / peak_depth.max(1) as f64
+        "| per client: idle connection / queued request on top of it | {:.1} KiB / {:.1} KiB |",
+        mem.connections.saturating_sub(mem.idle) as f64 / plan.clients as f64,
+        mem.hwm.saturating_sub(mem.connections) as f64 / peak_depth.max(1) as f64
+    );
+    println!(
+        "| size of the per-request future (`Proxy::handle`) / of `Admission::acquire`'s | {} / {} bytes |",
+        future_size_2(chutes_proxy::proxy::Proxy::handle),
+        future_size_3(chutes_proxy::admission::Admission::acquire),
     );
     println!(
         "| responses by status | {} |",
@@ -384,9 +472,15 @@ fn report(
         DEADLINE_SLACK.as_secs(),
         fmt_dur(max_elapsed)
     );
+    let extras_slowest = extras.iter().map(|o| o.elapsed).max().unwrap_or_default();
+    let extras_429 = extras
+        .iter()
+        .filter(|o| o.status == 429 && o.retry_after.is_some())
+        .count();
     println!(
-        "| extra clients shed at once with 429 + Retry-After | {extras_shed_fast} of {} |",
-        plan.extra
+        "| extra clients (over max_depth): 429 + Retry-After / of them within 1 s / slowest answer | {extras_429} / {extras_shed_fast} of {} / {} |",
+        plan.extra,
+        fmt_dur(extras_slowest)
     );
     println!(
         "| forwarded upstream | {forwarded}{} |",
@@ -402,7 +496,9 @@ fn report(
         if wave_violations == 0 {
             "held: 0 violations".to_string()
         } else {
-            format!("{wave_violations} requests served before an earlier wave's")
+            format!(
+                "{wave_violations} requests served after a later wave's (at most {worst_lag} waves late)"
+            )
         }
     );
     println!(

@@ -122,6 +122,12 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 /// the debug build under `cargo test`.
 pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_chutes-proxy");
 
+/// The binary to run: [`PROXY_BIN`], or `BENCH_PROXY_BIN` to measure another build (an A/B
+/// of a change built in another worktree, against the same generator and mock).
+pub fn proxy_bin() -> String {
+    std::env::var("BENCH_PROXY_BIN").unwrap_or_else(|_| PROXY_BIN.to_string())
+}
+
 /// A running chutes-proxy process with its own config in a temp dir. Its own process, so its
 /// RSS is its own and it does not share a runtime with the load generator (as in production).
 pub struct ProxyProcess {
@@ -144,7 +150,8 @@ impl ProxyProcess {
             with_admin.then(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let log_path = dir.path().join("proxy.log");
         let log = std::fs::File::create(&log_path).expect("proxy log file");
-        let child = Command::new(PROXY_BIN)
+        let bin = proxy_bin();
+        let child = Command::new(&bin)
             .arg("--config")
             .arg(&cfg)
             .arg("--listen")
@@ -160,7 +167,7 @@ impl ProxyProcess {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {PROXY_BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
         let mut p = ProxyProcess {
             child,
             addr,
