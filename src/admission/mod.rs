@@ -1459,6 +1459,7 @@ impl Permit {
         };
         let gate = g.day.gate_until_unix;
         let level = g.cooldown.level;
+        let waiting = !g.queue.is_empty();
         drop(g);
         self.announcement = match (tell_fleet, &decision) {
             (Some(FleetNews::ProbeDone(ok)), _) => {
@@ -1481,7 +1482,11 @@ impl Permit {
             }
             _ => None,
         };
-        shared.wake.notify_one();
+        // Waking the dispatcher with nobody queued costs a cross-thread wake-up per request
+        // for nothing; a new waiter wakes it itself.
+        if waiting {
+            shared.wake.notify_one();
+        }
         decision
     }
 
@@ -1510,7 +1515,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let shared = &*self.shared;
-        {
+        let waiting = {
             let mut g = shared.lock();
             g.in_flight -= 1;
             if !self.sent {
@@ -1525,8 +1530,12 @@ impl Drop for Permit {
                     f.probe_done(false).await
                 });
             }
+            !g.queue.is_empty()
+        };
+        // Only a waiter can use the freed slot; with none, skip the cross-thread wake-up.
+        if waiting {
+            shared.wake.notify_one();
         }
-        shared.wake.notify_one();
     }
 }
 

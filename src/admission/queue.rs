@@ -1,16 +1,19 @@
 //! The waiting room: one FIFO per client, served by start-time fair queueing.
 //!
-//! Each waiter is tagged on arrival with a virtual start time `max(vtime, client.last_finish)`
-//! and its client's `last_finish` advances by `1/weight`. The dispatcher always serves the
-//! client whose head has the smallest tag, and `vtime` follows the tags it serves. With one
-//! client this is plain FIFO; with several, a client that floods only pushes its own tags into
+//! Each client's queue has a virtual start time for its head, `head_tag`; the waiter at
+//! position `k` starts at `head_tag + k × cost`, with `cost = 1/weight`. The dispatcher always
+//! serves the client whose head starts first, `vtime` follows the tags it serves, and a client
+//! arriving at an empty queue starts at `max(vtime, where it left off)`. With one client this
+//! is plain FIFO; with several, a client that floods only pushes its own later waiters into
 //! the future, so a client that sends one request a minute is served almost at once, and under
-//! saturation each client gets its weighted share. Choosing the next client is O(clients),
-//! and clients are the bounded configured set.
+//! saturation each client gets its weighted share.
 //!
-//! The queue only orders; it knows nothing about tokens, time or responses. Waiters are removed
-//! eagerly when their client leaves (binary search by id, ids grow within a client), so the
-//! depth is always exact.
+//! Tags are derived from positions rather than stored, so a waiter that leaves (deadline,
+//! client gone) gives its place back: everyone behind it in its client's queue moves up, and
+//! the client is not charged for service it never got. Choosing the next client and counting
+//! who is ahead of a newcomer are O(clients), and clients are the bounded configured set.
+//!
+//! The queue only orders; it knows nothing about tokens, time or responses. Depth is exact.
 
 use std::collections::VecDeque;
 
@@ -26,7 +29,6 @@ const SCALE: u64 = 1 << 40;
 pub struct Waiter<T> {
     pub id: u64,
     pub client: ClientId,
-    tag: u64,
     pub deadline: Instant,
     pub enqueued: Instant,
     pub payload: T,
@@ -34,8 +36,26 @@ pub struct Waiter<T> {
 
 struct ClientQueue<T> {
     cost: u64,
-    last_finish: u64,
+    /// Virtual start of the head waiter; while the queue is empty, where the client left off.
+    head_tag: u64,
     waiters: VecDeque<Waiter<T>>,
+}
+
+impl<T> ClientQueue<T> {
+    /// Virtual start of the waiter at `pos`.
+    fn tag_at(&self, pos: usize) -> u64 {
+        self.head_tag
+            .saturating_add(self.cost.saturating_mul(pos as u64))
+    }
+
+    /// How many of this client's waiters start no later than `tag`.
+    fn starting_by(&self, tag: u64) -> usize {
+        if self.waiters.is_empty() || tag < self.head_tag {
+            return 0;
+        }
+        let n = (tag - self.head_tag) / self.cost.max(1) + 1;
+        (n.min(self.waiters.len() as u64)) as usize
+    }
 }
 
 pub struct FairQueue<T> {
@@ -53,7 +73,7 @@ impl<T> FairQueue<T> {
                 .iter()
                 .map(|&w| ClientQueue {
                     cost: SCALE / u64::from(w.max(1)),
-                    last_finish: 0,
+                    head_tag: 0,
                     waiters: VecDeque::new(),
                 })
                 .collect(),
@@ -71,17 +91,23 @@ impl<T> FairQueue<T> {
         self.len == 0
     }
 
+    /// The virtual start a new arrival from `client` would get.
+    fn arrival_tag(&self, c: &ClientQueue<T>) -> u64 {
+        if c.waiters.is_empty() {
+            self.vtime.max(c.head_tag)
+        } else {
+            c.tag_at(c.waiters.len())
+        }
+    }
+
     /// Waiters that would be served before a new arrival from `client`: exact under the
     /// current tags, assuming nobody else arrives first.
     pub fn ahead_of_new(&self, client: ClientId) -> usize {
         let Some(c) = self.clients.get(client) else {
             return self.len;
         };
-        let tag = self.vtime.max(c.last_finish);
-        self.clients
-            .iter()
-            .map(|q| q.waiters.partition_point(|w| w.tag <= tag))
-            .sum()
+        let tag = self.arrival_tag(c);
+        self.clients.iter().map(|q| q.starting_by(tag)).sum()
     }
 
     /// Waiters of `client` queued now.
@@ -94,12 +120,12 @@ impl<T> FairQueue<T> {
         self.next_id += 1;
         let vtime = self.vtime;
         let c = &mut self.clients[client];
-        let tag = vtime.max(c.last_finish);
-        c.last_finish = tag.saturating_add(c.cost);
+        if c.waiters.is_empty() {
+            c.head_tag = vtime.max(c.head_tag);
+        }
         c.waiters.push_back(Waiter {
             id,
             client,
-            tag,
             deadline,
             enqueued: now,
             payload,
@@ -113,7 +139,8 @@ impl<T> FairQueue<T> {
         self.clients
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| c.waiters.front().map(|w| (w.tag, i)))
+            .filter(|(_, c)| !c.waiters.is_empty())
+            .map(|(i, c)| (c.head_tag, i))
             .min()
             .map(|(_, i)| i)
     }
@@ -126,35 +153,31 @@ impl<T> FairQueue<T> {
 
     pub fn pop(&mut self) -> Option<Waiter<T>> {
         let i = self.next_client()?;
-        let w = self.clients[i].waiters.pop_front()?;
-        self.vtime = self.vtime.max(w.tag);
+        let c = &mut self.clients[i];
+        let w = c.waiters.pop_front()?;
+        self.vtime = self.vtime.max(c.head_tag);
+        c.head_tag = c.head_tag.saturating_add(c.cost);
         self.len -= 1;
-        self.after_removal(i);
+        self.after_removal();
         Some(w)
     }
 
-    /// Remove waiter `id` of `client` if it is still queued.
+    /// Remove waiter `id` of `client` if it is still queued. Those behind it move up.
     pub fn remove(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
         let c = self.clients.get_mut(client)?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
         self.len -= 1;
-        self.after_removal(client);
+        self.after_removal();
         Some(w)
     }
 
-    /// A client that leaves the queue entirely must not keep a claim on future turns (its
-    /// `last_finish` would otherwise hold tags from a burst long gone).
-    fn after_removal(&mut self, client: ClientId) {
-        let c = &mut self.clients[client];
-        if c.waiters.is_empty() {
-            c.last_finish = c.last_finish.min(self.vtime);
-        }
+    fn after_removal(&mut self) {
         if self.len == 0 {
             // Nothing queued: virtual time restarts so the tags never grow without bound.
             self.vtime = 0;
             for c in &mut self.clients {
-                c.last_finish = 0;
+                c.head_tag = 0;
             }
         }
     }
@@ -163,8 +186,7 @@ impl<T> FairQueue<T> {
     /// longer than they can wait).
     pub fn drain_where(&mut self, mut pred: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut out = Vec::new();
-        for i in 0..self.clients.len() {
-            let c = &mut self.clients[i];
+        for c in &mut self.clients {
             if !c.waiters.iter().any(&mut pred) {
                 continue;
             }
@@ -178,9 +200,7 @@ impl<T> FairQueue<T> {
             }
         }
         self.len -= out.len();
-        for i in 0..self.clients.len() {
-            self.after_removal(i);
-        }
+        self.after_removal();
         out
     }
 
@@ -243,6 +263,44 @@ mod tests {
         q.push(1, now, now, ());
         let first_two: Vec<_> = (0..2).map(|_| q.pop().unwrap().client).collect();
         assert!(first_two.contains(&1), "{first_two:?}");
+    }
+
+    /// A client whose waiters keep timing out must not be pushed ever further back: a
+    /// waiter that leaves gives its place to the ones behind it.
+    #[tokio::test(start_paused = true)]
+    async fn leaving_waiters_do_not_cost_their_client_its_share() {
+        let mut q = q(&[1, 1, 3]);
+        let now = Instant::now();
+        let mut served = [0usize; 3];
+        for round in 0..400 {
+            // Both clients keep 20 waiting; the flooder's oldest gives up every round.
+            while q.client_len(1) < 20 {
+                q.push(1, now, now, ());
+            }
+            while q.client_len(2) < 20 {
+                q.push(2, now, now, ());
+            }
+            if round % 2 == 0 {
+                let oldest = q.clients[1].waiters.front().map(|w| w.id).unwrap();
+                q.remove(1, oldest);
+            }
+            served[q.pop().unwrap().client] += 1;
+        }
+        // Weights 1:3 → 100:300, whatever the flooder's abandonment.
+        assert!((95..=105).contains(&served[1]), "{served:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ahead_of_new_counts_the_interleaving() {
+        let mut q = q(&[1, 1, 1]);
+        let now = Instant::now();
+        for _ in 0..10 {
+            q.push(1, now, now, ());
+        }
+        // A newcomer of client 2 starts with client 1's head: one of client 1 is served first
+        // (ties go to the lower index), then the newcomer.
+        assert_eq!(q.ahead_of_new(2), 1);
+        assert_eq!(q.ahead_of_new(1), 10);
     }
 
     #[tokio::test(start_paused = true)]
