@@ -115,6 +115,17 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Which CAs the upstream's certificate may chain to.
+    pub tls_roots: TlsRoots,
+}
+
+/// Trust anchors for the upstream's TLS certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRoots {
+    /// Mozilla's roots compiled in (webpki-roots): the same everywhere, no system files needed.
+    Webpki,
+    /// The operating system's store, e.g. for a corporate CA or a TLS-inspecting egress proxy.
+    Native,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -128,6 +139,7 @@ impl fmt::Debug for UpstreamConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("tls_roots", &self.tls_roots)
             .finish()
     }
 }
@@ -420,6 +432,14 @@ impl Config {
             fmt_dur(u.first_byte_timeout)
         );
         let _ = writeln!(out, "idle_timeout = \"{}\"", fmt_dur(u.idle_timeout));
+        let _ = writeln!(
+            out,
+            "tls_roots = \"{}\"",
+            match u.tls_roots {
+                TlsRoots::Webpki => "webpki",
+                TlsRoots::Native => "native",
+            }
+        );
         let _ = writeln!(out, "\n[limits]");
         let _ = writeln!(out, "requests_per_minute = {}", l.requests_per_minute);
         let _ = writeln!(out, "burst = {}", l.burst);
@@ -909,6 +929,17 @@ impl Validator {
         let first_byte_timeout =
             self.positive_duration(&mut s, "first_byte_timeout", DEFAULT_FIRST_BYTE_TIMEOUT);
         let idle_timeout = self.positive_duration(&mut s, "idle_timeout", DEFAULT_IDLE_TIMEOUT);
+        let tls_roots = match self.str_val(&mut s, "tls_roots", "webpki").as_deref() {
+            Some("webpki") | None => TlsRoots::Webpki,
+            Some("native") => TlsRoots::Native,
+            Some(other) => {
+                self.err(
+                    "upstream.tls_roots",
+                    format!("{other:?}: expected \"webpki\" or \"native\""),
+                );
+                TlsRoots::Webpki
+            }
+        };
         self.finish(s);
         Some(UpstreamConfig {
             url: url?,
@@ -919,6 +950,7 @@ impl Validator {
             connect_timeout,
             first_byte_timeout,
             idle_timeout,
+            tls_roots,
         })
     }
 
@@ -1390,6 +1422,16 @@ mod tests {
         assert!(k.contains(&"clients.client[1].token_env".to_string()));
         assert!(k.contains(&"clients.client[1].max_wait".to_string()));
         assert!(k.contains(&"clients.client[1].colour".to_string()));
+    }
+
+    #[test]
+    fn tls_roots_are_chosen_or_refused() {
+        assert_eq!(load("").unwrap().upstream.tls_roots, TlsRoots::Webpki);
+        let c = load("[upstream]\ntls_roots = \"native\"\n").unwrap();
+        assert_eq!(c.upstream.tls_roots, TlsRoots::Native);
+        assert!(c.render().contains("tls_roots = \"native\""));
+        let e = load("[upstream]\ntls_roots = \"system\"\n").unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.tls_roots"]);
     }
 
     #[test]

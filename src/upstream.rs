@@ -20,7 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::RequestBody;
-use crate::config::{UpstreamConfig, UpstreamUrl};
+use crate::config::{TlsRoots, UpstreamConfig, UpstreamUrl};
 
 /// Below the usual 60–120 s idle cut-off of cloud load balancers, so the pool rarely hands out
 /// a connection the other side is about to close.
@@ -65,9 +65,21 @@ impl Upstream {
         http.set_keepalive(Some(TCP_KEEPALIVE));
         // The provider is passed explicitly so that another crypto provider elsewhere in the
         // dependency graph can never make rustls pick one at runtime (and panic).
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| format!("TLS setup failed: {e}"))?
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let provider = rustls::crypto::ring::default_provider();
+        let builder = match cfg.tls_roots {
+            TlsRoots::Webpki => builder
+                .with_provider_and_webpki_roots(provider)
+                .map_err(|e| format!("upstream TLS setup failed: {e}"))?,
+            TlsRoots::Native => builder
+                .with_provider_and_native_roots(provider)
+                .map_err(|e| {
+                    format!(
+                        "upstream.tls_roots = \"native\": no usable system CA certificates: {e}"
+                    )
+                })?,
+        };
+        let https = builder
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
