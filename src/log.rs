@@ -68,11 +68,6 @@ impl RequestLog {
         }
     }
 
-    /// Mark as logged without logging (for a placeholder left behind by a hand-over).
-    pub fn finish_silently(&mut self) {
-        self.logged = true;
-    }
-
     /// Emit the line (once).
     pub fn finish(&mut self) {
         if self.logged {

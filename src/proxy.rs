@@ -72,7 +72,11 @@ impl Proxy {
             metrics,
             clients,
             next_id: AtomicU64::new(0),
-            id_prefix: base36(start),
+            id_prefix: {
+                let mut p = Vec::new();
+                push_base36(&mut p, start);
+                String::from_utf8(p).unwrap_or_default()
+            },
         }
     }
 
@@ -85,8 +89,12 @@ impl Proxy {
             }
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{}", self.id_prefix, base36(n));
-        HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        let mut id = Vec::with_capacity(self.id_prefix.len() + 14);
+        id.extend_from_slice(self.id_prefix.as_bytes());
+        id.push(b'-');
+        push_base36(&mut id, n);
+        HeaderValue::from_maybe_shared(Bytes::from(id))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
     }
 
     /// Handle one client request. Never fails: every problem becomes a response.
@@ -301,8 +309,14 @@ impl Pipeline {
     }
 
     /// Stream the upstream response to the client, holding the permit until it ends.
-    fn pass_through(mut self, resp: Response<Incoming>, permit: Permit) -> Response<ResponseBody> {
-        let proxy = Arc::clone(&self.proxy);
+    fn pass_through(self, resp: Response<Incoming>, permit: Permit) -> Response<ResponseBody> {
+        // The log line moves into the streaming body, which emits it when the stream ends.
+        let Pipeline {
+            proxy,
+            request_id,
+            client,
+            mut log,
+        } = self;
         let (mut parts, body) = resp.into_parts();
         crate::upstream::strip_hop_by_hop(&mut parts.headers);
         let sse = parts
@@ -314,16 +328,10 @@ impl Pipeline {
             // The rewriter may lengthen the stream; hyper will chunk it.
             parts.headers.remove(CONTENT_LENGTH);
         }
-        parts.headers.insert(REQUEST_ID, self.request_id.clone());
-        proxy.metrics.request(self.client, None);
-        self.log.status = parts.status.as_u16();
-        self.log.outcome = "forwarded";
-        let log = std::mem::replace(
-            &mut self.log,
-            RequestLog::new(String::new(), Arc::from(""), Method::GET, ""),
-        );
-        // The placeholder left behind must not log.
-        self.log.finish_silently();
+        parts.headers.insert(REQUEST_ID, request_id);
+        proxy.metrics.request(client, None);
+        log.status = parts.status.as_u16();
+        log.outcome = "forwarded";
         let body = ResponseBody::stream(body, proxy.config.upstream.idle_timeout, sse, permit, log);
         Response::from_parts(parts, body)
     }
@@ -453,9 +461,10 @@ fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn base36(mut n: u64) -> String {
+/// Append `n` in base 36 (lowercase), for compact request ids.
+fn push_base36(out: &mut Vec<u8>, mut n: u64) {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::with_capacity(13);
+    let start = out.len();
     loop {
         out.push(DIGITS[(n % 36) as usize]);
         n /= 36;
@@ -463,6 +472,24 @@ fn base36(mut n: u64) -> String {
             break;
         }
     }
-    out.reverse();
-    String::from_utf8(out).unwrap_or_default()
+    out[start..].reverse();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_base36;
+
+    #[test]
+    fn base36_ids() {
+        for (n, want) in [
+            (0u64, "0"),
+            (35, "z"),
+            (36, "10"),
+            (u64::MAX, "3w5e11264sgsf"),
+        ] {
+            let mut out = b"p-".to_vec();
+            push_base36(&mut out, n);
+            assert_eq!(out, format!("p-{want}").into_bytes(), "{n}");
+        }
+    }
 }
