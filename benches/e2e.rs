@@ -524,18 +524,6 @@ http {{
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGQUIT is nginx's graceful stop; the master takes its workers with it.
-        // SAFETY: kill(2) on the pid of the child this struct spawned.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGQUIT);
-        }
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        support::stop_child(&mut self.child, libc::SIGQUIT);
     }
 }

@@ -203,21 +203,26 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
-        // SIGTERM first (graceful drain, as a user would stop it), then kill after a bound.
-        // SAFETY: kill(2) on the pid of the child this struct spawned and still owns.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM: a graceful drain, as a user would stop it.
+        stop_child(&mut self.child, libc::SIGTERM);
     }
+}
+
+/// Ask a child this process spawned to stop with `signal`, wait up to 5 s, then kill it.
+pub fn stop_child(child: &mut Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child the caller spawned and still owns.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// CPU time of a process and its direct children (nginx's master and workers).
