@@ -787,7 +787,7 @@ impl Inner {
             return;
         }
         let block = shared.settings.reserve_block();
-        self.day.pending = Some(self.day.used + block);
+        self.day.pending = Some(self.day.used.saturating_add(block));
         shared.request_persist();
     }
 
@@ -902,7 +902,7 @@ impl Inner {
             // Reserve the next block while half of this one is still left, so the write is
             // normally done before anyone has to wait for it.
             let block = shared.settings.reserve_block();
-            if self.day.used + block / 2 >= self.day.durable {
+            if self.day.used.saturating_add(block / 2) >= self.day.durable {
                 self.reserve(shared);
             }
         } else if shared.persist.is_some() {

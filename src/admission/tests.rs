@@ -771,3 +771,22 @@ async fn nothing_leaks_after_a_storm() {
     let s = a.snapshot();
     assert_eq!((s.queue_depth, s.in_flight), (0, 0));
 }
+
+/// A state file claiming an absurd count must not overflow the reservation arithmetic: it
+/// simply means the day is spent.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_restored_count_just_closes_the_day() {
+    let mut s = settings(60, 5);
+    s.requests_per_day = Some(100);
+    s.durable = true;
+    let restored = Persisted {
+        day: Some(crate::units::day_index(NOON as i64, 0)),
+        used: u64::MAX,
+        ..Persisted::default()
+    };
+    let (tx, _rx) = tokio::sync::watch::channel(0u64);
+    let a = Admission::new(s, WallClock::pinned(NOON), restored, Some(tx));
+    let r = a.acquire(0, Duration::ZERO).await.unwrap_err();
+    assert_eq!(r.reason, Reason::DailyQuotaExhausted);
+    assert_eq!(a.snapshot().remaining_today, Some(0));
+}
