@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 secs="${FUZZ_SECS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-all_targets=(config headers units sse state quota)
+all_targets=(config headers units sse state quota bodies chutes_headers wildcard)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 
@@ -65,11 +65,11 @@ for t in "${targets[@]}"; do
         artifact=$(grep -o 'fuzz/artifacts/[^ ]*' "$log" | head -1)
         result="FAILED (exit $rc) ${artifact:-see $log}"
     fi
-    summary+=("$(printf '%-8s %12s %10s %8s  %s' "$t" "${execs:-?}" "${rate:-?}" "$corpus" "$result")")
+    summary+=("$(printf '%-14s %12s %10s %8s  %s' "$t" "${execs:-?}" "${rate:-?}" "$corpus" "$result")")
 done
 
 echo
-printf '%-8s %12s %10s %8s  %s\n' target executions "exec/s" corpus result
+printf '%-14s %12s %10s %8s  %s\n' target executions "exec/s" corpus result
 for line in "${summary[@]}"; do echo "$line"; done
 echo "(logs in $logdir/)"
 exit $failed

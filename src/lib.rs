@@ -9,7 +9,8 @@
 //! - [`admission`]: the budget: governor bucket, daily cap, concurrency, cooldown, fair queue.
 //! - [`upstream`]: the pooled hyper client, TLS, target rewrite, header rules.
 //! - [`body`]: streaming request/response bodies, permits held by the response body.
-//! - [`signals`]: reading upstream 429/402/rate-limit headers.
+//! - [`signals`]: reading upstream 429/402 bodies and rate-limit/quota headers.
+//! - [`model`]: a request's model (from its JSON body) and model-name wildcards.
 //! - [`sse`]: rewriting raw in-stream error lines into SSE error events.
 //! - [`response`]: the only place that renders the proxy's own responses.
 //! - [`state`]: the persisted state file and its writer.
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod log;
 pub mod metrics;
+pub mod model;
 pub mod proxy;
 pub mod response;
 pub mod server;

@@ -426,30 +426,247 @@ fn reset_timestamp(v: &Value) -> Option<f64> {
 /// Also recognised: the same object under "error" (OpenAI's shape) or at the top level,
 /// and an object with a non-null `quota_reset_timestamp` even if its message is worded
 /// without "quota". A body that is not JSON is never a quota message.
+///
+/// A thin view of [`classify_402`]: only its `DailyQuota` kind is a quota message.
 pub fn quota_exceeded(body: &[u8]) -> Option<QuotaExceeded> {
-    let root: Value = serde_json::from_slice(body).ok()?;
-    let candidates = [root.get("detail"), root.get("error"), Some(&root)];
-    for candidate in candidates.into_iter().flatten() {
-        match candidate {
-            Value::String(s) if mentions_quota(s) => {
-                return Some(QuotaExceeded { reset_unix: None })
-            }
-            Value::Object(obj) => {
-                let message_says_quota = obj
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .is_some_and(mentions_quota);
-                let timestamp = obj.get("quota_reset_timestamp").filter(|v| !v.is_null());
-                if message_says_quota || timestamp.is_some() {
-                    return Some(QuotaExceeded {
-                        reset_unix: timestamp.and_then(reset_timestamp),
-                    });
-                }
-            }
-            _ => {}
+    match classify_402(body) {
+        Kind402::DailyQuota { reset_unix } => Some(QuotaExceeded { reset_unix }),
+        Kind402::UsageCap | Kind402::Other => None,
+    }
+}
+
+/// What an upstream 429 is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope429 {
+    /// One model (chute) has no free capacity: JSON `detail` (or `error`, string or
+    /// {message}) naming capacity ("Infrastructure is at maximum capacity, try again
+    /// later"), "no instances available", "model is under maintenance"; case-insensitive;
+    /// table-driven phrases ([`CAPACITY_PHRASES`]).
+    Model,
+    /// Everything else: the edge's nginx HTML page, other JSON, empty, garbage.
+    Account,
+}
+
+/// Lowercase phrases that make a JSON 429 a model's, not the account's. Deliberately
+/// specific: a bare "capacity" or "limit" could be an account message ("rate limit
+/// capacity exceeded"), and mistaking an account 429 for a model's would keep the account
+/// sending into a ban that doubles. Misreading the other way only cools too much.
+pub const CAPACITY_PHRASES: &[&str] = &[
+    "maximum capacity",
+    "at capacity",
+    "no instances available",
+    "no available instances",
+    "under maintenance",
+];
+
+/// Lowercase phrase of Chutes' subscription spending-cap 402 ("Subscription usage cap
+/// exceeded. Please add balance to continue.").
+const USAGE_CAP_PHRASE: &str = "usage cap";
+
+/// The human-readable messages a JSON error body carries, in the places the upstreams we
+/// know put them: FastAPI's `detail` and OpenAI's `error`, each a string or an object with
+/// a `message`; a top-level `message`; the body itself when it is a JSON string.
+fn messages(root: &Value) -> impl Iterator<Item = &str> {
+    let nested = ["detail", "error"]
+        .into_iter()
+        .filter_map(|key| match root.get(key) {
+            Some(Value::String(s)) => Some(s.as_str()),
+            Some(Value::Object(obj)) => obj.get("message").and_then(Value::as_str),
+            _ => None,
+        });
+    let top = root.get("message").and_then(Value::as_str);
+    nested.chain(top).chain(root.as_str())
+}
+
+fn contains_ignore_case(text: &str, lowercase_phrase: &str) -> bool {
+    text.to_ascii_lowercase().contains(lowercase_phrase)
+}
+
+/// What an upstream 429 is about, from its body. Only a JSON body can be a model's: the
+/// edge's HTML page is the account's whatever words it contains, and so is anything that
+/// does not parse (an empty body, a truncated one, garbage).
+pub fn classify_429(body: &[u8]) -> Scope429 {
+    let Ok(root) = serde_json::from_slice::<Value>(body) else {
+        return Scope429::Account;
+    };
+    let names_capacity = messages(&root).any(|m| {
+        let lower = m.to_ascii_lowercase();
+        CAPACITY_PHRASES.iter().any(|p| lower.contains(p))
+    });
+    if names_capacity {
+        Scope429::Model
+    } else {
+        Scope429::Account
+    }
+}
+
+/// The kinds of upstream 402 (see CONTRACT.md, "Upstream rate-limit signals").
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind402 {
+    /// The daily quota is spent: `{"detail":{"message":"Quota exceeded ...",
+    /// "quota_reset_timestamp":"..."}}` (reset as UNIX seconds when parseable).
+    DailyQuota { reset_unix: Option<f64> },
+    /// "Subscription usage cap exceeded. Please add balance to continue." (the plan's
+    /// 4-hourly / monthly spending cap).
+    UsageCap,
+    /// Anything else (e.g. "TEE models require an active subscription or positive
+    /// balance.", "This model requires a higher subscription tier or positive balance."):
+    /// passed through, closes nothing.
+    Other,
+}
+
+/// What an upstream 402 means, from its body.
+///
+/// An object (under `detail`, `error`, or the body itself) with a non-null
+/// `quota_reset_timestamp` is the daily quota whatever its wording: the timestamp is the
+/// quota's own field. Otherwise a message naming the usage cap is `UsageCap`, one
+/// mentioning "quota" is `DailyQuota` (case-insensitive both). The first candidate that
+/// says anything wins. A body that is not JSON is `Other`: it passes through and closes
+/// nothing, which is the harmless way to be wrong.
+pub fn classify_402(body: &[u8]) -> Kind402 {
+    let Ok(root) = serde_json::from_slice::<Value>(body) else {
+        return Kind402::Other;
+    };
+    let objects = [root.get("detail"), root.get("error"), Some(&root)];
+    for obj in objects.into_iter().flatten().filter_map(Value::as_object) {
+        if let Some(ts) = obj.get("quota_reset_timestamp").filter(|v| !v.is_null()) {
+            return Kind402::DailyQuota {
+                reset_unix: reset_timestamp(ts),
+            };
         }
     }
-    None
+    for message in messages(&root) {
+        if contains_ignore_case(message, USAGE_CAP_PHRASE) {
+            return Kind402::UsageCap;
+        }
+        if mentions_quota(message) {
+            return Kind402::DailyQuota { reset_unix: None };
+        }
+    }
+    Kind402::Other
+}
+
+/// Largest daily-quota figure believed from the upstream. The biggest plan is 5000 a day;
+/// ten million is far beyond any plan, so a larger figure is a broken header, not a quota
+/// (and keeps the proxy's arithmetic far from overflow).
+pub const MAX_QUOTA_FIGURE: u64 = 10_000_000;
+
+/// Largest advertised rate believed, per minute. Above it the "limit" is no limit anyone
+/// could reach through one proxy; treating it as malformed costs nothing.
+pub const MAX_ADVERTISED_RPM: u64 = 1_000_000;
+
+/// Length of the plan's spending-cap window: fixed 4-hour UTC windows from 00:00.
+pub const USAGE_WINDOW_SECS: f64 = 4.0 * 3_600.0;
+
+/// A non-negative integer as Chutes writes counts: "812", or an integral float "812.0"
+/// (Python's `str(float)`); at most `max`. Stricter than `f64::from_str` on purpose:
+/// "1e3", "+5", "-0", "812.5", "inf" and spaces inside are all malformed.
+fn count(s: &str, max: u64) -> Option<u64> {
+    let s = s.trim();
+    let (int, frac) = match s.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (s, None),
+    };
+    let integral = frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b == b'0'));
+    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !integral {
+        return None;
+    }
+    // Only digits remain, so the only possible error is overflow: absurd either way.
+    int.parse::<u64>().ok().filter(|n| *n <= max)
+}
+
+/// One header's value as text; a repeated header is read at its first value, and a value
+/// that is not visible ASCII is malformed.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name)?.to_str().ok()
+}
+
+/// Chutes' quota snapshot headers (taken before the call): X-Chutes-Quota-Total, -Used,
+/// -Remaining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChutesQuota {
+    pub total: u64,
+    pub used: u64,
+    pub remaining: Option<u64>,
+}
+
+/// None when Total or Used is absent, not a non-negative integer (Used may be sent as
+/// "812.0": an integral float is accepted), or absurd (above [`MAX_QUOTA_FIGURE`]);
+/// Remaining is optional and ignored (None) if malformed. `Total: 0` is returned as is:
+/// whether it gates anything (it does not: the account pays as it goes) is the caller's.
+pub fn chutes_quota(headers: &HeaderMap) -> Option<ChutesQuota> {
+    let figure = |name| header_text(headers, name).and_then(|v| count(v, MAX_QUOTA_FIGURE));
+    Some(ChutesQuota {
+        total: figure("x-chutes-quota-total")?,
+        used: figure("x-chutes-quota-used")?,
+        remaining: figure("x-chutes-quota-remaining"),
+    })
+}
+
+/// A rate limit the upstream says is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdvertisedRate {
+    PerMinute(std::num::NonZeroU32),
+    Unlimited,
+}
+
+fn advertised_rate(value: &str) -> Option<AdvertisedRate> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("inf") || v.eq_ignore_ascii_case("infinity") {
+        return Some(AdvertisedRate::Unlimited);
+    }
+    let n = count(v, MAX_ADVERTISED_RPM)?;
+    let n = std::num::NonZeroU32::new(u32::try_from(n).ok()?)?;
+    Some(AdvertisedRate::PerMinute(n))
+}
+
+/// X-Chutes-RL-User and X-Chutes-RL-Chute (requests per minute, or "inf"), in that order;
+/// each None when absent or malformed (0, negative, text, above [`MAX_ADVERTISED_RPM`]).
+/// "60.0" reads as 60, like the quota figures.
+pub fn advertised_rates(headers: &HeaderMap) -> (Option<AdvertisedRate>, Option<AdvertisedRate>) {
+    let rate = |name| header_text(headers, name).and_then(advertised_rate);
+    (rate("x-chutes-rl-user"), rate("x-chutes-rl-chute"))
+}
+
+/// The next fixed 4-hour UTC window boundary (00:00, 04:00, ... 20:00) strictly after
+/// `now_unix` (exact for any time a clock can show; past about 2^52 s the float spacing
+/// exceeds 4 hours and the result is merely not before `now_unix`). Non-finite in,
+/// non-finite out (NaN stays NaN): the caller's clock is garbage then, and no boundary is
+/// better than a made-up one.
+pub fn next_usage_window_unix(now_unix: f64) -> f64 {
+    let next = ((now_unix / USAGE_WINDOW_SECS).floor() + 1.0) * USAGE_WINDOW_SECS;
+    // For absurd clocks rounding can land on or before `now_unix`; then a window from now
+    // is as good as anything (and saturates at `now_unix` itself rather than going back).
+    if next > now_unix {
+        next
+    } else {
+        now_unix + USAGE_WINDOW_SECS
+    }
+}
+
+/// The management API's usage answer.
+#[derive(serde::Deserialize)]
+struct QuotaUsage {
+    quota: f64,
+    used: f64,
+}
+
+/// The management API's usage answer `{"quota": 5000, "used": 812.0}` → (quota, used).
+/// None when not a JSON object, a field is missing or not a number, or a figure is
+/// negative, non-finite or above [`MAX_QUOTA_FIGURE`]. `used` is a float upstream; a
+/// fractional one is rounded up and a fractional quota down, so the proxy never believes
+/// it has more left than it has. Other fields are ignored.
+pub fn quota_usage(body: &[u8]) -> Option<(u64, u64)> {
+    // serde would also read a struct from a JSON array (`[5000, 812]`); that is not the
+    // answer's shape.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    let u: QuotaUsage = serde_json::from_slice(body).ok()?;
+    let figure = |v: f64| {
+        (v.is_finite() && (0.0..=MAX_QUOTA_FIGURE as f64).contains(&v)).then_some(v as u64)
+    };
+    Some((figure(u.quota.floor())?, figure(u.used.ceil())?))
 }
 
 fn is_rate_limit_header(name: &str) -> bool {
@@ -1020,6 +1237,525 @@ mod tests {
         for (label, body, want) in cases {
             let got = quota_exceeded(body).map(|q| q.reset_unix);
             assert_eq!(got, *want, "{label}");
+        }
+    }
+
+    /// nginx's stock 429 page, as Chutes' edge sends it.
+    const NGINX_429: &[u8] = b"<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
+    /// Bodies no parser here may read anything into, nor panic on.
+    fn hostile_bodies() -> Vec<Vec<u8>> {
+        let mut v: Vec<Vec<u8>> = [
+            &b""[..],
+            b" ",
+            b"null",
+            b"{}",
+            b"[]",
+            b"\"\"",
+            b"\xff\xfe\xfd",
+            b"{\"detail\":",
+            b"{\"detail\":\"\\ud800\"}",
+            b"{\"detail\":\"maximum capacity\"",
+            b"\x00\x00\x00",
+        ]
+        .iter()
+        .map(|b| b.to_vec())
+        .collect();
+        v.push(NGINX_429.to_vec());
+        // Deeper than serde_json's recursion limit (128): an error, not a stack overflow.
+        v.push(b"[".repeat(100_000));
+        v.push(format!("{}{}", "{\"a\":".repeat(50_000), "1").into_bytes());
+        // Big but well-formed, and big garbage.
+        v.push(format!("{{\"x\":\"{}\"}}", "a".repeat(4 << 20)).into_bytes());
+        v.push(vec![b'~'; 4 << 20]);
+        v
+    }
+
+    #[test]
+    fn classify_429_table() {
+        use Scope429::{Account, Model};
+        let huge_capacity = format!(
+            "{{\"pad\":\"{}\",\"detail\":\"Infrastructure is at maximum capacity, try again later\"}}",
+            "p".repeat(1 << 20)
+        );
+        let cases: &[(&str, &[u8], Scope429)] = &[
+            (
+                "chutes capacity",
+                br#"{"detail":"Infrastructure is at maximum capacity, try again later"}"#,
+                Model,
+            ),
+            (
+                "upper case",
+                br#"{"detail":"INFRASTRUCTURE IS AT MAXIMUM CAPACITY, TRY AGAIN LATER"}"#,
+                Model,
+            ),
+            (
+                "mixed case",
+                br#"{"detail":"Maximum Capacity reached"}"#,
+                Model,
+            ),
+            (
+                "no instances",
+                br#"{"detail":"No instances available (yet) for chute_id='abc'"}"#,
+                Model,
+            ),
+            (
+                "maintenance",
+                br#"{"detail":"model is under maintenance"}"#,
+                Model,
+            ),
+            (
+                "at capacity",
+                br#"{"detail":"Chute is at capacity"}"#,
+                Model,
+            ),
+            (
+                "detail object",
+                br#"{"detail":{"message":"Infrastructure is at maximum capacity"}}"#,
+                Model,
+            ),
+            (
+                "error string",
+                br#"{"error":"infrastructure is at maximum capacity"}"#,
+                Model,
+            ),
+            (
+                "error object (openai shape)",
+                br#"{"error":{"message":"No instances available","type":"server_error"}}"#,
+                Model,
+            ),
+            (
+                "top-level message",
+                br#"{"message":"Model is under maintenance"}"#,
+                Model,
+            ),
+            (
+                "escaped text",
+                br#"{"detail":"maximum\u0020capacity"}"#,
+                Model,
+            ),
+            (
+                "whitespace around",
+                b"\n  {\"detail\" : \"at maximum capacity\"}  \n",
+                Model,
+            ),
+            ("huge body, capacity", huge_capacity.as_bytes(), Model),
+            ("nginx html", NGINX_429, Account),
+            (
+                "html naming capacity",
+                b"<html><body>Infrastructure is at maximum capacity</body></html>",
+                Account,
+            ),
+            (
+                "plain text naming capacity",
+                b"Infrastructure is at maximum capacity, try again later",
+                Account,
+            ),
+            (
+                "app rate limit",
+                br#"{"detail":"Too many requests, slow down"}"#,
+                Account,
+            ),
+            (
+                "openai rate limit",
+                br#"{"error":{"message":"Rate limit reached","type":"requests"}}"#,
+                Account,
+            ),
+            (
+                "bare capacity word",
+                br#"{"detail":"rate limit capacity exceeded"}"#,
+                Account,
+            ),
+            (
+                "phrase in another field",
+                br#"{"detail":"slow down","hint":"maximum capacity"}"#,
+                Account,
+            ),
+            (
+                "detail not a string",
+                br#"{"detail":["maximum capacity"]}"#,
+                Account,
+            ),
+            (
+                "message not a string",
+                br#"{"detail":{"message":42}}"#,
+                Account,
+            ),
+            (
+                "truncated json",
+                br#"{"detail":"Infrastructure is at maximum capac"#,
+                Account,
+            ),
+            (
+                "trailing junk",
+                br#"{"detail":"maximum capacity"} <html>"#,
+                Account,
+            ),
+        ];
+        for (label, body, want) in cases {
+            assert_eq!(classify_429(body), *want, "{label}");
+        }
+        for body in hostile_bodies() {
+            assert_eq!(
+                classify_429(&body),
+                Account,
+                "{:.60?}",
+                body_snippet(&body, 60)
+            );
+        }
+    }
+
+    #[test]
+    fn classify_402_table() {
+        use Kind402::{DailyQuota, Other, UsageCap};
+        let cases: &[(&str, &[u8], Kind402)] = &[
+            (
+                "chutes quota",
+                br#"{"detail":{"message":"Quota exceeded for today","quota_reset_timestamp":"2025-09-13T00:00:00+00:00"}}"#,
+                DailyQuota {
+                    reset_unix: Some(NOW),
+                },
+            ),
+            (
+                "chutes quota, bad timestamp",
+                br#"{"detail":{"message":"Quota exceeded","quota_reset_timestamp":"soon"}}"#,
+                DailyQuota { reset_unix: None },
+            ),
+            (
+                "usage cap",
+                br#"{"detail":"Subscription usage cap exceeded. Please add balance to continue."}"#,
+                UsageCap,
+            ),
+            (
+                "usage cap, upper case",
+                br#"{"detail":"SUBSCRIPTION USAGE CAP EXCEEDED. PLEASE ADD BALANCE TO CONTINUE."}"#,
+                UsageCap,
+            ),
+            (
+                "usage cap, object",
+                br#"{"detail":{"message":"Subscription Usage Cap exceeded"}}"#,
+                UsageCap,
+            ),
+            (
+                "usage cap, openai shape",
+                br#"{"error":{"message":"Subscription usage cap exceeded.","type":"insufficient_quota"}}"#,
+                UsageCap,
+            ),
+            (
+                "timestamp beats wording",
+                br#"{"detail":{"message":"usage cap","quota_reset_timestamp":"2025-09-13T00:00:00Z"}}"#,
+                DailyQuota {
+                    reset_unix: Some(NOW),
+                },
+            ),
+            (
+                "tee",
+                br#"{"detail":"TEE models require an active subscription or positive balance."}"#,
+                Other,
+            ),
+            (
+                "tier",
+                br#"{"detail":"This model requires a higher subscription tier or positive balance."}"#,
+                Other,
+            ),
+            ("balance", br#"{"detail":"Insufficient balance"}"#, Other),
+            (
+                "html",
+                b"<html><body>402 Subscription usage cap exceeded</body></html>",
+                Other,
+            ),
+            ("plain text", b"Quota exceeded", Other),
+            ("nginx 429 page", NGINX_429, Other),
+        ];
+        for (label, body, want) in cases {
+            assert_eq!(&classify_402(body), want, "{label}");
+        }
+        for body in hostile_bodies() {
+            assert_eq!(
+                classify_402(&body),
+                Other,
+                "{:.60?}",
+                body_snippet(&body, 60)
+            );
+        }
+    }
+
+    #[test]
+    fn chutes_quota_table() {
+        let q = |total, used, remaining| {
+            Some(ChutesQuota {
+                total,
+                used,
+                remaining,
+            })
+        };
+        let nines = "9".repeat(400);
+        let cases: &[(&str, Pairs, Option<ChutesQuota>)] = &[
+            (
+                "all three",
+                &[
+                    ("x-chutes-quota-total", b"5000"),
+                    ("x-chutes-quota-used", b"812"),
+                    ("x-chutes-quota-remaining", b"4188"),
+                ],
+                q(5000, 812, Some(4188)),
+            ),
+            (
+                "header names are case-insensitive",
+                &[
+                    ("X-Chutes-Quota-Total", b"300"),
+                    ("X-CHUTES-QUOTA-USED", b"12"),
+                ],
+                q(300, 12, None),
+            ),
+            (
+                "used as integral float",
+                &[
+                    ("x-chutes-quota-total", b"5000"),
+                    ("x-chutes-quota-used", b"812.0"),
+                    ("x-chutes-quota-remaining", b"4188.00"),
+                ],
+                q(5000, 812, Some(4188)),
+            ),
+            (
+                "no daily quota",
+                &[
+                    ("x-chutes-quota-total", b"0"),
+                    ("x-chutes-quota-used", b"0"),
+                    ("x-chutes-quota-remaining", b"0"),
+                ],
+                q(0, 0, Some(0)),
+            ),
+            (
+                "spaces trimmed",
+                &[
+                    ("x-chutes-quota-total", b" 5000 "),
+                    ("x-chutes-quota-used", b"\t7"),
+                ],
+                q(5000, 7, None),
+            ),
+            (
+                "malformed remaining ignored",
+                &[
+                    ("x-chutes-quota-total", b"5000"),
+                    ("x-chutes-quota-used", b"10"),
+                    ("x-chutes-quota-remaining", b"-3"),
+                ],
+                q(5000, 10, None),
+            ),
+            (
+                "at the bound",
+                &[
+                    ("x-chutes-quota-total", b"10000000"),
+                    ("x-chutes-quota-used", b"10000000"),
+                ],
+                q(10_000_000, 10_000_000, None),
+            ),
+            (
+                "first of repeated",
+                &[
+                    ("x-chutes-quota-total", b"5000"),
+                    ("x-chutes-quota-total", b"1"),
+                    ("x-chutes-quota-used", b"2"),
+                ],
+                q(5000, 2, None),
+            ),
+            ("nothing", &[], None),
+            ("total only", &[("x-chutes-quota-total", b"5000")], None),
+            ("used only", &[("x-chutes-quota-used", b"5")], None),
+            (
+                "absurd total",
+                &[
+                    ("x-chutes-quota-total", b"10000001"),
+                    ("x-chutes-quota-used", b"1"),
+                ],
+                None,
+            ),
+            (
+                "overflowing used",
+                &[
+                    ("x-chutes-quota-total", b"5000"),
+                    ("x-chutes-quota-used", nines.as_bytes()),
+                ],
+                None,
+            ),
+        ];
+        for (label, pairs, want) in cases {
+            assert_eq!(chutes_quota(&headers(pairs)), *want, "{label}");
+        }
+        let bad_values: &[&[u8]] = &[
+            b"",
+            b"-1",
+            b"-0",
+            b"812.5",
+            b"1e3",
+            b"+5",
+            b"0x10",
+            b"inf",
+            b"NaN",
+            b"5 000",
+            b".",
+            b"5.",
+            b".5",
+            b"five",
+            b"\xff",
+            b"5\xc3\xa9",
+        ];
+        for bad in bad_values {
+            for field in ["x-chutes-quota-total", "x-chutes-quota-used"] {
+                let other = if field.ends_with("total") {
+                    "x-chutes-quota-used"
+                } else {
+                    "x-chutes-quota-total"
+                };
+                let map = headers(&[(field, bad), (other, b"1")]);
+                assert_eq!(chutes_quota(&map), None, "{field}: {bad:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn advertised_rates_table() {
+        use AdvertisedRate::{PerMinute, Unlimited};
+        let per = |n: u32| Some(PerMinute(std::num::NonZeroU32::new(n).expect("non-zero")));
+        type RateCase<'a> = (
+            &'a str,
+            Pairs<'a>,
+            (Option<AdvertisedRate>, Option<AdvertisedRate>),
+        );
+        let cases: &[RateCase] = &[
+            ("nothing", &[], (None, None)),
+            (
+                "user default",
+                &[("x-chutes-rl-user", b"60")],
+                (per(60), None),
+            ),
+            (
+                "user and chute",
+                &[("X-Chutes-RL-User", b"60"), ("X-Chutes-RL-Chute", b"10")],
+                (per(60), per(10)),
+            ),
+            (
+                "inf",
+                &[("x-chutes-rl-user", b"inf")],
+                (Some(Unlimited), None),
+            ),
+            (
+                "INF and Infinity",
+                &[
+                    ("x-chutes-rl-user", b"INF"),
+                    ("x-chutes-rl-chute", b"Infinity"),
+                ],
+                (Some(Unlimited), Some(Unlimited)),
+            ),
+            (
+                "integral float",
+                &[("x-chutes-rl-user", b"60.0")],
+                (per(60), None),
+            ),
+            ("spaces", &[("x-chutes-rl-chute", b" 30 ")], (None, per(30))),
+            (
+                "the bound",
+                &[("x-chutes-rl-user", b"1000000")],
+                (per(1_000_000), None),
+            ),
+            ("zero", &[("x-chutes-rl-user", b"0")], (None, None)),
+            ("negative", &[("x-chutes-rl-user", b"-60")], (None, None)),
+            ("text", &[("x-chutes-rl-user", b"sixty")], (None, None)),
+            ("-inf", &[("x-chutes-rl-user", b"-inf")], (None, None)),
+            ("too big", &[("x-chutes-rl-user", b"1000001")], (None, None)),
+            ("fraction", &[("x-chutes-rl-user", b"0.5")], (None, None)),
+            (
+                "u64 overflow",
+                &[("x-chutes-rl-chute", b"99999999999999999999999")],
+                (None, None),
+            ),
+            ("empty", &[("x-chutes-rl-user", b"")], (None, None)),
+            (
+                "not ascii",
+                &[("x-chutes-rl-user", b"6\xff0")],
+                (None, None),
+            ),
+            (
+                "one bad, one good",
+                &[("x-chutes-rl-user", b"lots"), ("x-chutes-rl-chute", b"5")],
+                (None, per(5)),
+            ),
+        ];
+        for (label, pairs, want) in cases {
+            assert_eq!(advertised_rates(&headers(pairs)), *want, "{label}");
+        }
+    }
+
+    #[test]
+    fn next_usage_window_table() {
+        const H: f64 = 3_600.0;
+        let cases: &[(&str, f64, f64)] = &[
+            ("midnight is not strictly after", NOW, NOW + 4.0 * H),
+            ("just after midnight", NOW + 0.001, NOW + 4.0 * H),
+            ("just before 04:00", NOW + 4.0 * H - 0.001, NOW + 4.0 * H),
+            ("04:00 goes to 08:00", NOW + 4.0 * H, NOW + 8.0 * H),
+            (
+                "21:30 goes to next midnight",
+                NOW + 21.5 * H,
+                NOW + 24.0 * H,
+            ),
+            ("epoch", 0.0, 4.0 * H),
+            ("before 1970", -1.0, 0.0),
+        ];
+        for (label, now, want) in cases {
+            assert_eq!(next_usage_window_unix(*now), *want, "{label}");
+        }
+        assert!(next_usage_window_unix(f64::NAN).is_nan());
+        assert_eq!(next_usage_window_unix(f64::INFINITY), f64::INFINITY);
+        for now in [1e15, -1e15, 1e300, f64::MAX, f64::MIN_POSITIVE] {
+            assert!(next_usage_window_unix(now) >= now, "{now}");
+        }
+    }
+
+    #[test]
+    fn quota_usage_table() {
+        type UsageCase<'a> = (&'a str, &'a [u8], Option<(u64, u64)>);
+        let cases: &[UsageCase] = &[
+            (
+                "chutes",
+                br#"{"quota": 5000, "used": 812.0}"#,
+                Some((5000, 812)),
+            ),
+            ("ints", br#"{"quota":300,"used":0}"#, Some((300, 0))),
+            (
+                "order and extra fields",
+                br#"{"used":1,"chute_id":"*","quota":2000,"x":{"y":[1,2]}}"#,
+                Some((2000, 1)),
+            ),
+            (
+                "fractions round towards less left",
+                br#"{"quota": 2000.9, "used": 812.1}"#,
+                Some((2000, 813)),
+            ),
+            ("no quota", br#"{"quota":0,"used":0.0}"#, Some((0, 0))),
+            (
+                "at the bound",
+                br#"{"quota":10000000,"used":10000000}"#,
+                Some((10_000_000, 10_000_000)),
+            ),
+            ("whitespace", b" \n{\"quota\":1,\"used\":1}\n", Some((1, 1))),
+            ("negative used", br#"{"quota":5000,"used":-1}"#, None),
+            ("negative quota", br#"{"quota":-5,"used":1}"#, None),
+            ("absurd", br#"{"quota":10000001,"used":1}"#, None),
+            ("huge exponent", br#"{"quota":1e400,"used":1}"#, None),
+            ("string figures", br#"{"quota":"5000","used":"812"}"#, None),
+            ("null", br#"{"quota":null,"used":1}"#, None),
+            ("missing used", br#"{"quota":5000}"#, None),
+            ("array", b"[5000, 812.0]", None),
+            ("duplicate", br#"{"quota":1,"quota":2,"used":0}"#, None),
+            ("html", NGINX_429, None),
+        ];
+        for (label, body, want) in cases {
+            assert_eq!(quota_usage(body), *want, "{label}");
+        }
+        for body in hostile_bodies() {
+            assert_eq!(quota_usage(&body), None, "{:.60?}", body_snippet(&body, 60));
         }
     }
 
