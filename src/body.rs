@@ -60,7 +60,7 @@ pub struct UploadStats {
 
 /// The client's request body on its way upstream.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Upload,
     limit: u64,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
@@ -68,13 +68,33 @@ pub struct RequestBody {
     done: bool,
 }
 
+/// Where a request body comes from: streamed from the client, or read whole before
+/// admission (to learn its model, and to send it again on a retry).
+enum Upload {
+    Stream(Incoming),
+    Buffered(Option<Bytes>),
+}
+
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64, idle: Duration, stats: Arc<UploadStats>) -> Self {
         RequestBody {
-            inner,
+            inner: Upload::Stream(inner),
             limit,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            stats,
+            done: false,
+        }
+    }
+
+    /// A body already read: sent as one frame (and counted in the upload stats).
+    pub fn buffered(bytes: Bytes, stats: Arc<UploadStats>) -> Self {
+        stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        RequestBody {
+            inner: Upload::Buffered((!bytes.is_empty()).then_some(bytes)),
+            limit: u64::MAX,
+            idle: Duration::MAX,
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             stats,
             done: false,
         }
@@ -93,7 +113,14 @@ impl Body for RequestBody {
         if this.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = match &mut this.inner {
+            Upload::Stream(i) => i,
+            Upload::Buffered(b) => {
+                this.done = true;
+                return Poll::Ready(b.take().map(|b| Ok(Frame::data(b))));
+            }
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let total = this
@@ -129,11 +156,20 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        self.done
+            || match &self.inner {
+                Upload::Stream(i) => i.is_end_stream(),
+                Upload::Buffered(b) => b.is_none(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Upload::Stream(i) => i.size_hint(),
+            // An exact length lets the upstream request carry Content-Length, as the
+            // client's did.
+            Upload::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
     }
 }
 

@@ -65,6 +65,52 @@ pub struct Config {
     pub state: StateConfig,
     pub clients: ClientsConfig,
     pub shared_state: SharedStateConfig,
+    pub retry: RetryConfig,
+}
+
+/// What the proxy does once the upstream's quota headers say the plan's daily quota is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeyondQuota {
+    /// Close the daily gate until the reset, so nothing is billed pay-as-you-go.
+    Stop,
+    /// Keep forwarding (the account pays as it goes).
+    Continue,
+}
+
+/// Where the account's daily usage is polled from (`upstream.quota_url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuotaSource {
+    /// No polling.
+    Off,
+    /// Poll this URL (with the account key) every `upstream.quota_poll`.
+    Url(String),
+}
+
+/// Chutes' management API answer for the account's default daily quota.
+pub const CHUTES_QUOTA_URL: &str = "https://api.chutes.ai/users/me/quota_usage/me";
+/// Often enough to notice usage from outside the proxy within minutes, rare enough to cost
+/// a negligible share of the account's requests (6 an hour).
+pub const DEFAULT_QUOTA_POLL: Duration = Duration::from_secs(600);
+/// A model at capacity usually frees an instance within seconds.
+pub const DEFAULT_MODEL_COOLDOWN_INITIAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_MODEL_COOLDOWN_MAX: Duration = Duration::from_secs(120);
+/// Chat bodies are a few KiB to a few hundred KiB; a 1 MiB copy per queued retry is bounded.
+pub const DEFAULT_RETRY_MAX_BODY: u64 = 1024 * 1024;
+
+/// Upstream 429s retried on the client's behalf.
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    /// Re-sends after an upstream 429; 0 = off.
+    pub max_attempts: u32,
+    /// Request bodies larger than this are not kept for a retry.
+    pub max_body: u64,
+}
+
+/// One `[limits.model_cost]` entry: a model-name pattern with `*` wildcards and its cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCost {
+    pub pattern: String,
+    pub cost: NonZeroU32,
 }
 
 /// Where the account budget lives.
@@ -102,6 +148,10 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
+    /// `server.admin_token_env`: the variable holding the token that lets a non-loopback peer
+    /// use the admin endpoints that change something (`POST /reload`).
+    pub admin_token_env: Option<String>,
+    pub admin_token: Option<ApiKey>,
 }
 
 #[derive(Clone)]
@@ -117,6 +167,10 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Which CAs the upstream's certificate may chain to.
     pub tls_roots: TlsRoots,
+    /// The account usage poll (`quota_url`, resolved: `"auto"` becomes Chutes' endpoint when
+    /// `url` is on llm.chutes.ai, else off).
+    pub quota_source: QuotaSource,
+    pub quota_poll: Duration,
 }
 
 /// Trust anchors for the upstream's TLS certificate.
@@ -204,9 +258,24 @@ pub struct Limits {
     /// Seconds after 00:00 UTC at which the daily count resets.
     pub day_reset_offset: u32,
     pub max_concurrent: usize,
+    pub beyond_quota: BeyondQuota,
+    /// Whether `X-Chutes-RL-User` / `-RL-Chute` may lower the rate in force.
+    pub follow_upstream_limits: bool,
+    /// `[limits.model_cost]` in file order (the first match wins).
+    pub model_cost: Vec<ModelCost>,
 }
 
 impl Limits {
+    /// Daily units one request to `model` costs: the first matching `[limits.model_cost]`
+    /// pattern, else 1.
+    pub fn cost_of(&self, model: Option<&str>) -> u32 {
+        let Some(m) = model else { return 1 };
+        self.model_cost
+            .iter()
+            .find(|c| crate::model::wildcard_match(&c.pattern, m))
+            .map_or(1, |c| c.cost.get())
+    }
+
     /// The GCRA emission interval: one request every 60/rpm seconds.
     pub fn spacing(&self) -> Duration {
         Duration::from_secs(60) / self.requests_per_minute.get()
@@ -225,6 +294,10 @@ pub struct CooldownConfig {
     pub max: Duration,
     pub multiplier: f64,
     pub decay_after: Duration,
+    /// A capacity 429 cools its model for this long at first ...
+    pub model_initial: Duration,
+    /// ... growing by `multiplier` up to this.
+    pub model_max: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +486,9 @@ impl Config {
         );
         let _ = writeln!(out, "max_connections = {}", s.max_connections);
         let _ = writeln!(out, "max_header_bytes = {}", s.max_header_bytes);
+        if let Some(env) = &s.admin_token_env {
+            let _ = writeln!(out, "admin_token_env = {env:?}");
+        }
         let _ = writeln!(out, "\n[upstream]");
         let _ = writeln!(out, "url = \"{}\"", u.url);
         let key_state = match &u.api_key {
@@ -432,6 +508,15 @@ impl Config {
             fmt_dur(u.first_byte_timeout)
         );
         let _ = writeln!(out, "idle_timeout = \"{}\"", fmt_dur(u.idle_timeout));
+        let _ = writeln!(
+            out,
+            "quota_url = {:?}",
+            match &u.quota_source {
+                QuotaSource::Off => "",
+                QuotaSource::Url(url) => url.as_str(),
+            }
+        );
+        let _ = writeln!(out, "quota_poll = \"{}\"", fmt_dur(u.quota_poll));
         let _ = writeln!(
             out,
             "tls_roots = \"{}\"",
@@ -455,6 +540,21 @@ impl Config {
             (l.day_reset_offset % 3600) / 60
         );
         let _ = writeln!(out, "max_concurrent = {}", l.max_concurrent);
+        let _ = writeln!(
+            out,
+            "beyond_quota = \"{}\"",
+            match l.beyond_quota {
+                BeyondQuota::Stop => "stop",
+                BeyondQuota::Continue => "continue",
+            }
+        );
+        let _ = writeln!(out, "follow_upstream_limits = {}", l.follow_upstream_limits);
+        if !l.model_cost.is_empty() {
+            let _ = writeln!(out, "\n[limits.model_cost]");
+            for c in &l.model_cost {
+                let _ = writeln!(out, "{:?} = {}", c.pattern, c.cost);
+            }
+        }
         let _ = writeln!(out, "\n[queue]");
         let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
         let _ = writeln!(out, "max_wait = \"{}\"", fmt_dur(self.queue.max_wait));
@@ -464,6 +564,11 @@ impl Config {
         let _ = writeln!(out, "max = \"{}\"", fmt_dur(c.max));
         let _ = writeln!(out, "multiplier = {:?}", c.multiplier);
         let _ = writeln!(out, "decay_after = \"{}\"", fmt_dur(c.decay_after));
+        let _ = writeln!(out, "model_initial = \"{}\"", fmt_dur(c.model_initial));
+        let _ = writeln!(out, "model_max = \"{}\"", fmt_dur(c.model_max));
+        let _ = writeln!(out, "\n[retry]");
+        let _ = writeln!(out, "max_attempts = {}", self.retry.max_attempts);
+        let _ = writeln!(out, "max_body = {}", self.retry.max_body);
         let _ = writeln!(out, "\n[state]");
         let _ = writeln!(
             out,
@@ -725,7 +830,7 @@ impl Validator {
     }
 
     fn config(&mut self, mut root: Table, env: &dyn Env) -> Option<Config> {
-        let server = self.server(&mut root);
+        let server = self.server(&mut root, env);
         let upstream = self.upstream(&mut root, env);
         let limits = self.limits(&mut root);
         let queue = self.queue(&mut root);
@@ -733,6 +838,7 @@ impl Validator {
         let state = self.state(&mut root);
         let clients = self.clients(&mut root, env, queue.max_wait);
         let shared_state = self.shared_state(&mut root);
+        let retry = self.retry(&mut root);
         let mut names: Vec<_> = root.keys().cloned().collect();
         names.sort();
         for k in names {
@@ -747,10 +853,11 @@ impl Validator {
             state,
             clients,
             shared_state,
+            retry,
         })
     }
 
-    fn server(&mut self, root: &mut Table) -> Option<ServerConfig> {
+    fn server(&mut self, root: &mut Table, env: &dyn Env) -> Option<ServerConfig> {
         let mut s = self.section(root, "server");
         let listen = self.str_val(&mut s, "listen", DEFAULT_LISTEN);
         let listen = listen.and_then(|v| match v.parse::<SocketAddr>() {
@@ -827,6 +934,21 @@ impl Validator {
             8192,
             1 << 24,
         ) as usize;
+        let admin_token_env = self
+            .str_val(&mut s, "admin_token_env", "")
+            .filter(|v| !v.is_empty());
+        let admin_token = match &admin_token_env {
+            Some(name) => match env.var(name).map(|t| t.trim().to_string()) {
+                Some(t) if !t.is_empty() => Some(ApiKey(t)),
+                Some(_) => {
+                    self.err("server.admin_token_env", format!("{name} is set but empty"));
+                    None
+                }
+                // Unset: only loopback peers may reload, as without the key.
+                None => None,
+            },
+            None => None,
+        };
         self.finish(s);
         Some(ServerConfig {
             listen: listen?,
@@ -837,6 +959,8 @@ impl Validator {
             header_read_timeout,
             max_connections,
             max_header_bytes,
+            admin_token_env,
+            admin_token,
         })
     }
 
@@ -940,6 +1064,34 @@ impl Validator {
                 TlsRoots::Webpki
             }
         };
+        let quota_url = self
+            .str_val(&mut s, "quota_url", "auto")
+            .unwrap_or_default();
+        let quota_source = match quota_url.as_str() {
+            "" => QuotaSource::Off,
+            "auto" => match &url {
+                Some(u) if u.authority.host().eq_ignore_ascii_case("llm.chutes.ai") => {
+                    QuotaSource::Url(CHUTES_QUOTA_URL.to_string())
+                }
+                _ => QuotaSource::Off,
+            },
+            other => match other.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                        && uri.authority().is_some() =>
+                {
+                    QuotaSource::Url(other.to_string())
+                }
+                _ => {
+                    self.err(
+                        "upstream.quota_url",
+                        format!("{other:?} is not \"auto\", \"\" or an http(s) URL"),
+                    );
+                    QuotaSource::Off
+                }
+            },
+        };
+        let quota_poll = self.positive_duration(&mut s, "quota_poll", DEFAULT_QUOTA_POLL);
         self.finish(s);
         Some(UpstreamConfig {
             url: url?,
@@ -951,6 +1103,8 @@ impl Validator {
             first_byte_timeout,
             idle_timeout,
             tls_roots,
+            quota_source,
+            quota_poll,
         })
     }
 
@@ -982,6 +1136,48 @@ impl Validator {
             1,
             1_000_000,
         ) as usize;
+        let beyond_quota = match self.str_val(&mut s, "beyond_quota", "stop").as_deref() {
+            Some("stop") | None => BeyondQuota::Stop,
+            Some("continue") => BeyondQuota::Continue,
+            Some(other) => {
+                self.err(
+                    "limits.beyond_quota",
+                    format!("{other:?}: expected \"stop\" or \"continue\""),
+                );
+                BeyondQuota::Stop
+            }
+        };
+        let follow_upstream_limits = self.bool_val(&mut s, "follow_upstream_limits", true);
+        let model_cost = match s.table.remove("model_cost") {
+            None => Vec::new(),
+            Some(Value::Table(t)) => {
+                let mut out = Vec::new();
+                for (pattern, v) in t {
+                    let key = format!("limits.model_cost.{pattern:?}");
+                    match v {
+                        Value::Integer(n) if (1..=1_000_000).contains(&n) => out.push(ModelCost {
+                            pattern,
+                            cost: NonZeroU32::new(n as u32).unwrap_or(NonZeroU32::MIN),
+                        }),
+                        Value::Integer(n) => {
+                            self.err(&key, format!("{n} is out of range (1..=1000000)"))
+                        }
+                        other => self.err(
+                            &key,
+                            format!("expected an integer cost, found {}", other.type_str()),
+                        ),
+                    }
+                }
+                out
+            }
+            Some(other) => {
+                self.err(
+                    "limits.model_cost",
+                    format!("expected a table, found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        };
         self.finish(s);
         Limits {
             requests_per_minute: NonZeroU32::new(rpm as u32).unwrap_or(NonZeroU32::MIN),
@@ -989,6 +1185,9 @@ impl Validator {
             requests_per_day: NonZeroU64::new(per_day as u64),
             day_reset_offset: reset,
             max_concurrent,
+            beyond_quota,
+            follow_upstream_limits,
+            model_cost,
         }
     }
 
@@ -1021,6 +1220,19 @@ impl Validator {
             100.0,
         );
         let decay_after = self.positive_duration(&mut s, "decay_after", DEFAULT_COOLDOWN_DECAY);
+        let model_initial =
+            self.positive_duration(&mut s, "model_initial", DEFAULT_MODEL_COOLDOWN_INITIAL);
+        let model_max = self.positive_duration(&mut s, "model_max", DEFAULT_MODEL_COOLDOWN_MAX);
+        if model_initial > model_max {
+            self.err(
+                "cooldown.model_initial",
+                format!(
+                    "{} is longer than cooldown.model_max ({})",
+                    fmt_dur(model_initial),
+                    fmt_dur(model_max)
+                ),
+            );
+        }
         if initial > max {
             self.err(
                 "cooldown.initial",
@@ -1037,6 +1249,33 @@ impl Validator {
             max,
             multiplier,
             decay_after,
+            model_initial,
+            model_max,
+        }
+    }
+
+    fn retry(&mut self, root: &mut Table) -> RetryConfig {
+        let mut s = self.section(root, "retry");
+        let max_attempts = self.int_val(&mut s, "max_attempts", 1, 0, 10) as u32;
+        let max_body = match s.table.remove("max_body") {
+            None => DEFAULT_RETRY_MAX_BODY,
+            Some(Value::String(v)) => parse_size(&v).unwrap_or_else(|e| {
+                self.err("retry.max_body", e);
+                DEFAULT_RETRY_MAX_BODY
+            }),
+            Some(Value::Integer(i)) if i >= 0 => i as u64,
+            Some(other) => {
+                self.err(
+                    "retry.max_body",
+                    format!("expected a size like \"1MiB\", found {}", other.type_str()),
+                );
+                DEFAULT_RETRY_MAX_BODY
+            }
+        };
+        self.finish(s);
+        RetryConfig {
+            max_attempts,
+            max_body,
         }
     }
 

@@ -16,6 +16,10 @@ use crate::body::UploadStats;
 pub struct RequestLog {
     pub request_id: String,
     pub client: Arc<str>,
+    /// The request body's `model`, when it named one (bounded length).
+    pub model: Option<Arc<str>>,
+    /// Re-sends after upstream 429s on the client's behalf.
+    pub retries: u32,
     pub method: http::Method,
     pub path: String,
     /// What the client got.
@@ -50,6 +54,8 @@ impl RequestLog {
         RequestLog {
             request_id,
             client,
+            model: None,
+            retries: 0,
             method,
             path,
             status: 0,
@@ -83,6 +89,8 @@ impl RequestLog {
             target: "chutes_proxy::request",
             request_id = %self.request_id,
             client = %self.client,
+            model = self.model.as_deref(),
+            retries = self.retries,
             method = %self.method,
             path = %self.path,
             status = self.status,

@@ -477,6 +477,7 @@ mod tests {
             oldest_wait: None,
             in_flight: 4,
             clients: Vec::new(),
+            ..Snapshot::default()
         }
     }
 

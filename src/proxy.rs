@@ -22,7 +22,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::admission::{Admission, ClientId, Outcome, Permit};
+use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
 use crate::body::{RequestBody, ResponseBody, UploadStats};
 use crate::clients::Clients;
 use crate::config::Config;
@@ -39,6 +39,9 @@ const UPSTREAM_BODY_SNIPPET: usize = 2048;
 const QUOTA_BODY_LIMIT: usize = 64 * 1024;
 /// Reading an error body must not hold the client (and a permit) for long.
 const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// A JSON 429's body decides whose capacity it is about; Chutes sends it with the head.
+/// Bounded so a slow body cannot keep the account's gate open for long.
+const SCOPE_BODY_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub struct Proxy {
     pub config: Arc<Config>,
@@ -135,8 +138,37 @@ impl Proxy {
             Ok(w) => w,
             Err(r) => return p.own(r),
         };
+        // Learn the request's model before admission: a JSON body is read whole (it is
+        // bounded by server.max_request_body); anything else streams as it comes.
+        let (mut parts, body) = req.into_parts();
+        // An invalid target is refused before admission, so it consumes nothing.
+        parts.uri = match self.upstream.target(&parts.uri) {
+            Ok(u) => u,
+            Err(e) => return p.own(Rejection::new(Reason::BadRequest).with_detail(e)),
+        };
+        let upload = Arc::new(UploadStats::default());
+        p.log.upload = Some(Arc::clone(&upload));
+        let (body, model) = if reads_body(&parts) {
+            match read_body(body, limit, self.config.upstream.idle_timeout, &upload).await {
+                Ok(bytes) => {
+                    let model = crate::model::request_model(&bytes);
+                    (Upload::Buffered(bytes), model)
+                }
+                Err(r) => return p.own(r),
+            }
+        } else {
+            (Upload::Stream(body), None)
+        };
+        p.log.model = model.clone();
+        let ask = Ask {
+            client,
+            cost: self.config.limits.cost_of(model.as_deref()),
+            model,
+            max_wait,
+        };
+        let req = Request::from_parts(parts, body);
         let waiting = Instant::now();
-        let permit = match self.admission.acquire(client, max_wait).await {
+        let permit = match self.admission.admit(ask).await {
             Ok(permit) => permit,
             Err(r) => {
                 // A request shed after queueing waited too; its log line says how long.
@@ -149,7 +181,7 @@ impl Proxy {
         // quota 402) still reach the budget. Only then is the response dropped, which frees
         // the permit and closes the upstream stream.
         let strip = ident.strip_auth;
-        match tokio::spawn(p.forward(req, permit, strip)).await {
+        match tokio::spawn(p.forward(req, permit, strip, upload)).await {
             Ok(resp) => resp,
             Err(e) => {
                 // Only a panic in the pipeline gets here; the permit was released by unwinding.
@@ -166,8 +198,9 @@ impl Proxy {
     /// the request's `x-proxy-max-wait`, whichever is shortest.
     #[allow(clippy::result_large_err)] // see admission::Inner::check_client_caps
     fn max_wait(&self, req: &Request<Incoming>, client: ClientId) -> Result<Duration, Rejection> {
-        let mut wait = self.config.queue.max_wait;
-        if let Some(w) = self.admission.settings().clients[client].max_wait {
+        let settings = self.admission.settings();
+        let mut wait = settings.max_wait;
+        if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
             wait = wait.min(w);
         }
         if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {
@@ -215,31 +248,30 @@ impl Pipeline {
 
     async fn forward(
         mut self,
-        req: Request<Incoming>,
+        req: Request<Upload>,
         mut permit: Permit,
         strip_auth: bool,
+        upload: Arc<UploadStats>,
     ) -> Response<ResponseBody> {
         let proxy = Arc::clone(&self.proxy);
         let queue_wait = permit.queue_wait;
         self.log.queue_wait = Some(queue_wait);
         proxy.metrics.observe_queue_wait(queue_wait);
         let (mut parts, body) = req.into_parts();
-        let uri = match proxy.upstream.target(&parts.uri) {
-            Ok(u) => u,
-            Err(e) => return self.own(Rejection::new(Reason::BadRequest).with_detail(e)),
-        };
+        let uri = std::mem::take(&mut parts.uri);
         proxy
             .upstream
             .prepare_headers(&mut parts.headers, strip_auth);
         parts.headers.insert(REQUEST_ID, self.request_id.clone());
-        let upload = Arc::new(UploadStats::default());
-        self.log.upload = Some(Arc::clone(&upload));
-        let body = RequestBody::new(
-            body,
-            proxy.config.server.max_request_body,
-            proxy.config.upstream.idle_timeout,
-            Arc::clone(&upload),
-        );
+        let body = match body {
+            Upload::Buffered(bytes) => RequestBody::buffered(bytes, Arc::clone(&upload)),
+            Upload::Stream(body) => RequestBody::new(
+                body,
+                proxy.config.server.max_request_body,
+                proxy.config.upstream.idle_timeout,
+                Arc::clone(&upload),
+            ),
+        };
         let mut up = Request::new(body);
         *up.method_mut() = parts.method;
         *up.uri_mut() = uri;
@@ -266,6 +298,12 @@ impl Pipeline {
         // Logged apart from the client's status, which differs when a 402 or 429 is rewritten.
         self.log.upstream_status = Some(status.as_u16());
         proxy.metrics.upstream_status(status.as_u16());
+        let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
+        permit.observe(&Observed {
+            quota: signals::chutes_quota(resp.headers()),
+            rl_user,
+            rl_chute,
+        });
         match status.as_u16() {
             429 => self.upstream_429(resp, permit).await,
             402 => self.upstream_402(resp, permit).await,
@@ -344,43 +382,87 @@ impl Pipeline {
         let now = unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
-        // The whole account stops on the 429's head: reading its body first could take up
-        // to ERROR_BODY_TIMEOUT, and every request granted meanwhile would hit the upstream
-        // again and lengthen the ban. The body is attached to the record once read.
         let reported_at = Instant::now();
-        let decision = permit.report(Outcome::RateLimited {
-            hint: hint.clone(),
-            status: 429,
-            headers: rl_headers.clone(),
-            body: String::new(),
-        });
-        let body = read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET).await;
-        let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
-        if let Some(d) = &decision {
-            permit.attach_429_body(d, snippet.clone());
-        }
+        // An HTML page (the edge's) is the account's at once: the whole account stops on the
+        // 429's head, since every request granted while a slow body is read would hit the
+        // edge again and lengthen the ban. A JSON body says whose capacity it is about (one
+        // model's, or the account's), so it is read first, briefly.
+        let json = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+        let (decision, snippet) = if json && permit.model().is_some() {
+            let body =
+                read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET, SCOPE_BODY_TIMEOUT).await;
+            let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
+            let decision = permit.report(Outcome::RateLimited {
+                scope: signals::classify_429(&body),
+                hint: hint.clone(),
+                status: 429,
+                headers: rl_headers.clone(),
+                body: snippet.clone(),
+            });
+            (decision, snippet)
+        } else {
+            let decision = permit.report(Outcome::RateLimited {
+                scope: signals::Scope429::Account,
+                hint: hint.clone(),
+                status: 429,
+                headers: rl_headers.clone(),
+                body: String::new(),
+            });
+            let body =
+                read_prefix(resp.into_body(), UPSTREAM_BODY_SNIPPET, ERROR_BODY_TIMEOUT).await;
+            let snippet = signals::body_snippet(&body, UPSTREAM_BODY_SNIPPET);
+            if let Some(d) = &decision {
+                permit.attach_429_body(d, snippet.clone());
+            }
+            (decision, snippet)
+        };
         permit.announced().await;
+        let model = decision.as_ref().and_then(|d| d.model.clone());
         drop(permit);
-        let mut r = self.proxy.admission.rejection(Reason::UpstreamRateLimited);
+        let reason = if model.is_some() {
+            Reason::UpstreamCapacity
+        } else {
+            Reason::UpstreamRateLimited
+        };
+        let mut r = self.proxy.admission.rejection(reason);
         r.upstream_status = Some(429);
         r.upstream_body = Some(snippet);
+        r.model = model.clone();
         if let Some(d) = &decision {
             // What is left of the cooldown now, after the body was read.
             r.retry_after = Some(d.duration.saturating_sub(reported_at.elapsed()));
-            r.cooldown_until_unix = Some(d.until_unix);
+            if model.is_none() {
+                r.cooldown_until_unix = Some(d.until_unix);
+            }
             self.proxy
                 .metrics
                 .cooldown_seconds
                 .observe(d.duration.as_secs_f64());
-            tracing::warn!(
-                request_id = %self.log.request_id,
-                upstream_headers = ?rl_headers,
-                cooldown_s = d.duration.as_secs_f64(),
-                level = d.level,
-                escalated = d.escalated,
-                hint_note = d.hint_note.as_deref(),
-                "upstream 429: the whole account is paused"
-            );
+            if let Some(m) = &model {
+                tracing::warn!(
+                    request_id = %self.log.request_id,
+                    model = %m,
+                    cooldown_s = d.duration.as_secs_f64(),
+                    level = d.level,
+                    escalated = d.escalated,
+                    hint_note = d.hint_note.as_deref(),
+                    "upstream capacity 429: only this model cools; other models are served"
+                );
+            } else {
+                tracing::warn!(
+                    request_id = %self.log.request_id,
+                    upstream_headers = ?rl_headers,
+                    cooldown_s = d.duration.as_secs_f64(),
+                    level = d.level,
+                    escalated = d.escalated,
+                    hint_note = d.hint_note.as_deref(),
+                    "upstream 429: the whole account is paused"
+                );
+            }
         }
         self.own(r)
     }
@@ -391,21 +473,19 @@ impl Pipeline {
         mut permit: Permit,
     ) -> Response<ResponseBody> {
         let (parts, body) = resp.into_parts();
-        let bytes = read_prefix(body, QUOTA_BODY_LIMIT).await;
-        match signals::quota_exceeded(&bytes) {
-            Some(q) => {
-                permit.report(Outcome::QuotaExceeded {
-                    reset_unix: q.reset_unix,
-                });
-                permit.announced().await;
-                drop(permit);
-                let mut r = self.proxy.admission.rejection(Reason::DailyQuotaExhausted);
-                r.upstream_status = Some(402);
-                r.upstream_body = Some(signals::body_snippet(&bytes, UPSTREAM_BODY_SNIPPET));
-                self.own(r)
+        let bytes = read_prefix(body, QUOTA_BODY_LIMIT, ERROR_BODY_TIMEOUT).await;
+        let reason = match signals::classify_402(&bytes) {
+            signals::Kind402::DailyQuota { reset_unix } => {
+                permit.report(Outcome::QuotaExceeded { reset_unix });
+                Reason::DailyQuotaExhausted
             }
-            None => {
-                // Not a quota message: the client gets the upstream's 402 as it was.
+            signals::Kind402::UsageCap => {
+                permit.report(Outcome::UsageCap);
+                Reason::UsageCapExhausted
+            }
+            signals::Kind402::Other => {
+                // Not about the account (e.g. a model that needs a higher tier): the client
+                // gets the upstream's 402 as it was, and nothing closes.
                 permit.report(Outcome::Success { exhausted: None });
                 drop(permit);
                 let mut parts = parts;
@@ -418,14 +498,20 @@ impl Pipeline {
                 me.log.outcome = "forwarded";
                 me.log.bytes_out = bytes.len() as u64;
                 me.log.finish();
-                Response::from_parts(parts, ResponseBody::full(bytes))
+                return Response::from_parts(parts, ResponseBody::full(bytes));
             }
-        }
+        };
+        permit.announced().await;
+        drop(permit);
+        let mut r = self.proxy.admission.rejection(reason);
+        r.upstream_status = Some(402);
+        r.upstream_body = Some(signals::body_snippet(&bytes, UPSTREAM_BODY_SNIPPET));
+        self.own(r)
     }
 }
 
-/// Read at most `limit` bytes of a body, within `ERROR_BODY_TIMEOUT`; the rest is discarded.
-async fn read_prefix(mut body: Incoming, limit: usize) -> Bytes {
+/// Read at most `limit` bytes of a body, within `within`; the rest is discarded.
+async fn read_prefix(mut body: Incoming, limit: usize, within: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     let read = async {
         while buf.len() < limit {
@@ -440,8 +526,76 @@ async fn read_prefix(mut body: Incoming, limit: usize) -> Bytes {
             }
         }
     };
-    let _ = tokio::time::timeout(ERROR_BODY_TIMEOUT, read).await;
+    let _ = tokio::time::timeout(within, read).await;
     buf.freeze()
+}
+
+/// A request body as admission leaves it: read whole (its model is known), or still to
+/// stream.
+pub enum Upload {
+    Buffered(Bytes),
+    Stream(Incoming),
+}
+
+/// Whether a request's body is read before admission to learn its model: bodies that can
+/// be JSON (declared JSON, text, or curl's default form type) of methods that carry one. Uploads of other types stream as before.
+fn reads_body(parts: &http::request::Parts) -> bool {
+    if matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
+    ) {
+        return false;
+    }
+    match parts.headers.get(CONTENT_TYPE) {
+        // No type: an upload of raw bytes, not an API call; it streams.
+        None => false,
+        Some(v) => {
+            let ct = v.to_str().unwrap_or("").trim_start().to_ascii_lowercase();
+            ct.starts_with("application/json")
+                || ct.contains("+json")
+                || ct.starts_with("application/x-www-form-urlencoded")
+                || ct.starts_with("text/plain")
+        }
+    }
+}
+
+/// Read a whole request body (bounded by `limit`, each chunk within `idle`).
+#[allow(clippy::result_large_err)] // see admission::Admission::admit
+async fn read_body(
+    body: Incoming,
+    limit: u64,
+    idle: Duration,
+    stats: &Arc<UploadStats>,
+) -> Result<Bytes, Rejection> {
+    let mut body = RequestBody::new(body, limit, idle, Arc::clone(stats));
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    buf.extend_from_slice(&d);
+                }
+            }
+            Err(crate::body::BodyError::TooLarge { limit }) => {
+                return Err(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+                    "the body exceeded {limit} bytes (server.max_request_body)"
+                )))
+            }
+            Err(crate::body::BodyError::Idle(d)) => {
+                return Err(Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
+                    "the client's request body stalled longer than {:.0}s (upstream.idle_timeout)",
+                    d.as_secs_f64()
+                )))
+            }
+            Err(e) => {
+                return Err(Rejection::new(Reason::BadRequest)
+                    .with_detail(format!("the request body could not be read: {e}")))
+            }
+        }
+    }
+    // The bytes are counted again when the body is sent upstream.
+    stats.bytes.store(0, Ordering::Relaxed);
+    Ok(buf.freeze())
 }
 
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {

@@ -46,10 +46,18 @@ pub enum Reason {
     BadRequest,
     /// CONNECT and other methods a reverse proxy never forwards.
     MethodNotAllowed,
+    /// The request's model is cooling after a capacity 429.
+    ModelCooldown,
+    /// An upstream capacity 429 for one model, rewritten.
+    UpstreamCapacity,
+    /// An upstream 402 "Subscription usage cap exceeded": gate until the next 4-hour window.
+    UsageCapExhausted,
+    /// SIGTERM/SIGINT: a queued request that cannot be admitted within the grace.
+    ShuttingDown,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 18] = [
         Reason::QueueFull,
         Reason::QueueTimeout,
         Reason::UpstreamCooldown,
@@ -64,6 +72,10 @@ impl Reason {
         Reason::RequestTooLarge,
         Reason::BadRequest,
         Reason::MethodNotAllowed,
+        Reason::ModelCooldown,
+        Reason::UpstreamCapacity,
+        Reason::UsageCapExhausted,
+        Reason::ShuttingDown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -82,6 +94,10 @@ impl Reason {
             Reason::RequestTooLarge => "request_too_large",
             Reason::BadRequest => "bad_request",
             Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::ModelCooldown => "model_cooldown",
+            Reason::UpstreamCapacity => "upstream_capacity",
+            Reason::UsageCapExhausted => "usage_cap_exhausted",
+            Reason::ShuttingDown => "shutting_down",
         }
     }
 
@@ -93,7 +109,11 @@ impl Reason {
             | Reason::UpstreamRateLimited
             | Reason::DailyQuotaExhausted
             | Reason::ClientRateLimited
-            | Reason::ClientDailyQuotaExhausted => StatusCode::TOO_MANY_REQUESTS,
+            | Reason::ClientDailyQuotaExhausted
+            | Reason::ModelCooldown
+            | Reason::UpstreamCapacity
+            | Reason::UsageCapExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Reason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UnauthorizedClient => StatusCode::UNAUTHORIZED,
             Reason::SharedStateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Reason::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
@@ -107,9 +127,11 @@ impl Reason {
     /// OpenAI `error.type` and `error.code`.
     fn type_code(self) -> (&'static str, &'static str) {
         match self {
-            Reason::DailyQuotaExhausted | Reason::ClientDailyQuotaExhausted => {
-                ("insufficient_quota", "insufficient_quota")
-            }
+            Reason::DailyQuotaExhausted
+            | Reason::ClientDailyQuotaExhausted
+            | Reason::UsageCapExhausted => ("insufficient_quota", "insufficient_quota"),
+            Reason::ModelCooldown | Reason::UpstreamCapacity => ("requests", "rate_limit_exceeded"),
+            Reason::ShuttingDown => ("upstream_error", "shutting_down"),
             Reason::QueueFull
             | Reason::QueueTimeout
             | Reason::UpstreamCooldown
@@ -131,6 +153,7 @@ impl Reason {
             self,
             Reason::DailyQuotaExhausted
                 | Reason::ClientDailyQuotaExhausted
+                | Reason::UsageCapExhausted
                 | Reason::UnauthorizedClient
                 | Reason::RequestTooLarge
                 | Reason::BadRequest
@@ -165,6 +188,9 @@ pub struct Rejection {
     pub limits: Option<LimitsView>,
     pub cooldown_until_unix: Option<f64>,
     pub client: Option<Arc<str>>,
+    /// The request's model, for model-scoped refusals (`model_cooldown`, `upstream_capacity`,
+    /// a model's own quota).
+    pub model: Option<Arc<str>>,
     pub upstream_status: Option<u16>,
     pub upstream_body: Option<String>,
     /// Extra words for the message, e.g. "estimated wait 31.0s exceeds the wait limit 20.0s".
@@ -180,6 +206,7 @@ impl Rejection {
             limits: None,
             cooldown_until_unix: None,
             client: None,
+            model: None,
             upstream_status: None,
             upstream_body: None,
             detail: None,
@@ -235,6 +262,19 @@ impl Rejection {
             Reason::RequestTooLarge => "the request body is larger than this proxy accepts".to_string(),
             Reason::BadRequest => "invalid request".to_string(),
             Reason::MethodNotAllowed => "this method is not forwarded".to_string(),
+            Reason::ModelCooldown => format!(
+                "model {:?} is at capacity upstream and cooling down; other models are served; retry in {retry_txt}",
+                self.model.as_deref().unwrap_or("")
+            ),
+            Reason::UpstreamCapacity => format!(
+                "the upstream has no free capacity for model {:?} (HTTP {}); other models are served; retry in {retry_txt}",
+                self.model.as_deref().unwrap_or(""),
+                self.upstream_status.unwrap_or(429)
+            ),
+            Reason::UsageCapExhausted => format!(
+                "the plan's subscription usage cap is spent; the next 4-hour window opens in {retry_txt}"
+            ),
+            Reason::ShuttingDown => format!("the proxy is shutting down; retry in {retry_txt}"),
         };
         match &self.detail {
             Some(d) => format!("{base} ({d})"),
@@ -258,6 +298,7 @@ impl Rejection {
                         .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
                     request_id: request_id.to_str().unwrap_or(""),
                     client: self.client.as_deref(),
+                    model: self.model.as_deref(),
                     limits: self.limits.as_ref().map(|l| LimitsObj {
                         requests_per_minute: l.requests_per_minute,
                         burst: l.burst,
@@ -309,7 +350,10 @@ impl Rejection {
                     ),
                     Policy::Minute => ("minute", u64::from(l.requests_per_minute), 0),
                 };
-                let remaining = if self.reason == Reason::DailyQuotaExhausted {
+                let remaining = if matches!(
+                    self.reason,
+                    Reason::DailyQuotaExhausted | Reason::UsageCapExhausted
+                ) {
                     0
                 } else {
                     remaining
@@ -356,6 +400,8 @@ struct ProxyObj<'a> {
     request_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
     limits: Option<LimitsObj>,
     cooldown_until: Option<String>,
     upstream_status: Option<u16>,

@@ -45,6 +45,12 @@ pub struct Persisted {
     pub daily_gate_until_unix: Option<f64>,
     #[serde(default)]
     pub cooldown_until_unix: Option<f64>,
+    /// Upstream 402 "usage cap exceeded": closed until this 4-hour boundary.
+    #[serde(default)]
+    pub usage_cap_until_unix: Option<f64>,
+    /// The last upstream 429 and its headers: "why was I limited" survives a restart.
+    #[serde(default)]
+    pub last_429: Option<crate::admission::Last429>,
     #[serde(default)]
     pub cooldown_level: u32,
     #[serde(default)]
@@ -255,6 +261,13 @@ mod tests {
             cooldown_until_unix: Some(1_795_990_000.5),
             cooldown_level: 2,
             clients: [("bot".to_string(), 3)].into_iter().collect(),
+            usage_cap_until_unix: Some(1_795_996_800.0),
+            last_429: Some(crate::admission::Last429 {
+                at_unix: 1_795_990_000.25,
+                status: 429,
+                headers: vec![("retry-after".into(), "30".into())],
+                body: "<html>429</html>".into(),
+            }),
         };
         let bytes = render(&p, 0);
         assert_eq!(parse(&bytes).unwrap(), p);

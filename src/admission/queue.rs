@@ -135,6 +135,7 @@ impl<T> FairQueue<T> {
     }
 
     /// The client whose head is served next.
+    #[cfg(test)]
     fn next_client(&self) -> Option<usize> {
         self.clients
             .iter()
@@ -145,12 +146,7 @@ impl<T> FairQueue<T> {
             .map(|(_, i)| i)
     }
 
-    /// The waiter that would be served next.
-    pub fn peek(&self) -> Option<&Waiter<T>> {
-        self.next_client()
-            .and_then(|i| self.clients[i].waiters.front())
-    }
-
+    #[cfg(test)]
     pub fn pop(&mut self) -> Option<Waiter<T>> {
         let i = self.next_client()?;
         let c = &mut self.clients[i];
@@ -160,6 +156,83 @@ impl<T> FairQueue<T> {
         self.len -= 1;
         self.after_removal();
         Some(w)
+    }
+
+    /// The first waiter, in service order, that may go now: clients are taken in the order
+    /// their heads start and skipped when `client_ok` says no (a client waiting for its own
+    /// rate holds up nobody else); within a client, the first of its first `scan` waiters that
+    /// `ok` accepts (a waiter for a cooling model holds up none of its client's other models).
+    /// Returns the client and the waiter's id, for [`FairQueue::serve`].
+    pub fn find(
+        &self,
+        mut client_ok: impl FnMut(ClientId) -> bool,
+        mut ok: impl FnMut(&Waiter<T>) -> bool,
+        scan: usize,
+    ) -> Option<(ClientId, u64)> {
+        let mut order: Vec<(u64, usize)> = self
+            .clients
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.waiters.is_empty())
+            .map(|(i, c)| (c.head_tag, i))
+            .collect();
+        order.sort_unstable();
+        for (_, i) in order {
+            if !client_ok(i) {
+                continue;
+            }
+            if let Some(w) = self.clients[i].waiters.iter().take(scan).find(|w| ok(w)) {
+                return Some((i, w.id));
+            }
+        }
+        None
+    }
+
+    /// Serve waiter `id` of `client` (found by [`FairQueue::find`]): it leaves the queue and
+    /// its client is charged one service, exactly as if it had been at the head.
+    pub fn serve(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
+        let c = self.clients.get_mut(client)?;
+        let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
+        let w = c.waiters.remove(pos)?;
+        self.vtime = self.vtime.max(c.head_tag);
+        c.head_tag = c.head_tag.saturating_add(c.cost);
+        self.len -= 1;
+        self.after_removal();
+        Some(w)
+    }
+
+    /// For each waiter, how many would be served before it under the current tags: its
+    /// client, id and that count.
+    pub fn ranks(&self) -> Vec<(ClientId, u64, usize)> {
+        let mut out = Vec::with_capacity(self.len);
+        for (i, c) in self.clients.iter().enumerate() {
+            for (pos, w) in c.waiters.iter().enumerate() {
+                let tag = c.tag_at(pos);
+                let ahead: usize = self
+                    .clients
+                    .iter()
+                    .enumerate()
+                    .map(|(j, q)| {
+                        if j == i {
+                            pos
+                        } else {
+                            // Ties go to the lower index, as in `next_client`.
+                            let t = if j < i { tag } else { tag.saturating_sub(1) };
+                            q.starting_by(t)
+                        }
+                    })
+                    .sum();
+                out.push((i, w.id, ahead));
+            }
+        }
+        out
+    }
+
+    /// Change the clients' weights in place (a reload); the queue keeps its waiters.
+    pub fn set_weights(&mut self, weights: &[u32]) {
+        for (c, &w) in self.clients.iter_mut().zip(weights) {
+            c.cost = SCALE / u64::from(w.max(1));
+        }
     }
 
     /// Remove waiter `id` of `client` if it is still queued. Those behind it move up.

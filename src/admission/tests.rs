@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::response::Reason;
+use crate::signals::Scope429;
 
 fn settings(rpm: u32, burst: u32) -> Settings {
     Settings {
@@ -23,6 +24,10 @@ fn settings(rpm: u32, burst: u32) -> Settings {
         cooldown_max: Duration::from_secs(3600),
         cooldown_multiplier: 2.0,
         cooldown_decay: Duration::from_secs(600),
+        model_cooldown_initial: Duration::from_secs(5),
+        model_cooldown_max: Duration::from_secs(120),
+        beyond_quota_stop: true,
+        follow_upstream_limits: true,
         durable: false,
         fallback_share: 0.5,
         clients: vec![ClientSettings {
@@ -351,6 +356,7 @@ async fn cooldown_sheds_short_waiters_and_probes_once() {
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     let d = p
         .report(Outcome::RateLimited {
+            scope: Scope429::Account,
             hint: None,
             status: 429,
             headers: vec![],
@@ -398,6 +404,7 @@ async fn a_failed_probe_escalates_and_an_unanswered_one_lets_another_try() {
     s.cooldown_initial = Duration::from_secs(10);
     let a = admission(s);
     let rate_limited = || Outcome::RateLimited {
+        scope: Scope429::Account,
         hint: None,
         status: 429,
         headers: vec![],
@@ -430,6 +437,7 @@ async fn a_burst_of_429s_in_flight_is_one_episode() {
         .iter_mut()
         .map(|p| {
             p.report(Outcome::RateLimited {
+                scope: Scope429::Account,
                 hint: None,
                 status: 429,
                 headers: vec![],
@@ -466,10 +474,11 @@ async fn upstream_hints_are_trusted_up_to_the_max() {
     ];
     for (hint, want, noted) in cases {
         // Fresh admission per case so escalation does not interfere.
-        let a2 = admission(a.settings().clone());
+        let a2 = admission((*a.settings()).clone());
         let mut p = sent(a2.acquire(0, Duration::ZERO).await.unwrap());
         let d = p
             .report(Outcome::RateLimited {
+                scope: Scope429::Account,
                 hint,
                 status: 429,
                 headers: vec![],
@@ -488,6 +497,7 @@ async fn escalation_decays_after_a_quiet_period() {
     s.cooldown_decay = Duration::from_secs(60);
     let a = admission(s);
     let rl = || Outcome::RateLimited {
+        scope: Scope429::Account,
         hint: None,
         status: 429,
         headers: vec![],

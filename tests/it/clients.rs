@@ -165,12 +165,20 @@ async fn a_clients_own_cap_sheds_with_its_name() {
             .unwrap()
     };
     assert_eq!(send(&c, batch()).await.status, 200);
-    let got = send(&c, batch()).await;
+    // batch's own rate (one a second) cannot be met within half a second: shed at once.
+    let mut short = batch();
+    short
+        .headers_mut()
+        .insert("x-proxy-max-wait", "500ms".parse().unwrap());
+    let got = send(&c, short).await;
     assert_eq!(got.status, 429);
     let v = got.json();
     assert_eq!(v["error"]["proxy"]["reason"], "client_rate_limited");
     assert_eq!(v["error"]["proxy"]["client"], "batch");
     assert!(got.header("retry-after").is_some());
+    // With the default wait limit its own rate is waited for, like the account's.
+    assert_eq!(send(&c, batch()).await.status, 200);
+    assert_eq!(mock.count(), 2);
     // Other clients are not affected by batch's cap.
     assert_eq!(get(&c, &proxy.url("/v1/x")).await.status, 200);
     proxy.stop().await.unwrap();
