@@ -1,5 +1,7 @@
 //! The admin listener: `/healthz` for liveness, `/status` for people and scripts asking "why
-//! are we rate limited, and when does it reset?", and `/metrics` for Prometheus.
+//! are we rate limited, and when does it reset?", `/metrics` for Prometheus, and for people
+//! watching live: `/` (the dashboard page, built into the binary) and `/history` (the last
+//! hour, per second, from `history`).
 //!
 //! Read-only: nothing here changes the budget. It binds to loopback unless the config says
 //! otherwise (checked in `config`). The API key never appears: `/status` is built from the
@@ -16,17 +18,30 @@ use serde_json::{json, Value};
 
 use crate::admission::Admission;
 use crate::body::ResponseBody;
+use crate::clock::WallClock;
 use crate::config::{Backend, Config, OnRedisError};
+use crate::history::History;
 use crate::metrics::{Format, Metrics};
 use crate::units::{format_reset, format_rfc3339};
 
 /// How much of the last upstream 429's body `/status` shows.
 const LAST_429_BODY_CHARS: usize = 512;
 
+/// The dashboard: one self-contained page (inline CSS and script, SVG charts drawn by hand),
+/// so it works offline and behind any firewall. It reads `/status` and `/history`.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// What the dashboard may load: nothing but itself and this listener's JSON. The browser
+/// then enforces "no external scripts, fonts or CDNs", and an injected `<script>` from a
+/// header or body the page displays would not run (the page also only ever sets text).
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
 pub struct Admin {
     pub config: Arc<Config>,
     pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
+    pub history: Arc<History>,
+    pub wall: WallClock,
 }
 
 impl Admin {
@@ -39,6 +54,43 @@ impl Admin {
             );
         }
         match req.uri().path() {
+            "/" => {
+                let mut r = text(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    Bytes::from_static(DASHBOARD.as_bytes()),
+                );
+                r.headers_mut().insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    HeaderValue::from_static(DASHBOARD_CSP),
+                );
+                r.headers_mut().insert(
+                    http::header::X_CONTENT_TYPE_OPTIONS,
+                    HeaderValue::from_static("nosniff"),
+                );
+                r
+            }
+            "/history" => match crate::history::parse_query(req.uri().query()) {
+                Ok(seconds) => {
+                    let now = self.wall.now_unix().round() as i64;
+                    let doc = crate::history::Document(self.history.since(seconds, now));
+                    let body = serde_json::to_vec(&doc).unwrap_or_default();
+                    text(StatusCode::OK, "application/json", body.into())
+                }
+                Err(message) => {
+                    let body = json!({"error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": "seconds",
+                        "code": "invalid_parameter",
+                    }});
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        "application/json",
+                        body.to_string().into(),
+                    )
+                }
+            },
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/status" => {
                 let body = serde_json::to_vec_pretty(&self.status().await).unwrap_or_default();
@@ -61,7 +113,7 @@ impl Admin {
             _ => text(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /healthz, /status or /metrics\n".into(),
+                "not found: try /, /history, /healthz, /status or /metrics\n".into(),
             ),
         }
     }

@@ -15,6 +15,7 @@
 //! - [`response`]: the only place that renders the proxy's own responses.
 //! - [`state`]: the persisted state file and its writer.
 //! - [`metrics`], [`admin`], [`log`]: what operators see.
+//! - [`history`]: the last hour per second, sampled from the counters, for the dashboard.
 //! - [`status_cmd`]: the `chutes-proxy status` command.
 //! - [`clock`], [`units`]: time sources, durations, sizes, dates.
 
@@ -24,6 +25,7 @@ pub mod body;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod history;
 pub mod log;
 pub mod metrics;
 pub mod model;
@@ -153,16 +155,28 @@ pub async fn run(
         }
     });
     let admin_task = admin_listener.map(|l| {
+        // The dashboard's history is only read through the admin listener, so the sampler
+        // runs only with one.
+        let history = Arc::new(history::History::new());
+        let sampler = tokio::spawn(history::run_sampler(
+            Arc::clone(&history),
+            Arc::clone(&metrics),
+            Arc::clone(&admission),
+            wall,
+            stop_rx.clone(),
+        ));
         let admin = Arc::new(admin::Admin {
             config: Arc::clone(&config),
             admission: Arc::clone(&admission),
             metrics: Arc::clone(&metrics),
+            history,
+            wall,
         });
         let mut cfg = config.server.clone();
         // Scrapes are short; there is nothing to wait for at shutdown.
         cfg.shutdown_grace = std::time::Duration::from_secs(1);
         let stop = stop_rx.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             server::serve(
                 l,
                 &cfg,
@@ -171,15 +185,17 @@ pub async fn run(
                 "admin",
             )
             .await
-        })
+        });
+        (server, sampler)
     });
 
     shutdown.await;
     tracing::info!("shutdown requested");
     let _ = stop_tx.send(true);
     let _ = main_task.await;
-    if let Some(t) = admin_task {
-        let _ = t.await;
+    if let Some((server, sampler)) = admin_task {
+        let _ = server.await;
+        let _ = sampler.await;
     }
     if let Some(w) = writer {
         // Not an abort: a write in progress must land before the final one, not after it.

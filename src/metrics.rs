@@ -157,11 +157,27 @@ pub fn outcome_index(reason: Option<Reason>) -> usize {
     }
 }
 
-fn outcome_name(i: usize) -> &'static str {
+/// Number of outcomes: `forwarded` plus every reason.
+pub const OUTCOMES: usize = Reason::ALL.len() + 1;
+
+/// The `outcome` label at [`outcome_index`] `i`.
+pub fn outcome_name(i: usize) -> &'static str {
     if i == 0 {
         "forwarded"
     } else {
         Reason::ALL[i - 1].as_str()
+    }
+}
+
+/// Number of `status` labels on `chutes_proxy_upstream_responses_total`: the known codes,
+/// then the classes `1xx`..`5xx`.
+pub const STATUS_LABELS: usize = KNOWN_STATUSES.len() + 5;
+
+/// The `status` label at index `i` of the upstream counters (`i < STATUS_LABELS`).
+pub fn status_label(i: usize) -> String {
+    match KNOWN_STATUSES.get(i) {
+        Some(s) => s.to_string(),
+        None => format!("{}xx", i - KNOWN_STATUSES.len() + 1),
     }
 }
 
@@ -219,13 +235,11 @@ impl Metrics {
             "Upstream responses by status code (uncommon codes by class, e.g. 5xx)",
             status_family.clone(),
         );
-        let upstream = (0..KNOWN_STATUSES.len() + 5)
+        let upstream = (0..STATUS_LABELS)
             .map(|i| {
-                let status = match KNOWN_STATUSES.get(i) {
-                    Some(s) => s.to_string(),
-                    None => format!("{}xx", i - KNOWN_STATUSES.len() + 1),
-                };
-                status_family.get_or_create_owned(&StatusLabels { status })
+                status_family.get_or_create_owned(&StatusLabels {
+                    status: status_label(i),
+                })
             })
             .collect();
         // Queue waits range from nothing to the 20 s default limit and beyond.
@@ -397,6 +411,17 @@ impl Metrics {
                 .collect(),
             None => Vec::new(),
         }
+    }
+
+    /// Counters since start by outcome index ([`outcome_name`]), summed over clients: what the
+    /// per-second history reads, without building names.
+    pub fn outcome_totals(&self) -> [u64; OUTCOMES] {
+        std::array::from_fn(|i| self.requests.iter().map(|r| r[i].get()).sum())
+    }
+
+    /// Upstream responses since start by `status` label index ([`status_label`]).
+    pub fn upstream_totals(&self) -> [u64; STATUS_LABELS] {
+        std::array::from_fn(|i| self.upstream[i].get())
     }
 
     /// Upstream responses since start by exact status (for `/status`).

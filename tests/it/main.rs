@@ -7,6 +7,7 @@ mod support;
 mod budget;
 mod clients;
 mod core;
+mod dashboard;
 mod fleet;
 mod hostile;
 mod observability;
