@@ -265,6 +265,7 @@ mod tests {
             oldest_wait: None,
             in_flight,
             clients: Vec::new(),
+            ..Snapshot::default()
         }
     }
 

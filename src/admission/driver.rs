@@ -1,0 +1,192 @@
+//! The async driver around the budget: the dispatcher task (the only one that sleeps on the
+//! bucket's or a gate's timer), the delivery of replies after the lock is released, and the
+//! fleet's Redis calls and announcements, which run outside the lock.
+
+use super::*;
+/// The dispatcher: the only task that sleeps on the bucket's or a gate's timer.
+pub(super) async fn dispatch(shared: Arc<Shared>) {
+    let mut out = Vec::new();
+    loop {
+        let next = shared.lock().step(&shared, &mut out);
+        deliver(&mut out);
+        match next {
+            Next::At(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = shared.wake.notified() => {}
+                }
+            }
+            Next::Idle => match &shared.fleet {
+                // Keep finding out whether Redis is back, so that shedding or the local
+                // fallback ends as soon as it is, not at the next request.
+                Some(f) if !f.is_healthy() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(FLEET_HEALTH_RETRY) => {
+                            let day = shared.lock().day.index;
+                            let _ = f.status(day).await;
+                        }
+                        _ = shared.wake.notified() => {}
+                    }
+                }
+                _ => shared.wake.notified().await,
+            },
+            Next::Take => {
+                take_remote(&shared, &mut out).await;
+                deliver(&mut out);
+            }
+        }
+    }
+}
+
+/// While Redis is down and nobody is waiting, check on it this often.
+pub(super) const FLEET_HEALTH_RETRY: Duration = Duration::from_secs(1);
+
+pub(super) fn deliver(out: &mut Out) {
+    for (tx, r) in out.drain(..) {
+        // A waiter that left in the meantime drops the permit here, which returns it.
+        let _ = tx.send(r);
+    }
+}
+
+/// One Redis admission attempt for the head of the queue (fleet mode).
+pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
+    let Some(f) = shared.fleet.clone() else {
+        return;
+    };
+    let (spacing, burst, cap, offset) = {
+        let g = shared.lock();
+        (g.spacing(), g.s.burst, g.daily_cap(), g.s.day_reset_offset)
+    };
+    let result = f.take(spacing, burst, cap, offset).await;
+    let now = Instant::now();
+    let now_unix = shared.wall.now_unix();
+    let mut g = shared.lock();
+    match result {
+        Ok(Take::Granted { probe, .. }) => {
+            if probe {
+                g.cooldown.probe = Probe::Ready;
+            }
+            if !g.grant_head(shared, out, now) {
+                // Everyone left while Redis answered: give the token and the count back.
+                if probe {
+                    g.cooldown.probe = Probe::Open;
+                    let _ = spawn_fleet(shared, "probe release", |f| async move {
+                        f.probe_done(false).await
+                    });
+                }
+                spawn_fleet(shared, "refund", move |f| async move {
+                    f.refund(spacing, offset).await
+                });
+            }
+        }
+        Ok(Take::Wait(d)) => g.remote_not_before = Some(now + d),
+        Ok(Take::ProbeBusy) => g.remote_not_before = Some(now + fleet::PROBE_POLL),
+        Ok(Take::Cooldown { until_unix, level }) => {
+            g.apply_fleet_cooldown(shared, until_unix, level)
+        }
+        Ok(Take::DailyClosed { until_unix }) => {
+            g.day.gate_until_unix = Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+        }
+        Err(e) => match f.settings.on_error {
+            OnError::FailClosed => {
+                for w in g.queue.drain_where(|_| true) {
+                    let mut r = Rejection::new(Reason::SharedStateUnavailable);
+                    r.retry_after = Some(FLEET_HEALTH_RETRY);
+                    r.detail = Some(e.clone());
+                    out.push((w.payload.reply, Err(r)));
+                }
+                let _ = now_unix;
+            }
+            OnError::Local => match shared.fallback.check() {
+                Ok(()) => {
+                    g.grant_head(shared, out, now);
+                }
+                Err(nu) => {
+                    g.remote_not_before = Some(now + nu.wait_time_from(shared.clock.now()));
+                }
+            },
+        },
+    }
+}
+
+/// Run a fleet call in the background (from synchronous code such as `Permit::report` and
+/// `Drop`), logging a failure: the local gate has already changed, Redis catches up.
+pub(super) fn spawn_fleet<F, Fut, T>(
+    shared: &Shared,
+    what: &'static str,
+    f: F,
+) -> Option<tokio::task::JoinHandle<()>>
+where
+    F: FnOnce(Arc<Fleet>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
+    T: Send + 'static,
+{
+    let fleet = shared.fleet.as_ref()?;
+    let handle = tokio::runtime::Handle::try_current().ok()?;
+    let fut = f(Arc::clone(fleet));
+    Some(handle.spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::warn!(what, error = %e, "could not tell the fleet");
+        }
+    }))
+}
+
+/// Apply other replicas' announcements to this replica's gates.
+pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shared>) {
+    let alive = {
+        let shared = shared.clone();
+        move || shared.strong_count() > 0
+    };
+    let apply = {
+        let shared = shared.clone();
+        move |ev: fleet::Event| {
+            let Some(sh) = shared.upgrade() else {
+                return;
+            };
+            {
+                let mut g = sh.lock();
+                match ev {
+                    fleet::Event::Cooldown { until_unix, level } => {
+                        g.apply_fleet_cooldown(&sh, until_unix, level)
+                    }
+                    fleet::Event::Gate { until_unix } => {
+                        g.day.gate_until_unix =
+                            Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+                    }
+                    fleet::Event::Open | fleet::Event::ProbeReleased => {
+                        g.remote_not_before = None;
+                    }
+                }
+            }
+            sh.wake.notify_one();
+        }
+    };
+    let resync = {
+        let shared = shared.clone();
+        let fleet = Arc::clone(&fleet);
+        move || {
+            let shared = shared.clone();
+            let fleet = Arc::clone(&fleet);
+            async move {
+                let Some(day) = shared.upgrade().map(|sh| sh.lock().day.index) else {
+                    return;
+                };
+                let st = fleet.status(day).await;
+                if let Some(sh) = shared.upgrade() {
+                    {
+                        let mut g = sh.lock();
+                        if let Some(u) = st.cooldown_until_unix {
+                            g.apply_fleet_cooldown(&sh, u, st.level);
+                        }
+                        if let Some(u) = st.gate_until_unix {
+                            g.day.gate_until_unix =
+                                Some(g.day.gate_until_unix.unwrap_or(0.0).max(u));
+                        }
+                    }
+                    sh.wake.notify_one();
+                }
+            }
+        }
+    };
+    fleet.listen(alive, apply, resync).await;
+}

@@ -1,0 +1,495 @@
+//! The permit a granted request holds, and what the upstream's answer does to the budget:
+//! cooldowns (the account's or one model's), quota gates, advertised rates, probes, and the
+//! give-back of everything a request that was never sent had taken.
+
+use super::*;
+/// The right to have one request in flight upstream. Owned by the response body; dropping it
+/// frees the concurrency slot, gives back what a request never sent had taken (the daily
+/// counts, its client's and its model's rate), and lets another request probe if this was an
+/// unanswered probe.
+pub struct Permit {
+    pub(super) shared: Arc<Shared>,
+    pub(super) client: ClientId,
+    pub(super) model: Option<Arc<str>>,
+    pub(super) cost: u32,
+    /// The quota day that counted this request: a permit that outlives midnight gives back
+    /// to that day, never to the next.
+    pub(super) day: i64,
+    pub(super) epoch: u64,
+    pub(super) probe: bool,
+    pub(super) model_epoch: u64,
+    pub(super) model_probe: bool,
+    /// What the client's and the model's own rate recorded at the take, for a give-back.
+    pub(super) client_tat: Option<Instant>,
+    pub(super) model_tat: Option<Instant>,
+    pub(super) sent: bool,
+    pub(super) reported: bool,
+    /// The fleet announcement `report` started, for [`Permit::announced`].
+    pub(super) announcement: Option<tokio::task::JoinHandle<()>>,
+    /// How long the request waited in the queue.
+    pub queue_wait: Duration,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("client", &self.client)
+            .field("model", &self.model)
+            .field("cost", &self.cost)
+            .field("probe", &self.probe)
+            .field("queue_wait", &self.queue_wait)
+            .finish()
+    }
+}
+
+impl Permit {
+    /// The request is going upstream now: from here on it counts against the day.
+    pub fn mark_sent(&mut self) {
+        self.sent = true;
+    }
+
+    pub fn is_probe(&self) -> bool {
+        self.probe || self.model_probe
+    }
+
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+
+    pub fn model(&self) -> Option<&Arc<str>> {
+        self.model.as_ref()
+    }
+
+    /// Read what a response head says about the account (quota snapshot, advertised rates),
+    /// whatever its status. Cheap when it says nothing.
+    pub fn observe(&self, obs: &Observed) {
+        if obs.quota.is_none() && obs.rl_user.is_none() && obs.rl_chute.is_none() {
+            return;
+        }
+        let shared = &*self.shared;
+        let now = Instant::now();
+        let now_unix = shared.wall.now_unix();
+        let mut g = shared.lock();
+        g.roll_day(shared, now_unix);
+        if let Some(q) = obs.quota {
+            let remaining = q.remaining.unwrap_or(q.total.saturating_sub(q.used));
+            let account_total = g.upstream.quota.map(|a| a.total);
+            // Chutes keeps a quota per model where one is configured: figures whose Total is
+            // not the account's describe that model's own quota and gate only that model.
+            let is_account = match account_total {
+                None => true,
+                Some(t) => t == q.total || (!g.upstream.polled && t == 0),
+            };
+            if is_account {
+                g.apply_account_quota(
+                    shared,
+                    q.total,
+                    q.used,
+                    remaining,
+                    self.cost,
+                    now_unix,
+                    QuotaSeen::Header,
+                );
+            } else if let (Some(m), true) = (&self.model, q.total > 0) {
+                let stop = g.s.beyond_quota_stop;
+                let until = day_end(g.day.index, g.s.day_reset_offset) as f64;
+                let e = g.models.entry(m, now);
+                e.quota_total = Some(q.total);
+                e.quota_used = e
+                    .quota_used
+                    .max(q.used.saturating_add(u64::from(self.cost)));
+                if stop && remaining <= u64::from(self.cost) {
+                    e.quota_gate_until_unix = Some(until);
+                }
+            }
+        }
+        if let Some(r) = obs.rl_user {
+            let changed = g.upstream.rl_user != Some(r);
+            g.upstream.rl_user = Some(r);
+            if changed {
+                let target = g.target_rate();
+                if let AdvertisedRate::PerMinute(n) = r {
+                    if n.get() < g.s.requests_per_minute && !g.upstream.warned {
+                        g.upstream.warned = true;
+                        tracing::warn!(
+                            configured = g.s.requests_per_minute,
+                            advertised = n.get(),
+                            following = g.s.follow_upstream_limits,
+                            "limits.requests_per_minute is above the rate the upstream advertises (X-Chutes-RL-User)"
+                        );
+                    }
+                }
+                if target != g.rpm_in_force {
+                    tracing::info!(
+                        from = g.rpm_in_force,
+                        to = target,
+                        "rate in force changed to follow the upstream's advertised limit"
+                    );
+                    g.set_rate(shared, target, now, false);
+                }
+            }
+        }
+        if let (Some(r), Some(m), true) = (obs.rl_chute, &self.model, g.s.follow_upstream_limits) {
+            let e = g.models.entry(m, now);
+            match r {
+                AdvertisedRate::PerMinute(n) => match &mut e.rate {
+                    Some((old, b)) if *old != n.get() => {
+                        b.set_rate(n.get(), 1, now);
+                        *old = n.get();
+                    }
+                    Some(_) => {}
+                    None => e.rate = Some((n.get(), Gcra::per_minute(n.get(), 1))),
+                },
+                AdvertisedRate::Unlimited => e.rate = None,
+            }
+        }
+    }
+
+    /// Feed the upstream's answer back into the budget. Returns the cooldown it started, if
+    /// any, for the log line and the rewritten 429.
+    pub fn report(&mut self, outcome: Outcome) -> Option<CooldownDecision> {
+        self.reported = true;
+        let shared = &*self.shared;
+        let now = Instant::now();
+        let now_unix = shared.wall.now_unix();
+        let mut g = shared.lock();
+        let s = Arc::clone(&g.s);
+        let model_scope = matches!(
+            outcome,
+            Outcome::RateLimited {
+                scope: Scope429::Model,
+                ..
+            }
+        ) && self.model.is_some();
+        // What the other replicas must hear about, decided before `outcome` is consumed.
+        let news = match &outcome {
+            Outcome::Success { .. } if self.probe => FleetNews::ProbeDone(true),
+            Outcome::Failed if self.probe => FleetNews::ProbeDone(false),
+            Outcome::RateLimited { .. } if !model_scope => FleetNews::Cooldown,
+            Outcome::QuotaExceeded { .. } => FleetNews::Gate,
+            _ => FleetNews::Nothing,
+        };
+        let tell_fleet = shared.fleet.is_some().then_some(news);
+        // The model's probe, whatever the answer (a capacity 429 restarts its cooldown).
+        if self.model_probe {
+            if let Some(m) = self.model.as_deref() {
+                if let Some(e) = g.models.get_mut(m) {
+                    if e.probe == Probe::Outstanding {
+                        match &outcome {
+                            Outcome::Failed => e.probe = Probe::Ready,
+                            Outcome::RateLimited { .. } => e.probe = Probe::Open,
+                            _ => {
+                                e.probe = Probe::Open;
+                                e.level = 0;
+                                tracing::info!(model = m, "model probe succeeded: model reopened");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let decision = match outcome {
+            Outcome::Success { exhausted } => {
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                    tracing::info!("probe succeeded: gate reopened for every client");
+                }
+                if let Some(d) = exhausted {
+                    let d = d.min(s.cooldown_max);
+                    let until = now + d;
+                    if !d.is_zero() && g.cooldown.until.is_none_or(|u| u < until) {
+                        // A 429 cooldown that is still on stays one when a window reset
+                        // lengthens it: it must still end with a single probe and survive
+                        // a restart. Only a gate closed on headers alone is proactive.
+                        let rate_limited = g.cooldown.until.is_some() && !g.cooldown.proactive;
+                        g.cooldown.until = Some(until);
+                        g.cooldown.proactive = !rate_limited;
+                        if rate_limited {
+                            shared.request_persist();
+                        }
+                        tracing::info!(
+                            seconds = d.as_secs_f64(),
+                            "upstream reports no requests left: gate closed until its reset"
+                        );
+                    }
+                }
+                None
+            }
+            Outcome::RateLimited {
+                scope: _,
+                hint,
+                body,
+                ..
+            } if model_scope => {
+                let m = self.model.clone().unwrap_or_else(|| Arc::from(""));
+                let e = g.models.entry(&m, now);
+                e.last_body = body;
+                e.last_at_unix = now_unix;
+                let escalate = self.model_epoch == e.epoch;
+                let level = if escalate {
+                    e.level.saturating_add(1)
+                } else {
+                    e.level.max(1)
+                };
+                let computed = ModelGates::backoff(
+                    s.model_cooldown_initial,
+                    s.model_cooldown_max,
+                    s.cooldown_multiplier,
+                    level,
+                );
+                let (duration, hint_note) = match hint {
+                    Some(Hint::After(d)) if d <= s.model_cooldown_max => {
+                        (d.max(Duration::from_secs(1)), None)
+                    }
+                    Some(Hint::After(d)) => (
+                        s.model_cooldown_max,
+                        Some(format!(
+                            "upstream asked for {:.0}s, clamped to cooldown.model_max",
+                            d.as_secs_f64()
+                        )),
+                    ),
+                    Some(Hint::Unparseable(h)) => (
+                        computed,
+                        Some(format!("unparseable rate-limit header ignored: {h}")),
+                    ),
+                    None => (computed, None),
+                };
+                if escalate {
+                    e.level = level;
+                    e.epoch += 1;
+                }
+                let until = e.until.map_or(now + duration, |u| u.max(now + duration));
+                e.until = Some(until);
+                if e.probe == Probe::Ready {
+                    e.probe = Probe::Open;
+                }
+                let level = e.level;
+                Some(CooldownDecision {
+                    duration: until - now,
+                    until_unix: now_unix + (until - now).as_secs_f64(),
+                    level,
+                    hint_note,
+                    escalated: escalate,
+                    reported_at_unix: now_unix,
+                    model: Some(m),
+                })
+            }
+            Outcome::RateLimited {
+                hint,
+                status,
+                headers,
+                body,
+                ..
+            } => {
+                g.cooldown.last_429 = Some(Last429 {
+                    at_unix: now_unix,
+                    status,
+                    headers,
+                    body,
+                });
+                let escalate = self.epoch == g.cooldown.epoch;
+                let level = if escalate {
+                    g.effective_level(now).saturating_add(1)
+                } else {
+                    g.cooldown.level.max(1)
+                };
+                let computed = ModelGates::backoff(
+                    s.cooldown_initial,
+                    s.cooldown_max,
+                    s.cooldown_multiplier,
+                    level,
+                );
+                let (duration, hint_note) = match hint {
+                    Some(Hint::After(d)) if d <= s.cooldown_max => {
+                        (d.max(Duration::from_secs(1)), None)
+                    }
+                    Some(Hint::After(d)) => (
+                        s.cooldown_max,
+                        Some(format!(
+                            "upstream asked for {:.0}s, clamped to cooldown.max",
+                            d.as_secs_f64()
+                        )),
+                    ),
+                    Some(Hint::Unparseable(h)) => (
+                        computed,
+                        Some(format!("unparseable rate-limit header ignored: {h}")),
+                    ),
+                    None => (computed, None),
+                };
+                let until = now + duration;
+                let longer = g.cooldown.until.is_none_or(|u| u < until);
+                if escalate {
+                    g.cooldown.level = level;
+                    g.cooldown.epoch += 1;
+                }
+                if escalate || longer {
+                    g.cooldown.until = Some(g.cooldown.until.map_or(until, |u| u.max(until)));
+                    g.cooldown.proactive = false;
+                    g.cooldown.probe = Probe::Open;
+                }
+                let until = g.cooldown.until.unwrap_or(until);
+                shared.request_persist();
+                Some(CooldownDecision {
+                    duration: until - now,
+                    until_unix: now_unix + (until - now).as_secs_f64(),
+                    level: g.cooldown.level,
+                    hint_note,
+                    escalated: escalate,
+                    reported_at_unix: now_unix,
+                    model: None,
+                })
+            }
+            Outcome::QuotaExceeded { reset_unix } => {
+                let next_reset = day_end(g.day.index, s.day_reset_offset) as f64;
+                // A reset claimed in the past or more than two days ahead is not believable.
+                let until = reset_unix
+                    .filter(|&r| r > now_unix && r < now_unix + 2.0 * 86_400.0)
+                    .unwrap_or(next_reset);
+                g.day.gate_until_unix = Some(until);
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                }
+                tracing::warn!(
+                    until = %crate::units::format_rfc3339(until as i64),
+                    "upstream says the daily quota is spent: gate closed until its reset"
+                );
+                shared.request_persist();
+                None
+            }
+            Outcome::UsageCap => {
+                let until = crate::signals::next_usage_window_unix(now_unix);
+                g.usage_cap_until_unix = Some(until);
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                }
+                tracing::warn!(
+                    until = %crate::units::format_rfc3339(until as i64),
+                    "upstream says the plan's usage cap is spent: gate closed until the next 4-hour window"
+                );
+                shared.request_persist();
+                None
+            }
+            Outcome::Failed => {
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    // No answer is not a success: let the next request probe.
+                    g.cooldown.probe = Probe::Ready;
+                }
+                None
+            }
+        };
+        let gate = g.day.gate_until_unix;
+        let level = g.cooldown.level;
+        let waiting = !g.queue.is_empty();
+        drop(g);
+        self.announcement = match (tell_fleet, &decision) {
+            (Some(FleetNews::ProbeDone(ok)), _) => {
+                spawn_fleet(shared, "probe result", move |f| async move {
+                    f.probe_done(ok).await
+                })
+            }
+            (Some(FleetNews::Cooldown), Some(d)) => {
+                let (dur, decay) = (d.duration, s.cooldown_decay);
+                spawn_fleet(shared, "cooldown", move |f| async move {
+                    f.start_cooldown(dur, level, decay).await
+                })
+            }
+            (Some(FleetNews::Gate), _) => gate.and_then(|until| {
+                spawn_fleet(shared, "quota gate", move |f| async move {
+                    f.close_daily_gate(until).await
+                })
+            }),
+            _ => None,
+        };
+        // Waking the dispatcher with nobody queued costs a cross-thread wake-up per request
+        // for nothing; a new waiter wakes it itself.
+        if waiting {
+            shared.wake.notify_one();
+        }
+        decision
+    }
+
+    /// Wait until the other replicas have been told what `report` found (fleet mode), so a
+    /// client that got the rewritten 429 cannot reach another replica before the cooldown
+    /// does. Bounded by the Redis call timeout; a no-op without a fleet.
+    pub async fn announced(&mut self) {
+        if let Some(h) = self.announcement.take() {
+            let _ = h.await;
+        }
+    }
+
+    /// Attach the body of the 429 this permit reported (read after the cooldown started, so
+    /// a slow error body never delays closing the gate) to `/status`'s last-429 record,
+    /// unless a later 429 has replaced that record meanwhile.
+    pub fn attach_429_body(&self, decision: &CooldownDecision, body: String) {
+        let mut g = self.shared.lock();
+        if let Some(last) = g.cooldown.last_429.as_mut() {
+            if last.at_unix == decision.reported_at_unix {
+                last.body = body;
+            }
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let shared = &*self.shared;
+        let refund_fleet = !self.sent && shared.fleet.is_some();
+        let waiting = {
+            let mut g = shared.lock();
+            g.in_flight -= 1;
+            if !self.sent {
+                // Never sent: give back everything it took, to the day that counted it.
+                let units = u64::from(self.cost);
+                let same_day = g.day.index == self.day;
+                if same_day {
+                    g.day.used = g.day.used.saturating_sub(units);
+                }
+                let c = &mut g.clients[self.client];
+                if same_day {
+                    c.used_today = c.used_today.saturating_sub(units);
+                }
+                c.forwarded = c.forwarded.saturating_sub(1);
+                if let (Some(b), Some(t)) = (c.bucket.as_mut(), self.client_tat) {
+                    b.give_back(t);
+                }
+                if let (Some(m), Some(t)) = (self.model.as_deref(), self.model_tat) {
+                    if let Some((_, r)) = g.models.get_mut(m).and_then(|e| e.rate.as_mut()) {
+                        r.give_back(t);
+                    }
+                }
+            }
+            if self.probe && !self.reported && g.cooldown.probe == Probe::Outstanding {
+                g.cooldown.probe = Probe::Ready;
+                let _ = spawn_fleet(shared, "probe release", |f| async move {
+                    f.probe_done(false).await
+                });
+            }
+            if self.model_probe && !self.reported {
+                if let Some(e) = self.model.as_deref().and_then(|m| g.models.get_mut(m)) {
+                    if e.probe == Probe::Outstanding {
+                        e.probe = Probe::Ready;
+                    }
+                }
+            }
+            if refund_fleet && g.day.index == self.day {
+                let (spacing, offset) = (g.spacing(), g.s.day_reset_offset);
+                let _ = spawn_fleet(shared, "refund", move |f| async move {
+                    f.refund(spacing, offset).await
+                });
+            }
+            !g.queue.is_empty()
+        };
+        // Only a waiter can use the freed slot; with none, skip the cross-thread wake-up.
+        if waiting {
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// What a permit's outcome means for the other replicas.
+pub(super) enum FleetNews {
+    Nothing,
+    ProbeDone(bool),
+    Cooldown,
+    Gate,
+}
