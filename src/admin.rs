@@ -42,10 +42,15 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub history: Arc<History>,
     pub wall: WallClock,
+    /// `POST /reload`; `None` when the proxy runs without a file to re-read.
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
 }
 
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+        if req.uri().path() == "/reload" {
+            return self.reload(&req);
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -184,6 +189,8 @@ impl Admin {
         // The one word a person looks for first; the most binding gate wins.
         let state = if daily_exhausted {
             "daily_quota_exhausted"
+        } else if s.usage_cap_until_unix.is_some() {
+            "usage_cap_exhausted"
         } else if s.cooldown_active && !s.cooldown_proactive {
             "cooldown"
         } else if s.cooldown_active {
@@ -207,6 +214,46 @@ impl Admin {
             // The fleet-wide figures from Redis (`null` with the local backend): `daily` and
             // `cooldown` above are this replica's view.
             "fleet": fleet,
+            // Configured against advertised, side by side: the rate in force is the lower
+            // (with follow_upstream_limits), the daily cap the smaller (with beyond_quota =
+            // "stop").
+            "rate_limits": {
+                "configured_requests_per_minute": s.configured_requests_per_minute,
+                "advertised_requests_per_minute": if s.advertised_unlimited { json!("inf") } else { json!(s.advertised_requests_per_minute) },
+                "in_force_requests_per_minute": s.requests_per_minute,
+                "follow_upstream_limits": settings.follow_upstream_limits,
+                "configured_requests_per_day": s.configured_requests_per_day,
+                "in_force_requests_per_day": s.requests_per_day,
+                "beyond_quota": if settings.beyond_quota_stop { "stop" } else { "continue" },
+            },
+            "upstream_quota": s.upstream_quota.map(|q| json!({
+                "total": q.total,
+                "used": q.used,
+                "remaining": q.remaining,
+                "seen_at": format_rfc3339(q.seen_at_unix as i64),
+                "seen_ago_seconds": (now - q.seen_at_unix).max(0.0).round(),
+                "source": q.source.as_str(),
+            })),
+            "usage_cap": {
+                "exhausted": s.usage_cap_until_unix.is_some(),
+                "until": until(s.usage_cap_until_unix),
+                "remaining_seconds": left(s.usage_cap_until_unix),
+            },
+            "models": s.models.iter().map(|m| json!({
+                "model": &*m.model,
+                "cooling": m.cooling_until_unix.is_some(),
+                "until": until(m.cooling_until_unix),
+                "until_unix": m.cooling_until_unix,
+                "remaining_seconds": left(m.cooling_until_unix),
+                "level": m.level,
+                "gate": m.probe.as_str(),
+                "last_body": m.last_body.chars().take(LAST_429_BODY_CHARS).collect::<String>(),
+                "last_429_at": m.last_429_at_unix.map(|u| format_rfc3339(u as i64)),
+                "advertised_requests_per_minute": m.advertised_requests_per_minute,
+                "quota_total": m.quota_total,
+                "quota_used": m.quota_used,
+                "quota_gate_until": until(m.quota_gate_until_unix),
+            })).collect::<Vec<_>>(),
             "limits": {
                 "requests_per_minute": s.requests_per_minute,
                 "burst": s.burst,
@@ -218,11 +265,13 @@ impl Admin {
                 "cooldown_initial_seconds": secs(settings.cooldown_initial),
                 "cooldown_max_seconds": secs(settings.cooldown_max),
                 "cooldown_multiplier": settings.cooldown_multiplier,
+                "model_cooldown_initial_seconds": secs(settings.model_cooldown_initial),
+                "model_cooldown_max_seconds": secs(settings.model_cooldown_max),
             },
             "tokens": {
                 "available": s.tokens_available,
                 "capacity": s.burst,
-                "spacing_seconds": secs(settings.spacing()),
+                "spacing_seconds": secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
                 "next_in_seconds": secs(s.next_token_in),
             },
             "daily": {
@@ -286,6 +335,68 @@ fn redact_url(url: &str) -> String {
             }
         }
         None => url.to_string(),
+    }
+}
+
+impl Admin {
+    /// `POST /reload`: re-read the config file. It changes the proxy, so it is answered only
+    /// for a loopback peer or a request carrying `server.admin_token_env`'s token.
+    fn reload(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+        if req.method() != Method::POST {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "POST only\n".into(),
+            );
+        }
+        if !self.may_change(req) {
+            let body = json!({"errors": ["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]});
+            return text(
+                StatusCode::FORBIDDEN,
+                "application/json",
+                serde_json::to_vec(&body).unwrap_or_default().into(),
+            );
+        }
+        let Some(r) = &self.reloader else {
+            let body = json!({"errors": ["this proxy was started without a configuration file to reload"]});
+            return text(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                serde_json::to_vec(&body).unwrap_or_default().into(),
+            );
+        };
+        match r.reload() {
+            Ok(report) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&report).unwrap_or_default().into(),
+            ),
+            Err(errors) => text(
+                StatusCode::BAD_REQUEST,
+                "application/json",
+                serde_json::to_vec(&json!({ "errors": errors }))
+                    .unwrap_or_default()
+                    .into(),
+            ),
+        }
+    }
+
+    /// Whether `req` may use an endpoint that changes something.
+    fn may_change(&self, req: &Request<Incoming>) -> bool {
+        if let Some(token) = &self.config.server.admin_token {
+            let sent = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if crate::clients::constant_time_eq(sent.trim().as_bytes(), token.expose().as_bytes()) {
+                return true;
+            }
+        }
+        req.extensions()
+            .get::<crate::server::Peer>()
+            .is_some_and(|p| p.0.ip().is_loopback())
     }
 }
 

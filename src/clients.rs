@@ -116,7 +116,7 @@ fn trim(b: &[u8]) -> &[u8] {
 }
 
 /// Equal-length comparison without data-dependent branches; lengths are not secret.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

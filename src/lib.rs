@@ -16,6 +16,8 @@
 //! - [`state`]: the persisted state file and its writer.
 //! - [`metrics`], [`admin`], [`log`]: what operators see.
 //! - [`history`]: the last hour per second, sampled from the counters, for the dashboard.
+//! - [`poll`]: the account usage poll (`upstream.quota_url`).
+//! - [`reload`]: re-reading the config file on SIGHUP or `POST /reload`.
 //! - [`status_cmd`]: the `chutes-proxy status` command.
 //! - [`clock`], [`units`]: time sources, durations, sizes, dates.
 
@@ -29,7 +31,9 @@ pub mod history;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod poll;
 pub mod proxy;
+pub mod reload;
 pub mod response;
 pub mod server;
 pub mod signals;
@@ -73,6 +77,19 @@ pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, Option<TcpLi
 /// state and return. `wall` is the wall clock (the system clock outside tests).
 pub async fn run(
     config: Config,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    wall: WallClock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    run_with(config, None, listener, admin_listener, wall, shutdown).await
+}
+
+/// As [`run`], able to reload: `source` says where the configuration came from, and SIGHUP
+/// or `POST /reload` re-read it from there.
+pub async fn run_with(
+    config: Config,
+    source: Option<reload::Source>,
     listener: TcpListener,
     admin_listener: Option<TcpListener>,
     wall: WallClock,
@@ -134,11 +151,39 @@ pub async fn run(
         Arc::clone(&metrics),
         clients::Clients::new(&config.clients),
     ));
+    let reloader = Arc::new(reload::Reloader::new(
+        source,
+        Arc::clone(&config),
+        Arc::clone(&admission),
+        Arc::clone(&proxy),
+    ));
     let main_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     announce(&config, main_addr, admin_addr);
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let hangup = tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
+    let poller = match (&config.upstream.quota_source, &config.upstream.api_key) {
+        (config::QuotaSource::Url(url), Some(_)) => match url.parse::<http::Uri>() {
+            Ok(uri) => Some(tokio::spawn(poll::run(
+                Arc::clone(&proxy),
+                uri,
+                config.upstream.quota_poll,
+                stop_rx.clone(),
+            ))),
+            Err(e) => {
+                tracing::warn!(url = %url, error = %e, "upstream.quota_url is not a URL; not polling");
+                None
+            }
+        },
+        (config::QuotaSource::Url(_), None) => {
+            tracing::info!(
+                "no API key held: the quota usage poll is off (it would need a client's key)"
+            );
+            None
+        }
+        (config::QuotaSource::Off, _) => None,
+    };
     let p = Arc::clone(&proxy);
     let main_task = tokio::spawn({
         let cfg = config.server.clone();
@@ -171,6 +216,7 @@ pub async fn run(
             metrics: Arc::clone(&metrics),
             history,
             wall,
+            reloader: Some(Arc::clone(&reloader)),
         });
         let mut cfg = config.server.clone();
         // Scrapes are short; there is nothing to wait for at shutdown.
@@ -191,8 +237,14 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!("shutdown requested");
+    // Queued requests that cannot be admitted before the grace ends are answered now.
+    admission.shutdown(tokio::time::Instant::now() + config.server.shutdown_grace);
     let _ = stop_tx.send(true);
     let _ = main_task.await;
+    let _ = hangup.await;
+    if let Some(p) = poller {
+        let _ = p.await;
+    }
     if let Some((server, sampler)) = admin_task {
         let _ = server.await;
         let _ = sampler.await;
@@ -253,4 +305,30 @@ fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
         config.queue.max_wait.as_secs_f64(),
         if config.upstream.api_key.is_some() { "injected" } else { "client's own (none configured)" },
     );
+}
+
+/// SIGHUP re-reads the configuration (never ends the process), until `stop`.
+async fn reload_on_hangup(reloader: Arc<reload::Reloader>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload instead");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = reloader.reload();
+                }
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        let _ = stop.wait_for(|s| *s).await;
+    }
 }

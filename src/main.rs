@@ -132,7 +132,22 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match chutes_proxy::run(config, main, admin, WallClock::System, shutdown_signal()).await {
+        let source = chutes_proxy::reload::Source {
+            path: path.clone(),
+            explicit,
+            overrides: overrides.clone(),
+            env: Box::new(ProcessEnv),
+        };
+        match chutes_proxy::run_with(
+            config,
+            Some(source),
+            main,
+            admin,
+            WallClock::System,
+            shutdown_signal(),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

@@ -42,6 +42,34 @@ struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabels {
+    cause: &'static str,
+}
+
+/// Why a request was re-sent on its client's behalf (`chutes_proxy_retries_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    /// After an account-wide upstream 429.
+    Account,
+    /// After a capacity 429 for the request's model.
+    Model,
+}
+
+impl RetryCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCause::Account => "account",
+            RetryCause::Model => "model",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClientLabels {
     client: String,
 }
@@ -201,6 +229,12 @@ pub struct Metrics {
     cooldown_active: Gauge,
     cooldown_level: Gauge,
     tokens_available: Gauge,
+    rate_in_force: Gauge,
+    usage_cap_active: Gauge,
+    upstream_quota_remaining: Gauge,
+    /// Only the models in admission's bounded table at the last scrape (≤ 64 series).
+    model_cooling: Family<ModelLabels, Gauge>,
+    retries: [Counter; 2],
     client_queue: Family<ClientLabels, Gauge>,
     client_used: Family<ClientLabels, Gauge>,
     client_names: Vec<String>,
@@ -313,6 +347,32 @@ impl Metrics {
         );
         let cooldown_level = gauge("cooldown_level", "Cooldown escalation level (0 = none)");
         let tokens_available = gauge("tokens_available", "Tokens in the account bucket now");
+        let rate_in_force = gauge(
+            "rate_in_force_per_minute",
+            "The account rate in force: the configured one, or lower when the upstream advertises less",
+        );
+        let usage_cap_active = gauge(
+            "usage_cap_active",
+            "1 while the plan's subscription usage cap keeps the gate closed until the next 4-hour window",
+        );
+        let upstream_quota_remaining = gauge(
+            "upstream_quota_remaining",
+            "The daily quota the upstream last reported left (-1 before any report)",
+        );
+        let model_cooling = Family::<ModelLabels, Gauge>::default();
+        registry.register(
+            "model_cooling",
+            "1 for each model cooling after a capacity 429 (at most 64 models)",
+            model_cooling.clone(),
+        );
+        let retry_family = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests re-sent on the client's behalf after an upstream 429, by cause",
+            retry_family.clone(),
+        );
+        let retries = [RetryCause::Account, RetryCause::Model]
+            .map(|c| retry_family.get_or_create_owned(&CauseLabels { cause: c.as_str() }));
         // The usual `_info` idiom: a constant 1 whose label says which version is running, so
         // dashboards can mark deploys.
         let build_info = Family::<VersionLabels, Gauge>::default();
@@ -356,6 +416,11 @@ impl Metrics {
             cooldown_active,
             cooldown_level,
             tokens_available,
+            rate_in_force,
+            usage_cap_active,
+            upstream_quota_remaining,
+            model_cooling,
+            retries,
             client_queue,
             client_used,
             client_names: client_names.iter().map(|c| c.to_string()).collect(),
@@ -382,6 +447,16 @@ impl Metrics {
                 .or_default()
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn retried(&self, cause: RetryCause) {
+        self.retries[cause as usize].inc();
+    }
+
+    /// Retries since start, by cause (for `/status`).
+    pub fn retry_totals(&self) -> [(&'static str, u64); 2] {
+        [RetryCause::Account, RetryCause::Model]
+            .map(|c| (c.as_str(), self.retries[c as usize].get()))
     }
 
     pub fn observe_queue_wait(&self, d: Duration) {
@@ -456,6 +531,23 @@ impl Metrics {
         self.cooldown_active.set(i64::from(snap.cooldown_active));
         self.cooldown_level.set(i64::from(snap.cooldown_level));
         self.tokens_available.set(i64::from(snap.tokens_available));
+        self.rate_in_force.set(i64::from(snap.requests_per_minute));
+        self.usage_cap_active
+            .set(i64::from(snap.usage_cap_until_unix.is_some()));
+        self.upstream_quota_remaining
+            .set(snap.upstream_quota.map_or(-1, |q| q.remaining as i64));
+        self.model_cooling.clear();
+        for m in snap
+            .models
+            .iter()
+            .filter(|m| m.cooling_until_unix.is_some())
+        {
+            self.model_cooling
+                .get_or_create(&ModelLabels {
+                    model: m.model.to_string(),
+                })
+                .set(1);
+        }
         for (c, name) in snap.clients.iter().zip(&self.client_names) {
             let l = ClientLabels {
                 client: name.clone(),

@@ -27,11 +27,13 @@ use crate::body::{RequestBody, ResponseBody, UploadStats};
 use crate::clients::Clients;
 use crate::config::Config;
 use crate::log::RequestLog;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RetryCause};
 use crate::response::{Reason, Rejection, REQUEST_ID};
 use crate::signals;
 use crate::upstream::{SendError, Upstream, MAX_WAIT_HEADER};
 
+/// On a response that came after re-sends on the client's behalf: how many.
+const RETRIES: http::HeaderName = http::HeaderName::from_static("x-proxy-retries");
 /// How much of an upstream 429/402 body is kept (the contract's "first 2 KiB").
 const UPSTREAM_BODY_SNIPPET: usize = 2048;
 /// A 402 body is read whole to look for the quota message; Chutes' are ~200 bytes. Anything
@@ -43,12 +45,31 @@ const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounded so a slow body cannot keep the account's gate open for long.
 const SCOPE_BODY_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The settings of the request path that a reload changes in place.
+pub struct Live {
+    pub limits: crate::config::Limits,
+    pub retry: crate::config::RetryConfig,
+    pub clients: Clients,
+}
+
+impl Live {
+    pub fn from_config(c: &Config) -> Live {
+        Live {
+            limits: c.limits.clone(),
+            retry: c.retry.clone(),
+            clients: Clients::new(&c.clients),
+        }
+    }
+}
+
 pub struct Proxy {
+    /// The configuration the proxy started with (listeners, upstream, body limits: the keys
+    /// a reload cannot change).
     pub config: Arc<Config>,
     pub admission: Arc<Admission>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
-    pub clients: Clients,
+    live: std::sync::RwLock<Arc<Live>>,
     next_id: AtomicU64,
     id_prefix: String,
 }
@@ -61,6 +82,11 @@ impl Proxy {
         metrics: Arc<Metrics>,
         clients: Clients,
     ) -> Proxy {
+        let live = Live {
+            limits: config.limits.clone(),
+            retry: config.retry.clone(),
+            clients,
+        };
         // Ids are unique across restarts without a random-number dependency: the start time
         // in base 36 and a counter.
         let start = std::time::SystemTime::now()
@@ -73,7 +99,7 @@ impl Proxy {
             admission,
             upstream,
             metrics,
-            clients,
+            live: std::sync::RwLock::new(Arc::new(live)),
             next_id: AtomicU64::new(0),
             id_prefix: {
                 let mut p = Vec::new();
@@ -81,6 +107,16 @@ impl Proxy {
                 String::from_utf8(p).unwrap_or_default()
             },
         }
+    }
+
+    /// The reloadable settings in force.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Swap in reloaded settings; requests already past attribution keep the old ones.
+    pub fn set_live(&self, live: Live) {
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
     }
 
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
@@ -103,7 +139,8 @@ impl Proxy {
     /// Handle one client request. Never fails: every problem becomes a response.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let request_id = self.request_id(&req);
-        let ident = self.clients.identify(req.headers());
+        let live = self.live();
+        let ident = live.clients.identify(req.headers());
         let client = ident.client;
         let log = RequestLog::new(
             request_id.to_str().unwrap_or("").to_string(),
@@ -162,13 +199,16 @@ impl Proxy {
         p.log.model = model.clone();
         let ask = Ask {
             client,
-            cost: self.config.limits.cost_of(model.as_deref()),
+            cost: live.limits.cost_of(model.as_deref()),
             model,
             max_wait,
+            retry: false,
         };
         let req = Request::from_parts(parts, body);
         let waiting = Instant::now();
-        let permit = match self.admission.admit(ask).await {
+        // Counted from arrival: a retry may use only what is left of it.
+        let deadline = waiting + max_wait;
+        let permit = match self.admission.admit(ask.clone()).await {
             Ok(permit) => permit,
             Err(r) => {
                 // A request shed after queueing waited too; its log line says how long.
@@ -181,7 +221,21 @@ impl Proxy {
         // quota 402) still reach the budget. Only then is the response dropped, which frees
         // the permit and closes the upstream stream.
         let strip = ident.strip_auth;
-        match tokio::spawn(p.forward(req, permit, strip, upload)).await {
+        // Dropped with this future when the client goes away: a retry waiting for admission
+        // in the exchange's task then leaves the queue at once.
+        let (_client_here, client_gone) = tokio::sync::oneshot::channel::<()>();
+        let exchange = Exchange {
+            permit,
+            strip_auth: strip,
+            upload,
+            retry: Retry {
+                ask,
+                deadline,
+                client_gone,
+                policy: live.retry.clone(),
+            },
+        };
+        match tokio::spawn(p.forward(req, exchange)).await {
             Ok(resp) => resp,
             Err(e) => {
                 // Only a panic in the pipeline gets here; the permit was released by unwinding.
@@ -228,10 +282,39 @@ struct Pipeline {
     log: RequestLog,
 }
 
+/// What the exchange's task needs besides the request.
+struct Exchange {
+    permit: Permit,
+    strip_auth: bool,
+    upload: Arc<UploadStats>,
+    retry: Retry,
+}
+
+/// What a re-send after an upstream 429 needs.
+struct Retry {
+    /// The admission request, asked again (as a retry) for each re-send.
+    ask: Ask,
+    /// The end of the request's wait limit, counted from its arrival.
+    deadline: Instant,
+    /// Resolves when the client has gone (its request future was dropped).
+    client_gone: tokio::sync::oneshot::Receiver<()>,
+    policy: crate::config::RetryConfig,
+}
+
+/// How one upstream 429 was read.
+struct Read429 {
+    rejection: Rejection,
+    decision: Option<crate::admission::CooldownDecision>,
+}
+
 impl Pipeline {
     /// Answer with one of the proxy's own responses.
     fn own(mut self, r: Rejection) -> Response<ResponseBody> {
-        let resp = r.render(&self.request_id);
+        let mut resp = r.render(&self.request_id);
+        if self.log.retries > 0 {
+            resp.headers_mut()
+                .insert(RETRIES, HeaderValue::from(self.log.retries));
+        }
         self.proxy.metrics.request(self.client, Some(r.reason));
         self.log.status = resp.status().as_u16();
         self.log.outcome = r.reason.as_str();
@@ -246,13 +329,13 @@ impl Pipeline {
         resp.map(ResponseBody::full)
     }
 
-    async fn forward(
-        mut self,
-        req: Request<Upload>,
-        mut permit: Permit,
-        strip_auth: bool,
-        upload: Arc<UploadStats>,
-    ) -> Response<ResponseBody> {
+    async fn forward(mut self, req: Request<Upload>, exchange: Exchange) -> Response<ResponseBody> {
+        let Exchange {
+            mut permit,
+            strip_auth,
+            upload,
+            mut retry,
+        } = exchange;
         let proxy = Arc::clone(&self.proxy);
         let queue_wait = permit.queue_wait;
         self.log.queue_wait = Some(queue_wait);
@@ -263,60 +346,131 @@ impl Pipeline {
             .upstream
             .prepare_headers(&mut parts.headers, strip_auth);
         parts.headers.insert(REQUEST_ID, self.request_id.clone());
-        let body = match body {
-            Upload::Buffered(bytes) => RequestBody::buffered(bytes, Arc::clone(&upload)),
-            Upload::Stream(body) => RequestBody::new(
-                body,
-                proxy.config.server.max_request_body,
-                proxy.config.upstream.idle_timeout,
-                Arc::clone(&upload),
-            ),
-        };
-        let mut up = Request::new(body);
-        *up.method_mut() = parts.method;
-        *up.uri_mut() = uri;
-        *up.headers_mut() = parts.headers;
-        // The upstream connection picks its own version (ALPN); the client's is irrelevant.
-        permit.mark_sent();
-        let sent_at = Instant::now();
-        let result = proxy.upstream.send(up).await;
-        let latency = sent_at.elapsed();
-        self.log.upstream_latency = Some(latency);
-        let resp = match result {
-            Ok(resp) => resp,
-            Err(e) => {
-                permit.report(Outcome::Failed);
-                let r = self.send_error(e, &upload);
-                return self.own(r);
+        // A body read whole and small enough is kept to be sent again after a 429; a
+        // streamed one cannot be replayed.
+        let replay = match &body {
+            Upload::Buffered(b)
+                if retry.policy.max_attempts > 0 && b.len() as u64 <= retry.policy.max_body =>
+            {
+                Some(b.clone())
             }
+            _ => None,
         };
-        proxy
-            .metrics
-            .upstream_latency
-            .observe(latency.as_secs_f64());
-        let status = resp.status();
-        // Logged apart from the client's status, which differs when a 402 or 429 is rewritten.
-        self.log.upstream_status = Some(status.as_u16());
-        proxy.metrics.upstream_status(status.as_u16());
-        let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
-        permit.observe(&Observed {
-            quota: signals::chutes_quota(resp.headers()),
-            rl_user,
-            rl_chute,
-        });
-        match status.as_u16() {
-            429 => self.upstream_429(resp, permit).await,
-            402 => self.upstream_402(resp, permit).await,
-            _ => {
-                let exhausted = if status.is_success() {
-                    signals::exhausted_hint(resp.headers(), unix_now())
-                } else {
-                    None
-                };
-                permit.report(Outcome::Success { exhausted });
-                self.pass_through(resp, permit)
+        let mut body = Some(body);
+        loop {
+            let body = match body.take() {
+                Some(Upload::Buffered(bytes)) => RequestBody::buffered(bytes, Arc::clone(&upload)),
+                Some(Upload::Stream(body)) => RequestBody::new(
+                    body,
+                    proxy.config.server.max_request_body,
+                    proxy.config.upstream.idle_timeout,
+                    Arc::clone(&upload),
+                ),
+                None => {
+                    // A re-send: the bytes count once in the log line.
+                    upload.bytes.store(0, Ordering::Relaxed);
+                    RequestBody::buffered(replay.clone().unwrap_or_default(), Arc::clone(&upload))
+                }
+            };
+            let mut up = Request::new(body);
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri.clone();
+            *up.headers_mut() = parts.headers.clone();
+            // The upstream connection picks its own version (ALPN); the client's is irrelevant.
+            permit.mark_sent();
+            let sent_at = Instant::now();
+            let result = proxy.upstream.send(up).await;
+            let latency = sent_at.elapsed();
+            self.log.upstream_latency = Some(latency);
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    permit.report(Outcome::Failed);
+                    let r = self.send_error(e, &upload);
+                    return self.own(r);
+                }
+            };
+            proxy
+                .metrics
+                .upstream_latency
+                .observe(latency.as_secs_f64());
+            let status = resp.status();
+            // Logged apart from the client's status, which differs when a 402 or 429 is
+            // rewritten.
+            self.log.upstream_status = Some(status.as_u16());
+            proxy.metrics.upstream_status(status.as_u16());
+            let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
+            permit.observe(&Observed {
+                quota: signals::chutes_quota(resp.headers()),
+                rl_user,
+                rl_chute,
+            });
+            match status.as_u16() {
+                429 => {
+                    let read = self.upstream_429(resp, &mut permit).await;
+                    drop(permit);
+                    let Some(cause) = self.may_retry(&read, &retry, replay.is_some()) else {
+                        return self.own(read.rejection);
+                    };
+                    // Back to the front of the queue: the cooldown's probe when it ends.
+                    proxy.metrics.retried(cause);
+                    self.log.retries += 1;
+                    let now = Instant::now();
+                    let ask = Ask {
+                        max_wait: retry.deadline.saturating_duration_since(now),
+                        retry: true,
+                        ..retry.ask.clone()
+                    };
+                    tracing::info!(
+                        request_id = %self.log.request_id,
+                        cause = cause.as_str(),
+                        attempt = self.log.retries,
+                        "upstream 429: retrying on the client's behalf when the cooldown ends"
+                    );
+                    permit = tokio::select! {
+                        r = proxy.admission.admit(ask) => match r {
+                            Ok(p) => p,
+                            Err(r) => return self.own(r),
+                        },
+                        _ = &mut retry.client_gone => {
+                            // The client left while its retry waited: nothing more to send.
+                            self.log.outcome = "client_gone";
+                            self.log.finish();
+                            return Response::new(ResponseBody::empty());
+                        }
+                    };
+                    continue;
+                }
+                402 => return self.upstream_402(resp, permit).await,
+                _ => {
+                    let exhausted = if status.is_success() {
+                        signals::exhausted_hint(resp.headers(), unix_now())
+                    } else {
+                        None
+                    };
+                    permit.report(Outcome::Success { exhausted });
+                    return self.pass_through(resp, permit);
+                }
             }
         }
+    }
+
+    /// Whether the request answered by this 429 is sent again: retries are on and not used
+    /// up, its body was kept, and its wait limit outlasts the cooldown.
+    fn may_retry(&self, read: &Read429, retry: &Retry, replayable: bool) -> Option<RetryCause> {
+        let d = read.decision.as_ref()?;
+        if !replayable || self.log.retries >= retry.policy.max_attempts {
+            return None;
+        }
+        let left = retry.deadline.saturating_duration_since(Instant::now());
+        if d.duration >= left {
+            return None;
+        }
+        Some(if d.model.is_some() {
+            RetryCause::Model
+        } else {
+            RetryCause::Account
+        })
     }
 
     fn send_error(&self, e: SendError, upload: &UploadStats) -> Rejection {
@@ -367,6 +521,11 @@ impl Pipeline {
             parts.headers.remove(CONTENT_LENGTH);
         }
         parts.headers.insert(REQUEST_ID, request_id);
+        if log.retries > 0 {
+            parts
+                .headers
+                .insert(RETRIES, HeaderValue::from(log.retries));
+        }
         proxy.metrics.request(client, None);
         log.status = parts.status.as_u16();
         log.outcome = "forwarded";
@@ -374,11 +533,7 @@ impl Pipeline {
         Response::from_parts(parts, body)
     }
 
-    async fn upstream_429(
-        self,
-        resp: Response<Incoming>,
-        mut permit: Permit,
-    ) -> Response<ResponseBody> {
+    async fn upstream_429(&self, resp: Response<Incoming>, permit: &mut Permit) -> Read429 {
         let now = unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
@@ -422,7 +577,6 @@ impl Pipeline {
         };
         permit.announced().await;
         let model = decision.as_ref().and_then(|d| d.model.clone());
-        drop(permit);
         let reason = if model.is_some() {
             Reason::UpstreamCapacity
         } else {
@@ -464,7 +618,10 @@ impl Pipeline {
                 );
             }
         }
-        self.own(r)
+        Read429 {
+            rejection: r,
+            decision,
+        }
     }
 
     async fn upstream_402(
@@ -492,6 +649,11 @@ impl Pipeline {
                 crate::upstream::strip_hop_by_hop(&mut parts.headers);
                 parts.headers.remove(CONTENT_LENGTH);
                 parts.headers.insert(REQUEST_ID, self.request_id.clone());
+                if self.log.retries > 0 {
+                    parts
+                        .headers
+                        .insert(RETRIES, HeaderValue::from(self.log.retries));
+                }
                 let mut me = self;
                 me.proxy.metrics.request(me.client, None);
                 me.log.status = 402;

@@ -25,6 +25,11 @@ use tokio::sync::{watch, Notify, Semaphore};
 use crate::body::ResponseBody;
 use crate::config::ServerConfig;
 
+/// The TCP peer of a request, set as a request extension for handlers that decide by it
+/// (the admin endpoints that change something answer only loopback peers).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// After `accept` fails (typically EMFILE), pause before trying again instead of spinning.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// h2 keep-alive pings find dead client connections under long idle streams.
@@ -68,7 +73,7 @@ pub async fn serve<H, Fut>(
             _ = stop.wait_for(|s| *s) => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(listener = name, error = %e, "accept failed");
@@ -81,8 +86,9 @@ pub async fn serve<H, Fut>(
         // Set when the first request head has been parsed (hyper calls the service then).
         let first_head = Arc::new(Notify::new());
         let seen = Arc::clone(&first_head);
-        let svc = service_fn(move |req| {
+        let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             seen.notify_one();
+            req.extensions_mut().insert(Peer(peer));
             let h = h.clone();
             async move { Ok::<_, Infallible>(h(req).await) }
         });

@@ -77,6 +77,9 @@ pub struct Ask {
     pub cost: u32,
     /// The caller's wait (already capped at `queue.max_wait` and the client's own limit).
     pub max_wait: Duration,
+    /// A re-send after an upstream 429: it queues ahead of everyone (and so is the probe
+    /// when the cooldown ends) and is never refused for a full queue.
+    pub retry: bool,
 }
 
 impl Ask {
@@ -86,6 +89,7 @@ impl Ask {
             model: None,
             cost: 1,
             max_wait,
+            retry: false,
         }
     }
 }
@@ -643,7 +647,7 @@ impl Admission {
             {
                 return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
             }
-            if g.queue.len() >= g.s.max_depth {
+            if g.queue.len() >= g.s.max_depth && !ask.retry {
                 // When the last request now queued is served.
                 let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
                 return Err(g.reject(Reason::QueueFull, drain, now_unix));
@@ -695,7 +699,11 @@ impl Admission {
                 model: ask.model,
                 cost,
             };
-            let id = g.queue.push(client, deadline, now, pending);
+            let id = if ask.retry {
+                g.queue.push_urgent(client, deadline, now, pending)
+            } else {
+                g.queue.push(client, deadline, now, pending)
+            };
             (client, id, rx)
         };
         shared.wake.notify_one();

@@ -60,6 +60,9 @@ impl<T> ClientQueue<T> {
 
 pub struct FairQueue<T> {
     clients: Vec<ClientQueue<T>>,
+    /// Requests retried after an upstream 429: served before everyone else (the first of
+    /// them is the probe when the cooldown ends), FIFO among themselves.
+    urgent: VecDeque<Waiter<T>>,
     vtime: u64,
     len: usize,
     next_id: u64,
@@ -77,6 +80,7 @@ impl<T> FairQueue<T> {
                     waiters: VecDeque::new(),
                 })
                 .collect(),
+            urgent: VecDeque::new(),
             vtime: 0,
             len: 0,
             next_id: 0,
@@ -107,12 +111,39 @@ impl<T> FairQueue<T> {
             return self.len;
         };
         let tag = self.arrival_tag(c);
-        self.clients.iter().map(|q| q.starting_by(tag)).sum()
+        self.urgent.len()
+            + self
+                .clients
+                .iter()
+                .map(|q| q.starting_by(tag))
+                .sum::<usize>()
     }
 
     /// Waiters of `client` queued now.
     pub fn client_len(&self, client: ClientId) -> usize {
         self.clients.get(client).map_or(0, |c| c.waiters.len())
+            + self.urgent.iter().filter(|w| w.client == client).count()
+    }
+
+    /// Queue a retried request ahead of everyone (see `urgent`).
+    pub fn push_urgent(
+        &mut self,
+        client: ClientId,
+        deadline: Instant,
+        now: Instant,
+        payload: T,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.urgent.push_back(Waiter {
+            id,
+            client,
+            deadline,
+            enqueued: now,
+            payload,
+        });
+        self.len += 1;
+        id
     }
 
     pub fn push(&mut self, client: ClientId, deadline: Instant, now: Instant, payload: T) -> u64 {
@@ -169,6 +200,9 @@ impl<T> FairQueue<T> {
         mut ok: impl FnMut(&Waiter<T>) -> bool,
         scan: usize,
     ) -> Option<(ClientId, u64)> {
+        if let Some(w) = self.urgent.iter().find(|w| client_ok(w.client) && ok(w)) {
+            return Some((w.client, w.id));
+        }
         let mut order: Vec<(u64, usize)> = self
             .clients
             .iter()
@@ -191,6 +225,13 @@ impl<T> FairQueue<T> {
     /// Serve waiter `id` of `client` (found by [`FairQueue::find`]): it leaves the queue and
     /// its client is charged one service, exactly as if it had been at the head.
     pub fn serve(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
+        if let Some(pos) = self.urgent.iter().position(|w| w.id == id) {
+            // Served out of turn once already: a retry does not charge its client again.
+            let w = self.urgent.remove(pos)?;
+            self.len -= 1;
+            self.after_removal();
+            return Some(w);
+        }
         let c = self.clients.get_mut(client)?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
@@ -205,6 +246,10 @@ impl<T> FairQueue<T> {
     /// client, id and that count.
     pub fn ranks(&self) -> Vec<(ClientId, u64, usize)> {
         let mut out = Vec::with_capacity(self.len);
+        let urgent = self.urgent.len();
+        for (i, w) in self.urgent.iter().enumerate() {
+            out.push((w.client, w.id, i));
+        }
         for (i, c) in self.clients.iter().enumerate() {
             for (pos, w) in c.waiters.iter().enumerate() {
                 let tag = c.tag_at(pos);
@@ -222,7 +267,7 @@ impl<T> FairQueue<T> {
                         }
                     })
                     .sum();
-                out.push((i, w.id, ahead));
+                out.push((i, w.id, urgent + ahead));
             }
         }
         out
@@ -237,6 +282,12 @@ impl<T> FairQueue<T> {
 
     /// Remove waiter `id` of `client` if it is still queued. Those behind it move up.
     pub fn remove(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
+        if let Some(pos) = self.urgent.iter().position(|w| w.id == id) {
+            let w = self.urgent.remove(pos)?;
+            self.len -= 1;
+            self.after_removal();
+            return Some(w);
+        }
         let c = self.clients.get_mut(client)?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
@@ -259,6 +310,15 @@ impl<T> FairQueue<T> {
     /// longer than they can wait).
     pub fn drain_where(&mut self, mut pred: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut out = Vec::new();
+        if self.urgent.iter().any(&mut pred) {
+            for w in std::mem::take(&mut self.urgent) {
+                if pred(&w) {
+                    out.push(w);
+                } else {
+                    self.urgent.push_back(w);
+                }
+            }
+        }
         for c in &mut self.clients {
             if !c.waiters.iter().any(&mut pred) {
                 continue;
@@ -282,6 +342,7 @@ impl<T> FairQueue<T> {
         self.clients
             .iter()
             .filter_map(|c| c.waiters.front().map(|w| w.enqueued))
+            .chain(self.urgent.iter().map(|w| w.enqueued))
             .min()
     }
 }
