@@ -349,7 +349,8 @@ impl Admin {
                 "POST only\n".into(),
             );
         }
-        if !self.may_change(req) {
+        let peer = req.extensions().get::<crate::server::Peer>().copied();
+        if !may_change(self.config.server.admin_token.as_ref(), req.headers(), peer) {
             let body = json!({"errors": ["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]});
             return text(
                 StatusCode::FORBIDDEN,
@@ -380,24 +381,26 @@ impl Admin {
             ),
         }
     }
+}
 
-    /// Whether `req` may use an endpoint that changes something.
-    fn may_change(&self, req: &Request<Incoming>) -> bool {
-        if let Some(token) = &self.config.server.admin_token {
-            let sent = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if crate::clients::constant_time_eq(sent.trim().as_bytes(), token.expose().as_bytes()) {
-                return true;
-            }
+/// Whether a request may use an endpoint that changes something: a loopback peer, or the
+/// admin token (compared in constant time) as a Bearer token.
+fn may_change(
+    token: Option<&crate::config::ApiKey>,
+    headers: &http::HeaderMap,
+    peer: Option<crate::server::Peer>,
+) -> bool {
+    if let Some(token) = token {
+        let sent = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if crate::clients::constant_time_eq(sent.trim().as_bytes(), token.expose().as_bytes()) {
+            return true;
         }
-        req.extensions()
-            .get::<crate::server::Peer>()
-            .is_some_and(|p| p.0.ip().is_loopback())
     }
+    peer.is_some_and(|p| p.0.ip().is_loopback())
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ResponseBody> {
@@ -413,6 +416,30 @@ fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+
+    #[test]
+    fn only_loopback_or_the_token_may_reload() {
+        use super::may_change;
+        use crate::config::ApiKey;
+        use crate::server::Peer;
+        let remote = Some(Peer("10.1.2.3:5555".parse().unwrap()));
+        let local = Some(Peer("127.0.0.1:5555".parse().unwrap()));
+        let none = http::HeaderMap::new();
+        let mut with = http::HeaderMap::new();
+        with.insert("authorization", "Bearer s3cret".parse().unwrap());
+        let mut wrong = http::HeaderMap::new();
+        wrong.insert("authorization", "Bearer s3cres".parse().unwrap());
+        let token = ApiKey::new("s3cret".into());
+        assert!(may_change(None, &none, local));
+        assert!(!may_change(None, &none, remote));
+        assert!(
+            !may_change(None, &with, remote),
+            "no token configured: none accepted"
+        );
+        assert!(may_change(Some(&token), &with, remote));
+        assert!(!may_change(Some(&token), &wrong, remote));
+        assert!(!may_change(Some(&token), &none, None));
+    }
 
     #[test]
     fn redis_passwords_never_show() {

@@ -157,12 +157,18 @@ pub async fn run_with(
         Arc::clone(&admission),
         Arc::clone(&proxy),
     ));
+    // Registered before the startup line: from then on SIGHUP can never end the process.
+    let hup = hangup_signal();
     let main_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
     announce(&config, main_addr, admin_addr);
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let hangup = tokio::spawn(reload_on_hangup(Arc::clone(&reloader), stop_rx.clone()));
+    let hangup = tokio::spawn(reload_on_hangup(
+        hup,
+        Arc::clone(&reloader),
+        stop_rx.clone(),
+    ));
     let poller = match (&config.upstream.quota_source, &config.upstream.api_key) {
         (config::QuotaSource::Url(url), Some(_)) => match url.parse::<http::Uri>() {
             Ok(uri) => Some(tokio::spawn(poll::run(
@@ -307,13 +313,36 @@ fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
     );
 }
 
-/// SIGHUP re-reads the configuration (never ends the process), until `stop`.
-async fn reload_on_hangup(reloader: Arc<reload::Reloader>, mut stop: watch::Receiver<bool>) {
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = ();
+
+/// Take over SIGHUP (whose default action ends the process).
+fn hangup_signal() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /reload instead");
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload instead");
+                None
+            }
+        }
+    }
+}
+
+/// SIGHUP re-reads the configuration (never ends the process), until `stop`.
+async fn reload_on_hangup(
+    hup: Hangup,
+    reloader: Arc<reload::Reloader>,
+    mut stop: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        let Some(mut hup) = hup else {
+            let _ = stop.wait_for(|s| *s).await;
             return;
         };
         loop {
@@ -328,7 +357,7 @@ async fn reload_on_hangup(reloader: Arc<reload::Reloader>, mut stop: watch::Rece
     }
     #[cfg(not(unix))]
     {
-        let _ = reloader;
+        let _ = (hup, reloader);
         let _ = stop.wait_for(|s| *s).await;
     }
 }

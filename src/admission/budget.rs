@@ -270,6 +270,30 @@ impl Inner {
                 .is_none_or(|d| self.day.used.saturating_add(cost) <= d)
     }
 
+    /// Whether some waiter could be granted now (fairness: a newcomer never overtakes one).
+    /// Waiters held by their model's gates or their client's rate do not count. Looks, never
+    /// changes anything.
+    pub(super) fn anyone_ready(&self, now: Instant, now_unix: f64) -> bool {
+        if self.queue.is_empty() {
+            return false;
+        }
+        let clients = &self.clients;
+        let models = &self.models;
+        self.queue
+            .find(
+                |c| clients[c].bucket.as_ref().is_none_or(|b| b.is_ready(now)),
+                |w| {
+                    !w.payload.reply.is_closed()
+                        && w.payload
+                            .model
+                            .as_deref()
+                            .is_none_or(|m| models.is_open(m, now, now_unix))
+                },
+                MODEL_SCAN,
+            )
+            .is_some()
+    }
+
     pub(super) fn client_ready(&self, client: ClientId, now: Instant) -> bool {
         self.clients[client]
             .bucket

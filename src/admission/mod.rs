@@ -635,14 +635,15 @@ impl Admission {
                     return Err(r);
                 }
             }
-            // Everything open and nobody waiting: grant inline, no task switch.
-            if g.queue.is_empty()
-                && blocked.is_none()
+            // Everything open and nobody waiting who could go now (waiters held by their
+            // model or their client's rate do not count): grant inline, no task switch.
+            if blocked.is_none()
                 && model_block.is_none()
                 && shared.fleet.is_none()
                 && g.closing.is_none()
                 && g.client_ready(client, now)
                 && g.fits_today(client, cost)
+                && !g.anyone_ready(now, now_unix)
                 && g.bucket_take(shared, now).is_ok()
             {
                 return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
@@ -1132,3 +1133,5 @@ pub struct ClientSnapshot {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_r2;

@@ -162,6 +162,24 @@ impl ModelGates {
         None
     }
 
+    /// Whether a request for `model` may go at `now`, without changing anything (an expired
+    /// cooldown counts as open: its probe may go).
+    pub fn is_open(&self, model: &str, now: Instant, now_unix: f64) -> bool {
+        let Some(g) = self.map.get(model) else {
+            return true;
+        };
+        if g.quota_gate_until_unix.is_some_and(|u| u > now_unix) {
+            return false;
+        }
+        if g.until.is_some_and(|u| u > now) {
+            return false;
+        }
+        if g.until.is_none() && g.probe == Probe::Outstanding {
+            return false;
+        }
+        g.rate.as_ref().is_none_or(|(_, r)| r.is_ready(now))
+    }
+
     /// Models cooling now (name, until, level, last body), for `/status`.
     pub fn cooling(&self, now: Instant) -> Vec<(Arc<str>, Instant, u32, String)> {
         let mut v: Vec<_> = self

@@ -11,7 +11,7 @@ use super::*;
 use crate::response::Reason;
 use crate::signals::Scope429;
 
-fn settings(rpm: u32, burst: u32) -> Settings {
+pub(super) fn settings(rpm: u32, burst: u32) -> Settings {
     Settings {
         requests_per_minute: rpm,
         burst,
@@ -42,9 +42,9 @@ fn settings(rpm: u32, burst: u32) -> Settings {
 }
 
 /// 2026-11-23T12:00:00Z
-const NOON: f64 = 1_795_435_200.0;
+pub(super) const NOON: f64 = 1_795_435_200.0;
 
-fn admission(s: Settings) -> Arc<Admission> {
+pub(super) fn admission(s: Settings) -> Arc<Admission> {
     Arc::new(Admission::new(
         s,
         WallClock::pinned(NOON),
@@ -53,7 +53,7 @@ fn admission(s: Settings) -> Arc<Admission> {
     ))
 }
 
-fn admission_at(s: Settings, unix: f64) -> Arc<Admission> {
+pub(super) fn admission_at(s: Settings, unix: f64) -> Arc<Admission> {
     Arc::new(Admission::new(
         s,
         WallClock::pinned(unix),
@@ -76,13 +76,13 @@ fn spawn_acquire(
     })
 }
 
-async fn settle() {
+pub(super) async fn settle() {
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
 }
 
-fn sent(mut p: Permit) -> Permit {
+pub(super) fn sent(mut p: Permit) -> Permit {
     p.mark_sent();
     p
 }

@@ -1159,3 +1159,78 @@ fn a_missing_or_empty_key_file_is_a_config_error_naming_the_key() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("upstream.api_key_file"), "{stderr}");
 }
+
+/// SIGHUP re-reads the config file and never ends the process; SIGTERM still stops it
+/// cleanly afterwards.
+#[tokio::test]
+async fn sighup_reloads_and_never_ends_the_process() {
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = |rpm: u32| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[limits]\nrequests_per_minute = {rpm}\n[state]\npath = \"\"\n",
+            mock.url()
+        )
+    };
+    std::fs::write(&config, text(600)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .env("CHUTES_API_KEY", TEST_KEY)
+        .env("RUST_BACKTRACE", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chutes-proxy");
+    let (lines, stderr) = collect_stderr(child.stderr.take().unwrap());
+    let startup = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + WAIT_LIMIT;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    let Some(startup) = startup else {
+        let _ = child.kill();
+        panic!("no startup line; stderr:\n{}", stderr.join().unwrap());
+    };
+    let admin = address_after(&startup, "(admin: ").expect("admin address");
+    let c = client();
+    std::fs::write(&config, text(30)).unwrap();
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let s = get(&c, &format!("{admin}/status")).await.json();
+        if s["limits"]["requests_per_minute"] == 30 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = stderr.join().unwrap();
+    assert!(log.contains("configuration reloaded"), "{log}");
+}

@@ -13,3 +13,4 @@ mod hostile;
 mod observability;
 mod signals;
 mod smoke;
+mod speak;

@@ -83,6 +83,47 @@ impl Start {
         let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
         TestProxy::start_on(config, main, admin, self.wall).await
     }
+
+    /// Start from a config file at `path` (written with this TOML), able to reload it.
+    pub async fn start_reloadable(self, path: &std::path::Path) -> TestProxy {
+        let mut text = self.toml.clone();
+        if !text.contains("[state]") {
+            text.push_str("\n[state]\npath = \"\"\n");
+        }
+        std::fs::write(path, &text).expect("write config");
+        let config = self.config();
+        let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
+        let env = self.env.clone();
+        let source = chutes_proxy::reload::Source {
+            path: Some(path.to_path_buf()),
+            explicit: true,
+            overrides: Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                admin_listen: Some("127.0.0.1:0".into()),
+                upstream: None,
+            },
+            env: Box::new(move |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())),
+        };
+        let addr = main.local_addr().unwrap();
+        let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(chutes_proxy::run_with(
+            config,
+            Some(source),
+            main,
+            admin,
+            self.wall,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestProxy {
+            addr,
+            admin: admin_addr,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
 }
 
 impl TestProxy {
