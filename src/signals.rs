@@ -3,11 +3,14 @@
 //!
 //! Owns: interpreting `Retry-After`, the `x-ratelimit-*` family (OpenAI style), the IETF
 //! `RateLimit` field (draft-ietf-httpapi-ratelimit-headers, new and old shapes), Chutes'
-//! 402 quota body, and picking out the rate-limit headers worth logging.
+//! own signals (whether a 429 is one model's or the account's, the kinds of 402, the
+//! `X-Chutes-Quota-*` and `X-Chutes-RL-*` headers, the management API's usage body, the
+//! 4-hour usage-cap window), and picking out the rate-limit headers worth logging.
 //!
 //! Does not own: what a hint does to the account (cooldown growth, clamping to
 //! `cooldown.max`, logging an unparseable hint: all the caller's), the clock (the caller
-//! passes `now_unix`), or building responses. Nothing here does I/O or panics; hostile
+//! passes `now_unix`), which model a request is for (`model.rs`), or building responses.
+//! Nothing here does I/O or panics; hostile
 //! header values produce `Hint::Unparseable` or `None`, and every delay saturates at
 //! `u32::MAX` seconds instead of overflowing.
 

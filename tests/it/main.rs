@@ -5,6 +5,7 @@
 mod support;
 
 mod budget;
+mod chutes;
 mod clients;
 mod core;
 mod dashboard;

@@ -1,10 +1,12 @@
 //! Shared helpers for the integration tests. `mock` is the in-process upstream (and the raw-TCP
-//! misbehaving ones) that the proxy is pointed at; everything is re-exported here so tests write
+//! misbehaving ones) that the proxy is pointed at; `chutes` is an emulator of Chutes itself
+//! (also included by `benches/chutes.rs`); everything is re-exported here so tests write
 //! `support::MockUpstream`.
 //!
 //! Not every test module uses every helper, hence the `allow`s: an unused helper is not a bug.
 #![allow(dead_code)]
 
+pub mod chutes;
 pub mod mock;
 pub mod proxy;
 pub mod redis;
