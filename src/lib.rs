@@ -75,6 +75,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let config = Arc::new(config);
+    // Before anything reads the state file (a corrupt one is moved aside): it may be
+    // another running proxy's. Held until `run` returns.
+    let _state_lock = match &config.state.path {
+        Some(p) => Some(state::lock(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let settings = Settings::from_config(&config);
     let restored = restore(&config, &settings, wall);
     let (persist_tx, persist_rx) = watch::channel(0u64);
