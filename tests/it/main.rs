@@ -10,5 +10,6 @@ mod core;
 mod fleet;
 mod hostile;
 mod observability;
+mod operator;
 mod signals;
 mod smoke;
