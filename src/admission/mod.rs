@@ -118,14 +118,9 @@ impl Settings {
     }
 
     /// How many daily requests one state write reserves ahead. A crash over-counts by at most
-    /// this much; a larger block means fewer fsyncs. 1% of the cap, between 5 and 50 (but
-    /// never more than the cap). Not below 5: the next block is asked for when half of this
-    /// one is left, and with blocks of 3 (a 300-a-day plan) that is one request ahead of
-    /// the write, which a client sending back to back overtakes (issue 18); five over-counted
-    /// of 300 after a `kill -9` is still "a little".
+    /// this much; a larger block means fewer fsyncs. 1% of the cap, between 1 and 50.
     fn reserve_block(&self) -> u64 {
-        self.requests_per_day
-            .map_or(1, |d| (d / 100).clamp(5, 50).min(d.max(1)))
+        self.requests_per_day.map_or(1, |d| (d / 100).clamp(1, 50))
     }
 }
 
@@ -910,10 +905,15 @@ impl Inner {
             self.cooldown.probe = Probe::Outstanding;
         }
         if self.day.durable != u64::MAX {
-            // Reserve the next block while half of this one is still left, so the write is
-            // normally done before anyone has to wait for it.
+            // Reserve the next block as soon as any of this one is used (one write in flight
+            // at a time), so the write is done before anyone has to wait for it: a grant waits
+            // only if a whole block is used faster than one write lands. Waiting until half was
+            // used left one request of lead with blocks of 3 (a 300-a-day plan), which every
+            // other back-to-back request overtook (issue 18). The crash bound is unchanged:
+            // the file never holds more than `used + block`. The price is at most one write
+            // per grant, i.e. per day at most `requests_per_day` of them.
             let block = shared.settings.reserve_block();
-            if self.day.used.saturating_add(block / 2) >= self.day.durable {
+            if self.day.used.saturating_add(block) > self.day.durable {
                 self.reserve(shared);
             }
         } else if shared.persist.is_some() {
