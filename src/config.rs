@@ -623,15 +623,30 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
             message: format!("invalid TOML: {}", e.message().trim()),
         };
     };
-    let start = span.start.min(text.len());
+    // Byte offsets from the parser, made safe to slice whatever they are: this runs on
+    // arbitrary input and must not panic.
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = span.end.clamp(start, text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
     let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
     let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
     let line_no = text[..line_start].matches('\n').count() + 1;
     let col = text[line_start..start].chars().count() + 1;
     let line = text[line_start..line_end].trim_end_matches('\r');
-    if e.message().contains("integer") {
+    let value = text[start..end].trim();
+    // Only a plain decimal literal: a malformed one (`0x`, `1__2`) is a syntax error.
+    let is_number = !value.is_empty()
+        && value
+            .trim_start_matches(['+', '-'])
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'_');
+    if e.message().contains("integer") && is_number {
         if let Some(key) = key_at(text, line_start, line) {
-            let value = text[span.clone()].trim();
             return ConfigError {
                 key,
                 message: format!(
@@ -640,10 +655,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
             };
         }
     }
-    let width = text[start..span.end.clamp(start, line_end)]
-        .chars()
-        .count()
-        .max(1);
+    let width = text[start..end.min(line_end)].chars().count().max(1);
     let gutter = line_no.to_string().len();
     ConfigError {
         key: String::new(),
@@ -1659,6 +1671,27 @@ mod tests {
         assert_eq!(keys(e), vec!["clients.client[1].requests_per_day"]);
     }
 
+    #[test]
+    fn syntax_errors_never_panic_on_odd_text() {
+        for text in [
+            "é = 99999999999999999999",
+            "[ü]\nx = 1e",
+            "x = \"unterminated",
+            "a = 0x",
+            "[[a]]\n[[a]]\nb = -99999999999999999999\r\n",
+            "ключ = = 1",
+            "\u{1F600}",
+            "=",
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(!e.0.is_empty(), "{text:?}");
+        }
+        let e = load("[[a]]\n[[a]]\nb = -99999999999999999999\n").unwrap_err();
+        assert_eq!(keys(e), vec!["a[1].b"]);
+        let e = load("a = 0x\n").unwrap_err();
+        assert!(e.to_string().starts_with("invalid TOML at line 1"), "{e}");
+    }
+
     /// Issue 18, item 12: configs that cannot work are refused by `--check`, not met later.
     #[test]
     fn configs_that_cannot_work_are_refused() {
@@ -1773,6 +1806,7 @@ mod tests {
         };
         let texts = [
             String::new(),
+            include_str!("../config.toml").to_string(),
             format!(
                 r#"
                 [server]

@@ -63,9 +63,11 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal: in a file or a log shipper they are noise
-    // (https://no-color.org: NO_COLOR set and non-empty turns them off too).
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    // Colour codes only for a person at a terminal that shows them: in a file or a log
+    // shipper they are noise (https://no-color.org: NO_COLOR set and non-empty turns them off
+    // too, and so does TERM=dumb).
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("TERM").is_some_and(|t| t == "dumb");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -165,7 +165,8 @@ pub fn lock(path: &Path) -> Result<StateLock, LockError> {
                 .ok()
                 .and_then(|_| text.trim().parse().ok());
             return Err(LockError::Held {
-                state: path.to_path_buf(),
+                // Absolute: the operator reading this may be in another directory.
+                state: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
                 lock,
                 pid,
             });
