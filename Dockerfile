@@ -65,9 +65,12 @@ EXPOSE 8080
 # timeout is 10s, after which it sends SIGKILL, so run with `--stop-timeout 35` (or compose's
 # `stop_grace_period: 35s`) to let long streams finish.
 STOPSIGNAL SIGTERM
-# No curl in the image: the binary checks itself through its loopback admin listener
-# (`status` exits non-zero if /status does not answer within 5s). Remove or override this if
-# you move or disable the admin listener (`admin_listen = ""`).
+# No curl in the image: the binary checks itself through its admin listener (`status` exits
+# non-zero if /status does not answer within 5s). `status` asks the address the proxy listens
+# on: CHUTES_PROXY_ADMIN_LISTEN if set, else server.admin_listen of the config at
+# CHUTES_PROXY_CONFIG (0.0.0.0 is asked on loopback), so moving the admin port needs no change
+# here. Remove or override this only if you disable the admin listener (`admin_listen = ""`);
+# the main port answers GET /healthz too, for probes from outside the container.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=5s --retries=3 \
     CMD ["chutes-proxy", "status"]
 

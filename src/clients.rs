@@ -132,10 +132,18 @@ mod tests {
     fn clients(require: bool) -> Clients {
         let env = |n: &str| match n {
             "BOT" => Some("tok-bot".to_string()),
+            "BATCH" => Some("tok-batch".to_string()),
             _ => None,
         };
+        // With require_token every configured client must have a token (config refuses one
+        // without), so `batch` gets one then.
+        let batch_token = if require {
+            "token_env = \"BATCH\"\n"
+        } else {
+            ""
+        };
         let text = format!(
-            "[clients]\nrequire_token = {require}\n[[clients.client]]\nname = \"bot\"\ntoken_env = \"BOT\"\n[[clients.client]]\nname = \"batch\"\n"
+            "[clients]\nrequire_token = {require}\n[[clients.client]]\nname = \"bot\"\ntoken_env = \"BOT\"\n[[clients.client]]\nname = \"batch\"\n{batch_token}"
         );
         let c = Config::from_toml(&text, &Overrides::default(), &env).unwrap();
         Clients::new(&c.clients)

@@ -4,8 +4,14 @@
 //! serde, so that *every* problem (a typo'd key, a bad duration, a zero rate) is reported at once,
 //! each naming its dotted key. A typo must never silently drop a limit, so unknown keys are
 //! errors. Everything downstream receives typed values (`Duration`, `NonZeroU32`, ...) and never
-//! re-validates. This module does no I/O beyond reading the config file and the key file, and
-//! holds no global state: the `Config` is passed explicitly.
+//! re-validates. This module does no I/O beyond reading the config file and the key file and
+//! probing that `state.path`'s directory takes a new file (see [`check_state_dir`]), and holds
+//! no global state: the `Config` is passed explicitly.
+//!
+//! Problems that make a config unworkable are errors; settings that work but cannot do what
+//! they seem to say (a client's rate above the account's) are [`Config::warnings`], shown by
+//! `--check` and logged at startup. [`Config::render`] writes the effective configuration as a
+//! config file that loads back to the same configuration, secrets redacted.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -66,6 +72,8 @@ pub struct Config {
     pub clients: ClientsConfig,
     pub shared_state: SharedStateConfig,
     pub retry: RetryConfig,
+    /// Settings that are valid but will not do what they seem to say, each naming its key.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// What the proxy does once the upstream's quota headers say the plan's daily quota is spent.
@@ -160,6 +168,12 @@ pub struct UpstreamConfig {
     /// Where the key came from, for `--check` and the startup line (never the key itself).
     pub api_key_source: String,
     pub api_key: Option<ApiKey>,
+    /// The variable the key is read from ("" = none), kept so `--check` can write it back.
+    pub api_key_env: String,
+    /// The file the key is read from instead, if any.
+    pub api_key_file: Option<PathBuf>,
+    /// Refuse to start without a key (rather than pass each client's own auth through).
+    pub require_key: bool,
     pub auth_header: HeaderName,
     pub auth_prefix: String,
     pub connect_timeout: Duration,
@@ -188,6 +202,9 @@ impl fmt::Debug for UpstreamConfig {
             .field("url", &self.url.to_string())
             .field("api_key", &self.api_key)
             .field("api_key_source", &self.api_key_source)
+            .field("api_key_env", &self.api_key_env)
+            .field("api_key_file", &self.api_key_file)
+            .field("require_key", &self.require_key)
             .field("auth_header", &self.auth_header)
             .field("auth_prefix", &self.auth_prefix)
             .field("connect_timeout", &self.connect_timeout)
@@ -443,16 +460,17 @@ impl Config {
         overrides: &Overrides,
         env: &dyn Env,
     ) -> Result<Config, ConfigErrors> {
-        let mut table: Table = text.parse::<Table>().map_err(|e| {
-            // toml's message includes line and column; keep it on one line.
-            let msg = e.to_string().replace('\n', " ");
-            ConfigErrors::one("", format!("invalid TOML: {}", msg.trim()))
-        })?;
+        let mut table: Table = text
+            .parse::<Table>()
+            .map_err(|e| ConfigErrors(vec![toml_error(text, &e)]))?;
         apply_overrides(&mut table, overrides);
         let mut v = Validator::default();
         let cfg = v.config(table, env);
         match cfg {
-            Some(cfg) if v.errors.is_empty() => Ok(cfg),
+            Some(mut cfg) if v.errors.is_empty() => {
+                cfg.warnings = v.warnings;
+                Ok(cfg)
+            }
             _ => Err(ConfigErrors(v.errors)),
         }
     }
@@ -462,7 +480,11 @@ impl Config {
         Config::from_toml("", &Overrides::default(), env).expect("built-in defaults are valid")
     }
 
-    /// The effective configuration as TOML, key redacted, for `--check`.
+    /// The effective configuration as a config file, for `--check`: loading it back (in the
+    /// same environment) gives the same configuration, and rendering that gives the same text.
+    /// Secrets never appear: the API key and client tokens are named by where they come from
+    /// (`api_key_env`, `api_key_file`, `token_env`), which is also what makes the output load
+    /// back, and a Redis URL's password is replaced by `<redacted>`.
     pub fn render(&self) -> String {
         let s = &self.server;
         let u = &self.upstream;
@@ -470,27 +492,27 @@ impl Config {
         let mut out = String::new();
         use std::fmt::Write as _;
         let _ = writeln!(out, "[server]");
-        let _ = writeln!(out, "listen = \"{}\"", s.listen);
+        let _ = writeln!(out, "listen = {}", q(&s.listen.to_string()));
         let _ = writeln!(
             out,
-            "admin_listen = \"{}\"",
-            s.admin_listen.map(|a| a.to_string()).unwrap_or_default()
+            "admin_listen = {}",
+            q(&s.admin_listen.map(|a| a.to_string()).unwrap_or_default())
         );
         let _ = writeln!(out, "allow_remote_admin = {}", s.allow_remote_admin);
-        let _ = writeln!(out, "shutdown_grace = \"{}\"", fmt_dur(s.shutdown_grace));
+        let _ = writeln!(out, "shutdown_grace = {}", q(&fmt_dur(s.shutdown_grace)));
         let _ = writeln!(out, "max_request_body = {}", s.max_request_body);
         let _ = writeln!(
             out,
-            "header_read_timeout = \"{}\"",
-            fmt_dur(s.header_read_timeout)
+            "header_read_timeout = {}",
+            q(&fmt_dur(s.header_read_timeout))
         );
         let _ = writeln!(out, "max_connections = {}", s.max_connections);
         let _ = writeln!(out, "max_header_bytes = {}", s.max_header_bytes);
         if let Some(env) = &s.admin_token_env {
-            let _ = writeln!(out, "admin_token_env = {env:?}");
+            let _ = writeln!(out, "admin_token_env = {}", q(env));
         }
         let _ = writeln!(out, "\n[upstream]");
-        let _ = writeln!(out, "url = \"{}\"", u.url);
+        let _ = writeln!(out, "url = {}", q(&u.url.to_string()));
         let key_state = match &u.api_key {
             Some(_) => format!("set (from {}, redacted)", u.api_key_source),
             None => format!(
@@ -499,31 +521,36 @@ impl Config {
             ),
         };
         let _ = writeln!(out, "# api key: {key_state}");
-        let _ = writeln!(out, "auth_header = \"{}\"", u.auth_header);
-        let _ = writeln!(out, "auth_prefix = {:?}", u.auth_prefix);
-        let _ = writeln!(out, "connect_timeout = \"{}\"", fmt_dur(u.connect_timeout));
+        let _ = writeln!(out, "api_key_env = {}", q(&u.api_key_env));
+        if let Some(f) = &u.api_key_file {
+            let _ = writeln!(out, "api_key_file = {}", q(&f.display().to_string()));
+        }
+        let _ = writeln!(out, "require_key = {}", u.require_key);
+        let _ = writeln!(out, "auth_header = {}", q(u.auth_header.as_str()));
+        let _ = writeln!(out, "auth_prefix = {}", q(&u.auth_prefix));
+        let _ = writeln!(out, "connect_timeout = {}", q(&fmt_dur(u.connect_timeout)));
         let _ = writeln!(
             out,
-            "first_byte_timeout = \"{}\"",
-            fmt_dur(u.first_byte_timeout)
+            "first_byte_timeout = {}",
+            q(&fmt_dur(u.first_byte_timeout))
         );
-        let _ = writeln!(out, "idle_timeout = \"{}\"", fmt_dur(u.idle_timeout));
+        let _ = writeln!(out, "idle_timeout = {}", q(&fmt_dur(u.idle_timeout)));
         let _ = writeln!(
             out,
-            "quota_url = {:?}",
-            match &u.quota_source {
+            "quota_url = {}",
+            q(match &u.quota_source {
                 QuotaSource::Off => "",
                 QuotaSource::Url(url) => url.as_str(),
-            }
+            })
         );
-        let _ = writeln!(out, "quota_poll = \"{}\"", fmt_dur(u.quota_poll));
+        let _ = writeln!(out, "quota_poll = {}", q(&fmt_dur(u.quota_poll)));
         let _ = writeln!(
             out,
-            "tls_roots = \"{}\"",
-            match u.tls_roots {
+            "tls_roots = {}",
+            q(match u.tls_roots {
                 TlsRoots::Webpki => "webpki",
                 TlsRoots::Native => "native",
-            }
+            })
         );
         let _ = writeln!(out, "\n[limits]");
         let _ = writeln!(out, "requests_per_minute = {}", l.requests_per_minute);
@@ -552,43 +579,44 @@ impl Config {
         if !l.model_cost.is_empty() {
             let _ = writeln!(out, "\n[limits.model_cost]");
             for c in &l.model_cost {
-                let _ = writeln!(out, "{:?} = {}", c.pattern, c.cost);
+                let _ = writeln!(out, "{} = {}", q(&c.pattern), c.cost);
             }
         }
         let _ = writeln!(out, "\n[queue]");
         let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
-        let _ = writeln!(out, "max_wait = \"{}\"", fmt_dur(self.queue.max_wait));
+        let _ = writeln!(out, "max_wait = {}", q(&fmt_dur(self.queue.max_wait)));
         let c = &self.cooldown;
         let _ = writeln!(out, "\n[cooldown]");
-        let _ = writeln!(out, "initial = \"{}\"", fmt_dur(c.initial));
-        let _ = writeln!(out, "max = \"{}\"", fmt_dur(c.max));
+        let _ = writeln!(out, "initial = {}", q(&fmt_dur(c.initial)));
+        let _ = writeln!(out, "max = {}", q(&fmt_dur(c.max)));
         let _ = writeln!(out, "multiplier = {:?}", c.multiplier);
-        let _ = writeln!(out, "decay_after = \"{}\"", fmt_dur(c.decay_after));
-        let _ = writeln!(out, "model_initial = \"{}\"", fmt_dur(c.model_initial));
-        let _ = writeln!(out, "model_max = \"{}\"", fmt_dur(c.model_max));
+        let _ = writeln!(out, "decay_after = {}", q(&fmt_dur(c.decay_after)));
+        let _ = writeln!(out, "model_initial = {}", q(&fmt_dur(c.model_initial)));
+        let _ = writeln!(out, "model_max = {}", q(&fmt_dur(c.model_max)));
         let _ = writeln!(out, "\n[retry]");
         let _ = writeln!(out, "max_attempts = {}", self.retry.max_attempts);
         let _ = writeln!(out, "max_body = {}", self.retry.max_body);
         let _ = writeln!(out, "\n[state]");
         let _ = writeln!(
             out,
-            "path = {:?}",
-            self.state
+            "path = {}",
+            q(&self
+                .state
                 .path
                 .as_ref()
                 .map(|p| p.display().to_string())
-                .unwrap_or_default()
+                .unwrap_or_default())
         );
         let ss = &self.shared_state;
         let _ = writeln!(out, "\n[shared_state]");
         let _ = writeln!(
             out,
-            "backend = \"{}\"",
-            if ss.backend == Backend::Redis {
+            "backend = {}",
+            q(if ss.backend == Backend::Redis {
                 "redis"
             } else {
                 "local"
-            }
+            })
         );
         if ss.backend == Backend::Redis {
             // A Redis URL may carry a password: show only where it points.
@@ -596,16 +624,16 @@ impl Config {
                 Some((_, host)) => format!("redis://<redacted>@{host}"),
                 None => ss.redis_url.clone(),
             };
-            let _ = writeln!(out, "redis_url = {shown:?}");
-            let _ = writeln!(out, "key_prefix = {:?}", ss.key_prefix);
+            let _ = writeln!(out, "redis_url = {}", q(&shown));
+            let _ = writeln!(out, "key_prefix = {}", q(&ss.key_prefix));
             let _ = writeln!(
                 out,
-                "on_redis_error = \"{}\"",
-                if ss.on_redis_error == OnRedisError::Local {
+                "on_redis_error = {}",
+                q(if ss.on_redis_error == OnRedisError::Local {
                     "local"
                 } else {
                     "fail_closed"
-                }
+                })
             );
             let _ = writeln!(out, "local_fallback_share = {:?}", ss.local_fallback_share);
         }
@@ -615,14 +643,14 @@ impl Config {
         let _ = writeln!(out, "default_weight = {}", cl.default_weight);
         for c in &cl.clients {
             let _ = writeln!(out, "\n[[clients.client]]");
-            let _ = writeln!(out, "name = {:?}", c.name);
+            let _ = writeln!(out, "name = {}", q(&c.name));
             if let Some(env) = &c.token_env {
                 let state = if c.token.is_some() {
                     "set, redacted"
                 } else {
                     "NOT SET"
                 };
-                let _ = writeln!(out, "token_env = {env:?}  # {state}");
+                let _ = writeln!(out, "token_env = {}  # {state}", q(env));
             }
             let _ = writeln!(out, "weight = {}", c.weight);
             if let Some(r) = c.requests_per_minute {
@@ -633,11 +661,146 @@ impl Config {
                 let _ = writeln!(out, "requests_per_day = {d}");
             }
             if let Some(w) = c.max_wait {
-                let _ = writeln!(out, "max_wait = \"{}\"", fmt_dur(w));
+                let _ = writeln!(out, "max_wait = {}", q(&fmt_dur(w)));
             }
         }
         out
     }
+}
+
+/// A TOML string literal (the toml crate's own escaping, so any text reads back as itself;
+/// Rust's `{:?}` escapes some characters in ways TOML does not read).
+fn q(s: &str) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
+/// Can the proxy keep its state at `path`? Its directory must exist and take a new file: the
+/// writer replaces the file by renaming a temp file created beside it, so that is exactly the
+/// permission it needs (the file itself may be read-only, it is never written in place).
+///
+/// Probed by creating and removing a temp file there, at load and so also by `--check`:
+/// permission bits alone do not tell (a read-only mount, `/proc`, an ACL, a full quota), and
+/// without the probe such a path is found only at the first request that needs a
+/// reservation, which then waits instead of being served. The probe leaves nothing behind.
+pub fn check_state_dir(path: &Path) -> Result<(), String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a directory; name a file in it, e.g. {}",
+            path.display(),
+            path.join(DEFAULT_STATE_PATH).display()
+        ));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) => {
+            return Err(format!(
+            "directory {} cannot be used: {} (create it, or set state.path = \"\" for memory only)",
+            dir.display(),
+            e.kind()
+        ))
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(".chutes-proxy-probe")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "cannot create files in {}: {} (the state file is replaced by a temp file written beside it)",
+                dir.display(),
+                e.kind()
+            )
+        })
+}
+
+/// A TOML syntax error as a [`ConfigError`] that says where: line and column, the offending
+/// line with a caret under the spot. An integer too large for TOML's 64 bits is a parse error
+/// to the toml crate, but to a user it is an out-of-range value, so it names its dotted key.
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let Some(span) = e.span() else {
+        return ConfigError {
+            key: String::new(),
+            message: format!("invalid TOML: {}", e.message().trim()),
+        };
+    };
+    // Byte offsets from the parser, made safe to slice whatever they are: this runs on
+    // arbitrary input and must not panic.
+    let mut start = span.start.min(text.len());
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = span.end.clamp(start, text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line_no = text[..line_start].matches('\n').count() + 1;
+    let col = text[line_start..start].chars().count() + 1;
+    let line = text[line_start..line_end].trim_end_matches('\r');
+    let value = text[start..end].trim();
+    // Only a plain decimal literal: a malformed one (`0x`, `1__2`) is a syntax error.
+    let is_number = !value.is_empty()
+        && value
+            .trim_start_matches(['+', '-'])
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b == b'_');
+    if e.message().contains("integer") && is_number {
+        if let Some(key) = key_at(text, line_start, line) {
+            return ConfigError {
+                key,
+                message: format!(
+                    "{value} is out of range (line {line_no}, column {col}; integers must fit in 64 bits)"
+                ),
+            };
+        }
+    }
+    let width = text[start..end.min(line_end)].chars().count().max(1);
+    let gutter = line_no.to_string().len();
+    ConfigError {
+        key: String::new(),
+        message: format!(
+            "invalid TOML at line {line_no}, column {col}: {}\n{:gutter$} |\n{line_no} | {line}\n{:gutter$} | {}{}",
+            e.message().trim(),
+            "",
+            "",
+            " ".repeat(col - 1),
+            "^".repeat(width),
+        ),
+    }
+}
+
+/// The dotted key of the `key = value` line starting at `line_start`, from the table header
+/// above it (`[limits]`, `[[clients.client]]` counted as `clients.client[i]`).
+fn key_at(text: &str, line_start: usize, line: &str) -> Option<String> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    if key.is_empty() {
+        return None;
+    }
+    let mut table = String::new();
+    let mut arrays: std::collections::HashMap<String, usize> = Default::default();
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            let name = name.0.trim().to_string();
+            let n = arrays.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{n}]");
+            *n += 1;
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            table = name.0.trim().to_string();
+        }
+    }
+    Some(if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    })
 }
 
 /// A duration in the config's own syntax, for `--check` output.
@@ -645,11 +808,11 @@ pub fn fmt_dur(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".into()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -672,10 +835,11 @@ fn apply_overrides(table: &mut Table, o: &Overrides) {
     set("upstream", "url", &o.upstream);
 }
 
-/// Collects errors while walking the table.
+/// Collects errors (and warnings) while walking the table.
 #[derive(Default)]
 struct Validator {
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 /// One TOML table being read; keys are removed as they are read so leftovers are unknown.
@@ -687,6 +851,13 @@ struct Section {
 impl Validator {
     fn err(&mut self, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError {
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, key: &str, message: impl Into<String>) {
+        self.warnings.push(ConfigError {
             key: key.to_string(),
             message: message.into(),
         });
@@ -837,6 +1008,21 @@ impl Validator {
         let cooldown = self.cooldown(&mut root);
         let state = self.state(&mut root);
         let clients = self.clients(&mut root, env, queue.max_wait);
+        for (i, c) in clients.clients.iter().enumerate() {
+            if let Some(rpm) = c
+                .requests_per_minute
+                .filter(|r| *r > limits.requests_per_minute)
+            {
+                self.warn(
+                    &format!("clients.client[{i}].requests_per_minute"),
+                    format!(
+                        "{rpm} is above the account's limits.requests_per_minute ({}); the \
+                         account's rate binds first, so this cap never does",
+                        limits.requests_per_minute
+                    ),
+                );
+            }
+        }
         let shared_state = self.shared_state(&mut root);
         let retry = self.retry(&mut root);
         let mut names: Vec<_> = root.keys().cloned().collect();
@@ -854,6 +1040,7 @@ impl Validator {
             clients,
             shared_state,
             retry,
+            warnings: Vec::new(),
         })
     }
 
@@ -918,6 +1105,24 @@ impl Validator {
                 DEFAULT_MAX_REQUEST_BODY
             }
         };
+        if max_request_body == 0 {
+            // Zero would refuse every request with a body, i.e. every chat completion.
+            self.err(
+                "server.max_request_body",
+                "must be greater than zero (every completion request has a body)",
+            );
+        }
+        if let (Some(l), Some(Some(a))) = (listen, admin_listen) {
+            // Port 0 asks the OS for a fresh port on each bind, so two zeros never collide.
+            if l == a && l.port() != 0 {
+                self.err(
+                    "server.admin_listen",
+                    format!(
+                        "{a} is also server.listen; the two listeners need different addresses"
+                    ),
+                );
+            }
+        }
         let header_read_timeout =
             self.positive_duration(&mut s, "header_read_timeout", DEFAULT_HEADER_READ_TIMEOUT);
         let max_connections = self.int_val(
@@ -978,6 +1183,7 @@ impl Validator {
         let key_env = self
             .str_val(&mut s, "api_key_env", DEFAULT_API_KEY_ENV)
             .unwrap_or_default();
+        let require_key = self.bool_val(&mut s, "require_key", false);
         let key_file = match s.table.remove("api_key_file") {
             None => None,
             Some(Value::String(p)) if p.is_empty() => None,
@@ -1016,9 +1222,33 @@ impl Validator {
         } else {
             match env.var(&key_env).map(|k| k.trim().to_string()) {
                 Some(k) if !k.is_empty() => (Some(ApiKey(k)), format!("env {key_env}")),
-                _ => (None, format!("env {key_env} is unset")),
+                Some(_) => {
+                    // Set but empty is a mistake (a secret that did not render), never a
+                    // request to run without a key: that is "unset".
+                    self.err(
+                        "upstream.api_key_env",
+                        format!("environment variable {key_env} is set but empty"),
+                    );
+                    (None, format!("env {key_env} is empty"))
+                }
+                None => (None, format!("env {key_env} is unset")),
             }
         };
+        if require_key
+            && api_key.is_none()
+            && self
+                .errors
+                .iter()
+                .all(|e| !e.key.starts_with("upstream.api_key"))
+        {
+            self.err(
+                "upstream.require_key",
+                format!(
+                    "true, but no key is configured ({api_key_source}); set {} or upstream.api_key_file",
+                    if key_env.is_empty() { "upstream.api_key_env" } else { key_env.as_str() }
+                ),
+            );
+        }
         if let Some(k) = &api_key {
             if k.0.bytes().any(|b| b < 0x20 || b == 0x7f) {
                 self.err(
@@ -1097,6 +1327,9 @@ impl Validator {
             url: url?,
             api_key_source,
             api_key,
+            api_key_env: key_env,
+            api_key_file: key_file,
+            require_key,
             auth_header: auth_header?,
             auth_prefix,
             connect_timeout,
@@ -1285,6 +1518,11 @@ impl Validator {
             .str_val(&mut s, "path", DEFAULT_STATE_PATH)
             .filter(|p| !p.is_empty())
             .map(PathBuf::from);
+        if let Some(p) = &path {
+            if let Err(e) = check_state_dir(p) {
+                self.err("state.path", e);
+            }
+        }
         self.finish(s);
         StateConfig { path }
     }
@@ -1442,6 +1680,14 @@ impl Validator {
                 }
                 false => None,
             };
+            if require_token && token_env.is_none() {
+                // With require_token every request must carry a known token, so a client
+                // without one could never be used: almost surely a forgotten line.
+                self.err(
+                    &format!("{}.token_env", c.prefix),
+                    "clients.require_token = true, so every configured client needs a token_env",
+                );
+            }
             self.finish(c);
             clients.push(ClientConfig {
                 name,
@@ -1624,6 +1870,249 @@ mod tests {
         let e = load("[server\nlisten=").unwrap_err();
         assert_eq!(e.0.len(), 1);
         assert!(e.to_string().starts_with("invalid TOML"));
+    }
+
+    /// Issue 18: the error said where, but squashed toml's multi-line report onto one line.
+    #[test]
+    fn a_toml_syntax_error_says_line_and_column_and_shows_the_line() {
+        let e = load("[limits]\nburst = 5\nrequests_per_minute = = 3\n").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("invalid TOML at line 3, column 23: "),
+            "{text}"
+        );
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines[2], "3 | requests_per_minute = = 3");
+        assert_eq!(lines[3], "  |                       ^");
+    }
+
+    /// Issue 18: an integer too large for TOML was a parse error naming no key.
+    #[test]
+    fn an_out_of_range_integer_names_its_key() {
+        let e = load("[limits]\nburst = 99999999999\n").unwrap_err();
+        assert_eq!(keys(e), vec!["limits.burst"]);
+        let e =
+            load("[server]\nlisten = \"127.0.0.1:1\"\n[limits]\nburst = 99999999999999999999\n")
+                .unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].key, "limits.burst", "{e}");
+        assert!(
+            e.0[0]
+                .message
+                .contains("99999999999999999999 is out of range"),
+            "{e}"
+        );
+        let e = load(
+            "[[clients.client]]\nname = \"a\"\n[[clients.client]]\nname = \"b\"\nrequests_per_day = 123456789012345678901\n",
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["clients.client[1].requests_per_day"]);
+    }
+
+    #[test]
+    fn syntax_errors_never_panic_on_odd_text() {
+        for text in [
+            "é = 99999999999999999999",
+            "[ü]\nx = 1e",
+            "x = \"unterminated",
+            "a = 0x",
+            "[[a]]\n[[a]]\nb = -99999999999999999999\r\n",
+            "ключ = = 1",
+            "\u{1F600}",
+            "=",
+        ] {
+            let e = load(text).unwrap_err();
+            assert!(!e.0.is_empty(), "{text:?}");
+        }
+        let e = load("[[a]]\n[[a]]\nb = -99999999999999999999\n").unwrap_err();
+        assert_eq!(keys(e), vec!["a[1].b"]);
+        let e = load("a = 0x\n").unwrap_err();
+        assert!(e.to_string().starts_with("invalid TOML at line 1"), "{e}");
+    }
+
+    /// Issue 18, item 12: configs that cannot work are refused by `--check`, not met later.
+    #[test]
+    fn configs_that_cannot_work_are_refused() {
+        let e = load("[server]\nlisten = \"127.0.0.1:9090\"\nadmin_listen = \"127.0.0.1:9090\"\n")
+            .unwrap_err();
+        assert_eq!(keys(e), vec!["server.admin_listen"]);
+        // Port 0 is a fresh port per bind, so the tests' 127.0.0.1:0 twice is fine.
+        let o = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            upstream: None,
+        };
+        assert!(Config::from_toml("", &o, &env_none).is_ok());
+        for body in ["0", "\"0\"", "\"0KiB\""] {
+            let e = load(&format!("[server]\nmax_request_body = {body}\n")).unwrap_err();
+            assert_eq!(keys(e), vec!["server.max_request_body"], "{body}");
+        }
+        let env = |n: &str| (n == "A_TOKEN").then(|| "tok-a".to_string());
+        let e = Config::from_toml(
+            "[clients]\nrequire_token = true\n[[clients.client]]\nname = \"a\"\ntoken_env = \"A_TOKEN\"\n[[clients.client]]\nname = \"b\"\n",
+            &Overrides::default(),
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["clients.client[1].token_env"]);
+    }
+
+    #[test]
+    fn a_client_rate_above_the_accounts_is_a_warning_not_an_error() {
+        let c = load("[limits]\nrequests_per_minute = 50\n[[clients.client]]\nname = \"a\"\nrequests_per_minute = 100\n[[clients.client]]\nname = \"b\"\nrequests_per_minute = 50\n")
+            .unwrap();
+        let w: Vec<_> = c.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(w, vec!["clients.client[0].requests_per_minute"]);
+        assert!(c.warnings[0].message.contains("above"), "{:?}", c.warnings);
+    }
+
+    /// Issue 18, item 11.
+    #[test]
+    fn an_empty_key_is_an_error_and_require_key_refuses_none() {
+        let empty = |n: &str| (n == "CHUTES_API_KEY").then(|| "  ".to_string());
+        let e = Config::from_toml("", &Overrides::default(), &empty).unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.api_key_env"]);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key");
+        std::fs::write(&f, "\n").unwrap();
+        let e = load(&format!(
+            "[upstream]\napi_key_file = {:?}\n",
+            f.display().to_string()
+        ))
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.api_key_file"]);
+        // Unset is allowed (client auth passes through) unless require_key says otherwise.
+        let c = load("").unwrap();
+        assert!(c.upstream.api_key.is_none() && !c.upstream.require_key);
+        let e = load("[upstream]\nrequire_key = true\n").unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.require_key"]);
+        let e = load("[upstream]\nrequire_key = true\napi_key_env = \"\"\n").unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.require_key"]);
+        let key = |n: &str| (n == "CHUTES_API_KEY").then(|| "cpk_x".to_string());
+        let c = Config::from_toml(
+            "[upstream]\nrequire_key = true\n",
+            &Overrides::default(),
+            &key,
+        )
+        .unwrap();
+        assert!(c.upstream.require_key && c.upstream.api_key.is_some());
+        // One error for one problem: an empty variable under require_key is not reported twice.
+        let e = Config::from_toml(
+            "[upstream]\nrequire_key = true\n",
+            &Overrides::default(),
+            &empty,
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.api_key_env"]);
+    }
+
+    /// Issue 18, item 2: a state path that cannot be written is found at load (so by `--check`
+    /// too), not at the first request, which would wait for a reservation that never lands.
+    #[test]
+    fn an_unwritable_state_path_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("state.json");
+        let c = load(&format!("[state]\npath = {:?}\n", ok.display().to_string())).unwrap();
+        assert_eq!(c.state.path.as_deref(), Some(ok.as_path()));
+        // The probe leaves nothing behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let missing = dir.path().join("no-such-dir").join("state.json");
+        let unwritable = std::path::PathBuf::from("/proc/chutes-proxy-state.json");
+        for bad in [missing, unwritable, dir.path().to_path_buf()] {
+            let e = load(&format!(
+                "[state]\npath = {:?}\n",
+                bad.display().to_string()
+            ))
+            .unwrap_err();
+            assert_eq!(keys(e.clone()), vec!["state.path"], "{}", bad.display());
+            assert!(!e.0[0].message.is_empty());
+        }
+    }
+
+    /// Issue 18, item 12: `--check` prints a config that loads back to the same one; the key
+    /// shows only as where it comes from.
+    #[test]
+    fn check_output_loads_back_to_the_same_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyfile = dir.path().join("api key");
+        std::fs::write(&keyfile, "cpk_from_file_SECRET\n").unwrap();
+        let state = dir.path().join("st\u{e9}te \"x\".json");
+        let env = |n: &str| match n {
+            "CHUTES_API_KEY" => Some("cpk_env_SECRET".to_string()),
+            "BOT_TOKEN" => Some("tok_SECRET".to_string()),
+            _ => None,
+        };
+        let texts = [
+            String::new(),
+            include_str!("../config.toml").to_string(),
+            format!(
+                r#"
+                [server]
+                listen = "127.0.0.1:18080"
+                admin_listen = ""
+                max_request_body = "1MiB"
+                [upstream]
+                url = "http://127.0.0.1:3000/prefix/"
+                api_key_file = {:?}
+                require_key = true
+                auth_header = "x-api-key"
+                auth_prefix = ""
+                tls_roots = "native"
+                [limits]
+                requests_per_minute = 30
+                requests_per_day = 300
+                day_reset_utc = "07:30"
+                [queue]
+                max_wait = "1500ms"
+                [cooldown]
+                multiplier = 1.5
+                [state]
+                path = {:?}
+                [shared_state]
+                backend = "redis"
+                redis_url = "redis://:pw@cache:6379/0"
+                [clients]
+                require_token = true
+                [[clients.client]]
+                name = "bot"
+                token_env = "BOT_TOKEN"
+                requests_per_minute = 60
+                requests_per_day = 100
+                max_wait = "1s"
+                "#,
+                keyfile.display().to_string(),
+                state.display().to_string()
+            ),
+        ];
+        for text in texts {
+            let first = Config::from_toml(&text, &Overrides::default(), &env).unwrap();
+            let rendered = first.render();
+            for secret in ["SECRET", ":pw@"] {
+                assert!(!rendered.contains(secret), "{secret} in\n{rendered}");
+            }
+            let second = Config::from_toml(&rendered, &Overrides::default(), &env)
+                .unwrap_or_else(|e| panic!("{e}\n---\n{rendered}"));
+            assert_eq!(second.render(), rendered);
+            // The same configuration, not only the same text: the key still comes from the
+            // same place and is the same key.
+            assert_eq!(
+                format!("{first:?}"),
+                format!("{second:?}").replace("<redacted>@cache", ":pw@cache")
+            );
+            assert_eq!(
+                first
+                    .upstream
+                    .api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string()),
+                second
+                    .upstream
+                    .api_key
+                    .as_ref()
+                    .map(|k| k.expose().to_string())
+            );
+        }
     }
 
     #[test]

@@ -96,6 +96,12 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     let config = Arc::new(config);
+    // Before anything reads the state file (a corrupt one is moved aside): it may be
+    // another running proxy's. Held until `run` returns.
+    let _state_lock = match &config.state.path {
+        Some(p) => Some(state::lock(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let settings = Settings::from_config(&config);
     let restored = restore(&config, &settings, wall);
     let (persist_tx, persist_rx) = watch::channel(0u64);
@@ -296,21 +302,56 @@ fn restore(config: &Config, settings: &Settings, wall: WallClock) -> Persisted {
     }
 }
 
+/// The startup line, and a WARN line for each thing an operator should fix. Everything is a
+/// field, so `--log-format json` carries it as JSON (text shows them as `key=value` after the
+/// message); the message repeats the addresses for people and for the scripts that read them
+/// from it (`scripts/kill9.sh`, `scripts/soak.sh`).
 fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
     let l = &config.limits;
+    let admin = admin.map_or("disabled".to_string(), |a| format!("http://{a}"));
+    // Absolute, so an operator knows which file it is whatever the working directory was.
+    let state = config
+        .state
+        .path
+        .as_ref()
+        .map_or("memory only".to_string(), |p| {
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        });
+    let key = if config.upstream.api_key.is_some() {
+        "injected"
+    } else {
+        "client's own (none configured)"
+    };
     tracing::info!(
-        "chutes-proxy {} listening on http://{main} (admin: {}) -> upstream {} | {} req/min, burst {}, {} per day, {} concurrent | queue {} deep, wait up to {:.1}s | key: {}",
+        version = env!("CARGO_PKG_VERSION"),
+        listen = %format_args!("http://{main}"),
+        admin = %admin,
+        upstream = %config.upstream.url,
+        requests_per_minute = l.requests_per_minute.get(),
+        burst = l.burst.get(),
+        requests_per_day = l.requests_per_day.map(|d| d.get()),
+        max_concurrent = l.max_concurrent,
+        queue_max_depth = config.queue.max_depth,
+        queue_max_wait_s = config.queue.max_wait.as_secs_f64(),
+        key,
+        state = %state,
+        "chutes-proxy {} listening on http://{main} (admin: {admin}) -> upstream {}",
         env!("CARGO_PKG_VERSION"),
-        admin.map_or("disabled".to_string(), |a| format!("http://{a}")),
         config.upstream.url,
-        l.requests_per_minute,
-        l.burst,
-        l.requests_per_day.map_or("unlimited".to_string(), |d| d.to_string()),
-        l.max_concurrent,
-        config.queue.max_depth,
-        config.queue.max_wait.as_secs_f64(),
-        if config.upstream.api_key.is_some() { "injected" } else { "client's own (none configured)" },
     );
+    if config.upstream.api_key.is_none() {
+        tracing::warn!(
+            "no upstream API key ({}): each client's own Authorization is passed through; \
+             set upstream.require_key = true to refuse to start without one",
+            config.upstream.api_key_source
+        );
+    }
+    for w in &config.warnings {
+        tracing::warn!(key = %w.key, "{w}");
+    }
 }
 
 #[cfg(unix)]

@@ -80,7 +80,7 @@ impl RequestLog {
             return;
         }
         self.logged = true;
-        let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+        let ms = |d: Option<Duration>| d.map(millis);
         let bytes_in = self
             .upload
             .as_ref()
@@ -98,7 +98,7 @@ impl RequestLog {
             outcome = self.outcome,
             queue_wait_ms = ms(self.queue_wait),
             upstream_ms = ms(self.upstream_latency),
-            total_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            total_ms = millis(self.started.elapsed()),
             bytes_in,
             bytes_out = self.bytes_out,
             stream_error = self.stream_error.as_deref(),
@@ -108,8 +108,34 @@ impl RequestLog {
     }
 }
 
+/// Milliseconds rounded to microseconds: `0.442`, not `0.44167700000000004` (a binary
+/// float printed in full). Still a number, so JSON logs stay numeric; finer than a
+/// microsecond means nothing for a request over the network.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
 impl Drop for RequestLog {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 18: `total_ms=0.44167700000000004` in the log line.
+    #[test]
+    fn durations_are_logged_without_float_noise() {
+        for (nanos, want) in [
+            (441_677, "0.442"),
+            (1_000_000, "1"),
+            (12_345_678_901, "12345.679"),
+            (0, "0"),
+            (999, "0.001"),
+        ] {
+            assert_eq!(millis(Duration::from_nanos(nanos)).to_string(), want);
+        }
     }
 }

@@ -44,9 +44,10 @@ struct Cli {
 enum Command {
     /// Print a human summary of a running proxy's /status.
     Status {
-        /// Admin base URL of the proxy.
-        #[arg(long, default_value = "http://127.0.0.1:9090")]
-        admin: String,
+        /// Admin base URL of the proxy [default: CHUTES_PROXY_ADMIN_LISTEN, else the config
+        /// file's server.admin_listen, else http://127.0.0.1:9090].
+        #[arg(long)]
+        admin: Option<String>,
         /// Print the raw /status JSON instead.
         #[arg(long)]
         json: bool,
@@ -62,9 +63,11 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colour codes only for a person at a terminal: in a file or a log shipper they are noise
-    // (https://no-color.org: NO_COLOR set and non-empty turns them off too).
-    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    // Colour codes only for a person at a terminal that shows them: in a file or a log
+    // shipper they are noise (https://no-color.org: NO_COLOR set and non-empty turns them off
+    // too, and so does TERM=dumb).
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+        || std::env::var_os("TERM").is_some_and(|t| t == "dumb");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -89,13 +92,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(Command::Status { admin, json }) = &cli.command {
-        return runtime.block_on(chutes_proxy::status_cmd::run(admin, *json));
-    }
     let (path, explicit) = match &cli.config {
         Some(p) => (Some(p.clone()), true),
         None => (Some(PathBuf::from("config.toml")), false),
     };
+    if let Some(Command::Status { admin, json }) = &cli.command {
+        let admin = match chutes_proxy::status_cmd::admin_address(
+            admin.as_deref(),
+            cli.admin_listen.as_deref(),
+            path.as_deref().map(|p| (p, explicit)),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("chutes-proxy status: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return runtime.block_on(chutes_proxy::status_cmd::run(&admin, *json));
+    }
     let overrides = Overrides {
         listen: cli.listen.clone(),
         admin_listen: cli.admin_listen.clone(),
@@ -106,7 +120,9 @@ fn main() -> ExitCode {
         Err(errors) => {
             eprintln!("chutes-proxy: invalid configuration:");
             for e in &errors.0 {
-                eprintln!("  {e}");
+                // A TOML syntax error spans lines (the source line and a caret): keep them
+                // under the first, indented alike.
+                eprintln!("  {}", e.to_string().replace('\n', "\n  "));
             }
             return ExitCode::from(2);
         }
@@ -120,6 +136,10 @@ fn main() -> ExitCode {
                 _ => " (built-in defaults)".to_string(),
             }
         );
+        // Comments, so the output stays a config file that loads back.
+        for w in &config.warnings {
+            println!("# warning: {w}");
+        }
         print!("{}", config.render());
         return ExitCode::SUCCESS;
     }

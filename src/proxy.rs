@@ -120,7 +120,9 @@ impl Proxy {
     }
 
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
-        if let Some(v) = req.headers().get(&REQUEST_ID) {
+        // Ours first, then the common `x-request-id` that tracing setups already send.
+        let h = req.headers();
+        if let Some(v) = h.get(&REQUEST_ID).or_else(|| h.get("x-request-id")) {
             // A client-sent id is kept if it is a sane token (it goes into logs and bodies).
             if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             {
@@ -139,6 +141,10 @@ impl Proxy {
     /// Handle one client request. Never fails: every problem becomes a response.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         let request_id = self.request_id(&req);
+        if crate::response::is_healthz(req.method(), req.uri()) {
+            // Probes hit the service port: answered here, never forwarded, counted or logged.
+            return crate::response::healthz(&request_id).map(ResponseBody::full);
+        }
         let live = self.live();
         let ident = live.clients.identify(req.headers());
         let client = ident.client;

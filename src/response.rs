@@ -5,6 +5,9 @@
 //! Nothing here decides *whether* to refuse; admission and the proxy pipeline do that. Nothing
 //! here does I/O. Upstream text that ends up in a body (`upstream_body`) is JSON-escaped by
 //! serde and never copied into a header, so an upstream cannot inject headers.
+//!
+//! Also the main listener's own `GET /healthz` answer ([`healthz`]): container and Kubernetes
+//! probes hit the service port, and a probe must never be forwarded or charged to the budget.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -25,6 +28,23 @@ const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
+/// Whether a main-listener request is a health probe the proxy answers itself: exactly `GET`
+/// or `HEAD` of the path `/healthz` (any query). Everything else, `/healthz/` and `POST
+/// /healthz` included, is forwarded as before: the upstream may have such paths of its own.
+pub fn is_healthz(method: &http::Method, uri: &http::Uri) -> bool {
+    (method == http::Method::GET || method == http::Method::HEAD) && uri.path() == "/healthz"
+}
+
+/// The probe's answer: 200 `ok`, like the admin listener's, with the request id every
+/// response carries. (hyper sends no body for a HEAD.)
+pub fn healthz(request_id: &HeaderValue) -> Response<Bytes> {
+    let mut r = Response::new(Bytes::from_static(b"ok\n"));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(REQUEST_ID, request_id.clone());
+    r
+}
 
 /// Why the proxy answered itself. The string forms are the contract's `error.proxy.reason`
 /// and the `outcome` label of `chutes_proxy_requests_total`.

@@ -7,6 +7,11 @@
 //! wording is unit-tested without a proxy. It does not own the document's shape (`admin.rs`
 //! does) and reads it defensively: a field that is missing or of the wrong type is left out
 //! of the summary, never a panic, so an older or newer proxy still gets a useful summary.
+//!
+//! Also owns which admin address to ask ([`admin_address`]): `--admin`, else
+//! `CHUTES_PROXY_ADMIN_LISTEN` (or the top-level `--admin-listen`), else the config file's
+//! `server.admin_listen`, else the default, the same precedence the proxy itself applies, so
+//! `status` (and the container's HEALTHCHECK) asks where the proxy listens.
 
 use std::fmt::Write as _;
 use std::io::{IsTerminal as _, Write as _};
@@ -63,10 +68,94 @@ pub async fn run(admin: &str, json: bool) -> ExitCode {
 }
 
 /// Colour only for a person at a terminal who has not opted out (https://no-color.org: set
-/// and non-empty disables it).
+/// and non-empty disables it) and whose terminal can show it (`TERM=dumb` cannot: Emacs'
+/// shell, some CI logs).
 fn use_color() -> bool {
-    let opted_out = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    std::io::stdout().is_terminal() && !opted_out
+    color_wanted(
+        std::io::stdout().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+        std::env::var_os("TERM").as_deref(),
+    )
+}
+
+fn color_wanted(
+    terminal: bool,
+    no_color: Option<&std::ffi::OsStr>,
+    term: Option<&std::ffi::OsStr>,
+) -> bool {
+    let opted_out = no_color.is_some_and(|v| !v.is_empty());
+    let dumb = term.is_some_and(|t| t == "dumb");
+    terminal && !opted_out && !dumb
+}
+
+/// The admin address `status` asks, by precedence: `--admin`, then `listen_override`
+/// (`CHUTES_PROXY_ADMIN_LISTEN` or `--admin-listen`), then `server.admin_listen` in the config
+/// file (`config`: its path and whether it was named explicitly; an unnamed default file
+/// that does not exist is skipped, as the proxy skips it), then the default.
+///
+/// Only `server.admin_listen` is read from the file, not the whole config validated: a
+/// health check must not fail because, say, the API key is not in its environment. A listener
+/// on the unspecified address (`0.0.0.0`, `[::]`) is asked on loopback.
+pub fn admin_address(
+    flag: Option<&str>,
+    listen_override: Option<&str>,
+    config: Option<(&std::path::Path, bool)>,
+) -> Result<String, String> {
+    if let Some(a) = flag {
+        return Ok(a.to_string());
+    }
+    let (listen, from) = if let Some(a) = listen_override {
+        (a.to_string(), "CHUTES_PROXY_ADMIN_LISTEN".to_string())
+    } else if let Some(a) = config.map(file_admin_listen).transpose()?.flatten() {
+        a
+    } else {
+        return Ok(crate::config::DEFAULT_ADMIN_LISTEN.to_string());
+    };
+    if listen.trim().is_empty() {
+        return Err(format!(
+            "the admin listener is disabled ({from} is \"\"); pass --admin URL"
+        ));
+    }
+    Ok(match listen.trim().parse::<std::net::SocketAddr>() {
+        Ok(mut a) if a.ip().is_unspecified() => {
+            a.set_ip(match a.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+            a.to_string()
+        }
+        _ => listen,
+    })
+}
+
+/// `server.admin_listen` of the config file at `path`, with where it came from; `None` if the
+/// file does not set it (or is an unnamed default that does not exist).
+fn file_admin_listen(
+    (path, explicit): (&std::path::Path, bool),
+) -> Result<Option<(String, String)>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
+    };
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        format!(
+            "config file {} is not valid TOML: {}",
+            path.display(),
+            e.message()
+        )
+    })?;
+    match table.get("server").and_then(|s| s.get("admin_listen")) {
+        None => Ok(None),
+        Some(toml::Value::String(a)) => Ok(Some((
+            a.clone(),
+            format!("server.admin_listen in {}", path.display()),
+        ))),
+        Some(_) => Err(format!(
+            "server.admin_listen in {} is not a string",
+            path.display()
+        )),
+    }
 }
 
 /// `--admin` as given (`http://host:port`, `host:port`, with or without a trailing `/status`)
@@ -868,6 +957,53 @@ mod tests {
             let got = status_url(input).map(|u| u.to_string()).ok();
             assert_eq!(got.as_deref(), *want, "{input:?}");
         }
+    }
+
+    /// Issue 18, item 9: `status --config FILE` ignored the file's admin_listen, and the
+    /// environment variable was ignored too.
+    #[test]
+    fn the_admin_address_follows_flag_then_env_then_file_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nadmin_listen = \"127.0.0.1:19191\"\n").unwrap();
+        let cfg = Some((file.as_path(), true));
+        let got = |flag, env, cfg| admin_address(flag, env, cfg);
+        assert_eq!(
+            got(Some("http://h:1"), Some("127.0.0.1:2"), cfg).unwrap(),
+            "http://h:1"
+        );
+        assert_eq!(got(None, Some("127.0.0.1:2"), cfg).unwrap(), "127.0.0.1:2");
+        assert_eq!(got(None, None, cfg).unwrap(), "127.0.0.1:19191");
+        assert_eq!(got(None, None, None).unwrap(), "127.0.0.1:9090");
+        // A container's 0.0.0.0 is asked on loopback.
+        assert_eq!(
+            got(None, Some("0.0.0.0:9091"), None).unwrap(),
+            "127.0.0.1:9091"
+        );
+        assert_eq!(got(None, Some("[::]:9091"), None).unwrap(), "[::1]:9091");
+        // A file without the key, and an unnamed default file that is absent: the default.
+        std::fs::write(&file, "[limits]\nburst = 2\n").unwrap();
+        assert_eq!(got(None, None, cfg).unwrap(), "127.0.0.1:9090");
+        let absent = dir.path().join("absent.toml");
+        assert_eq!(
+            got(None, None, Some((absent.as_path(), false))).unwrap(),
+            "127.0.0.1:9090"
+        );
+        assert!(got(None, None, Some((absent.as_path(), true))).is_err());
+        std::fs::write(&file, "[server]\nadmin_listen = \"\"\n").unwrap();
+        let e = got(None, None, cfg).unwrap_err();
+        assert!(e.contains("disabled"), "{e}");
+    }
+
+    #[test]
+    fn no_colour_for_dumb_terminals_or_no_color() {
+        use std::ffi::OsStr;
+        assert!(color_wanted(true, None, Some(OsStr::new("xterm-256color"))));
+        assert!(!color_wanted(false, None, None));
+        assert!(!color_wanted(true, None, Some(OsStr::new("dumb"))));
+        assert!(!color_wanted(true, Some(OsStr::new("1")), None));
+        // NO_COLOR set but empty does not opt out (no-color.org).
+        assert!(color_wanted(true, Some(OsStr::new("")), None));
     }
 
     #[test]

@@ -378,10 +378,10 @@ impl Inner {
             None => (0, false, None),
         };
         if self.day.durable != u64::MAX {
-            // Reserve the next block while half of this one is still left, so the write is
-            // normally done before anyone has to wait for it.
+            // Ask for the next block as soon as any of this one is used, so the write is
+            // normally done before anyone has to wait for it (a small cap has blocks of 1-3).
             let block = self.s.reserve_block();
-            if self.day.used.saturating_add(block / 2) >= self.day.durable {
+            if self.day.used.saturating_add(block) > self.day.durable {
                 self.reserve(shared);
             }
         } else if shared.persist.is_some() {

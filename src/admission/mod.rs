@@ -954,6 +954,12 @@ impl Admission {
         shared.wake.notify_one();
     }
 
+    /// Whether a reservation of daily requests is waiting to be written: the state writer
+    /// writes those at once instead of coalescing them, since a grant may be waiting on it.
+    pub fn reservation_pending(&self) -> bool {
+        self.shared.lock().day.pending.is_some()
+    }
+
     /// A rejection carrying the current limits (for responses built outside admission).
     pub fn rejection(&self, reason: Reason) -> Rejection {
         let shared = &self.shared;

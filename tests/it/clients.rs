@@ -116,9 +116,16 @@ async fn require_token_refuses_unknown_callers() {
     let mock = MockUpstream::start().await;
     let proxy = Start::new(
         &mock.url(),
-        &CLIENTS.replace("require_token = false", "require_token = true"),
+        // Every client needs a token under require_token (the config refuses one without).
+        &CLIENTS
+            .replace("require_token = false", "require_token = true")
+            .replace(
+                "name = \"batch\"\n",
+                "name = \"batch\"\ntoken_env = \"BATCH_TOKEN\"\n",
+            ),
     )
     .env("CHATBOT_TOKEN", "tok-chatbot-123")
+    .env("BATCH_TOKEN", "tok-batch-456")
     .start()
     .await;
     let c = client();

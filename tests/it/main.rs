@@ -12,6 +12,7 @@ mod dashboard;
 mod fleet;
 mod hostile;
 mod observability;
+mod operator;
 mod signals;
 mod smoke;
 mod speak;

@@ -317,7 +317,7 @@ impl State {
         *n += 1;
         if behaviour
             .and_then(|b| b.capacity_every)
-            .is_some_and(|k| *n % u64::from(k) == 0)
+            .is_some_and(|k| (*n).is_multiple_of(u64::from(k)))
         {
             self.stats.capacity_429 += 1;
             return with_headers(json(429, CAPACITY_BODY));
