@@ -1,6 +1,9 @@
 //! The fleet backend: several chutes-proxy replicas spending one account through one Redis.
 //!
-//! What lives in Redis (all keys under `shared_state.key_prefix`):
+//! What lives in Redis (every key named `{<key_prefix>}<name>` by [`Fleet::key`], the one place
+//! that builds key names; the braces are a Redis Cluster hash tag, so every key and the
+//! events channel of one account hash to one slot and the multi-key scripts run on Redis
+//! Cluster and Valkey as well as on a single server):
 //! - `tat`: the GCRA theoretical arrival time (µs, Redis clock) of the account bucket;
 //! - `day:<index>`: requests granted in that quota day;
 //! - `cooldown`: until when (µs) the account is paused after an upstream 429, with `level`;
@@ -10,7 +13,9 @@
 //! The bucket, the daily count, both gates and the probe are taken in one Lua script using
 //! Redis `TIME`, so replicas' clocks do not matter and a refused request consumes nothing.
 //! Timestamps stay integers formatted with `%d` (Lua's `tostring` would print 1.79e+15).
-//! Changes to the gates are also published on `<prefix>events`, so every replica closes its
+//! Each script declares its account's `tat` key in `KEYS` (so a cluster-aware client or proxy
+//! routes it to the slot's node) and builds the other names from the tagged base in `ARGV[1]`.
+//! Changes to the gates are also published on `{<prefix>}events`, so every replica closes its
 //! own gate (and sheds its own waiters) at once instead of finding out on its next attempt;
 //! the script is what guarantees correctness, pub/sub only makes it prompt.
 //!
@@ -188,6 +193,20 @@ end
 return 1
 "#;
 
+/// `{<key_prefix>}`: the hash tag that puts every key of one account in one Redis Cluster
+/// slot. Cluster hashes what lies between the first `{` and the next `}`; a prefix with a `}`
+/// of its own would end the tag early (still one slot per account, but a prefix starting with
+/// `}` would make an empty tag, which Cluster ignores), so such a prefix is refused.
+pub fn key_base(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() || prefix.contains('}') {
+        return Err(format!(
+            "shared_state.key_prefix {prefix:?}: must be non-empty and contain no '}}' \
+             (it becomes the Redis Cluster hash tag {{<prefix>}})"
+        ));
+    }
+    Ok(format!("{{{prefix}}}"))
+}
+
 /// A change another replica announced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -219,6 +238,8 @@ pub fn parse_event(msg: &str) -> Option<Event> {
 
 pub struct Fleet {
     pub settings: FleetSettings,
+    /// `{<key_prefix>}`: what every key and the channel of this account start with.
+    base: String,
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     take: Script,
@@ -236,8 +257,10 @@ impl Fleet {
     pub fn new(settings: FleetSettings) -> Result<Fleet, String> {
         let client = redis::Client::open(settings.redis_url.as_str())
             .map_err(|e| format!("shared_state.redis_url: {e}"))?;
+        let base = key_base(&settings.key_prefix)?;
         Ok(Fleet {
             settings,
+            base,
             client,
             conn: tokio::sync::Mutex::new(None),
             take: Script::new(TAKE),
@@ -260,8 +283,15 @@ impl Fleet {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
-    fn key(&self, k: &str) -> String {
-        format!("{}{k}", self.settings.key_prefix)
+    /// The name of one of this account's keys (or its channel). The Lua scripts build the
+    /// same names from `ARGV[1]`, which is always [`Fleet::base`].
+    pub fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.base)
+    }
+
+    /// `{<key_prefix>}`, the hash-tagged start of every name of this account.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn connection(&self) -> Result<ConnectionManager, String> {
@@ -328,12 +358,13 @@ impl Fleet {
         let t_us = spacing.as_micros().max(1) as u64;
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let (code, a, b): (i64, String, String) = self
             .call(|mut c| {
                 let script = self.take.clone();
                 async move {
                     script
+                        .key(route)
                         .arg(prefix)
                         .arg(t_us)
                         .arg(tau_us)
@@ -365,12 +396,13 @@ impl Fleet {
     }
 
     pub async fn refund(&self, spacing: Duration, day_reset_offset: u32) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let t_us = spacing.as_micros().max(1) as u64;
         self.call(|mut c| {
             let s = self.refund.clone();
             async move {
-                s.arg(prefix)
+                s.key(route)
+                    .arg(prefix)
                     .arg(t_us)
                     .arg(day_reset_offset)
                     .invoke_async::<i64>(&mut c)
@@ -388,14 +420,15 @@ impl Fleet {
         level: u32,
         decay: Duration,
     ) -> Result<f64, String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let ms = duration.as_millis().max(1) as u64;
         let decay_ms = decay.as_millis() as u64;
         let until: String = self
             .call(|mut c| {
                 let s = self.cooldown.clone();
                 async move {
-                    s.arg(prefix)
+                    s.key(route)
+                        .arg(prefix)
                         .arg(ms)
                         .arg(level)
                         .arg(decay_ms)
@@ -408,11 +441,17 @@ impl Fleet {
     }
 
     pub async fn close_daily_gate(&self, until_unix: f64) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let us = (until_unix * 1e6) as i64;
         self.call(|mut c| {
             let s = self.gate.clone();
-            async move { s.arg(prefix).arg(us).invoke_async::<i64>(&mut c).await }
+            async move {
+                s.key(route)
+                    .arg(prefix)
+                    .arg(us)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
         })
         .await
         .map(|_| ())
@@ -420,11 +459,12 @@ impl Fleet {
 
     /// The probe answered (`ok`: the gate reopens for the fleet) or went away (another may probe).
     pub async fn probe_done(&self, ok: bool) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         self.call(|mut c| {
             let s = self.probe_done.clone();
             async move {
-                s.arg(prefix)
+                s.key(route)
+                    .arg(prefix)
                     .arg(if ok { "1" } else { "0" })
                     .invoke_async::<i64>(&mut c)
                     .await

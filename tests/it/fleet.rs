@@ -249,3 +249,71 @@ async fn a_dead_replica_loses_no_daily_count() {
     assert_eq!(mock.count(), 5);
     b.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_fleet_runs_on_a_redis_cluster_with_every_key_in_one_slot() {
+    if !redis_available("the_fleet_runs_on_a_redis_cluster_with_every_key_in_one_slot") {
+        return;
+    }
+    // A one-node cluster refuses a script that touches keys of two slots (CROSSSLOT, or
+    // "Script attempted to access keys that do not hash to the same slot"), as a real one does.
+    let redis = RedisServer::start_cluster();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "acct:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 3\n",
+    );
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    // The take script (bucket, day count, gates, probe) and the status read (MGET).
+    for p in [&a, &b, &a] {
+        let got = get(&c, &p.url("/v1/x")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    let got = send(&c, no_wait(&b.url("/v1/x"))).await;
+    assert_eq!(got.status, 429, "{}", got.text());
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "daily_quota_exhausted"
+    );
+    let status = get(&c, &a.admin_url("/status")).await.json();
+    assert_eq!(status["fleet"]["reachable"], true, "{status}");
+    assert_eq!(status["fleet"]["used_today"], 3, "{status}");
+    assert_eq!(mock.count(), 3);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+
+    // The cooldown script and its announcement, with a fresh account on the same cluster.
+    mock.push(Reply::status(429).header("retry-after", "120"));
+    let cfg = fleet_cfg(
+        &redis,
+        "acct2:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n",
+    );
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    assert_eq!(get(&c, &a.url("/v1/x")).await.status, 429);
+    let got = send(&c, no_wait(&b.url("/v1/x"))).await;
+    assert_eq!(got.json()["error"]["proxy"]["reason"], "upstream_cooldown");
+    assert_eq!(mock.count(), 4);
+
+    // Every key of one account sits in one slot, named by the hash tag.
+    let keys: Vec<String> = redis.query(::redis::cmd("KEYS").arg("*"));
+    assert!(!keys.is_empty());
+    for (tag, prefix) in [("{acct:}", "acct:"), ("{acct2:}", "acct2:")] {
+        let mine: Vec<&String> = keys.iter().filter(|k| k.contains(prefix)).collect();
+        assert!(mine.len() >= 2, "{keys:?}");
+        let slots: std::collections::BTreeSet<i64> = mine
+            .iter()
+            .map(|k| {
+                assert!(k.starts_with(tag), "{k} is not under {tag}");
+                redis.query(::redis::cmd("CLUSTER").arg("KEYSLOT").arg(k.as_str()))
+            })
+            .collect();
+        assert_eq!(slots.len(), 1, "{mine:?} span slots {slots:?}");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
