@@ -62,11 +62,16 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
     let now_unix = shared.wall.now_unix();
     let mut g = shared.lock();
     match result {
-        Ok(Take::Granted { probe, .. }) => {
+        Ok(Take::Granted { probe, day, .. }) => {
             if probe {
                 g.cooldown.probe = Probe::Ready;
             }
-            if !g.grant_head(shared, out, now) {
+            if g.grant_head(shared, out, now) {
+                // `serve` pushed the grant last: it carries what Redis counted, for a give-back.
+                if let Some((_, Ok(permit))) = out.last_mut() {
+                    permit.fleet = Some(fleet::Ticket { day });
+                }
+            } else {
                 // Everyone left while Redis answered: give the token and the count back.
                 if probe {
                     g.cooldown.probe = Probe::Open;
@@ -75,7 +80,7 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
                     });
                 }
                 spawn_fleet(shared, "refund", move |f| async move {
-                    f.refund(spacing, offset).await
+                    f.refund(spacing, day).await
                 });
             }
         }

@@ -64,6 +64,8 @@ pub enum Take {
     Granted {
         probe: bool,
         used_today: u64,
+        /// The quota day (Redis's clock) that counted this grant: a give-back goes there.
+        day: i64,
     },
     /// The bucket is empty: the next token is this far away.
     Wait(Duration),
@@ -76,6 +78,14 @@ pub enum Take {
     },
     /// Another replica's probe is out.
     ProbeBusy,
+}
+
+/// What Redis counted for one grant, kept in the permit so that a give-back undoes exactly
+/// that, and nothing for a grant Redis never counted (the local fallback's).
+#[derive(Debug)]
+pub struct Ticket {
+    /// The quota day (Redis's clock) whose count this grant raised.
+    pub day: i64,
 }
 
 /// Fleet-wide figures for `/status`.
@@ -130,17 +140,17 @@ local next = tat + T
 redis.call('SET', p .. 'tat', string.format('%d', next), 'PX', math.floor((next - now) / 1000) + 1000)
 used = redis.call('INCR', dkey)
 redis.call('EXPIRE', dkey, 2 * 86400 + 3600)
-return {0, string.format('%d', used), string.format('%d', probe)}
+return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day)}
 "#;
 
-/// Give back a token and a daily count taken for a waiter that left in the meantime.
+/// Give back a token and a daily count taken for a request that was never sent. The count
+/// goes back to the day that took it (`ARGV[3]`, as the take returned it), not to the day
+/// it is now: a permit that outlived midnight must not lower the new day. Never below 0,
+/// and a missing key (Redis restarted since) stays missing rather than becoming -1.
 const REFUND: &str = r#"
 local p = ARGV[1]
 local T = tonumber(ARGV[2])
-local offset = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local day = math.floor((tonumber(t[1]) - offset) / 86400)
-local dkey = p .. 'day:' .. string.format('%d', day)
+local dkey = p .. 'day:' .. ARGV[3]
 if tonumber(redis.call('GET', dkey) or '0') > 0 then redis.call('DECR', dkey) end
 local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
 if tat > 0 then redis.call('SET', p .. 'tat', string.format('%d', tat - T), 'KEEPTTL') end
@@ -359,7 +369,8 @@ impl Fleet {
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
         let (route, prefix) = (self.key("tat"), self.base.clone());
-        let (code, a, b): (i64, String, String) = self
+        // Replies differ in length by code (a grant carries more), hence a list, not a tuple.
+        let reply: Vec<String> = self
             .call(|mut c| {
                 let script = self.take.clone();
                 async move {
@@ -377,25 +388,29 @@ impl Fleet {
             })
             .await?;
         let num = |s: &str| s.parse::<i64>().unwrap_or(0);
+        let field = |i: usize| reply.get(i).map_or("0", String::as_str);
+        let (code, a, b) = (num(field(0)), field(1), field(2));
         Ok(match code {
             0 => Take::Granted {
-                used_today: num(&a).max(0) as u64,
+                used_today: num(a).max(0) as u64,
                 probe: b == "1",
+                day: num(field(3)),
             },
-            1 => Take::Wait(Duration::from_micros(num(&a).max(0) as u64)),
+            1 => Take::Wait(Duration::from_micros(num(a).max(0) as u64)),
             2 => Take::Cooldown {
-                until_unix: num(&a) as f64 / 1e6,
+                until_unix: num(a) as f64 / 1e6,
                 level: b.parse().unwrap_or(1),
             },
             3 | 4 => Take::DailyClosed {
-                until_unix: num(&a) as f64 / 1e6,
+                until_unix: num(a) as f64 / 1e6,
             },
             5 => Take::ProbeBusy,
             other => return Err(format!("unexpected reply {other} from the take script")),
         })
     }
 
-    pub async fn refund(&self, spacing: Duration, day_reset_offset: u32) -> Result<(), String> {
+    /// Give back what a grant took (see `REFUND`); `day` is the one its take returned.
+    pub async fn refund(&self, spacing: Duration, day: i64) -> Result<(), String> {
         let (route, prefix) = (self.key("tat"), self.base.clone());
         let t_us = spacing.as_micros().max(1) as u64;
         self.call(|mut c| {
@@ -404,7 +419,7 @@ impl Fleet {
                 s.key(route)
                     .arg(prefix)
                     .arg(t_us)
-                    .arg(day_reset_offset)
+                    .arg(day)
                     .invoke_async::<i64>(&mut c)
                     .await
             }

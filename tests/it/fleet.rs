@@ -317,3 +317,136 @@ async fn the_fleet_runs_on_a_redis_cluster_with_every_key_in_one_slot() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// A fleet budget built through the admission API, for tests that must hold a permit
+/// without sending its request (no HTTP path grants a permit and then never sends it
+/// deterministically).
+fn fleet_admission(
+    redis: &RedisServer,
+    prefix: &str,
+    extra: &str,
+    wall: chutes_proxy::clock::WallClock,
+) -> (
+    chutes_proxy::admission::Admission,
+    std::sync::Arc<chutes_proxy::admission::fleet::Fleet>,
+) {
+    use chutes_proxy::admission::{fleet, Admission, Settings};
+    let config = Start::new("http://127.0.0.1:9", &fleet_cfg(redis, prefix, extra)).config();
+    let f = std::sync::Arc::new(
+        fleet::Fleet::new(fleet::FleetSettings {
+            redis_url: redis.url(),
+            key_prefix: prefix.to_string(),
+            on_error: fleet::OnError::FailClosed,
+            local_fallback_share: 0.5,
+            probe_ttl: Duration::from_secs(10),
+        })
+        .unwrap(),
+    );
+    let a = Admission::with_fleet(
+        Settings::from_config(&config),
+        wall,
+        Default::default(),
+        None,
+        Some(f.clone()),
+    );
+    (a, f)
+}
+
+/// This account's day counts in Redis, by day index.
+fn day_counts(redis: &RedisServer, prefix: &str) -> std::collections::BTreeMap<i64, i64> {
+    let tag = format!("{{{prefix}}}day:");
+    let keys: Vec<String> = redis.query(::redis::cmd("KEYS").arg(format!("{tag}*")));
+    keys.iter()
+        .map(|k| {
+            let v: i64 = redis.query(::redis::cmd("GET").arg(k.as_str()));
+            (k[tag.len()..].parse().unwrap(), v)
+        })
+        .collect()
+}
+
+/// Poll (bounded) until `cond` holds on this account's day counts.
+async fn until_counts(
+    redis: &RedisServer,
+    prefix: &str,
+    what: &str,
+    cond: impl Fn(&std::collections::BTreeMap<i64, i64>) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts = day_counts(redis, prefix);
+        if cond(&counts) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: Redis holds {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_counted_it() {
+    if !redis_available("a_permit_never_sent_gives_its_count_back_in_redis") {
+        return;
+    }
+    use chutes_proxy::clock::WallClock;
+    let redis = RedisServer::start();
+    let limits = "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 100\n";
+
+    // Granted and dropped unsent on the same day: Redis's count goes back to 0.
+    let (a, _f) = fleet_admission(&redis, "refund:", limits, WallClock::System);
+    let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    let sent = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    until_counts(&redis, "refund:", "two takes", |c| {
+        c.values().sum::<i64>() == 2
+    })
+    .await;
+    drop(p);
+    until_counts(&redis, "refund:", "one refund", |c| {
+        c.values().sum::<i64>() == 1
+    })
+    .await;
+    let mut sent = sent;
+    sent.mark_sent();
+    drop(sent);
+    drop(a);
+
+    // This replica's own day ends (its wall clock is pinned 1 s before a midnight) while it
+    // holds a permit; Redis's day, which counted it, has not. The give-back must still go to
+    // the day Redis counted, not be skipped or sent to another day.
+    let midnight = chutes_proxy::units::day_end(20_000, 0) as f64;
+    let wall = WallClock::pinned(midnight - 1.0);
+    let (a, f) = fleet_admission(&redis, "midnight:", limits, wall);
+    let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    until_counts(&redis, "midnight:", "the take", |c| {
+        c.values().sum::<i64>() == 1
+    })
+    .await;
+    let counted_day = *day_counts(&redis, "midnight:").keys().next().unwrap();
+    // Poll (bounded) until this replica's clock has passed its midnight.
+    within("the pinned clock passing midnight", async {
+        while wall.now_unix() <= midnight + 0.1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let _ = a.snapshot(); // rolls this replica's day
+    assert_ne!(a.day_index(), 20_000);
+    drop(p);
+    until_counts(&redis, "midnight:", "the refund", |c| {
+        c.get(&counted_day) == Some(&0) && c.len() == 1
+    })
+    .await;
+
+    // The Lua refund never takes a count below 0, nor creates a missing day.
+    f.refund(Duration::from_millis(10), counted_day)
+        .await
+        .unwrap();
+    f.refund(Duration::from_millis(10), counted_day - 1)
+        .await
+        .unwrap();
+    let counts = day_counts(&redis, "midnight:");
+    assert_eq!(counts.get(&counted_day), Some(&0), "{counts:?}");
+    assert_eq!(counts.len(), 1, "{counts:?}");
+}
