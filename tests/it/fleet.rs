@@ -450,3 +450,61 @@ async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_count
     assert_eq!(counts.get(&counted_day), Some(&0), "{counts:?}");
     assert_eq!(counts.len(), 1, "{counts:?}");
 }
+
+#[tokio::test]
+async fn with_redis_frozen_the_local_fallback_serves_without_a_redis_timeout_per_request() {
+    if !redis_available("with_redis_frozen_the_local_fallback_serves") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "frozen:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\n",
+    ) + "on_redis_error = \"local\"\nlocal_fallback_share = 0.5\n";
+    let p = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
+    // Frozen, not killed: a refused connection fails at once, a silent one costs the whole
+    // CALL_TIMEOUT, which is what each request used to pay.
+    redis.freeze();
+    const N: u32 = 20;
+    let call_timeout = chutes_proxy::admission::fleet::CALL_TIMEOUT;
+    let trips = |s: &serde_json::Value| s["fleet"]["redis_round_trips"].as_u64().unwrap();
+    let before = trips(&get(&c, &p.admin_url("/status")).await.json());
+    let started = std::time::Instant::now();
+    for _ in 0..N {
+        let got = get(&c, &p.url("/v1/x")).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+    }
+    let elapsed = started.elapsed();
+    let after = trips(&get(&c, &p.admin_url("/status")).await.json());
+    assert_eq!(mock.count(), 1 + N as usize);
+    // By count: the first request finds Redis gone (one call), the background check asks
+    // about once a second, and each /status read asks once; nowhere near one per request.
+    let asked = after - before - 1;
+    assert!(
+        asked < u64::from(N) / 2,
+        "{asked} Redis calls for {N} requests"
+    );
+    // By time, with a generous bound: paying the timeout per request takes N × 500 ms.
+    assert!(
+        elapsed < call_timeout * N / 2,
+        "{N} requests took {elapsed:?} with Redis frozen"
+    );
+    // Redis back: the background check notices without any request paying for it.
+    redis.thaw();
+    within("the proxy noticing Redis is back", async {
+        loop {
+            let s = get(&c, &p.admin_url("/status")).await.json();
+            if s["fleet"]["healthy"] == true {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
+    p.stop().await.unwrap();
+}

@@ -131,6 +131,29 @@ impl RedisServer {
         }
     }
 
+    /// Freeze the server (SIGSTOP): connections stay open and new ones are accepted by the
+    /// kernel, but nothing answers, like a Redis behind a network partition. Every call then
+    /// waits for its timeout, unlike a killed server whose refusals come back at once.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undo [`RedisServer::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     /// Start again on the same port (its data is gone: `--save ""`).
     pub fn restart(&mut self) {
         self.kill();
