@@ -65,9 +65,16 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
     let Some(f) = shared.fleet.clone() else {
         return;
     };
-    let (spacing, burst, cap, offset) = {
+    let (spacing, burst, cap, offset, conc) = {
         let g = shared.lock();
-        (g.spacing(), g.s.burst, g.daily_cap(), g.s.day_reset_offset)
+        let s = &g.s;
+        (
+            g.spacing(),
+            s.burst,
+            g.daily_cap(),
+            s.day_reset_offset,
+            s.max_concurrent,
+        )
     };
     // With the local fallback and Redis known to be down, grant from the fallback without
     // asking: a frozen or partitioned Redis would make every attempt wait `CALL_TIMEOUT`.
@@ -75,22 +82,27 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
     let result = if !f.is_healthy() && f.settings.on_error == OnError::Local {
         Err(f.last_error().unwrap_or_else(|| "Redis unreachable".into()))
     } else {
-        f.take(spacing, burst, cap, offset).await
+        f.take(spacing, burst, cap, offset, conc).await
     };
     let now = Instant::now();
     let now_unix = shared.wall.now_unix();
     let mut g = shared.lock();
     match result {
-        Ok(Take::Granted { probe, day, .. }) => {
+        Ok(Take::Granted {
+            probe, day, lease, ..
+        }) => {
+            let lease = lease.map(|id| f.hold_lease(id));
             if probe {
                 g.cooldown.probe = Probe::Ready;
             }
             if g.grant_head(shared, out, now) {
                 // `serve` pushed the grant last: it carries what Redis counted, for a give-back.
                 if let Some((_, Ok(permit))) = out.last_mut() {
-                    permit.fleet = Some(fleet::Ticket { day });
+                    permit.fleet = Some(fleet::Ticket { day, lease });
                 }
             } else {
+                // Dropping the lease releases the slot it took.
+                drop(lease);
                 // Everyone left while Redis answered: give the token and the count back.
                 if probe {
                     g.cooldown.probe = Probe::Open;
@@ -104,7 +116,11 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
             }
         }
         Ok(Take::Wait(d)) => g.remote_not_before = Some(now + d),
-        Ok(Take::ProbeBusy) => g.remote_not_before = Some(now + fleet::PROBE_POLL),
+        // A released lease or probe is announced, which ends the wait early; the poll
+        // covers an announcement lost with a pub/sub connection.
+        Ok(Take::ProbeBusy | Take::ConcurrencyBusy) => {
+            g.remote_not_before = Some(now + fleet::PROBE_POLL)
+        }
         Ok(Take::Cooldown { until_unix, level }) => {
             g.apply_fleet_cooldown(shared, until_unix, level)
         }
@@ -178,7 +194,9 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                         g.day.gate_until_unix =
                             Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
                     }
-                    fleet::Event::Open | fleet::Event::ProbeReleased => {
+                    fleet::Event::Open
+                    | fleet::Event::ProbeReleased
+                    | fleet::Event::LeaseReleased => {
                         g.remote_not_before = None;
                     }
                 }

@@ -8,7 +8,12 @@
 //! - `day:<index>`: requests granted in that quota day;
 //! - `cooldown`: until when (µs) the account is paused after an upstream 429, with `level`;
 //! - `gate`: until when (µs) an upstream 402 quota message closed the daily gate;
-//! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder.
+//! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder;
+//! - `leases` (with `shared_state.global_concurrency`): a sorted set of the requests in flight
+//!   fleet-wide, member = lease id (from `lease_seq`), score = expiry (µs, Redis clock). The
+//!   take prunes expired leases and grants only below `limits.max_concurrent`; the holder
+//!   renews its lease every third of `lease_ttl` while in flight and removes it when its
+//!   permit drops, so a replica that dies leaves leases that expire by themselves.
 //!
 //! The bucket, the daily count, both gates and the probe are taken in one Lua script using
 //! Redis `TIME`, so replicas' clocks do not matter and a refused request consumes nothing.
@@ -56,6 +61,12 @@ pub struct FleetSettings {
     /// How long the fleet-wide probe may stay out before another replica may probe
     /// (the holder may have died): the upstream's first-byte timeout plus a margin.
     pub probe_ttl: Duration,
+    /// `shared_state.global_concurrency`: `limits.max_concurrent` counts the whole fleet.
+    pub global_concurrency: bool,
+    /// How long a lease lives without renewal: what a dead replica's request holds its slot
+    /// for. The upstream's first-byte timeout plus a margin, so that a Redis hiccup that
+    /// delays renewals does not free the slot of a request still waiting for its answer.
+    pub lease_ttl: Duration,
 }
 
 /// The answer to one admission attempt.
@@ -66,6 +77,8 @@ pub enum Take {
         used_today: u64,
         /// The quota day (Redis's clock) that counted this grant: a give-back goes there.
         day: i64,
+        /// With global concurrency: the lease taken for it, to renew and release.
+        lease: Option<String>,
     },
     /// The bucket is empty: the next token is this far away.
     Wait(Duration),
@@ -78,6 +91,8 @@ pub enum Take {
     },
     /// Another replica's probe is out.
     ProbeBusy,
+    /// Global concurrency: `max_concurrent` leases are out across the fleet.
+    ConcurrencyBusy,
 }
 
 /// What Redis counted for one grant, kept in the permit so that a give-back undoes exactly
@@ -86,6 +101,38 @@ pub enum Take {
 pub struct Ticket {
     /// The quota day (Redis's clock) whose count this grant raised.
     pub day: i64,
+    /// Global concurrency: the fleet-wide slot, released when the permit drops.
+    pub lease: Option<Lease>,
+}
+
+/// One fleet-wide concurrency slot, held by a permit. Dropping it stops the renewal and
+/// removes the lease from Redis (in the background: `Drop` cannot wait); if that fails, the
+/// lease expires after `lease_ttl`.
+pub struct Lease {
+    id: String,
+    fleet: Arc<Fleet>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (fleet, id) = (Arc::clone(&self.fleet), std::mem::take(&mut self.id));
+        handle.spawn(async move {
+            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
+                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
+            }
+        });
+    }
 }
 
 /// Fleet-wide figures for `/status`.
@@ -128,6 +175,13 @@ if tat < now then tat = now end
 if now < tat - tau then
   return {1, string.format('%d', tat - tau - now), '0'}
 end
+local conc = tonumber(ARGV[7])
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', p .. 'leases', '-inf', string.format('%d', now))
+  if redis.call('ZCARD', p .. 'leases') >= conc then
+    return {6, '0', '0'}
+  end
+end
 local probe = 0
 if redis.call('EXISTS', p .. 'probe_needed') == 1 then
   if redis.call('SET', p .. 'probe', '1', 'NX', 'PX', ARGV[6]) then
@@ -140,7 +194,12 @@ local next = tat + T
 redis.call('SET', p .. 'tat', string.format('%d', next), 'PX', math.floor((next - now) / 1000) + 1000)
 used = redis.call('INCR', dkey)
 redis.call('EXPIRE', dkey, 2 * 86400 + 3600)
-return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day)}
+local lease = ''
+if conc > 0 then
+  lease = string.format('%d', redis.call('INCR', p .. 'lease_seq'))
+  redis.call('ZADD', p .. 'leases', string.format('%d', now + tonumber(ARGV[8]) * 1000), lease)
+end
+return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day), lease}
 "#;
 
 /// Give back a token and a daily count taken for a request that was never sent. The count
@@ -154,6 +213,24 @@ local dkey = p .. 'day:' .. ARGV[3]
 if tonumber(redis.call('GET', dkey) or '0') > 0 then redis.call('DECR', dkey) end
 local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
 if tat > 0 then redis.call('SET', p .. 'tat', string.format('%d', tat - T), 'KEEPTTL') end
+return 1
+"#;
+
+/// Push a lease's expiry out by its TTL (re-adding it if Redis lost it: it is in flight).
+const RENEW: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', p .. 'leases', string.format('%d', now + tonumber(ARGV[3]) * 1000), ARGV[2])
+return 1
+"#;
+
+/// A permit ended: its slot is free for the fleet; waiting replicas hear it at once.
+const RELEASE: &str = r#"
+local p = ARGV[1]
+if redis.call('ZREM', p .. 'leases', ARGV[2]) == 1 then
+  redis.call('PUBLISH', p .. 'events', 'lease_released')
+end
 return 1
 "#;
 
@@ -220,10 +297,17 @@ pub fn key_base(prefix: &str) -> Result<String, String> {
 /// A change another replica announced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Cooldown { until_unix: f64, level: u32 },
-    Gate { until_unix: f64 },
+    Cooldown {
+        until_unix: f64,
+        level: u32,
+    },
+    Gate {
+        until_unix: f64,
+    },
     Open,
     ProbeReleased,
+    /// A fleet-wide concurrency slot was freed.
+    LeaseReleased,
 }
 
 pub fn parse_event(msg: &str) -> Option<Event> {
@@ -242,6 +326,7 @@ pub fn parse_event(msg: &str) -> Option<Event> {
         }),
         "open" => Some(Event::Open),
         "probe_released" => Some(Event::ProbeReleased),
+        "lease_released" => Some(Event::LeaseReleased),
         _ => None,
     }
 }
@@ -257,6 +342,8 @@ pub struct Fleet {
     cooldown: Script,
     gate: Script,
     probe_done: Script,
+    renew: Script,
+    release: Script,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// Redis round trips, for `/status` and the benchmarks.
@@ -278,6 +365,8 @@ impl Fleet {
             cooldown: Script::new(COOLDOWN),
             gate: Script::new(GATE),
             probe_done: Script::new(PROBE_DONE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
             // Optimistic until the first call says otherwise.
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
@@ -364,7 +453,14 @@ impl Fleet {
         burst: u32,
         daily_cap: Option<u64>,
         day_reset_offset: u32,
+        max_concurrent: usize,
     ) -> Result<Take, String> {
+        let conc = if self.settings.global_concurrency {
+            max_concurrent.max(1)
+        } else {
+            0
+        };
+        let lease_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
         let t_us = spacing.as_micros().max(1) as u64;
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
@@ -382,6 +478,8 @@ impl Fleet {
                         .arg(daily_cap.unwrap_or(0))
                         .arg(day_reset_offset)
                         .arg(probe_ms)
+                        .arg(conc)
+                        .arg(lease_ms)
                         .invoke_async(&mut c)
                         .await
                 }
@@ -395,6 +493,7 @@ impl Fleet {
                 used_today: num(a).max(0) as u64,
                 probe: b == "1",
                 day: num(field(3)),
+                lease: reply.get(4).filter(|l| !l.is_empty()).cloned(),
             },
             1 => Take::Wait(Duration::from_micros(num(a).max(0) as u64)),
             2 => Take::Cooldown {
@@ -405,6 +504,7 @@ impl Fleet {
                 until_unix: num(a) as f64 / 1e6,
             },
             5 => Take::ProbeBusy,
+            6 => Take::ConcurrencyBusy,
             other => return Err(format!("unexpected reply {other} from the take script")),
         })
     }
@@ -423,6 +523,44 @@ impl Fleet {
                     .invoke_async::<i64>(&mut c)
                     .await
             }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Hold the lease `id` the take returned: renewed in the background until the returned
+    /// [`Lease`] is dropped, then removed from Redis.
+    pub fn hold_lease(self: &Arc<Self>, id: String) -> Lease {
+        let fleet = Arc::clone(self);
+        let lease_id = id.clone();
+        let every = (self.settings.lease_ttl / 3).max(Duration::from_millis(100));
+        let renew = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = fleet.lease_call(&fleet.renew, &lease_id, true).await {
+                    tracing::debug!(error = %e, "could not renew a concurrency lease");
+                }
+            }
+        });
+        Lease {
+            id,
+            fleet: Arc::clone(self),
+            renew,
+        }
+    }
+
+    async fn lease_call(&self, script: &Script, id: &str, with_ttl: bool) -> Result<(), String> {
+        let (route, prefix) = (self.key("tat"), self.base.clone());
+        let ttl_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
+        let id = id.to_string();
+        self.call(|mut c| {
+            let mut inv = script.key(route);
+            inv.arg(prefix).arg(id);
+            if with_ttl {
+                inv.arg(ttl_ms);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
         })
         .await
         .map(|_| ())

@@ -326,22 +326,24 @@ fn fleet_admission(
     prefix: &str,
     extra: &str,
     wall: chutes_proxy::clock::WallClock,
+    tune: impl FnOnce(&mut chutes_proxy::admission::fleet::FleetSettings),
 ) -> (
     chutes_proxy::admission::Admission,
     std::sync::Arc<chutes_proxy::admission::fleet::Fleet>,
 ) {
     use chutes_proxy::admission::{fleet, Admission, Settings};
     let config = Start::new("http://127.0.0.1:9", &fleet_cfg(redis, prefix, extra)).config();
-    let f = std::sync::Arc::new(
-        fleet::Fleet::new(fleet::FleetSettings {
-            redis_url: redis.url(),
-            key_prefix: prefix.to_string(),
-            on_error: fleet::OnError::FailClosed,
-            local_fallback_share: 0.5,
-            probe_ttl: Duration::from_secs(10),
-        })
-        .unwrap(),
-    );
+    let mut settings = fleet::FleetSettings {
+        redis_url: redis.url(),
+        key_prefix: prefix.to_string(),
+        on_error: fleet::OnError::FailClosed,
+        local_fallback_share: 0.5,
+        probe_ttl: Duration::from_secs(10),
+        global_concurrency: false,
+        lease_ttl: Duration::from_secs(10),
+    };
+    tune(&mut settings);
+    let f = std::sync::Arc::new(fleet::Fleet::new(settings).unwrap());
     let a = Admission::with_fleet(
         Settings::from_config(&config),
         wall,
@@ -395,7 +397,7 @@ async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_count
     let limits = "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 100\n";
 
     // Granted and dropped unsent on the same day: Redis's count goes back to 0.
-    let (a, _f) = fleet_admission(&redis, "refund:", limits, WallClock::System);
+    let (a, _f) = fleet_admission(&redis, "refund:", limits, WallClock::System, |_| {});
     let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
     let sent = a.acquire(0, Duration::from_secs(5)).await.unwrap();
     until_counts(&redis, "refund:", "two takes", |c| {
@@ -417,7 +419,7 @@ async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_count
     // the day Redis counted, not be skipped or sent to another day.
     let midnight = chutes_proxy::units::day_end(20_000, 0) as f64;
     let wall = WallClock::pinned(midnight - 1.0);
-    let (a, f) = fleet_admission(&redis, "midnight:", limits, wall);
+    let (a, f) = fleet_admission(&redis, "midnight:", limits, wall, |_| {});
     let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
     until_counts(&redis, "midnight:", "the take", |c| {
         c.values().sum::<i64>() == 1
@@ -507,4 +509,137 @@ async fn with_redis_frozen_the_local_fallback_serves_without_a_redis_timeout_per
     .await;
     assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
     p.stop().await.unwrap();
+}
+
+/// Leases of this account in Redis (expired ones included until a take prunes them).
+fn leases(redis: &RedisServer, prefix: &str) -> usize {
+    redis.query(::redis::cmd("ZCARD").arg(format!("{{{prefix}}}leases")))
+}
+
+#[tokio::test]
+async fn global_concurrency_holds_max_concurrent_across_two_replicas() {
+    if !redis_available("global_concurrency_holds_max_concurrent_across_two_replicas") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    mock.set_default(Reply::json(200, "{\"ok\":true}").gated(gate.clone()));
+    let cfg = fleet_cfg(
+        &redis,
+        "conc:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nmax_concurrent = 2\n[queue]\nmax_wait = \"60s\"\n",
+    ) + "global_concurrency = true\n";
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    // Three requests on each replica: each replica alone would let two through.
+    let mut tasks = Vec::new();
+    for p in [&a, &b, &a, &b, &a, &b] {
+        let c = c.clone();
+        let url = p.url("/v1/x");
+        tasks.push(tokio::spawn(async move { get(&c, &url).await.status }));
+    }
+    mock.wait_for_requests(2).await;
+    // Negative check: while both are held nobody else may go. A bounded window is the only
+    // way to observe an absence (replicas retry every 250 ms, so 1.5 s is several tries).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        mock.count(),
+        2,
+        "more than max_concurrent in flight fleet-wide"
+    );
+    assert_eq!(leases(&redis, "conc:"), 2);
+    gate.open();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(mock.count(), 6);
+    // Every permit gave its lease back.
+    within("the leases being released", async {
+        while leases(&redis, "conc:") != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_replicas_lease_expires_and_frees_its_slot() {
+    if !redis_available("a_dead_replicas_lease_expires_and_frees_its_slot") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "dead:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nmax_concurrent = 1\n[queue]\nmax_wait = \"30s\"\n",
+    ) + "global_concurrency = true\n";
+    let p = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    // A replica that died with a request in flight left its lease, renewed for the last time
+    // just now: it holds the only slot for 2 more seconds (Redis clock), then expires.
+    let (secs, micros): (String, String) = redis.query(&mut ::redis::cmd("TIME"));
+    let now_us: i64 = secs.parse::<i64>().unwrap() * 1_000_000 + micros.parse::<i64>().unwrap();
+    let expires_us = now_us + 2_000_000;
+    let _: i64 = redis.query(
+        ::redis::cmd("ZADD")
+            .arg("{dead:}leases")
+            .arg(expires_us)
+            .arg("dead-replica-lease"),
+    );
+    let got = get(&c, &p.url("/v1/x")).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    // Served only once the stale lease had expired (a lower bound, safe on a slow machine).
+    let (secs, micros): (String, String) = redis.query(&mut ::redis::cmd("TIME"));
+    let after_us = secs.parse::<i64>().unwrap() * 1_000_000 + micros.parse::<i64>().unwrap();
+    assert!(
+        after_us >= expires_us,
+        "granted while the dead replica's lease was live"
+    );
+    assert_eq!(mock.count(), 1);
+    within("the lease being released", async {
+        while leases(&redis, "dead:") != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_held_longer_than_its_ttl_is_renewed_until_its_permit_drops() {
+    if !redis_available("a_lease_held_longer_than_its_ttl_is_renewed") {
+        return;
+    }
+    use chutes_proxy::clock::WallClock;
+    let redis = RedisServer::start();
+    let limits = "[limits]\nrequests_per_minute = 6000\nburst = 10\nmax_concurrent = 1\n";
+    let ttl = Duration::from_millis(600);
+    let (a, _f) = fleet_admission(&redis, "renew:", limits, WallClock::System, |s| {
+        s.global_concurrency = true;
+        s.lease_ttl = ttl;
+    });
+    let mut p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    p.mark_sent();
+    let score =
+        || -> Option<i64> { redis.query(::redis::cmd("ZSCORE").arg("{renew:}leases").arg("1")) };
+    let first = score().expect("the grant took lease 1");
+    // A long stream: its lease must be pushed out past the first expiry (polled, bounded).
+    within("the lease being renewed", async {
+        while score().is_none_or(|s| s <= first) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(p);
+    within("the lease being released", async {
+        while leases(&redis, "renew:") != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }
