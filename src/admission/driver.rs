@@ -196,7 +196,8 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                     }
                     fleet::Event::Open
                     | fleet::Event::ProbeReleased
-                    | fleet::Event::LeaseReleased => {
+                    | fleet::Event::LeaseReleased
+                    | fleet::Event::Used { .. } => {
                         g.remote_not_before = None;
                     }
                 }

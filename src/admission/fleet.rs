@@ -6,6 +6,9 @@
 //! Cluster and Valkey as well as on a single server):
 //! - `tat`: the GCRA theoretical arrival time (µs, Redis clock) of the account bucket;
 //! - `day:<index>`: requests granted in that quota day;
+//! - `gen`: when this Redis's data began (µs), written by the first script to find it missing:
+//!   a Redis that restarted empty has a new `gen`, which is how a replica knows to re-seed
+//!   the day's count from what it last saw (see "Re-seeding" below);
 //! - `cooldown`: until when (µs) the account is paused after an upstream 429, with `level`;
 //! - `gate`: until when (µs) an upstream 402 quota message closed the daily gate;
 //! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder;
@@ -23,6 +26,16 @@
 //! Changes to the gates are also published on `{<prefix>}events`, so every replica closes its
 //! own gate (and sheds its own waiters) at once instead of finding out on its next attempt;
 //! the script is what guarantees correctness, pub/sub only makes it prompt.
+//!
+//! Re-seeding: a Redis that restarts empty mid-day must not reset the day. Every grant
+//! publishes the fleet-wide count (`used <day> <n>`), so each replica knows the largest count
+//! it has seen ([`Fleet::saw`]). The take (and a reseed run on every pub/sub reconnect)
+//! passes that figure with the `gen` it was seen under; when `gen` differs, the script raises
+//! the day's count to at least that figure. Every live replica does this once per Redis
+//! restart, so the largest figure wins. What can be lost is only a grant whose announcement
+//! and reply were both still unsent when Redis died (its replica then never granted it).
+//! A replica started under the old key names (`<prefix>day:<index>`, before the hash tag)
+//! has its figure read once at the first take, so an upgrade carries the day's count over.
 //!
 //! Each replica keeps its own queue, deadlines and fairness (`admission/mod.rs`); it asks
 //! Redis once per admission attempt and, when told to wait, sleeps for exactly the wait Redis
@@ -105,6 +118,16 @@ pub struct Ticket {
     pub lease: Option<Lease>,
 }
 
+/// What a replica last saw of the fleet-wide day count, and under which Redis `gen`.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    gen: String,
+    day: i64,
+    used: u64,
+    /// `limits.day_reset_utc` as seconds, from the last take (the reseed needs it).
+    offset: u32,
+}
+
 /// One fleet-wide concurrency slot, held by a permit. Dropping it stops the renewal and
 /// removes the lease from Redis (in the background: `Drop` cannot wait); if that fails, the
 /// lease expires after `lease_ttl`.
@@ -147,7 +170,30 @@ pub struct FleetStatus {
     pub last_error: Option<String>,
 }
 
-const TAKE: &str = r#"
+/// Shared by `TAKE` and `RESEED`: find (or start) this Redis's `gen`; if the caller last saw
+/// the day's count under another `gen` (Redis restarted empty since), raise the count to at
+/// least what the caller saw. Returns the current `gen`.
+macro_rules! reseed_fn {
+    () => {
+        r#"
+local function reseed(p, now, dkey, day, seen_gen, seen_day, seen_used)
+  local gen = redis.call('GET', p .. 'gen')
+  if not gen then
+    gen = string.format('%d', now)
+    redis.call('SET', p .. 'gen', gen)
+  end
+  if seen_gen ~= gen and seen_day == day and seen_used > tonumber(redis.call('GET', dkey) or '0') then
+    redis.call('SET', dkey, string.format('%d', seen_used), 'EX', 2 * 86400 + 3600)
+  end
+  return gen
+end
+"#
+    };
+}
+
+const TAKE: &str = concat!(
+    reseed_fn!(),
+    r#"
 local p = ARGV[1]
 local T = tonumber(ARGV[2])
 local tau = tonumber(ARGV[3])
@@ -166,6 +212,7 @@ if gate > now then
 end
 local day = math.floor((secs - offset) / 86400)
 local dkey = p .. 'day:' .. string.format('%d', day)
+local gen = reseed(p, now, dkey, day, ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
 local used = tonumber(redis.call('GET', dkey) or '0')
 if cap > 0 and used >= cap then
   return {4, string.format('%d', ((day + 1) * 86400 + offset) * 1000000), '0'}
@@ -194,13 +241,30 @@ local next = tat + T
 redis.call('SET', p .. 'tat', string.format('%d', next), 'PX', math.floor((next - now) / 1000) + 1000)
 used = redis.call('INCR', dkey)
 redis.call('EXPIRE', dkey, 2 * 86400 + 3600)
+redis.call('PUBLISH', p .. 'events', 'used ' .. string.format('%d', day) .. ' ' .. string.format('%d', used))
 local lease = ''
 if conc > 0 then
   lease = string.format('%d', redis.call('INCR', p .. 'lease_seq'))
   redis.call('ZADD', p .. 'leases', string.format('%d', now + tonumber(ARGV[8]) * 1000), lease)
 end
-return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day), lease}
-"#;
+return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day), lease, gen}
+"#
+);
+
+/// The reseed alone, run when a replica (re)subscribes: after a Redis restart every live
+/// replica contributes its figure within a pub/sub reconnect, busy or not.
+const RESEED: &str = concat!(
+    reseed_fn!(),
+    r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local secs = tonumber(t[1])
+local now = secs * 1000000 + tonumber(t[2])
+local day = math.floor((secs - tonumber(ARGV[2])) / 86400)
+local dkey = p .. 'day:' .. string.format('%d', day)
+return reseed(p, now, dkey, day, ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+"#
+);
 
 /// Give back a token and a daily count taken for a request that was never sent. The count
 /// goes back to the day that took it (`ARGV[3]`, as the take returned it), not to the day
@@ -308,6 +372,11 @@ pub enum Event {
     ProbeReleased,
     /// A fleet-wide concurrency slot was freed.
     LeaseReleased,
+    /// A grant raised day `day`'s fleet-wide count to `used`.
+    Used {
+        day: i64,
+        used: u64,
+    },
 }
 
 pub fn parse_event(msg: &str) -> Option<Event> {
@@ -327,6 +396,10 @@ pub fn parse_event(msg: &str) -> Option<Event> {
         "open" => Some(Event::Open),
         "probe_released" => Some(Event::ProbeReleased),
         "lease_released" => Some(Event::LeaseReleased),
+        "used" => Some(Event::Used {
+            day: it.next()?.parse().ok()?,
+            used: it.next()?.parse().ok()?,
+        }),
         _ => None,
     }
 }
@@ -344,6 +417,11 @@ pub struct Fleet {
     probe_done: Script,
     renew: Script,
     release: Script,
+    reseed: Script,
+    /// The largest fleet-wide count this replica has seen, for re-seeding a Redis that lost it.
+    seen: Mutex<Seen>,
+    /// The figure under the old key names has been read (once, at the first take).
+    legacy_read: AtomicBool,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// Redis round trips, for `/status` and the benchmarks.
@@ -367,6 +445,9 @@ impl Fleet {
             probe_done: Script::new(PROBE_DONE),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
+            reseed: Script::new(RESEED),
+            seen: Mutex::new(Seen::default()),
+            legacy_read: AtomicBool::new(false),
             // Optimistic until the first call says otherwise.
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
@@ -461,6 +542,14 @@ impl Fleet {
             0
         };
         let lease_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
+        if !self.legacy_read.swap(true, Ordering::Relaxed) {
+            self.read_legacy_day(day_reset_offset).await;
+        }
+        let seen = {
+            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            g.offset = day_reset_offset;
+            g.clone()
+        };
         let t_us = spacing.as_micros().max(1) as u64;
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
@@ -480,6 +569,9 @@ impl Fleet {
                         .arg(probe_ms)
                         .arg(conc)
                         .arg(lease_ms)
+                        .arg(seen.gen)
+                        .arg(seen.day)
+                        .arg(seen.used)
                         .invoke_async(&mut c)
                         .await
                 }
@@ -488,6 +580,13 @@ impl Fleet {
         let num = |s: &str| s.parse::<i64>().unwrap_or(0);
         let field = |i: usize| reply.get(i).map_or("0", String::as_str);
         let (code, a, b) = (num(field(0)), field(1), field(2));
+        if code == 0 {
+            self.saw(
+                num(field(3)),
+                num(a).max(0) as u64,
+                reply.get(5).map(String::as_str),
+            );
+        }
         Ok(match code {
             0 => Take::Granted {
                 used_today: num(a).max(0) as u64,
@@ -507,6 +606,83 @@ impl Fleet {
             6 => Take::ConcurrencyBusy,
             other => return Err(format!("unexpected reply {other} from the take script")),
         })
+    }
+
+    /// Record a fleet-wide count seen for `day` (a take's reply or another replica's
+    /// announcement), and the `gen` it was seen under when known. Keeps the largest figure.
+    pub fn saw(&self, day: i64, used: u64, gen: Option<&str>) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if day > g.day {
+            g.day = day;
+            g.used = used;
+        } else if day == g.day {
+            g.used = g.used.max(used);
+        }
+        if let Some(gen) = gen {
+            if g.gen != gen {
+                g.gen = gen.to_string();
+            }
+        }
+    }
+
+    /// The largest fleet-wide count seen for `day` (0 if none).
+    pub fn seen_used(&self, day: i64) -> u64 {
+        let g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if g.day == day {
+            g.used
+        } else {
+            0
+        }
+    }
+
+    /// Contribute this replica's figure to a Redis that may have restarted empty (see the
+    /// module doc); a no-op when Redis's `gen` is the one the figure was seen under.
+    pub async fn reseed(&self) -> Result<(), String> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
+        let gen: String = self
+            .call(|mut c| {
+                let s = self.reseed.clone();
+                async move {
+                    s.key(route)
+                        .arg(prefix)
+                        .arg(seen.offset)
+                        .arg(seen.gen)
+                        .arg(seen.day)
+                        .arg(seen.used)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        self.saw(seen.day, seen.used, Some(&gen));
+        Ok(())
+    }
+
+    /// Before the hash tag, the day's count was `<prefix>day:<index>`. Read it once, so a
+    /// fleet restarted on this build keeps the day's count (it re-seeds like a replica that
+    /// saw it). On a multi-node cluster that key may live on another node: then it is skipped.
+    async fn read_legacy_day(&self, offset: u32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let day = crate::units::day_index(now, offset);
+        let key = format!("{}day:{day}", self.settings.key_prefix);
+        let got: Result<Option<u64>, String> = self
+            .call(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<u64>>(&mut c)
+                    .await
+            })
+            .await;
+        if let Ok(Some(n)) = got {
+            tracing::info!(
+                used = n,
+                "the day's count under the old key names carried over"
+            );
+            self.saw(day, n, None);
+        }
     }
 
     /// Give back what a grant took (see `REFUND`); `day` is the one its take returned.
@@ -688,6 +864,9 @@ impl Fleet {
             };
             match tokio::time::timeout(CALL_TIMEOUT * 2, sub).await {
                 Ok(Ok(ps)) => {
+                    if let Err(e) = self.reseed().await {
+                        tracing::debug!(error = %e, "could not re-seed the day's count");
+                    }
                     resync().await;
                     let mut stream = ps.into_on_message();
                     while let Some(msg) = stream.next().await {
@@ -695,8 +874,10 @@ impl Fleet {
                             return;
                         }
                         if let Ok(text) = msg.get_payload::<String>() {
-                            if let Some(ev) = parse_event(&text) {
-                                apply(ev);
+                            match parse_event(&text) {
+                                Some(Event::Used { day, used }) => self.saw(day, used, None),
+                                Some(ev) => apply(ev),
+                                None => {}
                             }
                         }
                     }
@@ -730,6 +911,14 @@ mod tests {
             })
         );
         assert_eq!(parse_event("open"), Some(Event::Open));
+        assert_eq!(
+            parse_event("used 20423 7"),
+            Some(Event::Used {
+                day: 20423,
+                used: 7
+            })
+        );
+        assert_eq!(parse_event("lease_released"), Some(Event::LeaseReleased));
         for bad in [
             "",
             "cooldown",
@@ -737,6 +926,9 @@ mod tests {
             "gate",
             "reboot 1",
             "cooldown 1e9 2",
+            "used",
+            "used 20423",
+            "used x 7",
         ] {
             assert_eq!(parse_event(bad), None, "{bad:?}");
         }

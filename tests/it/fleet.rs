@@ -643,3 +643,115 @@ async fn a_lease_held_longer_than_its_ttl_is_renewed_until_its_permit_drops() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_redis_that_restarts_empty_mid_day_is_reseeded_and_the_day_never_passes_its_cap() {
+    if !redis_available("a_redis_that_restarts_empty_mid_day_is_reseeded") {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    let cfg = fleet_cfg(
+        &redis,
+        "reseed:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 6\n[queue]\nmax_wait = \"2s\"\n",
+    );
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    // Each load task sends until its replica says the day is spent; Redis answers with
+    // errors (503) while it restarts, which the task treats as "try again".
+    let load = |urls: Vec<String>, rounds: usize| {
+        let c = c.clone();
+        let mut tasks = Vec::new();
+        for url in urls {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..rounds {
+                    let got = get(&c, &url).await;
+                    match got.status {
+                        200 => ok += 1,
+                        503 => tokio::time::sleep(Duration::from_millis(50)).await,
+                        429 if got.json()["error"]["proxy"]["reason"]
+                            == "daily_quota_exhausted" =>
+                        {
+                            break
+                        }
+                        other => panic!("{other}: {}", got.text()),
+                    }
+                }
+                ok
+            }));
+        }
+        tasks
+    };
+    // Concurrent load on both replicas, one request per task: 4 of the day's 6.
+    let urls = vec![
+        a.url("/v1/x"),
+        b.url("/v1/x"),
+        a.url("/v1/x"),
+        b.url("/v1/x"),
+    ];
+    let mut served = 0;
+    for t in load(urls.clone(), 1) {
+        served += t.await.unwrap();
+    }
+    assert_eq!(served, 4);
+    assert_eq!(mock.count(), 4);
+    // Redis loses everything (no persistence) and comes back on the same port.
+    redis.restart();
+    // Load again until both replicas refuse; bounded rounds, each answered or retried.
+    let mut after = 0;
+    for t in load(urls, 400) {
+        after += t.await.unwrap();
+    }
+    assert!(
+        mock.count() <= 6,
+        "the upstream got {} requests in a day capped at 6",
+        mock.count()
+    );
+    assert!(after >= 1, "nothing was served after the restart");
+    let counts = day_counts(&redis, "reseed:");
+    assert!(
+        counts.values().all(|&n| n >= 6),
+        "Redis was not re-seeded to the day's count: {counts:?}"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_days_count_under_the_old_key_names_is_carried_over() {
+    if !redis_available("the_days_count_under_the_old_key_names_is_carried_over") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    // A fleet of the previous build spent 5 of today's 6 under `legacy:day:<today>`.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let today = chutes_proxy::units::day_index(now, 0);
+    let _: String = redis.query(
+        ::redis::cmd("SET")
+            .arg(format!("legacy:day:{today}"))
+            .arg(5),
+    );
+    let cfg = fleet_cfg(
+        &redis,
+        "legacy:",
+        "[limits]\nrequests_per_minute = 6000\nburst = 10\nrequests_per_day = 6\n",
+    );
+    let p = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    assert_eq!(get(&c, &p.url("/v1/x")).await.status, 200);
+    let got = send(&c, no_wait(&p.url("/v1/x"))).await;
+    assert_eq!(
+        got.json()["error"]["proxy"]["reason"],
+        "daily_quota_exhausted"
+    );
+    assert_eq!(mock.count(), 1);
+    p.stop().await.unwrap();
+}
