@@ -176,8 +176,10 @@ fn main() {
             busy: true,
         },
     ];
+    // CHUTES_ONLY=<text>: only the runs whose label contains it (e.g. "busy").
+    let only = std::env::var("CHUTES_ONLY").unwrap_or_default();
     let runs: Vec<&Run> = if full {
-        all.iter().collect()
+        all.iter().filter(|r| r.label.contains(only.as_str())).collect()
     } else {
         all.iter().filter(|r| r.busy).collect()
     };
@@ -213,10 +215,13 @@ fn proxy_toml(plan: Plan, upstream: &str, with_model_keys: bool) -> String {
          [limits]\nrequests_per_minute = {rpm}\nburst = 5\nmax_concurrent = 16\n\
          [queue]\nmax_depth = 1000\nmax_wait = \"{}\"\n\
          [cooldown]\ninitial = \"{}\"\nmax = \"{}\"\n{model_keys}\
+         [retry]\nmax_attempts = {}\n\
          [state]\npath = \"\"\n",
         ms(20.0),
         ms(30.0),
         ms(3_600.0),
+        // CHUTES_RETRIES: the proxy's retry.max_attempts (its default, 1, when unset).
+        env_num("CHUTES_RETRIES", 1.0).clamp(0.0, 10.0) as u32,
     )
 }
 

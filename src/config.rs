@@ -143,6 +143,8 @@ pub struct SharedStateConfig {
     pub key_prefix: String,
     pub on_redis_error: OnRedisError,
     pub local_fallback_share: f64,
+    /// `limits.max_concurrent` counts the whole fleet (leases in Redis), not each replica.
+    pub global_concurrency: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -636,6 +638,7 @@ impl Config {
                 })
             );
             let _ = writeln!(out, "local_fallback_share = {:?}", ss.local_fallback_share);
+            let _ = writeln!(out, "global_concurrency = {}", ss.global_concurrency);
         }
         let cl = &self.clients;
         let _ = writeln!(out, "\n[clients]");
@@ -1573,15 +1576,7 @@ impl Validator {
             }
         };
         let local_fallback_share = self.float_val(&mut s, "local_fallback_share", 0.5, 0.0, 1.0);
-        if self.bool_val(&mut s, "global_concurrency", false) {
-            // Refused rather than ignored: a user who asked for a fleet-wide cap must not
-            // silently get N times it.
-            self.err(
-                "shared_state.global_concurrency",
-                "fleet-wide concurrency leases are not available in this build; \
-                 limits.max_concurrent applies per replica",
-            );
-        }
+        let global_concurrency = self.bool_val(&mut s, "global_concurrency", false);
         self.finish(s);
         SharedStateConfig {
             backend,
@@ -1589,6 +1584,7 @@ impl Validator {
             key_prefix,
             on_redis_error,
             local_fallback_share,
+            global_concurrency,
         }
     }
 
@@ -2178,9 +2174,8 @@ mod tests {
         let out = c.render();
         assert!(out.contains("redis://<redacted>@cache:6379/0"), "{out}");
         assert!(!out.contains("s3cr") && !out.contains("t-pw"), "{out}");
-        let e =
-            load("[shared_state]\nbackend = \"redis\"\nglobal_concurrency = true\n").unwrap_err();
-        assert_eq!(keys(e), vec!["shared_state.global_concurrency"]);
+        let c = load("[shared_state]\nbackend = \"redis\"\nglobal_concurrency = true\n").unwrap();
+        assert!(c.shared_state.global_concurrency);
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub async fn run_with(
                 local_fallback_share: ss.local_fallback_share,
                 // The probe's holder may die; after this another replica may probe.
                 probe_ttl: config.upstream.first_byte_timeout + std::time::Duration::from_secs(5),
+                global_concurrency: ss.global_concurrency,
+                // A dead replica's lease outlives its request's longest wait for an answer.
+                lease_ttl: config.upstream.first_byte_timeout + std::time::Duration::from_secs(5),
             })?;
             Some(Arc::new(f))
         }

@@ -401,6 +401,7 @@ impl Inner {
             model_tat,
             sent: false,
             reported: false,
+            fleet: None,
             announcement: None,
             queue_wait: waited,
         }

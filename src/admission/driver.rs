@@ -1,6 +1,7 @@
 //! The async driver around the budget: the dispatcher task (the only one that sleeps on the
 //! bucket's or a gate's timer), the delivery of replies after the lock is released, and the
-//! fleet's Redis calls and announcements, which run outside the lock.
+//! fleet's Redis calls and announcements, which run outside the lock, and the background
+//! check on an unreachable Redis.
 
 use super::*;
 /// The dispatcher: the only task that sleeps on the bucket's or a gate's timer.
@@ -16,20 +17,9 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
                     _ = shared.wake.notified() => {}
                 }
             }
-            Next::Idle => match &shared.fleet {
-                // Keep finding out whether Redis is back, so that shedding or the local
-                // fallback ends as soon as it is, not at the next request.
-                Some(f) if !f.is_healthy() => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(FLEET_HEALTH_RETRY) => {
-                            let day = shared.lock().day.index;
-                            let _ = f.status(day).await;
-                        }
-                        _ = shared.wake.notified() => {}
-                    }
-                }
-                _ => shared.wake.notified().await,
-            },
+            // Whether Redis is back is found out by `watch_health`, not here: the
+            // dispatcher of a busy replica is never idle.
+            Next::Idle => shared.wake.notified().await,
             Next::Take => {
                 take_remote(&shared, &mut out).await;
                 deliver(&mut out);
@@ -38,8 +28,30 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
     }
 }
 
-/// While Redis is down and nobody is waiting, check on it this often.
+/// While Redis is down, check on it this often (in the background, see `watch_health`).
 pub(super) const FLEET_HEALTH_RETRY: Duration = Duration::from_secs(1);
+
+/// While Redis is unreachable, ask it once a `FLEET_HEALTH_RETRY` whether it is back (a read
+/// that changes nothing; `Fleet::call` flips the health flag on its answer), so that shedding
+/// or the local fallback ends as soon as it is, and no request has to pay a Redis timeout to
+/// find out. Runs as long as the budget does.
+async fn watch_health(fleet: Arc<Fleet>, shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(FLEET_HEALTH_RETRY).await;
+        let Some(day) = shared.upgrade().map(|sh| sh.lock().day.index) else {
+            return;
+        };
+        if fleet.is_healthy() {
+            continue;
+        }
+        let _ = fleet.status(day).await;
+        if fleet.is_healthy() {
+            if let Some(sh) = shared.upgrade() {
+                sh.wake.notify_one();
+            }
+        }
+    }
+}
 
 pub(super) fn deliver(out: &mut Out) {
     for (tx, r) in out.drain(..) {
@@ -53,20 +65,44 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
     let Some(f) = shared.fleet.clone() else {
         return;
     };
-    let (spacing, burst, cap, offset) = {
+    let (spacing, burst, cap, offset, conc) = {
         let g = shared.lock();
-        (g.spacing(), g.s.burst, g.daily_cap(), g.s.day_reset_offset)
+        let s = &g.s;
+        (
+            g.spacing(),
+            s.burst,
+            g.daily_cap(),
+            s.day_reset_offset,
+            s.max_concurrent,
+        )
     };
-    let result = f.take(spacing, burst, cap, offset).await;
+    // With the local fallback and Redis known to be down, grant from the fallback without
+    // asking: a frozen or partitioned Redis would make every attempt wait `CALL_TIMEOUT`.
+    // `watch_health` notices its return. (Fail-closed sheds in `admit` already.)
+    let result = if !f.is_healthy() && f.settings.on_error == OnError::Local {
+        Err(f.last_error().unwrap_or_else(|| "Redis unreachable".into()))
+    } else {
+        f.take(spacing, burst, cap, offset, conc).await
+    };
     let now = Instant::now();
     let now_unix = shared.wall.now_unix();
     let mut g = shared.lock();
     match result {
-        Ok(Take::Granted { probe, .. }) => {
+        Ok(Take::Granted {
+            probe, day, lease, ..
+        }) => {
+            let lease = lease.map(|id| f.hold_lease(id));
             if probe {
                 g.cooldown.probe = Probe::Ready;
             }
-            if !g.grant_head(shared, out, now) {
+            if g.grant_head(shared, out, now) {
+                // `serve` pushed the grant last: it carries what Redis counted, for a give-back.
+                if let Some((_, Ok(permit))) = out.last_mut() {
+                    permit.fleet = Some(fleet::Ticket { day, lease });
+                }
+            } else {
+                // Dropping the lease releases the slot it took.
+                drop(lease);
                 // Everyone left while Redis answered: give the token and the count back.
                 if probe {
                     g.cooldown.probe = Probe::Open;
@@ -75,12 +111,16 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
                     });
                 }
                 spawn_fleet(shared, "refund", move |f| async move {
-                    f.refund(spacing, offset).await
+                    f.refund(spacing, day).await
                 });
             }
         }
         Ok(Take::Wait(d)) => g.remote_not_before = Some(now + d),
-        Ok(Take::ProbeBusy) => g.remote_not_before = Some(now + fleet::PROBE_POLL),
+        // A released lease or probe is announced, which ends the wait early; the poll
+        // covers an announcement lost with a pub/sub connection.
+        Ok(Take::ProbeBusy | Take::ConcurrencyBusy) => {
+            g.remote_not_before = Some(now + fleet::PROBE_POLL)
+        }
         Ok(Take::Cooldown { until_unix, level }) => {
             g.apply_fleet_cooldown(shared, until_unix, level)
         }
@@ -133,6 +173,7 @@ where
 
 /// Apply other replicas' announcements to this replica's gates.
 pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shared>) {
+    tokio::spawn(watch_health(Arc::clone(&fleet), shared.clone()));
     let alive = {
         let shared = shared.clone();
         move || shared.strong_count() > 0
@@ -153,7 +194,10 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                         g.day.gate_until_unix =
                             Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
                     }
-                    fleet::Event::Open | fleet::Event::ProbeReleased => {
+                    fleet::Event::Open
+                    | fleet::Event::ProbeReleased
+                    | fleet::Event::LeaseReleased
+                    | fleet::Event::Used { .. } => {
                         g.remote_not_before = None;
                     }
                 }

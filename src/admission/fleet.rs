@@ -1,18 +1,41 @@
 //! The fleet backend: several chutes-proxy replicas spending one account through one Redis.
 //!
-//! What lives in Redis (all keys under `shared_state.key_prefix`):
+//! What lives in Redis (every key named `{<key_prefix>}<name>` by [`Fleet::key`], the one place
+//! that builds key names; the braces are a Redis Cluster hash tag, so every key and the
+//! events channel of one account hash to one slot and the multi-key scripts run on Redis
+//! Cluster and Valkey as well as on a single server):
 //! - `tat`: the GCRA theoretical arrival time (µs, Redis clock) of the account bucket;
 //! - `day:<index>`: requests granted in that quota day;
+//! - `gen`: when this Redis's data began (µs), written by the first script to find it missing:
+//!   a Redis that restarted empty has a new `gen`, which is how a replica knows to re-seed
+//!   the day's count from what it last saw (see "Re-seeding" below);
 //! - `cooldown`: until when (µs) the account is paused after an upstream 429, with `level`;
 //! - `gate`: until when (µs) an upstream 402 quota message closed the daily gate;
-//! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder.
+//! - `probe_needed` / `probe`: after a cooldown, the one fleet-wide probe and its holder;
+//! - `leases` (with `shared_state.global_concurrency`): a sorted set of the requests in flight
+//!   fleet-wide, member = lease id (from `lease_seq`), score = expiry (µs, Redis clock). The
+//!   take prunes expired leases and grants only below `limits.max_concurrent`; the holder
+//!   renews its lease every third of `lease_ttl` while in flight and removes it when its
+//!   permit drops, so a replica that dies leaves leases that expire by themselves.
 //!
 //! The bucket, the daily count, both gates and the probe are taken in one Lua script using
 //! Redis `TIME`, so replicas' clocks do not matter and a refused request consumes nothing.
 //! Timestamps stay integers formatted with `%d` (Lua's `tostring` would print 1.79e+15).
-//! Changes to the gates are also published on `<prefix>events`, so every replica closes its
+//! Each script declares its account's `tat` key in `KEYS` (so a cluster-aware client or proxy
+//! routes it to the slot's node) and builds the other names from the tagged base in `ARGV[1]`.
+//! Changes to the gates are also published on `{<prefix>}events`, so every replica closes its
 //! own gate (and sheds its own waiters) at once instead of finding out on its next attempt;
 //! the script is what guarantees correctness, pub/sub only makes it prompt.
+//!
+//! Re-seeding: a Redis that restarts empty mid-day must not reset the day. Every grant
+//! publishes the fleet-wide count (`used <day> <n>`), so each replica knows the largest count
+//! it has seen ([`Fleet::saw`]). The take (and a reseed run on every pub/sub reconnect)
+//! passes that figure with the `gen` it was seen under; when `gen` differs, the script raises
+//! the day's count to at least that figure. Every live replica does this once per Redis
+//! restart, so the largest figure wins. What can be lost is only a grant whose announcement
+//! and reply were both still unsent when Redis died (its replica then never granted it).
+//! A replica started under the old key names (`<prefix>day:<index>`, before the hash tag)
+//! has its figure read once at the first take, so an upgrade carries the day's count over.
 //!
 //! Each replica keeps its own queue, deadlines and fairness (`admission/mod.rs`); it asks
 //! Redis once per admission attempt and, when told to wait, sleeps for exactly the wait Redis
@@ -51,6 +74,12 @@ pub struct FleetSettings {
     /// How long the fleet-wide probe may stay out before another replica may probe
     /// (the holder may have died): the upstream's first-byte timeout plus a margin.
     pub probe_ttl: Duration,
+    /// `shared_state.global_concurrency`: `limits.max_concurrent` counts the whole fleet.
+    pub global_concurrency: bool,
+    /// How long a lease lives without renewal: what a dead replica's request holds its slot
+    /// for. The upstream's first-byte timeout plus a margin, so that a Redis hiccup that
+    /// delays renewals does not free the slot of a request still waiting for its answer.
+    pub lease_ttl: Duration,
 }
 
 /// The answer to one admission attempt.
@@ -59,6 +88,10 @@ pub enum Take {
     Granted {
         probe: bool,
         used_today: u64,
+        /// The quota day (Redis's clock) that counted this grant: a give-back goes there.
+        day: i64,
+        /// With global concurrency: the lease taken for it, to renew and release.
+        lease: Option<String>,
     },
     /// The bucket is empty: the next token is this far away.
     Wait(Duration),
@@ -71,6 +104,58 @@ pub enum Take {
     },
     /// Another replica's probe is out.
     ProbeBusy,
+    /// Global concurrency: `max_concurrent` leases are out across the fleet.
+    ConcurrencyBusy,
+}
+
+/// What Redis counted for one grant, kept in the permit so that a give-back undoes exactly
+/// that, and nothing for a grant Redis never counted (the local fallback's).
+#[derive(Debug)]
+pub struct Ticket {
+    /// The quota day (Redis's clock) whose count this grant raised.
+    pub day: i64,
+    /// Global concurrency: the fleet-wide slot, released when the permit drops.
+    pub lease: Option<Lease>,
+}
+
+/// What a replica last saw of the fleet-wide day count, and under which Redis `gen`.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    gen: String,
+    day: i64,
+    used: u64,
+    /// `limits.day_reset_utc` as seconds, from the last take (the reseed needs it).
+    offset: u32,
+}
+
+/// One fleet-wide concurrency slot, held by a permit. Dropping it stops the renewal and
+/// removes the lease from Redis (in the background: `Drop` cannot wait); if that fails, the
+/// lease expires after `lease_ttl`.
+pub struct Lease {
+    id: String,
+    fleet: Arc<Fleet>,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease").field("id", &self.id).finish()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (fleet, id) = (Arc::clone(&self.fleet), std::mem::take(&mut self.id));
+        handle.spawn(async move {
+            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
+                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
+            }
+        });
+    }
 }
 
 /// Fleet-wide figures for `/status`.
@@ -85,7 +170,30 @@ pub struct FleetStatus {
     pub last_error: Option<String>,
 }
 
-const TAKE: &str = r#"
+/// Shared by `TAKE` and `RESEED`: find (or start) this Redis's `gen`; if the caller last saw
+/// the day's count under another `gen` (Redis restarted empty since), raise the count to at
+/// least what the caller saw. Returns the current `gen`.
+macro_rules! reseed_fn {
+    () => {
+        r#"
+local function reseed(p, now, dkey, day, seen_gen, seen_day, seen_used)
+  local gen = redis.call('GET', p .. 'gen')
+  if not gen then
+    gen = string.format('%d', now)
+    redis.call('SET', p .. 'gen', gen)
+  end
+  if seen_gen ~= gen and seen_day == day and seen_used > tonumber(redis.call('GET', dkey) or '0') then
+    redis.call('SET', dkey, string.format('%d', seen_used), 'EX', 2 * 86400 + 3600)
+  end
+  return gen
+end
+"#
+    };
+}
+
+const TAKE: &str = concat!(
+    reseed_fn!(),
+    r#"
 local p = ARGV[1]
 local T = tonumber(ARGV[2])
 local tau = tonumber(ARGV[3])
@@ -104,6 +212,7 @@ if gate > now then
 end
 local day = math.floor((secs - offset) / 86400)
 local dkey = p .. 'day:' .. string.format('%d', day)
+local gen = reseed(p, now, dkey, day, ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
 local used = tonumber(redis.call('GET', dkey) or '0')
 if cap > 0 and used >= cap then
   return {4, string.format('%d', ((day + 1) * 86400 + offset) * 1000000), '0'}
@@ -112,6 +221,13 @@ local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
 if tat < now then tat = now end
 if now < tat - tau then
   return {1, string.format('%d', tat - tau - now), '0'}
+end
+local conc = tonumber(ARGV[7])
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', p .. 'leases', '-inf', string.format('%d', now))
+  if redis.call('ZCARD', p .. 'leases') >= conc then
+    return {6, '0', '0'}
+  end
 end
 local probe = 0
 if redis.call('EXISTS', p .. 'probe_needed') == 1 then
@@ -125,20 +241,60 @@ local next = tat + T
 redis.call('SET', p .. 'tat', string.format('%d', next), 'PX', math.floor((next - now) / 1000) + 1000)
 used = redis.call('INCR', dkey)
 redis.call('EXPIRE', dkey, 2 * 86400 + 3600)
-return {0, string.format('%d', used), string.format('%d', probe)}
-"#;
+redis.call('PUBLISH', p .. 'events', 'used ' .. string.format('%d', day) .. ' ' .. string.format('%d', used))
+local lease = ''
+if conc > 0 then
+  lease = string.format('%d', redis.call('INCR', p .. 'lease_seq'))
+  redis.call('ZADD', p .. 'leases', string.format('%d', now + tonumber(ARGV[8]) * 1000), lease)
+end
+return {0, string.format('%d', used), string.format('%d', probe), string.format('%d', day), lease, gen}
+"#
+);
 
-/// Give back a token and a daily count taken for a waiter that left in the meantime.
+/// The reseed alone, run when a replica (re)subscribes: after a Redis restart every live
+/// replica contributes its figure within a pub/sub reconnect, busy or not.
+const RESEED: &str = concat!(
+    reseed_fn!(),
+    r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local secs = tonumber(t[1])
+local now = secs * 1000000 + tonumber(t[2])
+local day = math.floor((secs - tonumber(ARGV[2])) / 86400)
+local dkey = p .. 'day:' .. string.format('%d', day)
+return reseed(p, now, dkey, day, ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+"#
+);
+
+/// Give back a token and a daily count taken for a request that was never sent. The count
+/// goes back to the day that took it (`ARGV[3]`, as the take returned it), not to the day
+/// it is now: a permit that outlived midnight must not lower the new day. Never below 0,
+/// and a missing key (Redis restarted since) stays missing rather than becoming -1.
 const REFUND: &str = r#"
 local p = ARGV[1]
 local T = tonumber(ARGV[2])
-local offset = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local day = math.floor((tonumber(t[1]) - offset) / 86400)
-local dkey = p .. 'day:' .. string.format('%d', day)
+local dkey = p .. 'day:' .. ARGV[3]
 if tonumber(redis.call('GET', dkey) or '0') > 0 then redis.call('DECR', dkey) end
 local tat = tonumber(redis.call('GET', p .. 'tat') or '0')
 if tat > 0 then redis.call('SET', p .. 'tat', string.format('%d', tat - T), 'KEEPTTL') end
+return 1
+"#;
+
+/// Push a lease's expiry out by its TTL (re-adding it if Redis lost it: it is in flight).
+const RENEW: &str = r#"
+local p = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZADD', p .. 'leases', string.format('%d', now + tonumber(ARGV[3]) * 1000), ARGV[2])
+return 1
+"#;
+
+/// A permit ended: its slot is free for the fleet; waiting replicas hear it at once.
+const RELEASE: &str = r#"
+local p = ARGV[1]
+if redis.call('ZREM', p .. 'leases', ARGV[2]) == 1 then
+  redis.call('PUBLISH', p .. 'events', 'lease_released')
+end
 return 1
 "#;
 
@@ -188,13 +344,39 @@ end
 return 1
 "#;
 
+/// `{<key_prefix>}`: the hash tag that puts every key of one account in one Redis Cluster
+/// slot. Cluster hashes what lies between the first `{` and the next `}`; a prefix with a `}`
+/// of its own would end the tag early (still one slot per account, but a prefix starting with
+/// `}` would make an empty tag, which Cluster ignores), so such a prefix is refused.
+pub fn key_base(prefix: &str) -> Result<String, String> {
+    if prefix.is_empty() || prefix.contains('}') {
+        return Err(format!(
+            "shared_state.key_prefix {prefix:?}: must be non-empty and contain no '}}' \
+             (it becomes the Redis Cluster hash tag {{<prefix>}})"
+        ));
+    }
+    Ok(format!("{{{prefix}}}"))
+}
+
 /// A change another replica announced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Cooldown { until_unix: f64, level: u32 },
-    Gate { until_unix: f64 },
+    Cooldown {
+        until_unix: f64,
+        level: u32,
+    },
+    Gate {
+        until_unix: f64,
+    },
     Open,
     ProbeReleased,
+    /// A fleet-wide concurrency slot was freed.
+    LeaseReleased,
+    /// A grant raised day `day`'s fleet-wide count to `used`.
+    Used {
+        day: i64,
+        used: u64,
+    },
 }
 
 pub fn parse_event(msg: &str) -> Option<Event> {
@@ -213,12 +395,19 @@ pub fn parse_event(msg: &str) -> Option<Event> {
         }),
         "open" => Some(Event::Open),
         "probe_released" => Some(Event::ProbeReleased),
+        "lease_released" => Some(Event::LeaseReleased),
+        "used" => Some(Event::Used {
+            day: it.next()?.parse().ok()?,
+            used: it.next()?.parse().ok()?,
+        }),
         _ => None,
     }
 }
 
 pub struct Fleet {
     pub settings: FleetSettings,
+    /// `{<key_prefix>}`: what every key and the channel of this account start with.
+    base: String,
     client: redis::Client,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
     take: Script,
@@ -226,6 +415,13 @@ pub struct Fleet {
     cooldown: Script,
     gate: Script,
     probe_done: Script,
+    renew: Script,
+    release: Script,
+    reseed: Script,
+    /// The largest fleet-wide count this replica has seen, for re-seeding a Redis that lost it.
+    seen: Mutex<Seen>,
+    /// The figure under the old key names has been read (once, at the first take).
+    legacy_read: AtomicBool,
     healthy: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// Redis round trips, for `/status` and the benchmarks.
@@ -236,8 +432,10 @@ impl Fleet {
     pub fn new(settings: FleetSettings) -> Result<Fleet, String> {
         let client = redis::Client::open(settings.redis_url.as_str())
             .map_err(|e| format!("shared_state.redis_url: {e}"))?;
+        let base = key_base(&settings.key_prefix)?;
         Ok(Fleet {
             settings,
+            base,
             client,
             conn: tokio::sync::Mutex::new(None),
             take: Script::new(TAKE),
@@ -245,6 +443,11 @@ impl Fleet {
             cooldown: Script::new(COOLDOWN),
             gate: Script::new(GATE),
             probe_done: Script::new(PROBE_DONE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            reseed: Script::new(RESEED),
+            seen: Mutex::new(Seen::default()),
+            legacy_read: AtomicBool::new(false),
             // Optimistic until the first call says otherwise.
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(None),
@@ -260,8 +463,15 @@ impl Fleet {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
 
-    fn key(&self, k: &str) -> String {
-        format!("{}{k}", self.settings.key_prefix)
+    /// The name of one of this account's keys (or its channel). The Lua scripts build the
+    /// same names from `ARGV[1]`, which is always [`Fleet::base`].
+    pub fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.base)
+    }
+
+    /// `{<key_prefix>}`, the hash-tagged start of every name of this account.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     async fn connection(&self) -> Result<ConnectionManager, String> {
@@ -324,58 +534,209 @@ impl Fleet {
         burst: u32,
         daily_cap: Option<u64>,
         day_reset_offset: u32,
+        max_concurrent: usize,
     ) -> Result<Take, String> {
+        let conc = if self.settings.global_concurrency {
+            max_concurrent.max(1)
+        } else {
+            0
+        };
+        let lease_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
+        if !self.legacy_read.swap(true, Ordering::Relaxed) {
+            self.read_legacy_day(day_reset_offset).await;
+        }
+        let seen = {
+            let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            g.offset = day_reset_offset;
+            g.clone()
+        };
         let t_us = spacing.as_micros().max(1) as u64;
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
-        let prefix = self.settings.key_prefix.clone();
-        let (code, a, b): (i64, String, String) = self
+        let (route, prefix) = (self.key("tat"), self.base.clone());
+        // Replies differ in length by code (a grant carries more), hence a list, not a tuple.
+        let reply: Vec<String> = self
             .call(|mut c| {
                 let script = self.take.clone();
                 async move {
                     script
+                        .key(route)
                         .arg(prefix)
                         .arg(t_us)
                         .arg(tau_us)
                         .arg(daily_cap.unwrap_or(0))
                         .arg(day_reset_offset)
                         .arg(probe_ms)
+                        .arg(conc)
+                        .arg(lease_ms)
+                        .arg(seen.gen)
+                        .arg(seen.day)
+                        .arg(seen.used)
                         .invoke_async(&mut c)
                         .await
                 }
             })
             .await?;
         let num = |s: &str| s.parse::<i64>().unwrap_or(0);
+        let field = |i: usize| reply.get(i).map_or("0", String::as_str);
+        let (code, a, b) = (num(field(0)), field(1), field(2));
+        if code == 0 {
+            self.saw(
+                num(field(3)),
+                num(a).max(0) as u64,
+                reply.get(5).map(String::as_str),
+            );
+        }
         Ok(match code {
             0 => Take::Granted {
-                used_today: num(&a).max(0) as u64,
+                used_today: num(a).max(0) as u64,
                 probe: b == "1",
+                day: num(field(3)),
+                lease: reply.get(4).filter(|l| !l.is_empty()).cloned(),
             },
-            1 => Take::Wait(Duration::from_micros(num(&a).max(0) as u64)),
+            1 => Take::Wait(Duration::from_micros(num(a).max(0) as u64)),
             2 => Take::Cooldown {
-                until_unix: num(&a) as f64 / 1e6,
+                until_unix: num(a) as f64 / 1e6,
                 level: b.parse().unwrap_or(1),
             },
             3 | 4 => Take::DailyClosed {
-                until_unix: num(&a) as f64 / 1e6,
+                until_unix: num(a) as f64 / 1e6,
             },
             5 => Take::ProbeBusy,
+            6 => Take::ConcurrencyBusy,
             other => return Err(format!("unexpected reply {other} from the take script")),
         })
     }
 
-    pub async fn refund(&self, spacing: Duration, day_reset_offset: u32) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+    /// Record a fleet-wide count seen for `day` (a take's reply or another replica's
+    /// announcement), and the `gen` it was seen under when known. Keeps the largest figure.
+    pub fn saw(&self, day: i64, used: u64, gen: Option<&str>) {
+        let mut g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if day > g.day {
+            g.day = day;
+            g.used = used;
+        } else if day == g.day {
+            g.used = g.used.max(used);
+        }
+        if let Some(gen) = gen {
+            if g.gen != gen {
+                g.gen = gen.to_string();
+            }
+        }
+    }
+
+    /// The largest fleet-wide count seen for `day` (0 if none).
+    pub fn seen_used(&self, day: i64) -> u64 {
+        let g = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if g.day == day {
+            g.used
+        } else {
+            0
+        }
+    }
+
+    /// Contribute this replica's figure to a Redis that may have restarted empty (see the
+    /// module doc); a no-op when Redis's `gen` is the one the figure was seen under.
+    pub async fn reseed(&self) -> Result<(), String> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
+        let gen: String = self
+            .call(|mut c| {
+                let s = self.reseed.clone();
+                async move {
+                    s.key(route)
+                        .arg(prefix)
+                        .arg(seen.offset)
+                        .arg(seen.gen)
+                        .arg(seen.day)
+                        .arg(seen.used)
+                        .invoke_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        self.saw(seen.day, seen.used, Some(&gen));
+        Ok(())
+    }
+
+    /// Before the hash tag, the day's count was `<prefix>day:<index>`. Read it once, so a
+    /// fleet restarted on this build keeps the day's count (it re-seeds like a replica that
+    /// saw it). On a multi-node cluster that key may live on another node: then it is skipped.
+    async fn read_legacy_day(&self, offset: u32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let day = crate::units::day_index(now, offset);
+        let key = format!("{}day:{day}", self.settings.key_prefix);
+        let got: Result<Option<u64>, String> = self
+            .call(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<u64>>(&mut c)
+                    .await
+            })
+            .await;
+        if let Ok(Some(n)) = got {
+            tracing::info!(
+                used = n,
+                "the day's count under the old key names carried over"
+            );
+            self.saw(day, n, None);
+        }
+    }
+
+    /// Give back what a grant took (see `REFUND`); `day` is the one its take returned.
+    pub async fn refund(&self, spacing: Duration, day: i64) -> Result<(), String> {
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let t_us = spacing.as_micros().max(1) as u64;
         self.call(|mut c| {
             let s = self.refund.clone();
             async move {
-                s.arg(prefix)
+                s.key(route)
+                    .arg(prefix)
                     .arg(t_us)
-                    .arg(day_reset_offset)
+                    .arg(day)
                     .invoke_async::<i64>(&mut c)
                     .await
             }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Hold the lease `id` the take returned: renewed in the background until the returned
+    /// [`Lease`] is dropped, then removed from Redis.
+    pub fn hold_lease(self: &Arc<Self>, id: String) -> Lease {
+        let fleet = Arc::clone(self);
+        let lease_id = id.clone();
+        let every = (self.settings.lease_ttl / 3).max(Duration::from_millis(100));
+        let renew = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = fleet.lease_call(&fleet.renew, &lease_id, true).await {
+                    tracing::debug!(error = %e, "could not renew a concurrency lease");
+                }
+            }
+        });
+        Lease {
+            id,
+            fleet: Arc::clone(self),
+            renew,
+        }
+    }
+
+    async fn lease_call(&self, script: &Script, id: &str, with_ttl: bool) -> Result<(), String> {
+        let (route, prefix) = (self.key("tat"), self.base.clone());
+        let ttl_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
+        let id = id.to_string();
+        self.call(|mut c| {
+            let mut inv = script.key(route);
+            inv.arg(prefix).arg(id);
+            if with_ttl {
+                inv.arg(ttl_ms);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
         })
         .await
         .map(|_| ())
@@ -388,14 +749,15 @@ impl Fleet {
         level: u32,
         decay: Duration,
     ) -> Result<f64, String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let ms = duration.as_millis().max(1) as u64;
         let decay_ms = decay.as_millis() as u64;
         let until: String = self
             .call(|mut c| {
                 let s = self.cooldown.clone();
                 async move {
-                    s.arg(prefix)
+                    s.key(route)
+                        .arg(prefix)
                         .arg(ms)
                         .arg(level)
                         .arg(decay_ms)
@@ -408,11 +770,17 @@ impl Fleet {
     }
 
     pub async fn close_daily_gate(&self, until_unix: f64) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         let us = (until_unix * 1e6) as i64;
         self.call(|mut c| {
             let s = self.gate.clone();
-            async move { s.arg(prefix).arg(us).invoke_async::<i64>(&mut c).await }
+            async move {
+                s.key(route)
+                    .arg(prefix)
+                    .arg(us)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            }
         })
         .await
         .map(|_| ())
@@ -420,11 +788,12 @@ impl Fleet {
 
     /// The probe answered (`ok`: the gate reopens for the fleet) or went away (another may probe).
     pub async fn probe_done(&self, ok: bool) -> Result<(), String> {
-        let prefix = self.settings.key_prefix.clone();
+        let (route, prefix) = (self.key("tat"), self.base.clone());
         self.call(|mut c| {
             let s = self.probe_done.clone();
             async move {
-                s.arg(prefix)
+                s.key(route)
+                    .arg(prefix)
                     .arg(if ok { "1" } else { "0" })
                     .invoke_async::<i64>(&mut c)
                     .await
@@ -495,6 +864,9 @@ impl Fleet {
             };
             match tokio::time::timeout(CALL_TIMEOUT * 2, sub).await {
                 Ok(Ok(ps)) => {
+                    if let Err(e) = self.reseed().await {
+                        tracing::debug!(error = %e, "could not re-seed the day's count");
+                    }
                     resync().await;
                     let mut stream = ps.into_on_message();
                     while let Some(msg) = stream.next().await {
@@ -502,8 +874,10 @@ impl Fleet {
                             return;
                         }
                         if let Ok(text) = msg.get_payload::<String>() {
-                            if let Some(ev) = parse_event(&text) {
-                                apply(ev);
+                            match parse_event(&text) {
+                                Some(Event::Used { day, used }) => self.saw(day, used, None),
+                                Some(ev) => apply(ev),
+                                None => {}
                             }
                         }
                     }
@@ -537,6 +911,14 @@ mod tests {
             })
         );
         assert_eq!(parse_event("open"), Some(Event::Open));
+        assert_eq!(
+            parse_event("used 20423 7"),
+            Some(Event::Used {
+                day: 20423,
+                used: 7
+            })
+        );
+        assert_eq!(parse_event("lease_released"), Some(Event::LeaseReleased));
         for bad in [
             "",
             "cooldown",
@@ -544,6 +926,9 @@ mod tests {
             "gate",
             "reboot 1",
             "cooldown 1e9 2",
+            "used",
+            "used 20423",
+            "used x 7",
         ] {
             assert_eq!(parse_event(bad), None, "{bad:?}");
         }

@@ -24,6 +24,8 @@ pub struct Permit {
     pub(super) model_tat: Option<Instant>,
     pub(super) sent: bool,
     pub(super) reported: bool,
+    /// Fleet mode: what Redis counted for this grant (`None` for a local or fallback grant).
+    pub(super) fleet: Option<fleet::Ticket>,
     /// The fleet announcement `report` started, for [`Permit::announced`].
     pub(super) announcement: Option<tokio::task::JoinHandle<()>>,
     /// How long the request waited in the queue.
@@ -433,7 +435,6 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let shared = &*self.shared;
-        let refund_fleet = !self.sent && shared.fleet.is_some();
         let waiting = {
             let mut g = shared.lock();
             g.in_flight -= 1;
@@ -471,10 +472,11 @@ impl Drop for Permit {
                     }
                 }
             }
-            if refund_fleet && g.day.index == self.day {
-                let (spacing, offset) = (g.spacing(), g.s.day_reset_offset);
+            // Only what Redis counted goes back there, to the Redis day that counted it.
+            if let Some(day) = self.fleet.as_ref().filter(|_| !self.sent).map(|t| t.day) {
+                let spacing = g.spacing();
                 let _ = spawn_fleet(shared, "refund", move |f| async move {
-                    f.refund(spacing, offset).await
+                    f.refund(spacing, day).await
                 });
             }
             !g.queue.is_empty()

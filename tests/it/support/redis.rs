@@ -11,6 +11,9 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// A one-node Redis Cluster (`--cluster-enabled yes`, every slot on this node): scripts
+    /// that touch keys of several slots fail there with CROSSSLOT, as on a real cluster.
+    cluster: bool,
 }
 
 /// `None` (after printing why) when the tests must be skipped on this machine.
@@ -33,6 +36,16 @@ pub fn redis_available(test: &str) -> bool {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(false)
+    }
+
+    /// A one-node cluster: started with `--cluster-enabled yes`, all 16384 slots assigned to
+    /// it, and ready once `CLUSTER INFO` says `cluster_state:ok`.
+    pub fn start_cluster() -> RedisServer {
+        RedisServer::start_with(true)
+    }
+
+    fn start_with(cluster: bool) -> RedisServer {
         let port = {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -42,6 +55,7 @@ impl RedisServer {
             port,
             child: None,
             dir,
+            cluster,
         };
         s.spawn();
         s
@@ -52,7 +66,14 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+        let mut cmd = Command::new("redis-server");
+        if self.cluster {
+            // A restarted node must start empty like a fresh one, slots included.
+            let _ = std::fs::remove_file(self.dir.path().join("nodes.conf"));
+            cmd.args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(self.dir.path().join("nodes.conf"));
+        }
+        let child = cmd
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -71,6 +92,20 @@ impl RedisServer {
             .expect("start redis-server");
         self.child = Some(child);
         self.wait_ready();
+        if self.cluster {
+            self.query::<String>(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(16383));
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !self
+                .query::<String>(redis::cmd("CLUSTER").arg("INFO"))
+                .contains("cluster_state:ok")
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the one-node cluster did not become ok"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Poll until the server answers PING (a readiness check of an external process, bounded).
@@ -94,6 +129,29 @@ impl RedisServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freeze the server (SIGSTOP): connections stay open and new ones are accepted by the
+    /// kernel, but nothing answers, like a Redis behind a network partition. Every call then
+    /// waits for its timeout, unlike a killed server whose refusals come back at once.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undo [`RedisServer::freeze`] (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill {sig} {pid} failed");
     }
 
     /// Start again on the same port (its data is gone: `--save ""`).
