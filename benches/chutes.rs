@@ -179,7 +179,9 @@ fn main() {
     // CHUTES_ONLY=<text>: only the runs whose label contains it (e.g. "busy").
     let only = std::env::var("CHUTES_ONLY").unwrap_or_default();
     let runs: Vec<&Run> = if full {
-        all.iter().filter(|r| r.label.contains(only.as_str())).collect()
+        all.iter()
+            .filter(|r| r.label.contains(only.as_str()))
+            .collect()
     } else {
         all.iter().filter(|r| r.busy).collect()
     };

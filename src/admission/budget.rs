@@ -407,7 +407,7 @@ impl Inner {
         }
     }
 
-    pub(super) fn limits_view(&self) -> LimitsView {
+    pub(super) fn limits_view(&self, now_unix: f64) -> LimitsView {
         let cap = self.daily_cap();
         LimitsView {
             requests_per_minute: self.rpm_in_force,
@@ -415,7 +415,17 @@ impl Inner {
             requests_per_day: cap,
             used_today: self.day.used,
             remaining_today: cap.map(|d| d.saturating_sub(self.day.used)),
-            day_resets_at_unix: day_end(self.day.index, self.s.day_reset_offset),
+            day_resets_at_unix: self.resets_at_unix(now_unix),
+        }
+    }
+
+    /// The one reset instant in force: an upstream quota gate's reset when one is closed (a
+    /// 402's `quota_reset_timestamp`), else the end of the quota day.
+    pub(super) fn resets_at_unix(&self, now_unix: f64) -> i64 {
+        let day_end = day_end(self.day.index, self.s.day_reset_offset);
+        match self.day.gate_until_unix {
+            Some(g) if g.is_finite() && g > now_unix => g.ceil() as i64,
+            _ => day_end,
         }
     }
 
@@ -430,7 +440,7 @@ impl Inner {
         Rejection {
             reason,
             retry_after: Some(retry_after),
-            limits: Some(self.limits_view()),
+            limits: Some(self.limits_view(now_unix)),
             cooldown_until_unix: self
                 .cooldown
                 .until

@@ -884,7 +884,7 @@ impl Admission {
             next_token_in: next_in,
             used_today: g.day.used,
             remaining_today: cap.map(|d| d.saturating_sub(g.day.used)),
-            day_resets_at_unix: day_end(g.day.index, s.day_reset_offset),
+            day_resets_at_unix: g.resets_at_unix(now_unix),
             daily_gate_until_unix: g.day.gate_until_unix.filter(|&u| u > now_unix),
             usage_cap_until_unix: g.usage_cap_until_unix.filter(|&u| u > now_unix),
             cooldown_active: cooldown_until.is_some(),

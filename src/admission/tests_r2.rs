@@ -523,3 +523,28 @@ async fn a_retry_is_the_probe_after_the_cooldown() {
         assert!(!h.await.unwrap().0.unwrap().is_probe());
     }
 }
+
+/// After an upstream 402 with its own reset, every view gives that one instant: the
+/// rejection's Retry-After, its `limits.day_resets_at` and `/status`'s reset (issue 18).
+#[tokio::test(start_paused = true)]
+async fn one_reset_instant_after_a_quota_402() {
+    let a = admission(settings(60_000, 100));
+    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    p.report(Outcome::QuotaExceeded {
+        reset_unix: Some(NOON + 53.0),
+    });
+    drop(p);
+    let r = a.acquire(0, Duration::ZERO).await.unwrap_err();
+    assert_eq!(r.reason, Reason::DailyQuotaExhausted);
+    assert_eq!(r.retry_after, Some(Duration::from_secs(53)));
+    let at = (NOON + 53.0) as i64;
+    assert_eq!(r.limits.unwrap().day_resets_at_unix, at);
+    assert_eq!(a.snapshot().day_resets_at_unix, at);
+    tokio::time::advance(Duration::from_secs(53)).await;
+    assert!(a.acquire(0, Duration::ZERO).await.is_ok());
+    assert_ne!(
+        a.snapshot().day_resets_at_unix,
+        at,
+        "back to the quota day's end"
+    );
+}

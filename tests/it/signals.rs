@@ -1056,10 +1056,14 @@ async fn the_openai_python_sdk_sees_the_proxy_s_answers() {
     }
 
     // 1. Every attempt is rate-limited: the SDK must wait the proxy's Retry-After (1s) once.
+    // The proxy's own retries are off here: this is about what the SDK does with its 429s.
     let limited = MockUpstream::start_with(nginx_429()).await;
     let limited_proxy = Start::new(
         &limited.url(),
-        &config("initial = \"1s\"\nmultiplier = 2.0"),
+        &format!(
+            "{}[retry]\nmax_attempts = 0\n",
+            config("initial = \"1s\"\nmultiplier = 2.0")
+        ),
     )
     .start()
     .await;
@@ -1092,12 +1096,28 @@ async fn the_openai_python_sdk_sees_the_proxy_s_answers() {
         .start()
         .await;
 
+    // 4. One capacity 429 for the model, then success: with the proxy's retries (the
+    // default) a client that never retries itself still gets the answer.
+    let busy = MockUpstream::start_with(Reply::json(
+        200,
+        r#"{"id":"c1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}"#,
+    ))
+    .await;
+    busy.push(Reply::json(
+        429,
+        r#"{"detail":"Infrastructure is at maximum capacity, try again later"}"#,
+    ));
+    let busy_proxy = Start::new(&busy.url(), &config("model_initial = \"1s\""))
+        .start()
+        .await;
+
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/test_openai_sdk.py");
     let run = tokio::process::Command::new(&python)
         .arg(script)
         .arg(limited_proxy.url("/v1"))
         .arg(quota_proxy.url("/v1"))
         .arg(stream_proxy.url("/v1"))
+        .arg(busy_proxy.url("/v1"))
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), run)

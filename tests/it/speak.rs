@@ -398,3 +398,34 @@ async fn shutdown_answers_queued_requests_it_cannot_serve() {
     stopping.await.unwrap().unwrap();
     assert_eq!(mock.count(), 1);
 }
+
+/// Bodies that name no usable model are forwarded as they are and belong to the account only:
+/// not JSON, a model that is not a string, a 1 MB model name.
+#[tokio::test]
+async fn bodies_without_a_usable_model_are_forwarded_unchanged() {
+    let mock = MockUpstream::start().await;
+    let proxy = Start::new(&mock.url(), FAST).start().await;
+    let c = client();
+    let huge = format!(r#"{{"model":"{}"}}"#, "m".repeat(1 << 20));
+    for body in [
+        "{not json".to_string(),
+        r#"{"model": 42}"#.to_string(),
+        r#"["model", "x"]"#.to_string(),
+        huge,
+    ] {
+        let got = send(
+            &c,
+            req("POST", &proxy.url("/v1/chat/completions"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.clone())))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        let seen = mock.requests();
+        assert_eq!(seen.last().unwrap().body_text(), body);
+    }
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["models"], serde_json::json!([]), "{s}");
+    proxy.stop().await.unwrap();
+}

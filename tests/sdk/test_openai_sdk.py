@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 # What a real client sees: the official `openai` Python SDK pointed at chutes-proxy.
 #
-# Usage: test_openai_sdk.py RATE_LIMITED_URL QUOTA_URL STREAM_URL
+# Usage: test_openai_sdk.py RATE_LIMITED_URL QUOTA_URL STREAM_URL [BUSY_URL]
 # (or the env vars SDK_RATE_LIMITED_URL, SDK_QUOTA_URL, SDK_STREAM_URL), each a proxy base URL
 # ending in /v1, whose upstream is a mock that
 #   RATE_LIMITED_URL: answers every request with a 429 (cooldown.initial = 1s, multiplier 2);
 #   QUOTA_URL:        answers with Chutes' 402 quota message (reset well ahead);
-#   STREAM_URL:       streams one chunk, then Chutes' raw `{"error": "boom"}` line.
+#   STREAM_URL:       streams one chunk, then Chutes' raw `{"error": "boom"}` line;
+#   BUSY_URL:         a capacity 429 for the model first, then success (the proxy retries).
 # tests/it/signals.rs starts those and runs this script; it is not a pytest module because
 # it needs those servers. It prints one line per check and a closing "N passed, N failed",
 # and exits non-zero if anything failed.
@@ -132,7 +133,22 @@ def stream(base_url):
         check("stream: content before the error was delivered", got == ["Hel"], repr(got))
 
 
+def busy(base_url):
+    # The proxy retries on the client's behalf: an SDK that never retries still succeeds.
+    client, attempts = recording_client(base_url, max_retries=0)
+    try:
+        raw = client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        done = raw.parse()
+        check("busy model: success through a capacity 429 with max_retries=0", True)
+        check("busy model: one attempt by the SDK", len(attempts) == 1, f"{len(attempts)} attempts")
+        check("busy model: x-proxy-retries: 1", raw.headers.get("x-proxy-retries") == "1", raw.headers.get("x-proxy-retries"))
+        check("busy model: the answer is the upstream's", done.choices[0].message.content == "hi")
+    except openai.APIError as e:
+        check("busy model: success through a capacity 429 with max_retries=0", False, f"{type(e).__name__}: {e}")
+
+
 def main():
+    busy_url = sys.argv[4] if len(sys.argv) > 4 else os.environ.get("SDK_BUSY_URL")
     urls = sys.argv[1:4]
     if len(urls) != 3:
         env = [os.environ.get(k) for k in ("SDK_RATE_LIMITED_URL", "SDK_QUOTA_URL", "SDK_STREAM_URL")]
@@ -144,6 +160,8 @@ def main():
     rate_limited(urls[0])
     quota(urls[1])
     stream(urls[2])
+    if busy_url:
+        busy(busy_url)
     passed = sum(results)
     failed = len(results) - passed
     print(f"sdk: {passed} passed, {failed} failed", flush=True)
