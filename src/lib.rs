@@ -299,6 +299,7 @@ fn restore(config: &Config, settings: &Settings, wall: WallClock) -> Persisted {
             Persisted {
                 day: Some(today),
                 used,
+                assumed: true,
                 ..Persisted::default()
             }
         }

@@ -58,6 +58,10 @@ pub struct Persisted {
     /// The last upstream 429 and its headers: "why was I limited" survives a restart.
     #[serde(default)]
     pub last_429: Option<crate::admission::Last429>,
+    /// Not stored: set when the file could not be trusted and `used` is an assumption (the
+    /// whole cap, so the proxy never under-counts), for `/status` to say so.
+    #[serde(skip)]
+    pub assumed: bool,
     #[serde(default)]
     pub cooldown_level: u32,
     #[serde(default)]
@@ -389,6 +393,7 @@ mod tests {
                 headers: vec![("retry-after".into(), "30".into())],
                 body: "<html>429</html>".into(),
             }),
+            assumed: false,
         };
         let bytes = render(&p, 0);
         assert_eq!(parse(&bytes).unwrap(), p);

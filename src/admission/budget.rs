@@ -21,6 +21,8 @@ impl Inner {
             self.day.index = today;
             self.day.used = 0;
             self.day.pending = None;
+            self.day.assumed = false;
+            self.day.fleet_used = 0;
             if self.day.durable != u64::MAX {
                 self.day.durable = 0;
             }
@@ -57,6 +59,12 @@ impl Inner {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The day's count as clients and operators see it: this process's, or in a fleet the
+    /// larger fleet-wide figure Redis last reported.
+    pub(super) fn used_view(&self) -> u64 {
+        self.day.used.max(self.day.fleet_used)
     }
 
     /// The GCRA emission interval of the rate in force.
@@ -128,7 +136,7 @@ impl Inner {
         now_unix: f64,
     ) -> Option<Blocked> {
         if let Some(cap) = self.daily_cap() {
-            if self.day.used >= cap {
+            if self.used_view() >= cap {
                 return Some(Blocked::Daily {
                     open_at_unix: day_end(self.day.index, self.s.day_reset_offset) as f64,
                 });
@@ -413,8 +421,8 @@ impl Inner {
             requests_per_minute: self.rpm_in_force,
             burst: self.s.burst,
             requests_per_day: cap,
-            used_today: self.day.used,
-            remaining_today: cap.map(|d| d.saturating_sub(self.day.used)),
+            used_today: self.used_view(),
+            remaining_today: cap.map(|d| d.saturating_sub(self.used_view())),
             day_resets_at_unix: self.resets_at_unix(now_unix),
         }
     }
@@ -781,6 +789,7 @@ impl Inner {
             let until = day_end(self.day.index, self.s.day_reset_offset) as f64;
             if self.day.gate_until_unix.is_none_or(|g| g < until) {
                 self.day.gate_until_unix = Some(until);
+                self.day.gate_cause = GATE_BY_HEADERS;
                 tracing::warn!(
                     total,
                     used,

@@ -89,8 +89,12 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
     let mut g = shared.lock();
     match result {
         Ok(Take::Granted {
-            probe, day, lease, ..
+            probe,
+            day,
+            lease,
+            used_today,
         }) => {
+            g.day.fleet_used = g.day.fleet_used.max(used_today);
             let lease = lease.map(|id| f.hold_lease(id));
             if probe {
                 g.cooldown.probe = Probe::Ready;
@@ -126,6 +130,7 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
         }
         Ok(Take::DailyClosed { until_unix }) => {
             g.day.gate_until_unix = Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+            g.day.gate_cause = GATE_BY_FLEET;
         }
         Err(e) => match f.settings.on_error {
             OnError::FailClosed => {
@@ -193,6 +198,7 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                     fleet::Event::Gate { until_unix } => {
                         g.day.gate_until_unix =
                             Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+                        g.day.gate_cause = GATE_BY_FLEET;
                     }
                     fleet::Event::Open
                     | fleet::Event::ProbeReleased
@@ -225,6 +231,7 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                         if let Some(u) = st.gate_until_unix {
                             g.day.gate_until_unix =
                                 Some(g.day.gate_until_unix.unwrap_or(0.0).max(u));
+                            g.day.gate_cause = GATE_BY_FLEET;
                         }
                     }
                     sh.wake.notify_one();

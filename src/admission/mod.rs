@@ -284,6 +284,13 @@ struct Day {
     pending: Option<u64>,
     /// Upstream 402 quota gate, or the quota headers' "spent" (UNIX seconds).
     gate_until_unix: Option<f64>,
+    /// `used` is an assumption (an untrustworthy state file), not a count, until the day ends.
+    assumed: bool,
+    /// What closed `gate_until_unix`, in words for `/status`.
+    gate_cause: &'static str,
+    /// Fleet mode: the largest fleet-wide count Redis reported today (`used` is this
+    /// replica's share); what clients and operators are shown, and what sheds at once.
+    fleet_used: u64,
 }
 
 struct ClientState {
@@ -394,6 +401,11 @@ enum Blocked {
     Durability,
 }
 
+/// Why the daily gate is closed (`/status` `daily.gate_reason`).
+const GATE_BY_402: &str = "the upstream answered 402 quota exceeded";
+const GATE_BY_HEADERS: &str = "the upstream's quota headers say the plan's daily quota is spent";
+const GATE_BY_FLEET: &str = "the fleet's daily count reached its cap (or another replica's gate)";
+
 /// A decision about one request that its reply carries, made under the lock and sent after.
 type Out = Vec<(Reply, Result<Permit, Rejection>)>;
 
@@ -476,6 +488,9 @@ impl Admission {
                 durable,
                 pending: None,
                 gate_until_unix: gate,
+                assumed: restored.assumed && restored.day == Some(today),
+                fleet_used: 0,
+                gate_cause: GATE_BY_402,
             },
             cooldown: Cooldown {
                 until: cooldown_until,
@@ -863,7 +878,40 @@ impl Admission {
         let mut g = shared.lock();
         g.roll_day(shared, now_unix);
         let s = Arc::clone(&g.s);
+        // What limits a new request right now, in the contract's order, and how long it
+        // would wait (this also ends an expired cooldown, so the probe shows as ready).
+        let blocked = g.blocked(shared, now, now_unix);
         let (tokens, next_in) = g.tokens_now(shared);
+        let fleet_down = shared
+            .fleet
+            .as_ref()
+            .is_some_and(|f| !f.is_healthy() && f.settings.on_error == OnError::FailClosed);
+        let limited_by = if fleet_down {
+            Some("shared_state_unavailable")
+        } else {
+            match blocked {
+                Some(Blocked::Daily { .. }) => Some("daily_quota_exhausted"),
+                Some(Blocked::UsageCap { .. }) => Some("usage_cap_exhausted"),
+                Some(Blocked::Cooldown { .. }) if g.cooldown.proactive => Some("upstream_window"),
+                Some(Blocked::Cooldown { .. }) => Some("upstream_cooldown"),
+                Some(Blocked::Probe) => Some("probe_in_flight"),
+                Some(Blocked::Concurrency) => Some("max_concurrent"),
+                Some(Blocked::Durability) => Some("state_file_reservation"),
+                None if !g.queue.is_empty() => Some("queue"),
+                None if tokens == 0 || g.hold_until.is_some_and(|h| h > now) => {
+                    Some("account_rate")
+                }
+                None => None,
+            }
+        };
+        let new_request_wait = match blocked {
+            Some(Blocked::Daily { open_at_unix } | Blocked::UsageCap { open_at_unix }) => {
+                Duration::from_secs_f64((open_at_unix - now_unix).max(0.0))
+            }
+            _ => g
+                .estimate(shared, g.queue.len(), now)
+                .saturating_duration_since(now),
+        };
         let cooldown_until = g.cooldown.until.filter(|&u| u > now);
         let cap = g.daily_cap();
         Snapshot {
@@ -882,10 +930,19 @@ impl Admission {
             max_wait: s.max_wait,
             tokens_available: tokens,
             next_token_in: next_in,
-            used_today: g.day.used,
-            remaining_today: cap.map(|d| d.saturating_sub(g.day.used)),
+            used_today: g.used_view(),
+            replica_used_today: shared.fleet.is_some().then_some(g.day.used),
+            remaining_today: cap.map(|d| d.saturating_sub(g.used_view())),
             day_resets_at_unix: g.resets_at_unix(now_unix),
             daily_gate_until_unix: g.day.gate_until_unix.filter(|&u| u > now_unix),
+            daily_assumed: g.day.assumed,
+            daily_gate_reason: g
+                .day
+                .gate_until_unix
+                .filter(|&u| u > now_unix)
+                .map(|_| g.day.gate_cause),
+            limited_by,
+            new_request_wait,
             usage_cap_until_unix: g.usage_cap_until_unix.filter(|&u| u > now_unix),
             cooldown_active: cooldown_until.is_some(),
             cooldown_proactive: cooldown_until.is_some() && g.cooldown.proactive,
@@ -1064,6 +1121,7 @@ impl Shared {
                 .map(|u| self.wall.unix_at(u)),
             cooldown_level: g.cooldown.level,
             last_429: g.cooldown.last_429.clone(),
+            assumed: g.day.assumed,
             clients: g
                 .clients
                 .iter()
@@ -1092,10 +1150,21 @@ pub struct Snapshot {
     pub max_wait: Duration,
     pub tokens_available: u32,
     pub next_token_in: Duration,
+    /// The day's count: fleet-wide in a Redis fleet (as last reported by Redis).
     pub used_today: u64,
+    /// In a fleet, this replica's own share of `used_today`.
+    pub replica_used_today: Option<u64>,
     pub remaining_today: Option<u64>,
     pub day_resets_at_unix: i64,
     pub daily_gate_until_unix: Option<f64>,
+    /// The day's count is an assumption (the state file could not be trusted at start).
+    pub daily_assumed: bool,
+    /// What closed the daily gate, when one is closed.
+    pub daily_gate_reason: Option<&'static str>,
+    /// What limits a new request right now (`None`: it would go at once).
+    pub limited_by: Option<&'static str>,
+    /// How long a new request would wait for admission now (an estimate).
+    pub new_request_wait: Duration,
     pub usage_cap_until_unix: Option<f64>,
     pub cooldown_active: bool,
     pub cooldown_proactive: bool,

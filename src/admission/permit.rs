@@ -348,6 +348,7 @@ impl Permit {
                     .filter(|&r| r > now_unix && r < now_unix + 2.0 * 86_400.0)
                     .unwrap_or(next_reset);
                 g.day.gate_until_unix = Some(until);
+                g.day.gate_cause = GATE_BY_402;
                 if self.probe && g.cooldown.probe == Probe::Outstanding {
                     g.cooldown.probe = Probe::Open;
                 }

@@ -548,3 +548,32 @@ async fn one_reset_instant_after_a_quota_402() {
         "back to the quota day's end"
     );
 }
+
+/// `/status` names what limits a new request right now and how long it would wait.
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_says_what_limits_a_new_request() {
+    let mut s = settings(60, 1);
+    s.cooldown_initial = Duration::from_secs(10);
+    let a = admission(s);
+    assert_eq!(a.snapshot().limited_by, None);
+    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let snap = a.snapshot();
+    assert_eq!(snap.limited_by, Some("account_rate"));
+    assert_eq!(snap.new_request_wait, Duration::from_secs(1));
+    p.report(Outcome::RateLimited {
+        scope: Scope429::Account,
+        hint: None,
+        status: 429,
+        headers: vec![],
+        body: String::new(),
+    });
+    drop(p);
+    let snap = a.snapshot();
+    assert_eq!(snap.limited_by, Some("upstream_cooldown"));
+    assert_eq!(snap.new_request_wait, Duration::from_secs(10));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // The cooldown is over: the next request is the probe, and the snapshot says so.
+    let snap = a.snapshot();
+    assert_eq!(snap.gate, Probe::Ready);
+    assert_eq!(snap.limited_by, None);
+}
