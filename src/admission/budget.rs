@@ -530,27 +530,21 @@ impl Inner {
                     if let Some(m) = w.payload.model.as_deref() {
                         match models.blocked(m, now, now_unix) {
                             None => {}
-                            Some(ModelBlock::Cooling(until)) => {
-                                if w.deadline < until {
-                                    shed.borrow_mut().push((
-                                        w.client,
-                                        w.id,
-                                        Reason::ModelCooldown,
-                                        until - now,
-                                        true,
-                                    ));
-                                } else {
-                                    soonest(until);
-                                }
-                                return false;
-                            }
-                            Some(ModelBlock::Quota(open_unix)) => {
-                                let open = shared.wall.instant_at(open_unix);
+                            Some(b @ (ModelBlock::Cooling(_) | ModelBlock::Quota(_))) => {
+                                // Cooling, or its own quota spent: shed those that cannot
+                                // wait for it to reopen, wake for the others.
+                                let (open, reason) = match b {
+                                    ModelBlock::Quota(u) => {
+                                        (shared.wall.instant_at(u), Reason::DailyQuotaExhausted)
+                                    }
+                                    ModelBlock::Cooling(until) => (until, Reason::ModelCooldown),
+                                    _ => (now, Reason::ModelCooldown),
+                                };
                                 if w.deadline < open {
                                     shed.borrow_mut().push((
                                         w.client,
                                         w.id,
-                                        Reason::DailyQuotaExhausted,
+                                        reason,
                                         open - now,
                                         true,
                                     ));

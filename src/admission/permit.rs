@@ -239,23 +239,8 @@ impl Permit {
                     s.cooldown_multiplier,
                     level,
                 );
-                let (duration, hint_note) = match hint {
-                    Some(Hint::After(d)) if d <= s.model_cooldown_max => {
-                        (d.max(Duration::from_secs(1)), None)
-                    }
-                    Some(Hint::After(d)) => (
-                        s.model_cooldown_max,
-                        Some(format!(
-                            "upstream asked for {:.0}s, clamped to cooldown.model_max",
-                            d.as_secs_f64()
-                        )),
-                    ),
-                    Some(Hint::Unparseable(h)) => (
-                        computed,
-                        Some(format!("unparseable rate-limit header ignored: {h}")),
-                    ),
-                    None => (computed, None),
-                };
+                let (duration, hint_note) =
+                    cooldown_length(hint, computed, s.model_cooldown_max, "cooldown.model_max");
                 if escalate {
                     e.level = level;
                     e.epoch += 1;
@@ -301,23 +286,8 @@ impl Permit {
                     s.cooldown_multiplier,
                     level,
                 );
-                let (duration, hint_note) = match hint {
-                    Some(Hint::After(d)) if d <= s.cooldown_max => {
-                        (d.max(Duration::from_secs(1)), None)
-                    }
-                    Some(Hint::After(d)) => (
-                        s.cooldown_max,
-                        Some(format!(
-                            "upstream asked for {:.0}s, clamped to cooldown.max",
-                            d.as_secs_f64()
-                        )),
-                    ),
-                    Some(Hint::Unparseable(h)) => (
-                        computed,
-                        Some(format!("unparseable rate-limit header ignored: {h}")),
-                    ),
-                    None => (computed, None),
-                };
+                let (duration, hint_note) =
+                    cooldown_length(hint, computed, s.cooldown_max, "cooldown.max");
                 let until = now + duration;
                 let longer = g.cooldown.until.is_none_or(|u| u < until);
                 if escalate {
@@ -486,6 +456,32 @@ impl Drop for Permit {
         if waiting {
             shared.wake.notify_one();
         }
+    }
+}
+
+/// How long a cooldown lasts: the upstream's hint if it gave a readable one (at least 1 s,
+/// trusted up to `max`, named `max_key` in the note when clamped), else `computed`; with a
+/// note for the log line when the hint was not used as is.
+fn cooldown_length(
+    hint: Option<Hint>,
+    computed: Duration,
+    max: Duration,
+    max_key: &str,
+) -> (Duration, Option<String>) {
+    match hint {
+        Some(Hint::After(d)) if d <= max => (d.max(Duration::from_secs(1)), None),
+        Some(Hint::After(d)) => (
+            max,
+            Some(format!(
+                "upstream asked for {:.0}s, clamped to {max_key}",
+                d.as_secs_f64()
+            )),
+        ),
+        Some(Hint::Unparseable(h)) => (
+            computed,
+            Some(format!("unparseable rate-limit header ignored: {h}")),
+        ),
+        None => (computed, None),
     }
 }
 

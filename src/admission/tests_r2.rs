@@ -43,6 +43,16 @@ fn spawn_admit(
     })
 }
 
+fn account_429() -> Outcome {
+    Outcome::RateLimited {
+        scope: Scope429::Account,
+        hint: None,
+        status: 429,
+        headers: vec![],
+        body: String::new(),
+    }
+}
+
 fn capacity_429() -> Outcome {
     Outcome::RateLimited {
         scope: Scope429::Model,
@@ -91,13 +101,7 @@ async fn a_clients_own_rate_is_waited_for_not_shed() {
     s.cooldown_initial = Duration::from_secs(2);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
-    p.report(Outcome::RateLimited {
-        scope: Scope429::Account,
-        hint: None,
-        status: 429,
-        headers: vec![],
-        body: String::new(),
-    });
+    p.report(account_429());
     drop(p);
     let start = Instant::now();
     let hs: Vec<_> = (0..4)
@@ -496,13 +500,7 @@ async fn a_retry_is_the_probe_after_the_cooldown() {
     s.cooldown_initial = Duration::from_secs(3);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
-    p.report(Outcome::RateLimited {
-        scope: Scope429::Account,
-        hint: None,
-        status: 429,
-        headers: vec![],
-        body: String::new(),
-    });
+    p.report(account_429());
     drop(p);
     let others: Vec<_> = (0..3)
         .map(|_| spawn_admit(&a, ask(0, None, Duration::from_secs(30))))
@@ -560,13 +558,7 @@ async fn the_snapshot_says_what_limits_a_new_request() {
     let snap = a.snapshot();
     assert_eq!(snap.limited_by, Some("account_rate"));
     assert_eq!(snap.new_request_wait, Duration::from_secs(1));
-    p.report(Outcome::RateLimited {
-        scope: Scope429::Account,
-        hint: None,
-        status: 429,
-        headers: vec![],
-        body: String::new(),
-    });
+    p.report(account_429());
     drop(p);
     let snap = a.snapshot();
     assert_eq!(snap.limited_by, Some("upstream_cooldown"));

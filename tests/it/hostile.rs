@@ -955,6 +955,34 @@ fn collect_stderr(
     (rx, handle)
 }
 
+/// Wait for the child's startup line (it names the listen addresses); everything it writes
+/// to stderr is collected for the final grep. Kills the child and fails if none comes.
+async fn wait_for_startup(
+    child: &mut std::process::Child,
+) -> (String, std::thread::JoinHandle<String>) {
+    let (lines, stderr) = collect_stderr(child.stderr.take().expect("stderr piped"));
+    let startup = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + WAIT_LIMIT;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(l) if l.contains("listening on") => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .unwrap();
+    match startup {
+        Some(l) => (l, stderr),
+        None => {
+            let _ = child.kill();
+            panic!("no startup line; stderr:\n{}", stderr.join().unwrap());
+        }
+    }
+}
+
 /// The `http://127.0.0.1:PORT` after `marker` in the startup line.
 fn address_after(line: &str, marker: &str) -> Option<String> {
     let rest = &line[line.find(marker)? + marker.len()..];
@@ -996,24 +1024,7 @@ async fn the_key_is_never_in_responses_status_metrics_or_trace_logs() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start chutes-proxy");
-    let (lines, stderr) = collect_stderr(child.stderr.take().unwrap());
-    let startup = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + WAIT_LIMIT;
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match lines.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => return Some(l),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .unwrap();
-    let Some(startup) = startup else {
-        let _ = child.kill();
-        panic!("no startup line; stderr:\n{}", stderr.join().unwrap());
-    };
+    let (startup, stderr) = wait_for_startup(&mut child).await;
     let base = address_after(&startup, "listening on ").expect("proxy address");
     let admin = address_after(&startup, "(admin: ").expect("admin address");
 
@@ -1184,24 +1195,7 @@ async fn sighup_reloads_and_never_ends_the_process() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start chutes-proxy");
-    let (lines, stderr) = collect_stderr(child.stderr.take().unwrap());
-    let startup = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + WAIT_LIMIT;
-        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            match lines.recv_timeout(left) {
-                Ok(l) if l.contains("listening on") => return Some(l),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
-        None
-    })
-    .await
-    .unwrap();
-    let Some(startup) = startup else {
-        let _ = child.kill();
-        panic!("no startup line; stderr:\n{}", stderr.join().unwrap());
-    };
+    let (startup, stderr) = wait_for_startup(&mut child).await;
     let admin = address_after(&startup, "(admin: ").expect("admin address");
     let c = client();
     std::fs::write(&config, text(30)).unwrap();

@@ -104,25 +104,7 @@ impl Start {
             },
             env: Box::new(move |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())),
         };
-        let addr = main.local_addr().unwrap();
-        let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(chutes_proxy::run_with(
-            config,
-            Some(source),
-            main,
-            admin,
-            self.wall,
-            async move {
-                let _ = rx.await;
-            },
-        ));
-        TestProxy {
-            addr,
-            admin: admin_addr,
-            stop: Some(tx),
-            task: Some(task),
-        }
+        TestProxy::start_with(config, Some(source), main, admin, self.wall).await
     }
 }
 
@@ -133,12 +115,30 @@ impl TestProxy {
         admin: Option<TcpListener>,
         wall: WallClock,
     ) -> TestProxy {
+        TestProxy::start_with(config, None, main, admin, wall).await
+    }
+
+    /// As [`TestProxy::start_on`], reloadable from `source` when given.
+    pub async fn start_with(
+        config: Config,
+        source: Option<chutes_proxy::reload::Source>,
+        main: TcpListener,
+        admin: Option<TcpListener>,
+        wall: WallClock,
+    ) -> TestProxy {
         let addr = main.local_addr().unwrap();
         let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(chutes_proxy::run(config, main, admin, wall, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(chutes_proxy::run_with(
+            config,
+            source,
+            main,
+            admin,
+            wall,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         TestProxy {
             addr,
             admin: admin_addr,
