@@ -225,11 +225,8 @@ impl<T> FairQueue<T> {
     /// Serve waiter `id` of `client` (found by [`FairQueue::find`]): it leaves the queue and
     /// its client is charged one service, exactly as if it had been at the head.
     pub fn serve(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
-        if let Some(pos) = self.urgent.iter().position(|w| w.id == id) {
-            // Served out of turn once already: a retry does not charge its client again.
-            let w = self.urgent.remove(pos)?;
-            self.len -= 1;
-            self.after_removal();
+        // Served out of turn once already: a retry does not charge its client again.
+        if let Some(w) = self.take_urgent(id) {
             return Some(w);
         }
         let c = self.clients.get_mut(client)?;
@@ -282,15 +279,21 @@ impl<T> FairQueue<T> {
 
     /// Remove waiter `id` of `client` if it is still queued. Those behind it move up.
     pub fn remove(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
-        if let Some(pos) = self.urgent.iter().position(|w| w.id == id) {
-            let w = self.urgent.remove(pos)?;
-            self.len -= 1;
-            self.after_removal();
+        if let Some(w) = self.take_urgent(id) {
             return Some(w);
         }
         let c = self.clients.get_mut(client)?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
+        self.len -= 1;
+        self.after_removal();
+        Some(w)
+    }
+
+    /// Take retried waiter `id` out of the urgent line, if it is there.
+    fn take_urgent(&mut self, id: u64) -> Option<Waiter<T>> {
+        let pos = self.urgent.iter().position(|w| w.id == id)?;
+        let w = self.urgent.remove(pos)?;
         self.len -= 1;
         self.after_removal();
         Some(w)
