@@ -164,10 +164,8 @@ impl Admin {
         });
         let s = self.admission.snapshot();
         let settings = self.admission.settings();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        // The clock admission's instants were made with, so `*_left` figures are consistent.
+        let now = self.wall.now_unix();
         // Milliseconds are the finest grain anyone reading this needs.
         let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
         let until = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));

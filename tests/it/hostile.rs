@@ -997,6 +997,9 @@ async fn the_key_is_never_in_responses_status_metrics_or_trace_logs() {
         .spawn()
         .expect("start chutes-proxy");
     let (lines, stderr) = collect_stderr(child.stderr.take().unwrap());
+    // A blocking thread reading a child process's stderr with std's `recv_timeout`: real time,
+    // on std's clock, is what that wait is measured in (clippy.toml).
+    #[allow(clippy::disallowed_methods)]
     let startup = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + WAIT_LIMIT;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
@@ -1185,6 +1188,9 @@ async fn sighup_reloads_and_never_ends_the_process() {
         .spawn()
         .expect("start chutes-proxy");
     let (lines, stderr) = collect_stderr(child.stderr.take().unwrap());
+    // A blocking thread reading a child process's stderr with std's `recv_timeout`: real time,
+    // on std's clock, is what that wait is measured in (clippy.toml).
+    #[allow(clippy::disallowed_methods)]
     let startup = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + WAIT_LIMIT;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {

@@ -74,6 +74,8 @@ impl RedisServer {
     }
 
     /// Poll until the server answers PING (a readiness check of an external process, bounded).
+    // Blocking, in real time on std's clock: an external process, not the proxy's time.
+    #[allow(clippy::disallowed_methods)]
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         let client = redis::Client::open(self.url()).unwrap();
