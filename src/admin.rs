@@ -14,7 +14,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, VARY};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::json;
 
 use crate::admission::Admission;
 use crate::body::ResponseBody;
@@ -22,6 +21,7 @@ use crate::clock::WallClock;
 use crate::config::{Backend, Config, OnRedisError};
 use crate::history::History;
 use crate::metrics::{Format, Metrics};
+use crate::response::OpenAiError;
 use crate::status::{self, AdvertisedRate, Status};
 use crate::units::{format_reset, format_rfc3339};
 
@@ -84,16 +84,13 @@ impl Admin {
                     text(StatusCode::OK, "application/json", body.into())
                 }
                 Err(message) => {
-                    let body = json!({"error": {
-                        "message": message,
-                        "type": "invalid_request_error",
-                        "param": "seconds",
-                        "code": "invalid_parameter",
-                    }});
+                    let body =
+                        OpenAiError::new(&message, "invalid_request_error", "invalid_parameter")
+                            .with_param("seconds");
                     text(
                         StatusCode::BAD_REQUEST,
                         "application/json",
-                        body.to_string().into(),
+                        body.to_json().into(),
                     )
                 }
             },
@@ -376,19 +373,12 @@ impl Admin {
         }
         let peer = req.extensions().get::<crate::server::Peer>().copied();
         if !may_change(self.config.server.admin_token.as_ref(), req.headers(), peer) {
-            let body = json!({"errors": ["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]});
-            return text(
-                StatusCode::FORBIDDEN,
-                "application/json",
-                serde_json::to_vec(&body).unwrap_or_default().into(),
-            );
+            return reload_errors(StatusCode::FORBIDDEN, &["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]);
         }
         let Some(r) = &self.reloader else {
-            let body = json!({"errors": ["this proxy was started without a configuration file to reload"]});
-            return text(
+            return reload_errors(
                 StatusCode::BAD_REQUEST,
-                "application/json",
-                serde_json::to_vec(&body).unwrap_or_default().into(),
+                &["this proxy was started without a configuration file to reload"],
             );
         };
         match r.reload() {
@@ -397,15 +387,21 @@ impl Admin {
                 "application/json",
                 serde_json::to_vec(&report).unwrap_or_default().into(),
             ),
-            Err(errors) => text(
-                StatusCode::BAD_REQUEST,
-                "application/json",
-                serde_json::to_vec(&json!({ "errors": errors }))
-                    .unwrap_or_default()
-                    .into(),
-            ),
+            Err(errors) => reload_errors(StatusCode::BAD_REQUEST, &errors),
         }
     }
+}
+
+/// A refused `POST /reload`: `{"errors": [...]}`, one sentence per problem (CONTRACT.md). Not
+/// the OpenAI error envelope: no SDK reads this, an operator does, and a config can be wrong
+/// in several places at once.
+fn reload_errors<S: serde::Serialize>(status: StatusCode, errors: &[S]) -> Response<ResponseBody> {
+    #[derive(serde::Serialize)]
+    struct Errors<'a, S> {
+        errors: &'a [S],
+    }
+    let body = serde_json::to_vec(&Errors { errors }).unwrap_or_default();
+    text(status, "application/json", body.into())
 }
 
 /// Whether a request may use an endpoint that changes something: a loopback peer, or the
