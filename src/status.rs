@@ -11,7 +11,7 @@
 //! Reading is tolerant both ways, so a `status` command reads an older or a newer proxy:
 //! unknown keys are ignored, missing keys take their default (`#[serde(default)]` on every
 //! struct), and a top-level section of an unexpected type is read as its default instead of
-//! failing the whole document ([`lenient`]). Strings stand where the proxy writes one of a
+//! failing the whole document (`lenient`). Strings stand where the proxy writes one of a
 //! fixed set of words (`state`, `gate`, `kind`…), so a newer word still reads.
 
 use std::collections::BTreeMap;
