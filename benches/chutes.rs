@@ -34,6 +34,10 @@
 //! CHUTES_MINUTES (5), CHUTES_PROXY_SHARE (0.9). Under `cargo test --all-targets` it does a
 //! smoke run of two short runs (about 5 seconds).
 
+// A bench times a real proxy and real sockets from outside, in real time: std's clock is
+// what it measures with. clippy.toml keeps std's clock out of the crate itself.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 #[path = "../tests/it/support/chutes.rs"]

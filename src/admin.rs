@@ -14,7 +14,6 @@ use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, VARY};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{json, Value};
 
 use crate::admission::Admission;
 use crate::body::ResponseBody;
@@ -22,6 +21,8 @@ use crate::clock::WallClock;
 use crate::config::{Backend, Config, OnRedisError};
 use crate::history::History;
 use crate::metrics::{Format, Metrics};
+use crate::response::OpenAiError;
+use crate::status::{self, AdvertisedRate, Status};
 use crate::units::{format_reset, format_rfc3339};
 
 /// How much of the last upstream 429's body `/status` shows.
@@ -83,22 +84,20 @@ impl Admin {
                     text(StatusCode::OK, "application/json", body.into())
                 }
                 Err(message) => {
-                    let body = json!({"error": {
-                        "message": message,
-                        "type": "invalid_request_error",
-                        "param": "seconds",
-                        "code": "invalid_parameter",
-                    }});
+                    let body =
+                        OpenAiError::new(&message, "invalid_request_error", "invalid_parameter")
+                            .with_param("seconds");
                     text(
                         StatusCode::BAD_REQUEST,
                         "application/json",
-                        body.to_string().into(),
+                        body.to_json().into(),
                     )
                 }
             },
             "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
             "/status" => {
-                let body = serde_json::to_vec_pretty(&self.status().await).unwrap_or_default();
+                let doc = self.status().await;
+                let body = serde_json::to_vec_pretty(&doc).unwrap_or_default();
                 text(StatusCode::OK, "application/json", body.into())
             }
             "/metrics" => {
@@ -123,10 +122,9 @@ impl Admin {
         }
     }
 
-    /// The `/status` document. Every field is described in docs/observability.md; keys are
-    /// stable (scripts read them), and a field that does not apply is `null` rather than
-    /// missing.
-    pub async fn status(&self) -> Value {
+    /// The `/status` document (its shape: `status.rs`). Figures are read from one admission
+    /// snapshot, so they agree with each other.
+    pub async fn status(&self) -> Status {
         // Read Redis before taking the snapshot: the call is bounded (fleet::CALL_TIMEOUT) but
         // still I/O, and the snapshot should be as fresh as possible when the document is sent.
         let fleet = match self.admission.fleet() {
@@ -137,54 +135,32 @@ impl Admin {
             )),
             None => None,
         };
-        let fleet = fleet.map(|(f, healthy, round_trips)| {
-            let ss = &self.config.shared_state;
-            let unix = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));
-            json!({
-                "redis_url": redact_url(&ss.redis_url),
-                "key_prefix": ss.key_prefix,
-                "on_redis_error": match ss.on_redis_error {
-                    OnRedisError::FailClosed => "fail_closed",
-                    OnRedisError::Local => "local",
-                },
-                "reachable": f.reachable,
-                // `reachable` is this read; `healthy` is what admission currently believes
-                // (it decides between Redis and the fallback).
-                "healthy": healthy,
-                "last_error": f.last_error,
-                "used_today": f.used_today,
-                "cooldown_until": unix(f.cooldown_until_unix),
-                "cooldown_level": f.level,
-                "quota_gate_until": unix(f.gate_until_unix),
-                "probe_needed": f.probe_needed,
-                // Redis calls this replica made since start (admission, announcements, and
-                // these status reads), for judging the fleet backend's cost.
-                "redis_round_trips": round_trips,
-            })
+        let ss = &self.config.shared_state;
+        let fleet = fleet.map(|(f, healthy, round_trips)| status::Fleet {
+            redis_url: redact_url(&ss.redis_url),
+            key_prefix: ss.key_prefix.clone(),
+            on_redis_error: match ss.on_redis_error {
+                OnRedisError::FailClosed => "fail_closed",
+                OnRedisError::Local => "local",
+            }
+            .into(),
+            // `reachable` is this read; `healthy` is what admission currently believes.
+            reachable: f.reachable,
+            healthy,
+            last_error: f.last_error,
+            used_today: f.used_today,
+            cooldown_until: until(f.cooldown_until_unix),
+            cooldown_level: f.level,
+            quota_gate_until: until(f.gate_until_unix),
+            probe_needed: f.probe_needed,
+            redis_round_trips: round_trips,
         });
         let s = self.admission.snapshot();
         let settings = self.admission.settings();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        // Milliseconds are the finest grain anyone reading this needs.
-        let secs = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
-        let until = |u: Option<f64>| u.map(|u| format_rfc3339(u.ceil() as i64));
-        let left = |u: Option<f64>| u.map(|u| ((u - now).max(0.0) * 1000.0).round() / 1000.0);
+        // The clock admission's instants were made with, so `*_left` figures are consistent.
+        let now = self.wall.now_unix();
+        let left = |u: Option<f64>| u.map(|u| millis((u - now).max(0.0)));
         let cfg = &self.config;
-        let outcomes: serde_json::Map<String, Value> = self
-            .metrics
-            .outcomes()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        let statuses: serde_json::Map<String, Value> = self
-            .metrics
-            .statuses()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
         let daily_exhausted = s.daily_gate_until_unix.is_some() || s.remaining_today == Some(0);
         // The one word a person looks for first; the most binding gate wins.
         let state = if daily_exhausted {
@@ -199,127 +175,184 @@ impl Admin {
             s.gate.as_str()
         };
         let reset_in = (s.day_resets_at_unix as f64 - now).max(0.0);
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_seconds": secs(self.metrics.uptime()),
-            "now": format_rfc3339(now as i64),
-            "state": state,
-            "upstream": cfg.upstream.url.to_string(),
-            // Whether a key is configured, never the key (nor its length or a prefix).
-            "api_key": if cfg.upstream.api_key.is_some() { "configured" } else { "not configured (client auth passes through)" },
-            "backend": match self.config.shared_state.backend {
+        let counts = |v: Vec<(&str, u64)>| v.into_iter().map(|(k, n)| (k.to_string(), n)).collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_seconds: secs(self.metrics.uptime()),
+            now: format_rfc3339(now as i64),
+            state: state.into(),
+            upstream: cfg.upstream.url.to_string(),
+            api_key: if cfg.upstream.api_key.is_some() {
+                "configured"
+            } else {
+                "not configured (client auth passes through)"
+            }
+            .into(),
+            backend: match ss.backend {
                 Backend::Local => "local",
                 Backend::Redis => "redis",
+            }
+            .into(),
+            fleet,
+            rate_limits: status::RateLimits {
+                configured_requests_per_minute: s.configured_requests_per_minute,
+                advertised_requests_per_minute: match s.advertised_requests_per_minute {
+                    _ if s.advertised_unlimited => AdvertisedRate::Unlimited,
+                    Some(n) => AdvertisedRate::PerMinute(n),
+                    None => AdvertisedRate::Unknown,
+                },
+                in_force_requests_per_minute: s.requests_per_minute,
+                follow_upstream_limits: settings.follow_upstream_limits,
+                configured_requests_per_day: s.configured_requests_per_day,
+                in_force_requests_per_day: s.requests_per_day,
+                beyond_quota: if settings.beyond_quota_stop {
+                    "stop"
+                } else {
+                    "continue"
+                }
+                .into(),
             },
-            // The fleet-wide figures from Redis (`null` with the local backend): `daily` and
-            // `cooldown` above are this replica's view.
-            "fleet": fleet,
-            // Configured against advertised, side by side: the rate in force is the lower
-            // (with follow_upstream_limits), the daily cap the smaller (with beyond_quota =
-            // "stop").
-            "rate_limits": {
-                "configured_requests_per_minute": s.configured_requests_per_minute,
-                "advertised_requests_per_minute": if s.advertised_unlimited { json!("inf") } else { json!(s.advertised_requests_per_minute) },
-                "in_force_requests_per_minute": s.requests_per_minute,
-                "follow_upstream_limits": settings.follow_upstream_limits,
-                "configured_requests_per_day": s.configured_requests_per_day,
-                "in_force_requests_per_day": s.requests_per_day,
-                "beyond_quota": if settings.beyond_quota_stop { "stop" } else { "continue" },
+            upstream_quota: s.upstream_quota.map(|q| status::UpstreamQuota {
+                total: q.total,
+                used: q.used,
+                remaining: q.remaining,
+                seen_at: format_rfc3339(q.seen_at_unix as i64),
+                seen_ago_seconds: (now - q.seen_at_unix).max(0.0).round(),
+                source: q.source.as_str().into(),
+            }),
+            usage_cap: status::UsageCap {
+                exhausted: s.usage_cap_until_unix.is_some(),
+                until: until(s.usage_cap_until_unix),
+                remaining_seconds: left(s.usage_cap_until_unix),
             },
-            "upstream_quota": s.upstream_quota.map(|q| json!({
-                "total": q.total,
-                "used": q.used,
-                "remaining": q.remaining,
-                "seen_at": format_rfc3339(q.seen_at_unix as i64),
-                "seen_ago_seconds": (now - q.seen_at_unix).max(0.0).round(),
-                "source": q.source.as_str(),
-            })),
-            "usage_cap": {
-                "exhausted": s.usage_cap_until_unix.is_some(),
-                "until": until(s.usage_cap_until_unix),
-                "remaining_seconds": left(s.usage_cap_until_unix),
+            models: s
+                .models
+                .iter()
+                .map(|m| status::Model {
+                    model: m.model.to_string(),
+                    cooling: m.cooling_until_unix.is_some(),
+                    until: until(m.cooling_until_unix),
+                    until_unix: m.cooling_until_unix,
+                    remaining_seconds: left(m.cooling_until_unix),
+                    level: m.level,
+                    gate: m.probe.as_str().into(),
+                    last_body: m.last_body.chars().take(LAST_429_BODY_CHARS).collect(),
+                    last_429_at: m.last_429_at_unix.map(|u| format_rfc3339(u as i64)),
+                    advertised_requests_per_minute: m.advertised_requests_per_minute,
+                    quota_total: m.quota_total,
+                    quota_used: m.quota_used,
+                    quota_gate_until: until(m.quota_gate_until_unix),
+                })
+                .collect(),
+            limits: status::Limits {
+                requests_per_minute: s.requests_per_minute,
+                burst: s.burst,
+                requests_per_day: s.requests_per_day,
+                day_reset_utc: format!(
+                    "{:02}:{:02}",
+                    settings.day_reset_offset / 3600,
+                    settings.day_reset_offset % 3600 / 60
+                ),
+                max_concurrent: s.max_concurrent as u64,
+                queue_max_depth: s.max_depth as u64,
+                queue_max_wait_seconds: secs(s.max_wait),
+                cooldown_initial_seconds: secs(settings.cooldown_initial),
+                cooldown_max_seconds: secs(settings.cooldown_max),
+                cooldown_multiplier: settings.cooldown_multiplier,
+                model_cooldown_initial_seconds: secs(settings.model_cooldown_initial),
+                model_cooldown_max_seconds: secs(settings.model_cooldown_max),
             },
-            "models": s.models.iter().map(|m| json!({
-                "model": &*m.model,
-                "cooling": m.cooling_until_unix.is_some(),
-                "until": until(m.cooling_until_unix),
-                "until_unix": m.cooling_until_unix,
-                "remaining_seconds": left(m.cooling_until_unix),
-                "level": m.level,
-                "gate": m.probe.as_str(),
-                "last_body": m.last_body.chars().take(LAST_429_BODY_CHARS).collect::<String>(),
-                "last_429_at": m.last_429_at_unix.map(|u| format_rfc3339(u as i64)),
-                "advertised_requests_per_minute": m.advertised_requests_per_minute,
-                "quota_total": m.quota_total,
-                "quota_used": m.quota_used,
-                "quota_gate_until": until(m.quota_gate_until_unix),
-            })).collect::<Vec<_>>(),
-            "limits": {
-                "requests_per_minute": s.requests_per_minute,
-                "burst": s.burst,
-                "requests_per_day": s.requests_per_day,
-                "day_reset_utc": format!("{:02}:{:02}", settings.day_reset_offset / 3600, settings.day_reset_offset % 3600 / 60),
-                "max_concurrent": s.max_concurrent,
-                "queue_max_depth": s.max_depth,
-                "queue_max_wait_seconds": secs(s.max_wait),
-                "cooldown_initial_seconds": secs(settings.cooldown_initial),
-                "cooldown_max_seconds": secs(settings.cooldown_max),
-                "cooldown_multiplier": settings.cooldown_multiplier,
-                "model_cooldown_initial_seconds": secs(settings.model_cooldown_initial),
-                "model_cooldown_max_seconds": secs(settings.model_cooldown_max),
+            tokens: status::Tokens {
+                available: s.tokens_available,
+                capacity: s.burst,
+                spacing_seconds: secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
+                next_in_seconds: secs(s.next_token_in),
             },
-            "tokens": {
-                "available": s.tokens_available,
-                "capacity": s.burst,
-                "spacing_seconds": secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
-                "next_in_seconds": secs(s.next_token_in),
+            daily: status::Daily {
+                used: s.used_today,
+                limit: s.requests_per_day,
+                remaining: s.remaining_today,
+                exhausted: daily_exhausted,
+                resets_at: format_rfc3339(s.day_resets_at_unix),
+                resets_in_seconds: reset_in.round(),
+                resets_in: format_reset(Duration::from_secs_f64(reset_in)),
+                upstream_quota_gate_until: until(s.daily_gate_until_unix),
+                gate_reason: s.daily_gate_reason.map(str::to_string),
+                assumed: s.daily_assumed,
+                replica_used: s.replica_used_today,
             },
-            "daily": {
-                "used": s.used_today,
-                "limit": s.requests_per_day,
-                "remaining": s.remaining_today,
-                "exhausted": daily_exhausted,
-                "resets_at": format_rfc3339(s.day_resets_at_unix),
-                "resets_in_seconds": reset_in.round(),
-                "resets_in": format_reset(Duration::from_secs_f64(reset_in)),
-                "upstream_quota_gate_until": until(s.daily_gate_until_unix),
-            },
-            "cooldown": {
-                "active": s.cooldown_active,
-                "kind": if !s.cooldown_active { None } else if s.cooldown_proactive { Some("upstream_window") } else { Some("rate_limited") },
-                "until": until(s.cooldown_until_unix),
-                "remaining_seconds": left(s.cooldown_until_unix),
-                "level": s.cooldown_level,
-                "gate": s.gate.as_str(),
-                "last_upstream_429": s.last_429.as_ref().map(|l| json!({
-                    "at": format_rfc3339(l.at_unix as i64),
-                    "ago_seconds": (now - l.at_unix).max(0.0).round(),
-                    "status": l.status,
-                    "headers": l.headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+            cooldown: status::Cooldown {
+                active: s.cooldown_active,
+                kind: match (s.cooldown_active, s.cooldown_proactive) {
+                    (false, _) => None,
+                    (true, true) => Some("upstream_window".into()),
+                    (true, false) => Some("rate_limited".into()),
+                },
+                until: until(s.cooldown_until_unix),
+                remaining_seconds: left(s.cooldown_until_unix),
+                level: s.cooldown_level,
+                gate: s.gate.as_str().into(),
+                last_upstream_429: s.last_429.as_ref().map(|l| status::Last429 {
+                    at: format_rfc3339(l.at_unix as i64),
+                    ago_seconds: (now - l.at_unix).max(0.0).round(),
+                    status: l.status,
+                    headers: l.headers.clone(),
                     // Enough to tell an nginx edge page from a JSON `detail`; the full 2 KiB
                     // went to the client that got the 429.
-                    "body": l.body.chars().take(LAST_429_BODY_CHARS).collect::<String>(),
-                })),
+                    body: l.body.chars().take(LAST_429_BODY_CHARS).collect(),
+                }),
             },
-            "queue": {
-                "depth": s.queue_depth,
-                "oldest_wait_seconds": s.oldest_wait.map(secs),
+            queue: status::Queue {
+                depth: s.queue_depth as u64,
+                oldest_wait_seconds: s.oldest_wait.map(secs),
             },
-            "in_flight": s.in_flight,
-            "requests": outcomes,
-            "upstream_responses": statuses,
-            "clients": s.clients.iter().enumerate().map(|(i, c)| json!({
-                "name": &*c.name,
-                "weight": c.weight,
-                "queued": c.queued,
-                "used_today": c.used_today,
-                "forwarded": c.forwarded,
-                "requests_per_minute": c.requests_per_minute,
-                "requests_per_day": c.requests_per_day,
-                "outcomes": self.metrics.client_outcomes(i).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-            })).collect::<Vec<_>>(),
-        })
+            in_flight: s.in_flight as u64,
+            requests: counts(self.metrics.outcomes()),
+            upstream_responses: self
+                .metrics
+                .statuses()
+                .into_iter()
+                .map(|(code, n)| (code.to_string(), n))
+                .collect(),
+            limited_by: s.limited_by.map(str::to_string),
+            new_request_wait_seconds: secs(s.new_request_wait),
+            retries: self
+                .metrics
+                .retry_totals()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            clients: s
+                .clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| status::Client {
+                    name: c.name.to_string(),
+                    weight: c.weight,
+                    queued: c.queued as u64,
+                    used_today: c.used_today,
+                    forwarded: c.forwarded,
+                    requests_per_minute: c.requests_per_minute,
+                    requests_per_day: c.requests_per_day,
+                    outcomes: counts(self.metrics.client_outcomes(i)),
+                })
+                .collect(),
+        }
     }
+}
+
+/// Seconds to the millisecond: the finest grain anyone reading `/status` needs.
+fn secs(d: Duration) -> f64 {
+    millis(d.as_secs_f64())
+}
+
+fn millis(secs: f64) -> f64 {
+    (secs * 1000.0).round() / 1000.0
+}
+
+/// A UNIX instant as RFC 3339, rounded up to the second (a gate is not open before it).
+fn until(u: Option<f64>) -> Option<String> {
+    u.map(|u| format_rfc3339(u.ceil() as i64))
 }
 
 /// A URL with any userinfo (a Redis password) replaced. The last `@` ends the userinfo, so a
@@ -351,19 +384,12 @@ impl Admin {
         }
         let peer = req.extensions().get::<crate::server::Peer>().copied();
         if !may_change(self.config.server.admin_token.as_ref(), req.headers(), peer) {
-            let body = json!({"errors": ["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]});
-            return text(
-                StatusCode::FORBIDDEN,
-                "application/json",
-                serde_json::to_vec(&body).unwrap_or_default().into(),
-            );
+            return reload_errors(StatusCode::FORBIDDEN, &["POST /reload is answered only for a loopback peer or with the admin token (server.admin_token_env) as a Bearer token"]);
         }
         let Some(r) = &self.reloader else {
-            let body = json!({"errors": ["this proxy was started without a configuration file to reload"]});
-            return text(
+            return reload_errors(
                 StatusCode::BAD_REQUEST,
-                "application/json",
-                serde_json::to_vec(&body).unwrap_or_default().into(),
+                &["this proxy was started without a configuration file to reload"],
             );
         };
         match r.reload() {
@@ -372,15 +398,21 @@ impl Admin {
                 "application/json",
                 serde_json::to_vec(&report).unwrap_or_default().into(),
             ),
-            Err(errors) => text(
-                StatusCode::BAD_REQUEST,
-                "application/json",
-                serde_json::to_vec(&json!({ "errors": errors }))
-                    .unwrap_or_default()
-                    .into(),
-            ),
+            Err(errors) => reload_errors(StatusCode::BAD_REQUEST, &errors),
         }
     }
+}
+
+/// A refused `POST /reload`: `{"errors": [...]}`, one sentence per problem (CONTRACT.md). Not
+/// the OpenAI error envelope: no SDK reads this, an operator does, and a config can be wrong
+/// in several places at once.
+fn reload_errors<S: serde::Serialize>(status: StatusCode, errors: &[S]) -> Response<ResponseBody> {
+    #[derive(serde::Serialize)]
+    struct Errors<'a, S> {
+        errors: &'a [S],
+    }
+    let body = serde_json::to_vec(&Errors { errors }).unwrap_or_default();
+    text(status, "application/json", body.into())
 }
 
 /// Whether a request may use an endpoint that changes something: a loopback peer, or the

@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::admission::Permit;
 use crate::log::RequestLog;
+use crate::response::OpenAiError;
 use crate::sse::SseErrorRewriter;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -255,11 +256,10 @@ impl Streaming {
         tracing::warn!(request_id = %self.log.request_id, error = %why, "upstream stream ended abnormally");
         if self.sse.is_some() {
             let mut event = Vec::with_capacity(160);
-            let msg = serde_json::json!({"error": {
-                "message": format!("upstream stream interrupted: {why}"),
-                "type": "upstream_error", "param": null, "code": "upstream_stream_error"}});
+            let message = format!("upstream stream interrupted: {why}");
+            let msg = OpenAiError::new(&message, "upstream_error", "upstream_stream_error");
             event.extend_from_slice(b"\n\ndata: ");
-            event.extend_from_slice(msg.to_string().as_bytes());
+            event.extend_from_slice(&msg.to_json());
             event.extend_from_slice(b"\n\n");
             self.trailer = Some(Bytes::from(event));
             self.finish(Some(why));

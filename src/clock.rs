@@ -1,11 +1,14 @@
 //! Time sources: the monotonic clock that drives the bucket and the queue, and the wall clock
-//! that decides the UTC day.
+//! that decides the UTC day. The only file that reads the system clock.
 //!
 //! Everything monotonic is `tokio::time::Instant`, so `#[tokio::test(start_paused = true)]`
 //! drives the bucket, the queue deadlines and the cooldowns together. governor gets the same
 //! time through [`TokioClock`]. The wall clock is only used for the quota day, persisted
 //! instants and the timestamps users read; tests pin it to a chosen instant that then advances
-//! with (paused) tokio time.
+//! with (paused) tokio time. `clippy.toml` disallows `std::time::SystemTime::now` and
+//! `std::time::Instant::now` everywhere, so no code escapes these two; the one allowed reading
+//! of the system wall clock is [`unix_now`]. Deliberately not here: what any instant means
+//! (the quota day is `units.rs`, gates are admission's).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +38,19 @@ impl governor::clock::Clock for TokioClock {
     }
 }
 
+/// The system wall clock as UNIX seconds (0 for a clock set before 1970).
+///
+/// For what no test needs to pin: request-id seeds, the name a corrupt state file is moved
+/// aside to, and [`WallClock::System`]. Anything compared with admission's instants reads the
+/// [`WallClock`] admission was given instead, so a pinned clock stays consistent.
+#[allow(clippy::disallowed_methods)] // the one reading of the system clock (clippy.toml)
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 /// Wall-clock time as UNIX seconds.
 #[derive(Debug, Clone, Copy)]
 pub enum WallClock {
@@ -54,10 +70,7 @@ impl WallClock {
 
     pub fn now_unix(&self) -> f64 {
         match *self {
-            WallClock::System => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
+            WallClock::System => unix_now(),
             WallClock::Pinned { unix, at } => unix + at.elapsed().as_secs_f64(),
         }
     }

@@ -18,6 +18,7 @@
 //! - [`history`]: the last hour per second, sampled from the counters, for the dashboard.
 //! - [`poll`]: the account usage poll (`upstream.quota_url`).
 //! - [`reload`]: re-reading the config file on SIGHUP or `POST /reload`.
+//! - [`status`]: the `/status` document's one type, written by `admin`, read by `status_cmd`.
 //! - [`status_cmd`]: the `chutes-proxy status` command.
 //! - [`clock`], [`units`]: time sources, durations, sizes, dates.
 
@@ -39,6 +40,7 @@ pub mod server;
 pub mod signals;
 pub mod sse;
 pub mod state;
+pub mod status;
 pub mod status_cmd;
 pub mod units;
 pub mod upstream;

@@ -177,15 +177,20 @@ fn main() -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, before the
+/// proxy starts and says it is listening, not when the future is first polled (after the
+/// listeners are serving): a SIGTERM in between would otherwise meet the default action and
+/// end the process without the drain and the state save (seen as
+/// `hostile::sighup_reloads_and_never_ends_the_process` ending on signal 15 under load).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
+    async move {
+        match signals {
             (Ok(mut int), Ok(mut term)) => {
                 tokio::select! {
                     _ = int.recv() => {}
@@ -197,8 +202,11 @@ async fn shutdown_signal() {
             }
         }
     }
-    #[cfg(not(unix))]
-    {
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -238,7 +238,7 @@ pub struct Metrics {
     client_queue: Family<ClientLabels, Gauge>,
     client_used: Family<ClientLabels, Gauge>,
     client_names: Vec<String>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
 }
 
 impl Metrics {
@@ -424,7 +424,7 @@ impl Metrics {
             client_queue,
             client_used,
             client_names: client_names.iter().map(|c| c.to_string()).collect(),
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
         }
     }
 

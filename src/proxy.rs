@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
 use crate::body::{RequestBody, ResponseBody, UploadStats};
 use crate::clients::Clients;
+use crate::clock;
 use crate::config::Config;
 use crate::log::RequestLog;
 use crate::metrics::{Metrics, RetryCause};
@@ -89,11 +90,7 @@ impl Proxy {
         };
         // Ids are unique across restarts without a random-number dependency: the start time
         // in base 36 and a counter.
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0)
-            ^ u64::from(std::process::id());
+        let start = (clock::unix_now() * 1e6) as u64 ^ u64::from(std::process::id());
         Proxy {
             config,
             admission,
@@ -314,6 +311,12 @@ struct Read429 {
 }
 
 impl Pipeline {
+    /// Wall-clock "now" for reading an upstream's reset instants: admission's own clock, the
+    /// one it turns those instants back into deadlines with.
+    fn unix_now(&self) -> f64 {
+        self.proxy.admission.wall().now_unix()
+    }
+
     /// Answer with one of the proxy's own responses.
     fn own(mut self, r: Rejection) -> Response<ResponseBody> {
         let mut resp = r.render(&self.request_id);
@@ -450,7 +453,7 @@ impl Pipeline {
                 402 => return self.upstream_402(resp, permit).await,
                 _ => {
                     let exhausted = if status.is_success() {
-                        signals::exhausted_hint(resp.headers(), unix_now())
+                        signals::exhausted_hint(resp.headers(), self.unix_now())
                     } else {
                         None
                     };
@@ -540,7 +543,7 @@ impl Pipeline {
     }
 
     async fn upstream_429(&self, resp: Response<Incoming>, permit: &mut Permit) -> Read429 {
-        let now = unix_now();
+        let now = self.unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
         let reported_at = Instant::now();
@@ -774,13 +777,6 @@ fn declared_length(req: &Request<Incoming>) -> Option<u64> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok())
     })
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Append `n` in base 36 (lowercase), for compact request ids.

@@ -305,39 +305,33 @@ impl Rejection {
     /// Status, headers and JSON body. `request_id` is echoed in the header and the body.
     pub fn render(&self, request_id: &HeaderValue) -> Response<Bytes> {
         let (kind, code) = self.reason.type_code();
-        let body = Body {
-            error: ErrorObj {
-                message: self.message(),
-                kind,
-                param: None,
-                code,
-                proxy: ProxyObj {
-                    reason: self.reason.as_str(),
-                    retry_after_seconds: self
-                        .retry_after
-                        .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
-                    request_id: request_id.to_str().unwrap_or(""),
-                    client: self.client.as_deref(),
-                    model: self.model.as_deref(),
-                    limits: self.limits.as_ref().map(|l| LimitsObj {
-                        requests_per_minute: l.requests_per_minute,
-                        burst: l.burst,
-                        requests_per_day: l.requests_per_day,
-                        used_today: l.used_today,
-                        remaining_today: l.remaining_today,
-                        day_resets_at: format_rfc3339(l.day_resets_at_unix),
-                    }),
-                    cooldown_until: self
-                        .cooldown_until_unix
-                        .map(|u| format_rfc3339(u.ceil() as i64)),
-                    upstream_status: self.upstream_status,
-                    upstream_body: self.upstream_body.as_deref(),
-                },
-            },
+        let message = self.message();
+        let body = OpenAiError {
+            proxy: Some(ProxyObj {
+                reason: self.reason.as_str(),
+                retry_after_seconds: self
+                    .retry_after
+                    .map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0),
+                request_id: request_id.to_str().unwrap_or(""),
+                client: self.client.as_deref(),
+                model: self.model.as_deref(),
+                limits: self.limits.as_ref().map(|l| LimitsObj {
+                    requests_per_minute: l.requests_per_minute,
+                    burst: l.burst,
+                    requests_per_day: l.requests_per_day,
+                    used_today: l.used_today,
+                    remaining_today: l.remaining_today,
+                    day_resets_at: format_rfc3339(l.day_resets_at_unix),
+                }),
+                cooldown_until: self
+                    .cooldown_until_unix
+                    .map(|u| format_rfc3339(u.ceil() as i64)),
+                upstream_status: self.upstream_status,
+                upstream_body: self.upstream_body.as_deref(),
+            }),
+            ..OpenAiError::new(&message, kind, code)
         };
-        // Serialising plain structs of strings and numbers cannot fail.
-        let json = serde_json::to_vec(&body).unwrap_or_default();
-        let mut resp = Response::new(Bytes::from(json));
+        let mut resp = Response::new(Bytes::from(body.to_json()));
         *resp.status_mut() = self.reason.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -398,19 +392,54 @@ fn insert_text(h: &mut http::HeaderMap, name: HeaderName, v: &str) {
     }
 }
 
+/// The OpenAI error object, `{"error": {"message", "type", "param", "code"}}` on the wire: the
+/// one shape of every error body the proxy writes (its own responses here, the SSE error
+/// events of `sse.rs` and `body.rs`, the admin listener's 400s), which the SDKs parse into
+/// `RateLimitError`, `APIError` and friends. A struct, not `json!`, so the keys keep the order
+/// OpenAI writes them (`serde_json::Map` would sort them).
+///
+/// `code` is usually one of our fixed words; the SSE rewrite passes on the upstream's own
+/// `code`, which may be any JSON value, hence the parameter.
 #[derive(Serialize)]
-struct Body<'a> {
-    error: ErrorObj<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorObj<'a> {
-    message: String,
+pub(crate) struct OpenAiError<'a, C = &'static str> {
+    message: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
     param: Option<&'a str>,
-    code: &'static str,
-    proxy: ProxyObj<'a>,
+    code: C,
+    /// The proxy's own details, on the responses it makes itself (CONTRACT.md); absent from
+    /// relayed upstream errors and the admin listener's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy: Option<ProxyObj<'a>>,
+}
+
+impl<'a, C: Serialize> OpenAiError<'a, C> {
+    pub(crate) fn new(message: &'a str, kind: &'static str, code: C) -> Self {
+        OpenAiError {
+            message,
+            kind,
+            param: None,
+            code,
+            proxy: None,
+        }
+    }
+
+    /// Naming the request parameter that was wrong.
+    pub(crate) fn with_param(mut self, param: &'a str) -> Self {
+        self.param = Some(param);
+        self
+    }
+
+    /// The body: this object under `"error"`.
+    pub(crate) fn to_json(&self) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Envelope<'b, T> {
+            error: &'b T,
+        }
+        // Serialising plain structs of strings and numbers (and an already-parsed `Value`)
+        // cannot fail.
+        serde_json::to_vec(&Envelope { error: self }).unwrap_or_default()
+    }
 }
 
 #[derive(Serialize)]
@@ -536,6 +565,22 @@ mod tests {
             "<html>\r\nSet-Cookie: x=1\"}</html>"
         );
         assert_eq!(v["error"]["proxy"]["upstream_status"], 429);
+    }
+
+    /// The envelope everyone else writes (admin's 400s, the SSE error events): OpenAI's keys
+    /// in OpenAI's order, and no `proxy` object.
+    #[test]
+    fn the_plain_envelope_is_openai_s() {
+        let plain = OpenAiError::new("bad", "invalid_request_error", "invalid_parameter");
+        assert_eq!(
+            String::from_utf8(plain.with_param("seconds").to_json()).unwrap(),
+            r#"{"error":{"message":"bad","type":"invalid_request_error","param":"seconds","code":"invalid_parameter"}}"#
+        );
+        let code = serde_json::json!(502);
+        assert_eq!(
+            String::from_utf8(OpenAiError::new("x", "upstream_error", &code).to_json()).unwrap(),
+            r#"{"error":{"message":"x","type":"upstream_error","param":null,"code":502}}"#
+        );
     }
 
     #[test]

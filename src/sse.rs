@@ -15,8 +15,9 @@
 //! however the input is split into chunks.
 
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
 use serde_json::Value;
+
+use crate::response::OpenAiError;
 
 /// Longest '{' line held back. Real error lines are a few hundred bytes; past this the
 /// line is not one of them and holding it would delay (and buffer) an arbitrary stream.
@@ -127,22 +128,6 @@ impl Output {
     }
 }
 
-/// The OpenAI error envelope, as a struct so the keys keep this order on the wire
-/// (`serde_json::Map` would sort them).
-#[derive(Serialize)]
-struct ErrorEvent<'a> {
-    error: ErrorBody<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    message: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    param: Option<()>,
-    code: &'a Value,
-}
-
 /// If `line` (without its terminator) is a JSON object with an "error" key, the SSE event
 /// that replaces it: `data: {...}\n\n`.
 fn rewrite_error_line(line: &[u8]) -> Option<Vec<u8>> {
@@ -162,17 +147,8 @@ fn rewrite_error_line(line: &[u8]) -> Option<Vec<u8>> {
         }
         other => (other.to_string(), &null),
     };
-    let event = ErrorEvent {
-        error: ErrorBody {
-            message: &message,
-            kind: "upstream_error",
-            param: None,
-            code,
-        },
-    };
-    // Serialising plain strings and an already-parsed Value cannot fail; if it somehow
-    // did, the caller passes the line through unchanged.
-    let json = serde_json::to_vec(&event).ok()?;
+    // The one OpenAI error envelope (response.rs), carrying the upstream's own `code`.
+    let json = OpenAiError::new(&message, "upstream_error", code).to_json();
     let mut out = Vec::with_capacity(json.len() + 8);
     out.extend_from_slice(b"data: ");
     out.extend_from_slice(&json);

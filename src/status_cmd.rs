@@ -4,9 +4,10 @@
 //!
 //! Owns the fetch (plain HTTP, bounded in time and size), the check that the answer really is a
 //! `/status` document, and [`render`], a pure function from that document to text so the
-//! wording is unit-tested without a proxy. It does not own the document's shape (`admin.rs`
-//! does) and reads it defensively: a field that is missing or of the wrong type is left out
-//! of the summary, never a panic, so an older or newer proxy still gets a useful summary.
+//! wording is unit-tested without a proxy. It does not own the document's shape: that is the
+//! one [`Status`] type (`status.rs`) the admin listener writes, read here with its tolerance
+//! (missing keys default, unknown keys ignored, a section of the wrong type read as empty), so
+//! an older or newer proxy still gets a useful summary, never a panic.
 //!
 //! Also owns which admin address to ask ([`admin_address`]): `--admin`, else
 //! `CHUTES_PROXY_ADMIN_LISTEN` (or the top-level `--admin-listen`), else the config file's
@@ -25,6 +26,8 @@ use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
+
+use crate::status::Status;
 
 /// The whole exchange, connect to last byte. The admin listener answers from memory in
 /// microseconds; anything slower than this is a wedged process or the wrong address, and a
@@ -53,12 +56,20 @@ pub async fn run(admin: &str, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `--json` prints the document as the proxy sent it, keys this build does not know
+    // included; the summary reads it into the one `Status` type the proxy wrote it from.
     let out = if json {
         let mut s = serde_json::to_string_pretty(&doc).unwrap_or_default();
         s.push('\n');
         s
     } else {
-        render(&doc, use_color())
+        match serde_json::from_value::<Status>(doc) {
+            Ok(status) => render(&status, use_color()),
+            Err(e) => {
+                eprintln!("chutes-proxy status: the /status document does not read: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
     };
     // Not `print!`: that panics when stdout is a closed pipe (`status | head -1`).
     let mut stdout = std::io::stdout().lock();
@@ -298,20 +309,6 @@ impl Style {
     }
 }
 
-fn num(doc: &Value, pointer: &str) -> Option<u64> {
-    doc.pointer(pointer).and_then(Value::as_u64)
-}
-
-fn float(doc: &Value, pointer: &str) -> Option<f64> {
-    doc.pointer(pointer)
-        .and_then(Value::as_f64)
-        .filter(|f| f.is_finite())
-}
-
-fn text<'a>(doc: &'a Value, pointer: &str) -> Option<&'a str> {
-    doc.pointer(pointer).and_then(Value::as_str)
-}
-
 /// Text from the document made safe for a terminal: control characters (an upstream body
 /// could carry escape sequences) are shown escaped, and long text is cut at `max` characters.
 fn clean(s: &str, max: usize) -> String {
@@ -371,27 +368,24 @@ fn bar(used: u64, cap: u64, style: &Style) -> String {
 
 /// The summary `chutes-proxy status` prints, from a `/status` document. Pure: the same
 /// document gives the same text. With `color` false the output is plain ASCII apart from any
-/// non-ASCII text inside the document itself (an upstream body, a client name).
-pub fn render(status: &Value, color: bool) -> String {
+/// non-ASCII text inside the document itself (an upstream body, a client name). A field an
+/// older proxy did not send reads as its default (`status.rs`), which says nothing here: an
+/// empty string or a zero capacity leaves its part of the summary out.
+pub fn render(status: &Status, color: bool) -> String {
     let st = Style { color };
     let mut lines: Vec<(String, String)> = Vec::new();
     let mut line = |label: &str, value: String| lines.push((label.to_string(), value));
+    let or = |s: &str, other: &'static str| if s.is_empty() { other } else { s }.to_string();
 
     // Header: what is answering, and for how long.
-    let mut head = format!(
-        "chutes-proxy {}",
-        clean(text(status, "/version").unwrap_or("?"), 40)
-    );
-    if let Some(up) = float(status, "/uptime_seconds") {
-        let _ = write!(head, ", up {}", human_duration(up));
-    }
-    if let Some(upstream) = text(status, "/upstream") {
-        let _ = write!(head, ", upstream {}", clean(upstream, 200));
+    let mut head = format!("chutes-proxy {}", clean(&or(&status.version, "?"), 40));
+    let _ = write!(head, ", up {}", human_duration(status.uptime_seconds));
+    if !status.upstream.is_empty() {
+        let _ = write!(head, ", upstream {}", clean(&status.upstream, 200));
     }
 
     // State: the one word people look for.
-    let state = text(status, "/state").unwrap_or("unknown");
-    let state_line = match state {
+    let state_line = match status.state.as_str() {
         "open" => st.green("open"),
         "probe_ready" => st.yellow("reopening: the next request probes the upstream"),
         "probe_in_flight" => {
@@ -402,43 +396,41 @@ pub fn render(status: &Value, color: bool) -> String {
             st.yellow("paused: the upstream reported no requests left in its window")
         }
         "daily_quota_exhausted" => st.red("DAILY QUOTA EXHAUSTED: nothing is sent until the reset"),
+        "" => "unknown".to_string(),
         other => clean(other, 60),
     };
     line("state", state_line);
 
     // Fleet: several replicas sharing the budget through Redis.
-    if let Some(fleet) = status.pointer("/fleet").filter(|f| f.is_object()) {
-        let mut s = format!(
-            "redis {}",
-            clean(text(fleet, "/redis_url").unwrap_or("?"), 120)
-        );
-        if let Some(prefix) = text(fleet, "/key_prefix") {
-            let _ = write!(s, " (prefix \"{}\")", clean(prefix, 60));
+    if let Some(fleet) = &status.fleet {
+        let mut s = format!("redis {}", clean(&or(&fleet.redis_url, "?"), 120));
+        if !fleet.key_prefix.is_empty() {
+            let _ = write!(s, " (prefix \"{}\")", clean(&fleet.key_prefix, 60));
         }
-        if fleet.pointer("/reachable").and_then(Value::as_bool) == Some(false) {
+        if !fleet.reachable {
             let mut bad = "UNREACHABLE".to_string();
-            if let Some(e) = text(fleet, "/last_error") {
+            if let Some(e) = &fleet.last_error {
                 let _ = write!(bad, " ({})", clean(e, 120));
             }
-            let _ = match text(fleet, "/on_redis_error") {
-                Some("fail_closed") => write!(bad, "; requests are shed with 503"),
-                Some("local") => write!(bad, "; running on a local share of the budget"),
+            let _ = match fleet.on_redis_error.as_str() {
+                "fail_closed" => write!(bad, "; requests are shed with 503"),
+                "local" => write!(bad, "; running on a local share of the budget"),
                 _ => Ok(()),
             };
             let _ = write!(s, ": {}", st.red(&bad));
         } else {
             s.push_str(": reachable");
-            if let Some(used) = num(fleet, "/used_today") {
+            if let Some(used) = fleet.used_today {
                 let _ = write!(s, ", {used} used today fleet-wide");
             }
-            if let Some(until) = text(fleet, "/cooldown_until") {
+            if let Some(until) = &fleet.cooldown_until {
                 let _ = write!(
                     s,
                     ", {}",
                     st.red(&format!("cooldown until {}", clean(until, 40)))
                 );
             }
-            if let Some(until) = text(fleet, "/quota_gate_until") {
+            if let Some(until) = &fleet.quota_gate_until {
                 let _ = write!(
                     s,
                     ", {}",
@@ -450,184 +442,198 @@ pub fn render(status: &Value, color: bool) -> String {
     }
 
     // Today: used of the cap, and when it resets.
-    let used = num(status, "/daily/used").unwrap_or(0);
-    let cap = num(status, "/daily/limit").or_else(|| num(status, "/limits/requests_per_day"));
-    match cap {
+    let daily = &status.daily;
+    match daily.limit.or(status.limits.requests_per_day) {
         Some(cap) => {
-            let mut s = bar(used, cap, &st);
-            if let Some(rem) = num(status, "/daily/remaining") {
+            let mut s = bar(daily.used, cap, &st);
+            if let Some(rem) = daily.remaining {
                 let _ = write!(s, ", {rem} left");
             }
             line("today", s);
         }
-        None => line("today", format!("{used} used (no daily cap)")),
+        None => line("today", format!("{} used (no daily cap)", daily.used)),
     }
-    let reset_in = float(status, "/daily/resets_in_seconds").map(human_duration);
-    let reset_at = text(status, "/daily/resets_at").map(|s| clean(s, 40));
-    match (reset_in, reset_at) {
-        (Some(i), Some(a)) => line("resets", format!("in {i} at {a}")),
-        (Some(i), None) => line("resets", format!("in {i}")),
-        (None, Some(a)) => line("resets", format!("at {a}")),
-        (None, None) => {}
+    if !daily.resets_at.is_empty() {
+        line(
+            "resets",
+            format!(
+                "in {} at {}",
+                human_duration(daily.resets_in_seconds),
+                clean(&daily.resets_at, 40)
+            ),
+        );
     }
-    if let Some(gate) = text(status, "/daily/upstream_quota_gate_until") {
+    if let Some(gate) = &daily.upstream_quota_gate_until {
+        // A proxy that does not say what closed it (older builds) closed it on a 402.
+        let why = daily
+            .gate_reason
+            .as_deref()
+            .unwrap_or("the upstream answered 402 quota exceeded");
         line(
             "quota gate",
             st.red(&format!(
-                "the upstream answered 402 quota exceeded; closed until {}",
+                "{}; closed until {}",
+                clean(why, 120),
                 clean(gate, 40)
             )),
         );
     }
+    if daily.assumed {
+        line(
+            "assumed",
+            st.yellow(
+                "today's count is an assumption: the state file could not be trusted at start",
+            ),
+        );
+    }
+    if let Some(mine) = daily.replica_used {
+        line(
+            "replica",
+            format!("{mine} of today's count sent by this replica"),
+        );
+    }
+    // Why a new request would wait, and for how long.
+    if let Some(why) = status.limited_by.as_deref() {
+        line(
+            "limited by",
+            format!(
+                "{} (a new request would wait {})",
+                clean(why, 60),
+                human_duration(status.new_request_wait_seconds)
+            ),
+        );
+    }
 
-    // Tokens: what can go now, and when the next one comes.
-    if let Some(avail) = num(status, "/tokens/available") {
-        let capacity = num(status, "/tokens/capacity").or_else(|| num(status, "/limits/burst"));
-        let mut s = match capacity {
-            Some(c) => format!("{avail}/{c} available"),
-            None => format!("{avail} available"),
-        };
-        if let Some(next) = float(status, "/tokens/next_in_seconds").filter(|n| *n > 0.0) {
-            let _ = write!(s, ", next in {}", human_duration(next));
+    // Tokens: what can go now, and when the next one comes. A bucket has a capacity of at
+    // least 1; none means the document had no tokens to tell of.
+    let tokens = &status.tokens;
+    let limits = &status.limits;
+    let capacity = if tokens.capacity > 0 {
+        tokens.capacity
+    } else {
+        limits.burst
+    };
+    if capacity > 0 {
+        let mut s = format!("{}/{capacity} available", tokens.available);
+        if tokens.next_in_seconds > 0.0 {
+            let _ = write!(s, ", next in {}", human_duration(tokens.next_in_seconds));
         }
-        let rpm = num(status, "/limits/requests_per_minute");
-        let burst = num(status, "/limits/burst");
-        if let (Some(rpm), Some(burst)) = (rpm, burst) {
-            let _ = write!(s, " {}", st.dim(&format!("({rpm}/min, burst {burst})")));
-        }
+        let _ = write!(
+            s,
+            " {}",
+            st.dim(&format!(
+                "({}/min, burst {})",
+                limits.requests_per_minute, limits.burst
+            ))
+        );
         line("tokens", s);
     }
 
     // Cooldown: whether the account is paused, until when, and what the upstream said.
-    let active = status.pointer("/cooldown/active").and_then(Value::as_bool);
-    let level = num(status, "/cooldown/level").unwrap_or(0);
-    match active {
-        Some(true) => {
-            let mut s = if text(status, "/cooldown/kind") == Some("upstream_window") {
-                "PAUSED (upstream window empty)".to_string()
-            } else {
-                "ACTIVE".to_string()
-            };
-            if let Some(until) = text(status, "/cooldown/until") {
-                let _ = write!(s, " until {}", clean(until, 40));
-            }
-            if let Some(left) = float(status, "/cooldown/remaining_seconds") {
-                let _ = write!(s, " ({} left)", human_duration(left));
-            }
-            let _ = write!(s, ", level {level}");
-            line("cooldown", st.red(&s));
+    let cooldown = &status.cooldown;
+    let level = cooldown.level;
+    if cooldown.active {
+        let mut s = if cooldown.kind.as_deref() == Some("upstream_window") {
+            "PAUSED (upstream window empty)".to_string()
+        } else {
+            "ACTIVE".to_string()
+        };
+        if let Some(until) = &cooldown.until {
+            let _ = write!(s, " until {}", clean(until, 40));
         }
-        Some(false) if level > 0 => line(
+        if let Some(left) = cooldown.remaining_seconds {
+            let _ = write!(s, " ({} left)", human_duration(left));
+        }
+        let _ = write!(s, ", level {level}");
+        line("cooldown", st.red(&s));
+    } else if level > 0 {
+        line(
             "cooldown",
             format!("none (level {level}: another 429 soon would pause longer)"),
-        ),
-        Some(false) => line("cooldown", "none".to_string()),
-        None => {}
+        );
+    } else {
+        line("cooldown", "none".to_string());
     }
-    if let Some(last) = status
-        .pointer("/cooldown/last_upstream_429")
-        .filter(|v| v.is_object())
-    {
-        let mut s = String::new();
-        if let Some(ago) = float(last, "/ago_seconds") {
-            let _ = write!(s, "{} ago", human_duration(ago));
+    if let Some(last) = &cooldown.last_upstream_429 {
+        let mut s = format!("{} ago", human_duration(last.ago_seconds));
+        if !last.at.is_empty() {
+            let _ = write!(s, " ({})", clean(&last.at, 40));
         }
-        if let Some(at) = text(last, "/at") {
-            let at = clean(at, 40);
-            let _ = if s.is_empty() {
-                write!(s, "at {at}")
-            } else {
-                write!(s, " ({at})")
-            };
+        if last.status != 0 {
+            let _ = write!(s, ", status {}", last.status);
         }
-        if let Some(code) = num(last, "/status") {
-            let _ = write!(s, ", status {code}");
-        }
-        let headers: Vec<String> = last
-            .pointer("/headers")
-            .and_then(Value::as_array)
-            .map(|hs| {
-                hs.iter()
-                    .filter_map(|h| {
-                        let pair = h.as_array()?;
-                        let name = pair.first()?.as_str()?;
-                        let value = pair.get(1)?.as_str()?;
-                        Some(format!("{}: {}", clean(name, 60), clean(value, 80)))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if headers.is_empty() {
+        if last.headers.is_empty() {
             s.push_str(", no rate-limit headers");
         } else {
+            let headers: Vec<String> = last
+                .headers
+                .iter()
+                .map(|(name, value)| format!("{}: {}", clean(name, 60), clean(value, 80)))
+                .collect();
             let _ = write!(s, "; {}", headers.join("; "));
         }
-        if let Some(body) = text(last, "/body").filter(|b| !b.trim().is_empty()) {
-            let _ = write!(s, "; body \"{}\"", clean(body.trim(), BODY_CHARS));
+        if !last.body.trim().is_empty() {
+            let _ = write!(s, "; body \"{}\"", clean(last.body.trim(), BODY_CHARS));
         }
         line("last 429", s);
     }
 
     // Queue and concurrency.
-    if let Some(depth) = num(status, "/queue/depth") {
-        let mut s = if depth == 0 {
-            "empty".to_string()
-        } else {
-            format!("{depth} waiting")
-        };
-        if let Some(oldest) = float(status, "/queue/oldest_wait_seconds") {
-            let _ = write!(s, ", oldest {}", human_duration(oldest));
-        }
-        let max = num(status, "/limits/queue_max_depth");
-        let wait = float(status, "/limits/queue_max_wait_seconds");
-        if let (Some(max), Some(wait)) = (max, wait) {
-            let _ = write!(
-                s,
-                " {}",
-                st.dim(&format!("(max {max}, wait up to {})", human_duration(wait)))
-            );
-        }
-        line("queue", s);
+    let queue = &status.queue;
+    let mut s = if queue.depth == 0 {
+        "empty".to_string()
+    } else {
+        format!("{} waiting", queue.depth)
+    };
+    if let Some(oldest) = queue.oldest_wait_seconds {
+        let _ = write!(s, ", oldest {}", human_duration(oldest));
     }
-    if let Some(n) = num(status, "/in_flight") {
-        let s = match num(status, "/limits/max_concurrent") {
-            Some(max) => format!("{n}/{max}"),
-            None => n.to_string(),
-        };
-        line("in flight", s);
+    if limits.queue_max_depth > 0 {
+        let _ = write!(
+            s,
+            " {}",
+            st.dim(&format!(
+                "(max {}, wait up to {})",
+                limits.queue_max_depth,
+                human_duration(limits.queue_max_wait_seconds)
+            ))
+        );
     }
+    line("queue", s);
+    line(
+        "in flight",
+        match limits.max_concurrent {
+            0 => status.in_flight.to_string(),
+            max => format!("{}/{max}", status.in_flight),
+        },
+    );
 
     // Counters since start: forwarded first, then each reason that happened.
-    if let Some(requests) = status.pointer("/requests").and_then(Value::as_object) {
+    if !status.requests.is_empty() {
         let mut parts = Vec::new();
-        if let Some(n) = requests.get("forwarded").and_then(Value::as_u64) {
+        if let Some(n) = status.requests.get("forwarded") {
             parts.push(format!("forwarded {n}"));
         }
-        for (reason, n) in requests {
-            match n.as_u64() {
-                Some(n) if n > 0 && reason != "forwarded" => {
-                    parts.push(format!("{} {n}", clean(reason, 40)));
-                }
-                _ => {}
+        for (reason, n) in &status.requests {
+            if *n > 0 && reason != "forwarded" {
+                parts.push(format!("{} {n}", clean(reason, 40)));
             }
         }
         line("requests", parts.join(", "));
     }
-    if let Some(codes) = status
-        .pointer("/upstream_responses")
-        .and_then(Value::as_object)
-    {
-        let parts: Vec<String> = codes
-            .iter()
-            .filter_map(|(code, n)| Some(format!("{}: {}", clean(code, 10), n.as_u64()?)))
-            .collect();
-        let s = if parts.is_empty() {
+    let parts: Vec<String> = status
+        .upstream_responses
+        .iter()
+        .map(|(code, n)| format!("{}: {n}", clean(code, 10)))
+        .collect();
+    line(
+        "upstream",
+        if parts.is_empty() {
             "none yet".to_string()
         } else {
             parts.join(", ")
-        };
-        line("upstream", s);
-    }
+        },
+    );
 
     let mut out = st.bold(&head);
     out.push('\n');
@@ -637,44 +643,26 @@ pub fn render(status: &Value, color: bool) -> String {
 
     // Per-client lines, only when clients are configured (the default one alone says nothing
     // the lines above have not).
-    let clients = status
-        .pointer("/clients")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let only_default = clients.len() == 1 && text(&clients[0], "/name") == Some("default");
+    let clients = &status.clients;
+    let only_default = clients.len() == 1 && clients[0].name == "default";
     if !clients.is_empty() && !only_default {
         out.push_str("clients\n");
-        for c in &clients {
-            let name = clean(text(c, "/name").unwrap_or("?"), 40);
-            let mut s = String::new();
-            if let Some(used) = num(c, "/used_today") {
-                let _ = write!(s, "{used} today");
-                if let Some(cap) = num(c, "/requests_per_day") {
-                    let _ = write!(s, " of {cap}");
-                }
+        for c in clients {
+            let name = clean(&or(&c.name, "?"), 40);
+            let mut s = format!("{} today", c.used_today);
+            if let Some(cap) = c.requests_per_day {
+                let _ = write!(s, " of {cap}");
             }
-            if let Some(q) = num(c, "/queued") {
-                let _ = write!(s, ", {q} queued");
-            }
-            if let Some(w) = num(c, "/weight") {
-                let _ = write!(s, ", weight {w}");
-            }
-            if let Some(rpm) = num(c, "/requests_per_minute") {
+            let _ = write!(s, ", {} queued, weight {}", c.queued, c.weight);
+            if let Some(rpm) = c.requests_per_minute {
                 let _ = write!(s, ", {rpm}/min");
             }
             let outcomes: Vec<String> = c
-                .pointer("/outcomes")
-                .and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(k, n)| {
-                            let n = n.as_u64().filter(|n| *n > 0)?;
-                            Some(format!("{} {n}", clean(k, 40)))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+                .outcomes
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| format!("{} {n}", clean(k, 40)))
+                .collect();
             if !outcomes.is_empty() {
                 let _ = write!(s, "; {}", outcomes.join(", "));
             }
@@ -721,13 +709,18 @@ mod tests {
         })
     }
 
+    /// Read a JSON document as the command does, then render it.
+    fn show(doc: &Value, color: bool) -> String {
+        render(&serde_json::from_value(doc.clone()).unwrap(), color)
+    }
+
     fn set(doc: &mut Value, pointer: &str, v: Value) {
         *doc.pointer_mut(pointer).expect(pointer) = v;
     }
 
     #[test]
     fn open_account_summary() {
-        let out = render(&open_doc(), false);
+        let out = show(&open_doc(), false);
         let want = [
             "chutes-proxy 0.1.0, up 1h06m, upstream https://llm.chutes.ai",
             "state      open",
@@ -746,8 +739,8 @@ mod tests {
 
     #[test]
     fn colour_only_when_asked() {
-        assert!(!render(&open_doc(), false).contains('\x1b'));
-        let coloured = render(&open_doc(), true);
+        assert!(!show(&open_doc(), false).contains('\x1b'));
+        let coloured = show(&open_doc(), true);
         assert!(coloured.contains("\x1b[32mopen\x1b[0m"), "{coloured}");
     }
 
@@ -779,7 +772,7 @@ mod tests {
         set(&mut doc, "/daily/limit", Value::Null);
         set(&mut doc, "/daily/remaining", Value::Null);
         set(&mut doc, "/limits/requests_per_day", Value::Null);
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(
             out.contains("today      812 used (no daily cap)\n"),
             "{out}"
@@ -805,7 +798,7 @@ mod tests {
                 }
             }),
         );
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(
             out.contains("state      COOLDOWN: the upstream answered 429"),
             "{out}"
@@ -835,7 +828,7 @@ mod tests {
             json!({"depth": 4, "oldest_wait_seconds": 2.345}),
         );
         set(&mut doc, "/cooldown/level", json!(1));
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(out.contains("DAILY QUOTA EXHAUSTED"), "{out}");
         assert!(
             out.contains("[####################] 5000/5000 (100%), 0 left"),
@@ -850,11 +843,25 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("cooldown   none (level 1:"), "{out}");
+        // A proxy that says what closed the gate, and what limits a new request.
+        doc["daily"]["gate_reason"] =
+            json!("the fleet's daily count reached its cap (or another replica's gate)");
+        doc["limited_by"] = json!("daily_quota_exhausted");
+        doc["new_request_wait_seconds"] = json!(3600.0);
+        let out = show(&doc, false);
+        assert!(
+            out.contains("quota gate the fleet's daily count reached its cap"),
+            "{out}"
+        );
+        assert!(
+            out.contains("limited by daily_quota_exhausted (a new request would wait 1h"),
+            "{out}"
+        );
     }
 
     #[test]
     fn fleet_line_says_whether_redis_answers() {
-        assert!(!render(&open_doc(), false).contains("fleet"));
+        assert!(!show(&open_doc(), false).contains("fleet"));
         let mut doc = open_doc();
         doc["fleet"] = json!({
             "redis_url": "redis://<redacted>@10.0.0.5:6379/0", "key_prefix": "chutes-proxy:",
@@ -862,11 +869,11 @@ mod tests {
             "last_error": null, "used_today": 2412, "cooldown_until": "2026-11-23T21:00:00Z",
             "cooldown_level": 1, "quota_gate_until": null, "probe_needed": false
         });
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(out.contains("fleet      redis redis://<redacted>@10.0.0.5:6379/0 (prefix \"chutes-proxy:\"): reachable, 2412 used today fleet-wide, cooldown until 2026-11-23T21:00:00Z\n"), "{out}");
         doc["fleet"]["reachable"] = json!(false);
         doc["fleet"]["last_error"] = json!("Connection refused (os error 111)");
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(
             out.contains(
                 ": UNREACHABLE (Connection refused (os error 111)); requests are shed with 503\n"
@@ -877,7 +884,7 @@ mod tests {
 
     #[test]
     fn per_client_lines_only_with_configured_clients() {
-        assert!(!render(&open_doc(), false).contains("clients"));
+        assert!(!show(&open_doc(), false).contains("clients"));
         let mut doc = open_doc();
         set(
             &mut doc,
@@ -889,7 +896,7 @@ mod tests {
                  "outcomes": {"forwarded": 800, "client_rate_limited": 5, "queue_full": 0}}
             ]),
         );
-        let out = render(&doc, false);
+        let out = show(&doc, false);
         assert!(out.contains("\nclients\n  default  12 today, 0 queued, weight 1; forwarded 12\n  chatbot  800 today of 2000, 2 queued, weight 3, 30/min; client_rate_limited 5, forwarded 800\n"), "{out}");
     }
 
@@ -906,8 +913,15 @@ mod tests {
                    "clients": [null, {"name": 5}], "requests": {"x": "y"}, "upstream_responses": []}),
         ];
         for doc in &odd {
-            for color in [false, true] {
-                let _ = render(doc, color);
+            // Only a JSON object is a document at all (`check_document` turns the rest away);
+            // any object reads, whatever its fields hold.
+            match serde_json::from_value::<Status>(doc.clone()) {
+                Ok(status) => {
+                    for color in [false, true] {
+                        let _ = render(&status, color);
+                    }
+                }
+                Err(_) => assert!(!doc.is_object(), "{doc}"),
             }
         }
     }

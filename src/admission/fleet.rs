@@ -663,9 +663,7 @@ impl Fleet {
     /// fleet restarted on this build keeps the day's count (it re-seeds like a replica that
     /// saw it). On a multi-node cluster that key may live on another node: then it is skipped.
     async fn read_legacy_day(&self, offset: u32) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = crate::clock::unix_now() as i64;
         let day = crate::units::day_index(now, offset);
         let key = format!("{}day:{day}", self.settings.key_prefix);
         let got: Result<Option<u64>, String> = self

@@ -524,6 +524,12 @@ impl Admission {
         Admission { shared, dispatcher }
     }
 
+    /// The wall clock admission converts UNIX instants with. Whoever reads an upstream's reset
+    /// instants reads "now" from this one, so a pinned clock (tests) stays consistent.
+    pub fn wall(&self) -> WallClock {
+        self.shared.wall
+    }
+
     /// The settings in force (they change on a reload).
     pub fn settings(&self) -> Arc<Settings> {
         Arc::clone(&self.shared.lock().s)

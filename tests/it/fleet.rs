@@ -373,14 +373,14 @@ async fn until_counts(
     what: &str,
     cond: impl Fn(&std::collections::BTreeMap<i64, i64>) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let counts = day_counts(redis, prefix);
         if cond(&counts) {
             return;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "{what}: Redis holds {counts:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -475,7 +475,7 @@ async fn with_redis_frozen_the_local_fallback_serves_without_a_redis_timeout_per
     let call_timeout = chutes_proxy::admission::fleet::CALL_TIMEOUT;
     let trips = |s: &serde_json::Value| s["fleet"]["redis_round_trips"].as_u64().unwrap();
     let before = trips(&get(&c, &p.admin_url("/status")).await.json());
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for _ in 0..N {
         let got = get(&c, &p.url("/v1/x")).await;
         assert_eq!(got.status, 200, "{}", got.text());
@@ -729,10 +729,7 @@ async fn the_days_count_under_the_old_key_names_is_carried_over() {
     let redis = RedisServer::start();
     let mock = MockUpstream::start().await;
     // A fleet of the previous build spent 5 of today's 6 under `legacy:day:<today>`.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = chutes_proxy::clock::unix_now() as i64;
     let today = chutes_proxy::units::day_index(now, 0);
     let _: String = redis.query(
         ::redis::cmd("SET")

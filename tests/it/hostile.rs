@@ -961,6 +961,9 @@ async fn wait_for_startup(
     child: &mut std::process::Child,
 ) -> (String, std::thread::JoinHandle<String>) {
     let (lines, stderr) = collect_stderr(child.stderr.take().expect("stderr piped"));
+    // A blocking thread reading a child process's stderr with std's `recv_timeout`: real time,
+    // on std's clock, is what that wait is measured in (clippy.toml).
+    #[allow(clippy::disallowed_methods)]
     let startup = tokio::task::spawn_blocking(move || {
         let deadline = std::time::Instant::now() + WAIT_LIMIT;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {

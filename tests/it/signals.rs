@@ -10,7 +10,7 @@
 //! bound it from below (a cooldown can end late on a loaded machine, never early) or allow
 //! a few seconds of slack.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -35,10 +35,7 @@ fn config(cooldown: &str) -> String {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    chutes_proxy::clock::unix_now()
 }
 
 /// A GET through the proxy with `x-proxy-max-wait` set.

@@ -115,9 +115,7 @@ impl Default for ChutesConfig {
             ban_initial: Duration::from_secs(60),
             ban_max: Duration::from_secs(86_400),
             time_scale: 1.0,
-            start_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            start_unix: chutes_proxy::clock::unix_now(),
             daily_quota: 5_000,
             used_at_start: 0,
             usage_cap_per_window: None,
