@@ -17,6 +17,7 @@
 //! - [`metrics`], [`admin`], [`log`]: what operators see.
 //! - [`history`]: the last hour per second, sampled from the counters, for the dashboard.
 //! - [`poll`]: the account usage poll (`upstream.quota_url`).
+//! - [`heap`]: giving freed heap back to the OS once a deep queue has drained.
 //! - [`reload`]: re-reading the config file on SIGHUP or `POST /reload`.
 //! - [`status`]: the `/status` document's one type, written by `admin`, read by `status_cmd`.
 //! - [`status_cmd`]: the `chutes-proxy status` command.
@@ -28,6 +29,7 @@ pub mod body;
 pub mod clients;
 pub mod clock;
 pub mod config;
+pub mod heap;
 pub mod history;
 pub mod log;
 pub mod metrics;
@@ -201,6 +203,10 @@ pub async fn run_with(
         }
         (config::QuotaSource::Off, _) => None,
     };
+    tokio::spawn(heap::trim_after_drain(
+        Arc::clone(&admission),
+        stop_rx.clone(),
+    ));
     let p = Arc::clone(&proxy);
     let main_task = tokio::spawn({
         let cfg = config.server.clone();

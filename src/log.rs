@@ -4,12 +4,18 @@
 //!
 //! Never logged: the query string (it may carry user data), any header value, the API key or a
 //! client token.
+//!
+//! Also here: [`PlainFields`], the field formatter of the text log when it has no colours, cheaper
+//! than tracing-subscriber's default and writing the same bytes.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 
 use crate::body::UploadStats;
 
@@ -121,9 +127,154 @@ impl Drop for RequestLog {
     }
 }
 
+/// The text log's fields without colours: the bytes tracing-subscriber's `DefaultFields` writes
+/// with ANSI off (`name=value` by `Debug`, separated by spaces), without going through its
+/// styling, which costs even when it styles nothing: the access line was a fifth of the
+/// proxy's instructions per request, most of it there (callgrind, BENCHMARKS.md 2026-12-01).
+/// The rare fields it treats specially (`message`, `r#` names, errors) are handed to it.
+pub struct PlainFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for PlainFields {
+    type Visitor = PlainVisitor<'a>;
+
+    fn make_visitor(&self, writer: Writer<'a>) -> PlainVisitor<'a> {
+        PlainVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        }
+    }
+}
+
+pub struct PlainVisitor<'a> {
+    writer: Writer<'a>,
+    is_empty: bool,
+    result: std::fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Let `DefaultVisitor` write one field, as it would have; it always writes (and pads).
+    fn delegate(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        let mut v = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut v);
+        self.is_empty = false;
+        self.result = v.finish();
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record_debug(field, &value);
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        if self.result.is_ok() {
+            self.delegate(|v| v.record_error(field, value));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // `log.` fields are the log crate's metadata, already written (DefaultVisitor skips
+        // them too).
+        if name.starts_with("log.") {
+            return;
+        }
+        if name == "message" || name.starts_with("r#") {
+            self.delegate(|v| v.record_debug(field, value));
+            return;
+        }
+        if self.is_empty {
+            self.is_empty = false;
+        } else if let Err(e) = self.writer.write_char(' ') {
+            self.result = Err(e);
+            return;
+        }
+        self.result = write!(self.writer, "{name}={value:?}");
+    }
+}
+
+impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for PlainVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        &mut self.writer
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same bytes as tracing-subscriber's own field formatter without colours, for every
+    /// kind of field the request line and the other events use.
+    #[test]
+    fn plain_fields_write_what_the_default_formatter_writes() {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::fmt::format::DefaultFields;
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        fn emit() {
+            let err = std::io::Error::other("boom");
+            let none: Option<&str> = None;
+            tracing::info!(
+                request_id = %"abc-1",
+                client = %"default",
+                model = Some("m/x \"q\""),
+                skipped = none,
+                retries = 2u32,
+                status = 200u16,
+                neg = -3i64,
+                total_ms = 1.0f64,
+                upstream_ms = 0.442f64,
+                flag = true,
+                dbg = ?vec![1, 2],
+                error = &err as &(dyn std::error::Error + 'static),
+                "request \u{1b}[31m"
+            );
+            tracing::warn!(r#type = "t", "second");
+            tracing::info!("only a message");
+        }
+        let line = |plain: bool| {
+            let buf = Buf::default();
+            let out = buf.clone();
+            let b = tracing_subscriber::fmt()
+                .with_writer(move || out.clone())
+                .with_ansi(false)
+                .without_time()
+                .with_target(false);
+            if plain {
+                tracing::subscriber::with_default(b.fmt_fields(PlainFields).finish(), emit);
+            } else {
+                tracing::subscriber::with_default(
+                    b.fmt_fields(DefaultFields::new()).finish(),
+                    emit,
+                );
+            }
+            let bytes = buf.0.lock().unwrap().clone();
+            String::from_utf8(bytes).unwrap()
+        };
+        let (ours, theirs) = (line(true), line(false));
+        assert!(theirs.contains("request_id=abc-1"), "{theirs}");
+        assert_eq!(ours, theirs);
+    }
 
     /// Issue 18: `total_ms=0.44167700000000004` in the log line.
     #[test]

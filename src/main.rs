@@ -76,6 +76,8 @@ fn init_logging(format: LogFormat) {
         .with_target(false);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
+        // Without colours, a formatter that writes the same bytes for less (log::PlainFields).
+        LogFormat::Text if !ansi => builder.fmt_fields(chutes_proxy::log::PlainFields).init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -219,8 +219,8 @@ impl Proxy {
                 return p.own(r);
             }
         };
-        // From here on the exchange runs as its own task: if the client goes away before the
-        // upstream answers, the answer is still read and its rate-limit signals (a 429, a
+        // From here on the exchange outlives the client ([`Detachable`]): if the client goes
+        // away before the upstream answers, the answer is still read and its rate-limit signals (a 429, a
         // quota 402) still reach the budget. Only then is the response dropped, which frees
         // the permit and closes the upstream stream.
         let strip = ident.strip_auth;
@@ -238,11 +238,15 @@ impl Proxy {
                 policy: live.retry.clone(),
             },
         };
-        match tokio::spawn(p.forward(req, exchange)).await {
+        match (Detachable {
+            exchange: Some(Box::pin(p.forward(req, exchange))),
+        })
+        .await
+        {
             Ok(resp) => resp,
-            Err(e) => {
+            Err(()) => {
                 // Only a panic in the pipeline gets here; the permit was released by unwinding.
-                tracing::error!(error = %e, "request pipeline failed");
+                tracing::error!("request pipeline failed (panicked)");
                 let id = HeaderValue::from_static("unknown");
                 Rejection::new(Reason::UpstreamUnavailable)
                     .render(&id)
@@ -678,6 +682,67 @@ impl Pipeline {
         r.upstream_status = Some(402);
         r.upstream_body = Some(signals::body_snippet(&bytes, UPSTREAM_BODY_SNIPPET));
         self.own(r)
+    }
+}
+
+/// The exchange with the upstream, run in the client's own task while the client waits, and
+/// moved to a task of its own only if the client goes away first (the future is dropped): the
+/// upstream's answer is then still read and its rate-limit signals (a 429, a quota 402) still
+/// reach the budget, as if it had been spawned from the start. Spawning every exchange up
+/// front cost a task, a join handle and a cross-task wake-up per request, and on two workers
+/// often a migration to the other core; clients that leave mid-request are the rare case.
+struct Detachable<F: std::future::Future<Output = Response<ResponseBody>> + Send + 'static> {
+    exchange: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F> std::future::Future for Detachable<F>
+where
+    F: std::future::Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    /// `Err` when the exchange panicked (a spawned task would have given a `JoinError`).
+    type Output = Result<Response<ResponseBody>, ()>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return std::task::Poll::Ready(Err(()));
+        };
+        // A panic stays inside this request, as it did inside a spawned task: caught, the
+        // exchange dropped (unwinding released its permit), and a 503 for the client instead
+        // of a connection torn down.
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exchange.as_mut().poll(cx)));
+        match polled {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(resp)) => {
+                self.exchange = None;
+                std::task::Poll::Ready(Ok(resp))
+            }
+            Err(_) => {
+                self.exchange = None;
+                std::task::Poll::Ready(Err(()))
+            }
+        }
+    }
+}
+
+impl<F> Drop for Detachable<F>
+where
+    F: std::future::Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(exchange) = self.exchange.take() {
+            // The client left mid-exchange: finish it on its own, then drop the response
+            // (which frees the permit and closes the upstream stream).
+            // Outside a runtime (it is being torn down) there is nothing left to run it on.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    drop(exchange.await);
+                });
+            }
+        }
     }
 }
 

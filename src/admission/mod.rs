@@ -1063,6 +1063,11 @@ impl Admission {
     pub fn day_index(&self) -> i64 {
         self.shared.lock().day.index
     }
+
+    /// How many requests wait in the queue now (cheaper than a [`Snapshot`]).
+    pub fn queue_depth(&self) -> usize {
+        self.shared.lock().queue.len()
+    }
 }
 
 /// Removes a waiter from the queue if its request future is dropped while queued (the client
