@@ -422,8 +422,14 @@ impl Pipeline {
                 429 => {
                     let read = self.upstream_429(resp, &mut permit).await;
                     drop(permit);
-                    let Some(cause) = self.may_retry(&read, &retry, replay.is_some()) else {
-                        return self.own(read.rejection);
+                    // A client that has already left gets nothing re-sent on its behalf.
+                    let gone = matches!(
+                        retry.client_gone.try_recv(),
+                        Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                    );
+                    let cause = match self.may_retry(&read, &retry, replay.is_some()) {
+                        Some(cause) if !gone => cause,
+                        _ => return self.own(read.rejection),
                     };
                     // Back to the front of the queue: the cooldown's probe when it ends.
                     proxy.metrics.retried(cause);
@@ -441,16 +447,19 @@ impl Pipeline {
                         "upstream 429: retrying on the client's behalf when the cooldown ends"
                     );
                     permit = tokio::select! {
-                        r = proxy.admission.admit(ask) => match r {
-                            Ok(p) => p,
-                            Err(r) => return self.own(r),
-                        },
+                        // The client's departure first: a grant for a client that has gone
+                        // would spend a request nobody reads.
+                        biased;
                         _ = &mut retry.client_gone => {
                             // The client left while its retry waited: nothing more to send.
                             self.log.outcome = "client_gone";
                             self.log.finish();
                             return Response::new(ResponseBody::empty());
                         }
+                        r = proxy.admission.admit(ask) => match r {
+                            Ok(p) => p,
+                            Err(r) => return self.own(r),
+                        },
                     };
                     continue;
                 }

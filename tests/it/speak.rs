@@ -429,3 +429,46 @@ async fn bodies_without_a_usable_model_are_forwarded_unchanged() {
     assert_eq!(s["models"], serde_json::json!([]), "{s}");
     proxy.stop().await.unwrap();
 }
+
+/// A client that left before the upstream's capacity 429 arrived gets nothing re-sent on its
+/// behalf: the 429 is still read (the model cools), but no retry spends a request.
+#[tokio::test]
+async fn nothing_is_retried_for_a_client_that_has_left() {
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    mock.push(Reply::json(429, CAPACITY).gated(gate.clone()));
+    let proxy = Start::new(
+        &mock.url(),
+        &format!("{FAST}\n[cooldown]\nmodel_initial = \"1s\"\n"),
+    )
+    .start()
+    .await;
+    let c = client();
+    let r = chat(&proxy, "big-model");
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.request(r).await });
+    mock.wait_for_requests(1).await;
+    pending.abort();
+    let _ = pending.await;
+    // The connection is gone; now the upstream answers.
+    gate.open();
+    status_until(&c, &proxy, "the 429 read and the model cooling", |s| {
+        s["models"][0]["last_body"]
+            .as_str()
+            .is_some_and(|b| b.contains("capacity"))
+            && s["in_flight"] == 0
+    })
+    .await;
+    // Past the model's cooldown, still nothing more went upstream.
+    status_until(&c, &proxy, "the model's cooldown over", |s| {
+        s["models"][0]["cooling"] == false
+    })
+    .await;
+    assert_eq!(mock.count(), 1);
+    assert_eq!(
+        status(&c, &proxy).await["retries"]["model"],
+        0,
+        "no retry counted"
+    );
+    proxy.stop().await.unwrap();
+}
