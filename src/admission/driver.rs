@@ -200,6 +200,24 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                             Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
                         g.day.gate_cause = GATE_BY_FLEET;
                     }
+                    fleet::Event::Model {
+                        until_unix,
+                        level,
+                        model,
+                    } => {
+                        let now = Instant::now();
+                        let until = sh.wall.instant_at(until_unix);
+                        let model: Arc<str> = Arc::from(model);
+                        let e = g.models.entry(&model, now);
+                        if until > now && e.until.is_none_or(|u| u < until) {
+                            e.until = Some(until);
+                            e.epoch += 1;
+                            if e.probe == Probe::Ready {
+                                e.probe = Probe::Open;
+                            }
+                        }
+                        e.level = e.level.max(level);
+                    }
                     fleet::Event::Open
                     | fleet::Event::ProbeReleased
                     | fleet::Event::LeaseReleased

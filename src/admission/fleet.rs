@@ -377,6 +377,12 @@ pub enum Event {
         day: i64,
         used: u64,
     },
+    /// A replica saw a capacity 429 for `model`: it cools until then, at this level.
+    Model {
+        until_unix: f64,
+        level: u32,
+        model: String,
+    },
 }
 
 pub fn parse_event(msg: &str) -> Option<Event> {
@@ -400,6 +406,19 @@ pub fn parse_event(msg: &str) -> Option<Event> {
             day: it.next()?.parse().ok()?,
             used: it.next()?.parse().ok()?,
         }),
+        "model" => {
+            let until_unix = us(it.next())?;
+            let level = it.next()?.parse().ok()?;
+            // The name is the rest (model names come from clients: bounded, may hold spaces).
+            let model = it.collect::<Vec<_>>().join(" ");
+            (!model.is_empty() && model.len() <= crate::model::MAX_MODEL_LEN).then_some(
+                Event::Model {
+                    until_unix,
+                    level,
+                    model,
+                },
+            )
+        }
         _ => None,
     }
 }
@@ -765,6 +784,28 @@ impl Fleet {
             })
             .await?;
         Ok(until.parse::<i64>().unwrap_or(0) as f64 / 1e6)
+    }
+
+    /// Tell the other replicas that `model` cools until `until_unix` (a capacity 429 here).
+    /// Pub/sub only: a replica that is not subscribed at that moment learns it from its own
+    /// first 429 for that model instead.
+    pub async fn announce_model(
+        &self,
+        model: &str,
+        until_unix: f64,
+        level: u32,
+    ) -> Result<(), String> {
+        let channel = self.key("events");
+        let msg = format!("model {} {level} {model}", (until_unix * 1e6) as i64);
+        self.call(|mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(msg)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn close_daily_gate(&self, until_unix: f64) -> Result<(), String> {

@@ -167,6 +167,9 @@ impl Permit {
         let news = match &outcome {
             Outcome::Success { .. } if self.probe => FleetNews::ProbeDone(true),
             Outcome::Failed if self.probe => FleetNews::ProbeDone(false),
+            // A capacity 429 is the model's, not the account's: as an account probe, the
+            // account answered.
+            Outcome::RateLimited { .. } if model_scope && self.probe => FleetNews::ProbeDone(true),
             Outcome::RateLimited { .. } if !model_scope => FleetNews::Cooldown,
             Outcome::QuotaExceeded { .. } => FleetNews::Gate,
             _ => FleetNews::Nothing,
@@ -223,6 +226,12 @@ impl Permit {
                 body,
                 ..
             } if model_scope => {
+                if self.probe && g.cooldown.probe == Probe::Outstanding {
+                    g.cooldown.probe = Probe::Open;
+                    tracing::info!(
+                        "probe answered for the account (its model is at capacity): gate reopened"
+                    );
+                }
                 let m = self.model.clone().unwrap_or_else(|| Arc::from(""));
                 let e = g.models.entry(&m, now);
                 e.last_body = body;
@@ -364,6 +373,13 @@ impl Permit {
                 let (dur, decay) = (d.duration, s.cooldown_decay);
                 spawn_fleet(shared, "cooldown", move |f| async move {
                     f.start_cooldown(dur, level, decay).await
+                })
+            }
+            (Some(_), Some(d)) if d.model.is_some() => {
+                let (m, until, lvl) = (d.model.clone(), d.until_unix, d.level);
+                spawn_fleet(shared, "model cooldown", move |f| async move {
+                    f.announce_model(m.as_deref().unwrap_or(""), until, lvl)
+                        .await
                 })
             }
             (Some(FleetNews::Gate), _) => gate.and_then(|until| {

@@ -569,3 +569,30 @@ async fn the_snapshot_says_what_limits_a_new_request() {
     assert_eq!(snap.gate, Probe::Ready);
     assert_eq!(snap.limited_by, None);
 }
+
+/// The account's probe answered by a capacity 429 (its model at capacity) reopens the
+/// account: the account did answer; only that model cools.
+#[tokio::test(start_paused = true)]
+async fn an_account_probe_answered_by_a_capacity_429_reopens_the_account() {
+    let mut s = settings(60_000, 100);
+    s.cooldown_initial = Duration::from_secs(2);
+    let a = admission(s);
+    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    p.report(account_429());
+    drop(p);
+    let (r, _) = spawn_admit(&a, ask(0, Some("big"), Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let mut probe = sent(r.unwrap());
+    assert!(probe.is_probe());
+    probe.report(capacity_429());
+    drop(probe);
+    assert_eq!(a.snapshot().gate, Probe::Open);
+    // Another model goes at once; the busy one cools.
+    assert!(a.admit(ask(0, Some("small"), Duration::ZERO)).await.is_ok());
+    let r = a
+        .admit(ask(0, Some("big"), Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert_eq!(r.reason, Reason::ModelCooldown);
+}

@@ -752,3 +752,58 @@ async fn the_days_count_under_the_old_key_names_is_carried_over() {
     assert_eq!(mock.count(), 1);
     p.stop().await.unwrap();
 }
+
+/// A capacity 429 seen by one replica cools that model on the others too: they refuse a
+/// request for it that cannot wait (`model_cooldown`) without asking the upstream, and still
+/// serve other models.
+#[tokio::test]
+async fn a_model_cooldown_reaches_every_replica() {
+    if !redis_available("a_model_cooldown_reaches_every_replica") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let mock = MockUpstream::start().await;
+    mock.push(Reply::json(
+        429,
+        r#"{"detail":"Infrastructure is at maximum capacity, try again later"}"#,
+    ));
+    let cfg = fleet_cfg(
+        &redis,
+        "modelcool:",
+        "[limits]\nrequests_per_minute = 600000\nburst = 10000\n[cooldown]\nmodel_initial = \"30s\"\nmodel_max = \"1m\"\n[retry]\nmax_attempts = 0\n",
+    );
+    let a = Start::new(&mock.url(), &cfg).start().await;
+    let b = Start::new(&mock.url(), &cfg).start().await;
+    let c = client();
+    let chat = |p: &TestProxy, model: &str, wait: &str| {
+        req("POST", &p.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("x-proxy-max-wait", wait)
+            .body(Full::new(Bytes::from(format!(r#"{{"model":"{model}"}}"#))))
+            .unwrap()
+    };
+    let got = send(&c, chat(&a, "big", "1s")).await;
+    assert_eq!(got.json()["error"]["proxy"]["reason"], "upstream_capacity");
+    // Replica b hears of it (pub/sub); wait for its /status to show the model cooling.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = get(&c, &b.admin_url("/status")).await.json();
+        if s["models"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["model"] == "big" && m["cooling"] == true)
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replica b never heard of the model cooldown: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = send(&c, chat(&b, "big", "1s")).await;
+    assert_eq!(got.json()["error"]["proxy"]["reason"], "model_cooldown");
+    assert_eq!(send(&c, chat(&b, "small", "1s")).await.status, 200);
+    assert_eq!(mock.count(), 2, "the cooling model was not asked again");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
