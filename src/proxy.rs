@@ -143,11 +143,18 @@ impl Proxy {
             return crate::response::healthz(&request_id).map(ResponseBody::full);
         }
         let live = self.live();
+        // One look at the budget's settings for the whole request (they change on a reload).
+        let settings = self.admission.settings();
         let ident = live.clients.identify(req.headers());
         let client = ident.client;
         let log = RequestLog::new(
             request_id.to_str().unwrap_or("").to_string(),
-            self.admission.client_name(client),
+            settings
+                .clients
+                .get(client)
+                .unwrap_or(&settings.clients[0])
+                .name
+                .clone(),
             req.method().clone(),
             req.uri().path(),
         );
@@ -174,7 +181,7 @@ impl Proxy {
                 )));
             }
         }
-        let max_wait = match self.max_wait(&req, client) {
+        let max_wait = match max_wait(&settings, &req, client) {
             Ok(w) => w,
             Err(r) => return p.own(r),
         };
@@ -254,32 +261,35 @@ impl Proxy {
             }
         }
     }
+}
 
-    /// The wait this request may spend queued: `queue.max_wait`, the client's own limit, and
-    /// the request's `x-proxy-max-wait`, whichever is shortest.
-    #[allow(clippy::result_large_err)] // see admission::Inner::check_client_caps
-    fn max_wait(&self, req: &Request<Incoming>, client: ClientId) -> Result<Duration, Rejection> {
-        let settings = self.admission.settings();
-        let mut wait = settings.max_wait;
-        if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
-            wait = wait.min(w);
-        }
-        if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {
-            let asked = v
-                .to_str()
-                .map_err(|_| "not text".to_string())
-                .and_then(|s| crate::units::parse_wait(s.trim()));
-            match asked {
-                Ok(d) => wait = wait.min(d),
-                Err(e) => {
-                    return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
+/// The wait a request may spend queued: `queue.max_wait`, the client's own limit, and the
+/// request's `x-proxy-max-wait`, whichever is shortest.
+#[allow(clippy::result_large_err)] // see admission::Admission::admit
+fn max_wait(
+    settings: &crate::admission::Settings,
+    req: &Request<Incoming>,
+    client: ClientId,
+) -> Result<Duration, Rejection> {
+    let mut wait = settings.max_wait;
+    if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
+        wait = wait.min(w);
+    }
+    if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {
+        let asked = v
+            .to_str()
+            .map_err(|_| "not text".to_string())
+            .and_then(|s| crate::units::parse_wait(s.trim()));
+        match asked {
+            Ok(d) => wait = wait.min(d),
+            Err(e) => {
+                return Err(Rejection::new(Reason::BadRequest).with_detail(format!(
                     "x-proxy-max-wait: {e} (use a duration like \"5s\" or \"500ms\", or seconds)"
                 )))
-                }
             }
         }
-        Ok(wait)
     }
+    Ok(wait)
 }
 
 struct Pipeline {

@@ -535,21 +535,6 @@ impl Admission {
         Arc::clone(&self.shared.lock().s)
     }
 
-    /// Client index by name (`default` is 0).
-    pub fn client_id(&self, name: &str) -> Option<ClientId> {
-        self.shared
-            .lock()
-            .s
-            .clients
-            .iter()
-            .position(|c| &*c.name == name)
-    }
-
-    pub fn client_name(&self, id: ClientId) -> Arc<str> {
-        let g = self.shared.lock();
-        g.s.clients.get(id).unwrap_or(&g.s.clients[0]).name.clone()
-    }
-
     /// Wait for admission of a request of `client` with no known model, costing 1.
     pub async fn acquire(&self, client: ClientId, max_wait: Duration) -> Result<Permit, Rejection> {
         self.admit(Ask::new(client, max_wait)).await
