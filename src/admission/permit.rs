@@ -193,12 +193,21 @@ impl Permit {
                 }
             }
         }
+        // The account's probe: any answer but an account 429 reopens the gate (a model's
+        // capacity 429, a 402, a success: the account answered); no answer lets the next
+        // request probe; an account 429 starts the next cooldown below.
+        if self.probe && g.cooldown.probe == Probe::Outstanding {
+            match &outcome {
+                Outcome::Failed => g.cooldown.probe = Probe::Ready,
+                Outcome::RateLimited { .. } if !model_scope => {}
+                _ => {
+                    g.cooldown.probe = Probe::Open;
+                    tracing::info!("probe answered: gate reopened for every client");
+                }
+            }
+        }
         let decision = match outcome {
             Outcome::Success { exhausted } => {
-                if self.probe && g.cooldown.probe == Probe::Outstanding {
-                    g.cooldown.probe = Probe::Open;
-                    tracing::info!("probe succeeded: gate reopened for every client");
-                }
                 if let Some(d) = exhausted {
                     let d = d.min(s.cooldown_max);
                     let until = now + d;
@@ -226,12 +235,6 @@ impl Permit {
                 body,
                 ..
             } if model_scope => {
-                if self.probe && g.cooldown.probe == Probe::Outstanding {
-                    g.cooldown.probe = Probe::Open;
-                    tracing::info!(
-                        "probe answered for the account (its model is at capacity): gate reopened"
-                    );
-                }
                 let m = self.model.clone().unwrap_or_else(|| Arc::from(""));
                 let e = g.models.entry(&m, now);
                 e.last_body = body;
@@ -328,9 +331,6 @@ impl Permit {
                     .unwrap_or(next_reset);
                 g.day.gate_until_unix = Some(until);
                 g.day.gate_cause = GATE_BY_402;
-                if self.probe && g.cooldown.probe == Probe::Outstanding {
-                    g.cooldown.probe = Probe::Open;
-                }
                 tracing::warn!(
                     until = %crate::units::format_rfc3339(until as i64),
                     "upstream says the daily quota is spent: gate closed until its reset"
@@ -341,9 +341,6 @@ impl Permit {
             Outcome::UsageCap => {
                 let until = crate::signals::next_usage_window_unix(now_unix);
                 g.usage_cap_until_unix = Some(until);
-                if self.probe && g.cooldown.probe == Probe::Outstanding {
-                    g.cooldown.probe = Probe::Open;
-                }
                 tracing::warn!(
                     until = %crate::units::format_rfc3339(until as i64),
                     "upstream says the plan's usage cap is spent: gate closed until the next 4-hour window"
@@ -351,13 +348,7 @@ impl Permit {
                 shared.request_persist();
                 None
             }
-            Outcome::Failed => {
-                if self.probe && g.cooldown.probe == Probe::Outstanding {
-                    // No answer is not a success: let the next request probe.
-                    g.cooldown.probe = Probe::Ready;
-                }
-                None
-            }
+            Outcome::Failed => None,
         };
         let gate = g.day.gate_until_unix;
         let level = g.cooldown.level;
