@@ -48,13 +48,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chutes_proxy::clock::WallClock;
 use chutes_proxy::config::{Config, Overrides};
 use emulator::{ChutesConfig, ChutesEmulator, Stats, NGINX_429};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{bench_mode, env_num};
+use support::{bench_mode, env_num, InProcess};
 use tokio::time::Instant;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -269,19 +268,9 @@ async fn run(plan: Plan, r: &Run) -> Outcome {
                         .expect("bench proxy config")
                 }
             };
-        let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
-        let addr = main.local_addr().expect("proxy addr");
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(chutes_proxy::run(
-            config,
-            main,
-            admin,
-            WallClock::System,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
-        proxy = Some((stop_tx, task));
+        let p = InProcess::start(config).await;
+        let addr = p.addr;
+        proxy = Some(p);
         format!("http://{addr}")
     } else {
         emu.url()
@@ -316,9 +305,8 @@ async fn run(plan: Plan, r: &Run) -> Outcome {
     }
     let stats = emu.stats();
     let emulated_minutes = (emu.now() - start_emulated) / 60.0;
-    if let Some((stop, task)) = proxy {
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if let Some(p) = proxy {
+        p.stop(Duration::from_secs(5)).await;
     }
     let seen = seen
         .into_iter()

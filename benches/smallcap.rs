@@ -30,12 +30,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chutes_proxy::clock::WallClock;
 use chutes_proxy::config::{Config, Overrides};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{bench_mode, env_num, fmt_dur, Mock, Samples};
+use support::{bench_mode, env_num, fmt_dur, InProcess, Mock, Samples};
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
@@ -125,18 +124,8 @@ async fn run(cell: &Cell, upstream: &str) -> (Duration, Samples, usize) {
         upstream: None,
     };
     let config = Config::from_toml(&toml, &overrides, &|_: &str| None).expect("bench config");
-    let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
-    let addr = main.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let proxy = tokio::spawn(chutes_proxy::run(
-        config,
-        main,
-        admin,
-        WallClock::System,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let proxy = InProcess::start(config).await;
+    let addr = proxy.addr;
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let url = format!("http://{addr}/v1/chat/completions");
     let mut lat = Samples::with_capacity(REQUESTS);
@@ -159,7 +148,6 @@ async fn run(cell: &Cell, upstream: &str) -> (Duration, Samples, usize) {
         lat.push(took);
     }
     let total = t0.elapsed();
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), proxy).await;
+    proxy.stop(Duration::from_secs(10)).await;
     (total, lat, slow)
 }

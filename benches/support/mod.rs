@@ -837,3 +837,42 @@ pub fn fmt_delta(a: Duration, b: Duration) -> String {
 pub fn show(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// A chutes-proxy running in this process (the library's `bind` + `run`), for the benches that
+/// measure it in-process; [`InProcess::stop`] ends it gracefully.
+pub struct InProcess {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl InProcess {
+    pub async fn start(config: chutes_proxy::config::Config) -> InProcess {
+        let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
+        let addr = main.local_addr().expect("proxy address");
+        let admin_addr = admin.as_ref().and_then(|a| a.local_addr().ok());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(chutes_proxy::run(
+            config,
+            main,
+            admin,
+            chutes_proxy::clock::WallClock::System,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        InProcess {
+            addr,
+            admin: admin_addr,
+            stop,
+            task,
+        }
+    }
+
+    /// Ask it to stop and wait for it, at most `within`.
+    pub async fn stop(self, within: Duration) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(within, self.task).await;
+    }
+}
