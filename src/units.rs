@@ -448,6 +448,11 @@ pub fn parse_hhmm(s: &str) -> Result<u32, String> {
     Ok(hour * 3_600 + minute * 60)
 }
 
+/// Seconds after midnight -> "HH:MM", the form [`parse_hhmm`] reads (`limits.day_reset_utc`).
+pub fn format_hhmm(secs: u32) -> String {
+    format!("{:02}:{:02}", secs / 3_600 % 24, secs % 3_600 / 60)
+}
+
 /// Index of the "quota day" containing `unix_secs` when days reset at `reset_offset_secs`
 /// after UTC midnight: floor((unix_secs - offset) / 86400).
 pub fn day_index(unix_secs: i64, reset_offset_secs: u32) -> i64 {
@@ -827,6 +832,11 @@ mod tests {
             let err = parse_hhmm(input).expect_err(input);
             assert!(err.contains("e.g."), "{err}");
         }
+        for (text, secs) in ok {
+            let shown = format_hhmm(*secs);
+            assert_eq!(parse_hhmm(&shown), Ok(*secs), "{text:?} -> {shown:?}");
+        }
+        assert_eq!(format_hhmm(32_700), "09:05");
     }
 
     #[test]
