@@ -23,7 +23,7 @@ use crate::history::History;
 use crate::metrics::{Format, Metrics};
 use crate::response::OpenAiError;
 use crate::status::{self, AdvertisedRate, Status};
-use crate::units::{format_reset, format_rfc3339};
+use crate::units::{format_hhmm, format_reset, format_rfc3339};
 
 /// How much of the last upstream 429's body `/status` shows.
 const LAST_429_BODY_CHARS: usize = 512;
@@ -156,6 +156,8 @@ impl Admin {
             redis_round_trips: round_trips,
         });
         let s = self.admission.snapshot();
+        // The configured limits come from the settings, the figures in force (rates and caps
+        // the upstream lowered, counts, gates) from the snapshot.
         let settings = self.admission.settings();
         // The clock admission's instants were made with, so `*_left` figures are consistent.
         let now = self.wall.now_unix();
@@ -195,7 +197,7 @@ impl Admin {
             .into(),
             fleet,
             rate_limits: status::RateLimits {
-                configured_requests_per_minute: s.configured_requests_per_minute,
+                configured_requests_per_minute: settings.requests_per_minute,
                 advertised_requests_per_minute: match s.advertised_requests_per_minute {
                     _ if s.advertised_unlimited => AdvertisedRate::Unlimited,
                     Some(n) => AdvertisedRate::PerMinute(n),
@@ -203,7 +205,7 @@ impl Admin {
                 },
                 in_force_requests_per_minute: s.requests_per_minute,
                 follow_upstream_limits: settings.follow_upstream_limits,
-                configured_requests_per_day: s.configured_requests_per_day,
+                configured_requests_per_day: settings.requests_per_day,
                 in_force_requests_per_day: s.requests_per_day,
                 beyond_quota: if settings.beyond_quota_stop {
                     "stop"
@@ -246,16 +248,12 @@ impl Admin {
                 .collect(),
             limits: status::Limits {
                 requests_per_minute: s.requests_per_minute,
-                burst: s.burst,
+                burst: settings.burst,
                 requests_per_day: s.requests_per_day,
-                day_reset_utc: format!(
-                    "{:02}:{:02}",
-                    settings.day_reset_offset / 3600,
-                    settings.day_reset_offset % 3600 / 60
-                ),
-                max_concurrent: s.max_concurrent as u64,
-                queue_max_depth: s.max_depth as u64,
-                queue_max_wait_seconds: secs(s.max_wait),
+                day_reset_utc: format_hhmm(settings.day_reset_offset),
+                max_concurrent: settings.max_concurrent as u64,
+                queue_max_depth: settings.max_depth as u64,
+                queue_max_wait_seconds: secs(settings.max_wait),
                 cooldown_initial_seconds: secs(settings.cooldown_initial),
                 cooldown_max_seconds: secs(settings.cooldown_max),
                 cooldown_multiplier: settings.cooldown_multiplier,
@@ -264,7 +262,7 @@ impl Admin {
             },
             tokens: status::Tokens {
                 available: s.tokens_available,
-                capacity: s.burst,
+                capacity: settings.burst,
                 spacing_seconds: secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
                 next_in_seconds: secs(s.next_token_in),
             },

@@ -7,46 +7,90 @@
 //! proxy strips it (and puts the account key in its place when one is configured). Not here:
 //! the per-client caps and fair shares, which admission enforces.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use http::header::{HeaderMap, AUTHORIZATION};
 
-use crate::admission::ClientId;
-use crate::config::ClientsConfig;
+pub use crate::admission::ClientId;
+use crate::config::{ApiKey, ClientsConfig};
 use crate::upstream::CLIENT_HEADER;
 
-pub struct Clients {
-    /// (token bytes, client id) for clients that have a token.
-    tokens: Vec<(Vec<u8>, ClientId)>,
-    /// Names of clients without a token, selectable by `x-proxy-client`.
-    by_name: Vec<(String, ClientId)>,
+/// The client every unattributed request belongs to: always the table's first row.
+pub const DEFAULT_CLIENT: ClientId = 0;
+
+/// One client as the budget sees it: its name (log lines, `/status`, metric labels), its fair
+/// share and its own caps.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub name: Arc<str>,
+    pub weight: u32,
+    pub requests_per_minute: Option<u32>,
+    pub burst: u32,
+    pub requests_per_day: Option<u64>,
+    pub max_wait: Option<Duration>,
+}
+
+/// Every client, built once from the configuration: `default` first, then the configured ones
+/// in file order. A [`ClientId`] is a row of this table and nothing else: attribution returns
+/// one, admission indexes its per-client state by it (the table is `Settings::clients`), and
+/// metrics label their per-client series from the same rows, so the three cannot disagree on
+/// who a number is. It derefs to its rows; its `Debug` shows no token.
+#[derive(Debug, Clone)]
+pub struct ClientTable {
+    rows: Vec<ClientSettings>,
+    /// The clients that have a token, with it.
+    tokens: Vec<(ApiKey, ClientId)>,
+    /// The clients without a token, which `x-proxy-client` may name.
+    by_name: Vec<ClientId>,
     require_token: bool,
 }
 
-/// The result of attribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ident {
-    pub client: ClientId,
-    /// `clients.require_token` is on and no known token was presented.
-    pub unauthorized: bool,
-    /// The request carried a client token, which must not reach the upstream.
-    pub strip_auth: bool,
-}
-
-impl Clients {
-    /// Client ids follow the configured order, starting at 1 (0 is `default`).
-    pub fn new(cfg: &ClientsConfig) -> Clients {
-        let mut tokens = Vec::new();
-        let mut by_name = Vec::new();
-        for (i, c) in cfg.clients.iter().enumerate() {
+impl ClientTable {
+    pub fn new(cfg: &ClientsConfig) -> ClientTable {
+        let mut table = ClientTable {
+            rows: vec![ClientSettings {
+                name: Arc::from("default"),
+                weight: cfg.default_weight.get(),
+                requests_per_minute: None,
+                burst: 1,
+                requests_per_day: None,
+                max_wait: None,
+            }],
+            tokens: Vec::new(),
+            by_name: Vec::new(),
+            require_token: cfg.require_token,
+        };
+        for c in &cfg.clients {
+            let id = table.rows.len();
+            table.rows.push(ClientSettings {
+                name: Arc::from(c.name.as_str()),
+                weight: c.weight.get(),
+                requests_per_minute: c.requests_per_minute.map(|r| r.get()),
+                burst: c.burst.get(),
+                requests_per_day: c.requests_per_day.map(|d| d.get()),
+                max_wait: c.max_wait,
+            });
             match &c.token {
-                Some(t) => tokens.push((t.expose().as_bytes().to_vec(), i + 1)),
-                None => by_name.push((c.name.clone(), i + 1)),
+                Some(t) => table.tokens.push((t.clone(), id)),
+                None => table.by_name.push(id),
             }
         }
-        Clients {
-            tokens,
-            by_name,
-            require_token: cfg.require_token,
-        }
+        table
+    }
+
+    /// A client without a token, as the next row (tests build their tables this way).
+    #[cfg(test)]
+    pub fn push(&mut self, c: ClientSettings) -> ClientId {
+        self.rows.push(c);
+        let id = self.rows.len() - 1;
+        self.by_name.push(id);
+        id
+    }
+
+    /// The row of `id`, or `default`'s for an id this table did not give out.
+    pub fn row(&self, id: ClientId) -> &ClientSettings {
+        self.rows.get(id).unwrap_or(&self.rows[DEFAULT_CLIENT])
     }
 
     pub fn identify(&self, headers: &HeaderMap) -> Ident {
@@ -55,7 +99,7 @@ impl Clients {
         if let Some(key) = presented {
             for (token, id) in &self.tokens {
                 // No early exit: every token is compared whatever matched.
-                if constant_time_eq(token, key) && found.is_none() {
+                if constant_time_eq(token.expose().as_bytes(), key) && found.is_none() {
                     found = Some(*id);
                 }
             }
@@ -69,7 +113,7 @@ impl Clients {
         }
         if self.require_token {
             return Ident {
-                client: 0,
+                client: DEFAULT_CLIENT,
                 unauthorized: true,
                 strip_auth: false,
             };
@@ -81,15 +125,53 @@ impl Clients {
                 let n = n.trim();
                 self.by_name
                     .iter()
-                    .find(|(name, _)| name == n)
-                    .map(|(_, id)| *id)
+                    .copied()
+                    .find(|&id| &*self.rows[id].name == n)
             });
         Ident {
-            client: named.unwrap_or(0),
+            client: named.unwrap_or(DEFAULT_CLIENT),
             unauthorized: false,
             strip_auth: false,
         }
     }
+}
+
+/// Clients without tokens, `rows[0]` being `default` (tests build their tables this way).
+#[cfg(test)]
+impl From<Vec<ClientSettings>> for ClientTable {
+    fn from(rows: Vec<ClientSettings>) -> ClientTable {
+        ClientTable {
+            by_name: (1..rows.len()).collect(),
+            rows,
+            tokens: Vec::new(),
+            require_token: false,
+        }
+    }
+}
+
+impl std::ops::Deref for ClientTable {
+    type Target = [ClientSettings];
+    fn deref(&self) -> &[ClientSettings] {
+        &self.rows
+    }
+}
+
+impl<'a> IntoIterator for &'a ClientTable {
+    type Item = &'a ClientSettings;
+    type IntoIter = std::slice::Iter<'a, ClientSettings>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.rows.iter()
+    }
+}
+
+/// The result of attribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ident {
+    pub client: ClientId,
+    /// `clients.require_token` is on and no known token was presented.
+    pub unauthorized: bool,
+    /// The request carried a client token, which must not reach the upstream.
+    pub strip_auth: bool,
 }
 
 /// The API key a client sent: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
@@ -129,7 +211,7 @@ mod tests {
     use super::*;
     use crate::config::{Config, Overrides};
 
-    fn clients(require: bool) -> Clients {
+    fn clients(require: bool) -> ClientTable {
         let env = |n: &str| match n {
             "BOT" => Some("tok-bot".to_string()),
             "BATCH" => Some("tok-batch".to_string()),
@@ -146,7 +228,7 @@ mod tests {
             "[clients]\nrequire_token = {require}\n[[clients.client]]\nname = \"bot\"\ntoken_env = \"BOT\"\n[[clients.client]]\nname = \"batch\"\n{batch_token}"
         );
         let c = Config::from_toml(&text, &Overrides::default(), &env).unwrap();
-        Clients::new(&c.clients)
+        ClientTable::new(&c.clients)
     }
 
     fn h(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -201,6 +283,56 @@ mod tests {
             !c.identify(&h(&[("authorization", "Bearer tok-bot")]))
                 .unauthorized
         );
+    }
+
+    /// The table is the only source of client ids: an id that attribution gives out names the
+    /// same client in admission's state and in the metrics' series.
+    #[tokio::test(start_paused = true)]
+    async fn one_id_names_one_client_in_attribution_admission_and_metrics() {
+        use crate::admission::{Admission, Ask, Settings};
+        use crate::metrics::{Format, Metrics};
+        let env = |n: &str| (n == "BOT").then(|| "tok-bot".to_string());
+        // `batch` before `bot` in the file: ids follow the file, not the kind of client.
+        let text = "[[clients.client]]\nname = \"batch\"\n[[clients.client]]\nname = \"bot\"\ntoken_env = \"BOT\"\n[[clients.client]]\nname = \"idle\"\n";
+        let c = Config::from_toml(text, &Overrides::default(), &env).unwrap();
+        let settings = Settings::from_config(&c);
+        let metrics = Metrics::new(&settings.clients, false);
+        let admission = Admission::new(
+            settings.clone(),
+            crate::clock::WallClock::pinned(1_795_478_400.0),
+            crate::state::Persisted::default(),
+            None,
+        );
+        let calls: [(&[(&str, &str)], &str); 3] = [
+            (&[("authorization", "Bearer tok-bot")], "bot"),
+            (&[("x-proxy-client", "batch")], "batch"),
+            (&[], "default"),
+        ];
+        let mut permits = Vec::new();
+        for (headers, name) in calls {
+            let id = settings.clients.identify(&h(headers)).client;
+            assert_eq!(&*settings.clients.row(id).name, name);
+            permits.push(admission.admit(Ask::new(id, Duration::ZERO)).await.unwrap());
+            metrics.request(id, None);
+        }
+        let snap = admission.snapshot();
+        let names: Vec<&str> = snap.clients.iter().map(|c| &*c.name).collect();
+        assert_eq!(names, ["default", "batch", "bot", "idle"]);
+        for c in &snap.clients {
+            let want = u64::from(c.name.as_ref() != "idle");
+            assert_eq!(c.used_today, want, "{}", c.name);
+        }
+        let scrape = metrics.encode(&snap, Format::Text);
+        for (name, n) in [("default", 1), ("batch", 1), ("bot", 1), ("idle", 0)] {
+            let series = format!(
+                "chutes_proxy_requests_total{{outcome=\"forwarded\",client=\"{name}\"}} {n}\n"
+            );
+            assert!(scrape.contains(&series), "{series}{scrape}");
+            let used = format!("chutes_proxy_client_daily_used{{client=\"{name}\"}} {n}\n");
+            assert!(scrape.contains(&used), "{used}{scrape}");
+        }
+        // An id the table never gave out reads as `default`, never a panic.
+        assert_eq!(&*settings.clients.row(99).name, "default");
     }
 
     #[test]

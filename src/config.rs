@@ -23,7 +23,7 @@ use http::header::HeaderName;
 use http::uri::{Authority, Scheme};
 use toml::{Table, Value};
 
-use crate::units::{parse_duration, parse_hhmm, parse_size};
+use crate::units::{format_hhmm, parse_duration, parse_hhmm, parse_size};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -294,11 +294,6 @@ impl Limits {
             .find(|c| crate::model::wildcard_match(&c.pattern, m))
             .map_or(1, |c| c.cost.get())
     }
-
-    /// The GCRA emission interval: one request every 60/rpm seconds.
-    pub fn spacing(&self) -> Duration {
-        Duration::from_secs(60) / self.requests_per_minute.get()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -564,9 +559,8 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "day_reset_utc = \"{:02}:{:02}\"",
-            l.day_reset_offset / 3600,
-            (l.day_reset_offset % 3600) / 60
+            "day_reset_utc = {}",
+            q(&format_hhmm(l.day_reset_offset))
         );
         let _ = writeln!(out, "max_concurrent = {}", l.max_concurrent);
         let _ = writeln!(
@@ -1764,7 +1758,10 @@ mod tests {
         assert_eq!(c.limits.burst.get(), 5);
         assert_eq!(c.limits.requests_per_day, None);
         assert_eq!(c.limits.max_concurrent, 16);
-        assert_eq!(c.limits.spacing(), Duration::from_millis(1200));
+        assert_eq!(
+            crate::admission::Settings::from_config(&c).spacing(),
+            Duration::from_millis(1200)
+        );
         assert_eq!(c.queue.max_depth, 1000);
         assert_eq!(c.queue.max_wait, Duration::from_secs(20));
         assert_eq!(c.cooldown.initial, Duration::from_secs(30));

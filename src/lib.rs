@@ -147,14 +147,8 @@ pub async fn run_with(
         ))
     });
     let upstream = upstream::Upstream::new(&config.upstream)?;
-    let names: Vec<_> = admission
-        .settings()
-        .clients
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
     let metrics = Arc::new(metrics::Metrics::new(
-        &names,
+        &admission.settings().clients,
         config.limits.requests_per_day.is_some(),
     ));
     let proxy = Arc::new(proxy::Proxy::new(
@@ -162,7 +156,6 @@ pub async fn run_with(
         Arc::clone(&admission),
         upstream,
         Arc::clone(&metrics),
-        clients::Clients::new(&config.clients),
     ));
     let reloader = Arc::new(reload::Reloader::new(
         source,

@@ -11,7 +11,6 @@
 //! snapshot when scraped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -20,9 +19,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::admission::Snapshot;
+use crate::clients::{ClientId, ClientTable};
 use crate::response::Reason;
 
 /// Status codes that get their own label; anything else is counted by class.
@@ -237,37 +237,39 @@ pub struct Metrics {
     retries: [Counter; 2],
     client_queue: Family<ClientLabels, Gauge>,
     client_used: Family<ClientLabels, Gauge>,
-    client_names: Vec<String>,
     started: tokio::time::Instant,
 }
 
 impl Metrics {
-    pub fn new(client_names: &[Arc<str>], daily_cap: bool) -> Metrics {
+    /// Series for every client of `clients` (the table admission indexes, so a client id
+    /// counts under that client's own name) and every outcome, created up front.
+    pub fn new(clients: &ClientTable, daily_cap: bool) -> Metrics {
         let mut registry = Registry::with_prefix("chutes_proxy");
-        let family = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let family = registered(
+            r,
             "requests",
             "Requests by outcome: forwarded upstream, or the reason the proxy answered itself",
-            family.clone(),
+            Family::<OutcomeLabels, Counter>::default(),
         );
-        let requests = client_names
+        let requests = clients
             .iter()
             .map(|c| {
                 (0..=Reason::ALL.len())
                     .map(|i| {
                         family.get_or_create_owned(&OutcomeLabels {
                             outcome: outcome_name(i),
-                            client: c.to_string(),
+                            client: c.name.to_string(),
                         })
                     })
                     .collect()
             })
             .collect();
-        let status_family = Family::<StatusLabels, Counter>::default();
-        registry.register(
+        let status_family = registered(
+            r,
             "upstream_responses",
             "Upstream responses by status code (uncommon codes by class, e.g. 5xx)",
-            status_family.clone(),
+            Family::<StatusLabels, Counter>::default(),
         );
         let upstream = (0..STATUS_LABELS)
             .map(|i| {
@@ -276,43 +278,39 @@ impl Metrics {
                 })
             })
             .collect();
-        // Queue waits range from nothing to the 20 s default limit and beyond.
-        let queue_wait = Histogram::new([
-            0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
-        ]);
-        registry.register(
+        let queue_wait = registered(
+            r,
             "queue_wait_seconds",
             "Time requests spent queued before admission",
-            queue_wait.clone(),
+            // Queue waits range from nothing to the 20 s default limit and beyond.
+            Histogram::new([
+                0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+            ]),
         );
-        // LLM responses take from milliseconds (errors) to minutes (long generations).
-        let upstream_latency = Histogram::new([
-            0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-        ]);
-        registry.register(
+        let upstream_latency = registered(
+            r,
             "upstream_latency_seconds",
             "Time from sending a request upstream to its response head",
-            upstream_latency.clone(),
+            // LLM responses take from milliseconds (errors) to minutes (long generations).
+            Histogram::new([
+                0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ]),
         );
-        let cooldown_seconds = Histogram::new([
-            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 86400.0,
-        ]);
-        registry.register(
+        let cooldown_seconds = registered(
+            r,
             "cooldown_seconds",
             "Length of each account-wide cooldown started by an upstream 429",
-            cooldown_seconds.clone(),
+            Histogram::new([
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 900.0, 1800.0, 3600.0, 86400.0,
+            ]),
         );
-        let stream_errors = Counter::default();
-        registry.register(
+        let stream_errors = registered(
+            r,
             "stream_errors",
             "Streams that carried an upstream error line or ended abnormally",
-            stream_errors.clone(),
+            Counter::default(),
         );
-        let mut gauge = |name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, g.clone());
-            g
-        };
+        let mut gauge = |name: &str, help: &str| registered(r, name, help, Gauge::default());
         let queue_depth = gauge("queue_depth", "Requests waiting for admission");
         let in_flight = gauge(
             "in_flight",
@@ -359,44 +357,43 @@ impl Metrics {
             "upstream_quota_remaining",
             "The daily quota the upstream last reported left (-1 before any report)",
         );
-        let model_cooling = Family::<ModelLabels, Gauge>::default();
-        registry.register(
+        let model_cooling = registered(
+            r,
             "model_cooling",
             "1 for each model cooling after a capacity 429 (at most 64 models)",
-            model_cooling.clone(),
+            Family::<ModelLabels, Gauge>::default(),
         );
-        let retry_family = Family::<CauseLabels, Counter>::default();
-        registry.register(
+        let retry_family = registered(
+            r,
             "retries",
             "Requests re-sent on the client's behalf after an upstream 429, by cause",
-            retry_family.clone(),
+            Family::<CauseLabels, Counter>::default(),
         );
         let retries = [RetryCause::Account, RetryCause::Model]
             .map(|c| retry_family.get_or_create_owned(&CauseLabels { cause: c.as_str() }));
         // The usual `_info` idiom: a constant 1 whose label says which version is running, so
         // dashboards can mark deploys.
-        let build_info = Family::<VersionLabels, Gauge>::default();
-        registry.register(
+        registered(
+            r,
             "build_info",
             "Always 1; the label says which chutes-proxy version is running",
-            build_info.clone(),
-        );
-        build_info
-            .get_or_create(&VersionLabels {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        let client_queue = Family::<ClientLabels, Gauge>::default();
-        registry.register(
+            Family::<VersionLabels, Gauge>::default(),
+        )
+        .get_or_create(&VersionLabels {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+        let client_queue = registered(
+            r,
             "client_queue_depth",
             "Requests waiting, by client",
-            client_queue.clone(),
+            Family::<ClientLabels, Gauge>::default(),
         );
-        let client_used = Family::<ClientLabels, Gauge>::default();
-        registry.register(
+        let client_used = registered(
+            r,
             "client_daily_used",
             "Requests counted today, by client",
-            client_used.clone(),
+            Family::<ClientLabels, Gauge>::default(),
         );
         Metrics {
             registry,
@@ -423,13 +420,12 @@ impl Metrics {
             retries,
             client_queue,
             client_used,
-            client_names: client_names.iter().map(|c| c.to_string()).collect(),
             started: tokio::time::Instant::now(),
         }
     }
 
     /// Count one request's outcome (`None` = forwarded).
-    pub fn request(&self, client: usize, reason: Option<Reason>) {
+    pub fn request(&self, client: ClientId, reason: Option<Reason>) {
         if let Some(row) = self.requests.get(client) {
             row[outcome_index(reason)].inc();
         }
@@ -476,7 +472,7 @@ impl Metrics {
     }
 
     /// Counters since start by outcome for one client.
-    pub fn client_outcomes(&self, client: usize) -> Vec<(&'static str, u64)> {
+    pub fn client_outcomes(&self, client: ClientId) -> Vec<(&'static str, u64)> {
         match self.requests.get(client) {
             Some(row) => row
                 .iter()
@@ -548,9 +544,9 @@ impl Metrics {
                 })
                 .set(1);
         }
-        for (c, name) in snap.clients.iter().zip(&self.client_names) {
+        for c in &snap.clients {
             let l = ClientLabels {
-                client: name.clone(),
+                client: c.name.to_string(),
             };
             self.client_queue.get_or_create(&l).set(c.queued as i64);
             self.client_used.get_or_create(&l).set(c.used_today as i64);
@@ -565,10 +561,18 @@ impl Metrics {
     }
 }
 
+/// Registers `metric` and hands it back: the registry keeps a clone, and prometheus-client's
+/// metrics are shared handles, so both see the same values.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::admission::Probe;
+    use std::sync::Arc;
 
     fn snapshot() -> Snapshot {
         Snapshot {
@@ -596,6 +600,18 @@ mod tests {
             clients: Vec::new(),
             ..Snapshot::default()
         }
+    }
+
+    fn table(names: &[&str]) -> ClientTable {
+        let row = |name: &&str| crate::clients::ClientSettings {
+            name: Arc::from(*name),
+            weight: 1,
+            requests_per_minute: None,
+            burst: 1,
+            requests_per_day: None,
+            max_wait: None,
+        };
+        ClientTable::from(names.iter().map(row).collect::<Vec<_>>())
     }
 
     /// The value of the sample written exactly as `series` (name and labels), if present.
@@ -646,7 +662,7 @@ mod tests {
 
     #[test]
     fn scrape_reflects_counters_and_the_snapshot() {
-        let m = Metrics::new(&[Arc::from("default"), Arc::from("bot")], true);
+        let m = Metrics::new(&table(&["default", "bot"]), true);
         m.request(0, None);
         m.request(0, None);
         m.request(1, Some(Reason::QueueTimeout));
@@ -712,7 +728,7 @@ mod tests {
 
     #[test]
     fn no_daily_cap_means_no_remaining_series() {
-        let m = Metrics::new(&[Arc::from("default")], false);
+        let m = Metrics::new(&table(&["default"]), false);
         let mut snap = snapshot();
         snap.requests_per_day = None;
         snap.remaining_today = None;

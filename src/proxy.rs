@@ -24,7 +24,6 @@ use tokio::time::Instant;
 
 use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
 use crate::body::{RequestBody, ResponseBody, UploadStats};
-use crate::clients::Clients;
 use crate::clock;
 use crate::config::Config;
 use crate::log::RequestLog;
@@ -50,7 +49,6 @@ const SCOPE_BODY_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Live {
     pub limits: crate::config::Limits,
     pub retry: crate::config::RetryConfig,
-    pub clients: Clients,
 }
 
 impl Live {
@@ -58,7 +56,6 @@ impl Live {
         Live {
             limits: c.limits.clone(),
             retry: c.retry.clone(),
-            clients: Clients::new(&c.clients),
         }
     }
 }
@@ -81,13 +78,8 @@ impl Proxy {
         admission: Arc<Admission>,
         upstream: Upstream,
         metrics: Arc<Metrics>,
-        clients: Clients,
     ) -> Proxy {
-        let live = Live {
-            limits: config.limits.clone(),
-            retry: config.retry.clone(),
-            clients,
-        };
+        let live = Live::from_config(&config);
         // Ids are unique across restarts without a random-number dependency: the start time
         // in base 36 and a counter.
         let start = (clock::unix_now() * 1e6) as u64 ^ u64::from(std::process::id());
@@ -145,16 +137,12 @@ impl Proxy {
         let live = self.live();
         // One look at the budget's settings for the whole request (they change on a reload).
         let settings = self.admission.settings();
-        let ident = live.clients.identify(req.headers());
+        // Attribution reads the same client table admission indexes, so an id names one client.
+        let ident = settings.clients.identify(req.headers());
         let client = ident.client;
         let log = RequestLog::new(
             request_id.to_str().unwrap_or("").to_string(),
-            settings
-                .clients
-                .get(client)
-                .unwrap_or(&settings.clients[0])
-                .name
-                .clone(),
+            settings.clients.row(client).name.clone(),
             req.method().clone(),
             req.uri().path(),
         );

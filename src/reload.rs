@@ -121,8 +121,9 @@ pub fn plan(old: &Config, new: Config) -> (Report, Config) {
     }
     changed.sort();
     changed.dedup();
-    // Clients are attributed by position (their ids index admission's tables), so adding,
-    // removing or reordering them needs a restart; their caps and weights do not.
+    // A client id is a row of the client table that admission's state and the metrics' series
+    // were built from at start, so adding, removing or reordering clients needs a restart;
+    // their caps and weights do not.
     let names =
         |c: &Config| -> Vec<String> { c.clients.clients.iter().map(|c| c.name.clone()).collect() };
     let same_clients = names(old) == names(&new);

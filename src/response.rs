@@ -189,15 +189,21 @@ pub enum Policy {
     Day,
 }
 
-/// The account's limits as a refused client should see them.
-#[derive(Debug, Clone)]
+/// The account's limits as a refused client should see them: `error.proxy.limits` on the wire,
+/// written from this struct as it is.
+#[derive(Debug, Clone, Serialize)]
 pub struct LimitsView {
     pub requests_per_minute: u32,
     pub burst: u32,
     pub requests_per_day: Option<u64>,
     pub used_today: u64,
     pub remaining_today: Option<u64>,
+    #[serde(rename = "day_resets_at", serialize_with = "rfc3339")]
     pub day_resets_at_unix: i64,
+}
+
+fn rfc3339<S: serde::Serializer>(unix: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_rfc3339(*unix))
 }
 
 /// A refusal or failure, with every number the response needs.
@@ -315,14 +321,7 @@ impl Rejection {
                 request_id: request_id.to_str().unwrap_or(""),
                 client: self.client.as_deref(),
                 model: self.model.as_deref(),
-                limits: self.limits.as_ref().map(|l| LimitsObj {
-                    requests_per_minute: l.requests_per_minute,
-                    burst: l.burst,
-                    requests_per_day: l.requests_per_day,
-                    used_today: l.used_today,
-                    remaining_today: l.remaining_today,
-                    day_resets_at: format_rfc3339(l.day_resets_at_unix),
-                }),
+                limits: self.limits.as_ref(),
                 cooldown_until: self
                     .cooldown_until_unix
                     .map(|u| format_rfc3339(u.ceil() as i64)),
@@ -451,20 +450,10 @@ struct ProxyObj<'a> {
     client: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<&'a str>,
-    limits: Option<LimitsObj>,
+    limits: Option<&'a LimitsView>,
     cooldown_until: Option<String>,
     upstream_status: Option<u16>,
     upstream_body: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct LimitsObj {
-    requests_per_minute: u32,
-    burst: u32,
-    requests_per_day: Option<u64>,
-    used_today: u64,
-    remaining_today: Option<u64>,
-    day_resets_at: String,
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Human units and UTC calendar arithmetic, with no dependency on a date crate.
+//! Human units and UTC calendar arithmetic.
 //!
 //! Owns: parsing the durations and sizes written in the configuration file and in the
 //! `x-proxy-max-wait` request header, formatting reset durations the way OpenAI's
@@ -6,11 +6,23 @@
 //! and the "quota day" arithmetic behind `limits.day_reset_utc`.
 //!
 //! Does not own: which keys hold durations or sizes (the config module), what a reset
-//! instant means for admission (the limiter), or reading upstream headers (`signals`).
+//! instant means for admission (the limiter), or reading upstream headers (`signals`), or the
+//! calendar itself: months, leap years and day counts are jiff's (`jiff::civil`).
+//!
+//! The grammars stay here because they are the contract's, and the crates that parse the same
+//! things accept other sets of strings. jiff's "friendly" durations refuse forms the proxy
+//! accepts ("1d", ".5s", "30m1h", the Go units of upstream reset headers, more than nine
+//! fraction digits) and accept ones it refuses ("-1s", "5 s", "5sec"); its RFC 3339 parser
+//! refuses what Python upstreams send (no offset, a date alone) and takes `+24:00`, hour-only
+//! times and zone annotations. The size crates (bytesize, parse-size) take a bare "4K" or "4m",
+//! which is ambiguous, and bytesize saturates an overflow to `u64::MAX` instead of refusing it.
 //! Everything here is pure and total: every function returns an error or `None` for bad
 //! input rather than panicking, and all arithmetic is checked or saturating.
 
 use std::time::Duration;
+
+use jiff::civil::{Date, DateTime, Time};
+use jiff::SignedDuration;
 
 const NANOS_PER_SEC: u128 = 1_000_000_000;
 const SECS_PER_DAY: i64 = 86_400;
@@ -241,70 +253,37 @@ pub fn format_reset(d: Duration) -> String {
     }
 }
 
-/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 -> (year, month, day) in the
-/// proleptic Gregorian calendar. Exact for every `i64` day count reachable from an `i64`
-/// of seconds (|days| < 1.1e14, so no intermediate overflows).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days.saturating_add(719_468);
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
-    let day = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
-    let month = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
-    let year = era
-        .saturating_mul(400)
-        .saturating_add(yoe)
-        .saturating_add(i64::from(month <= 2));
-    // Both are in small known ranges, so the conversions cannot fail; 1 is a harmless
-    // fallback that keeps the function total without an unwrap.
-    (
-        year,
-        u32::try_from(month).unwrap_or(1),
-        u32::try_from(day).unwrap_or(1),
-    )
-}
+/// The UNIX epoch as a civil date-time: every instant here is a signed number of seconds from it.
+const EPOCH: DateTime = jiff::civil::datetime(1970, 1, 1, 0, 0, 0, 0);
 
-/// Howard Hinnant's `days_from_civil`, the inverse of [`civil_from_days`]. The caller
-/// passes a validated date with a 4-digit year, so nothing here can overflow.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = year - i64::from(month <= 2);
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400); // [0, 399]
-    let mp = i64::from((month + 9) % 12); // March = 0
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1; // [0, 365]
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy; // [0, 146096]
-    era * 146_097 + doe - 719_468
-}
+/// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z: the instants [`parse_rfc3339`] reads, so that
+/// every one of them prints back as a four-digit year.
+const FIRST_UNIX: i64 = -62_167_219_200;
+const LAST_UNIX: i64 = 253_402_300_799;
 
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: u32) -> u32 {
-    match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if is_leap(year) => 29,
-        2 => 28,
-        _ => 0,
-    }
-}
-
-/// Seconds since UNIX epoch -> "2026-11-24T00:00:00Z" (Howard Hinnant civil_from_days).
-/// Negative allowed.
+/// Seconds since UNIX epoch -> "2026-11-24T00:00:00Z". Negative allowed.
 ///
-/// Years outside 0000..=9999 are written with as many digits as they need (and a leading
-/// '-' before year 0), which is ISO 8601's expanded form rather than strict RFC 3339.
+/// The calendar is jiff's, whose range is the years -9999..=9999 (a year before 0 is written
+/// "-0001"). An instant beyond it, which only a broken clock or a hostile file could produce,
+/// is shown as the range's nearest end rather than failing.
 pub fn format_rfc3339(unix_secs: i64) -> String {
-    let days = unix_secs.div_euclid(SECS_PER_DAY);
-    let sod = unix_secs.rem_euclid(SECS_PER_DAY);
-    let (year, month, day) = civil_from_days(days);
-    let (hh, mm, ss) = (sod / 3_600, sod % 3_600 / 60, sod % 60);
-    let sign = if year < 0 { "-" } else { "" };
-    let year = year.unsigned_abs();
-    format!("{sign}{year:04}-{month:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    let at = EPOCH
+        .checked_add(SignedDuration::from_secs(unix_secs))
+        .unwrap_or(if unix_secs < 0 {
+            DateTime::MIN
+        } else {
+            DateTime::MAX
+        });
+    let sign = if at.year() < 0 { "-" } else { "" };
+    format!(
+        "{sign}{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        at.year().unsigned_abs(),
+        at.month(),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
 }
 
 /// A forward-only reader over ASCII bytes for the timestamp grammar.
@@ -368,13 +347,19 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
         return None;
     }
     let day = c.digits(2)?;
-    let year = i64::from(year);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
+    // jiff refuses month 13, day 32, 29 February outside leap years; the digits fit its types.
+    let date = Date::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let midnight = date
+        .to_datetime(Time::midnight())
+        .duration_since(EPOCH)
+        .as_secs();
     if c.peek().is_none() {
-        return Some((days * SECS_PER_DAY) as f64);
+        return Some(midnight as f64);
     }
 
     if !matches!(c.bump()?, b'T' | b't' | b' ') {
@@ -434,7 +419,12 @@ pub fn parse_rfc3339(s: &str) -> Option<f64> {
         return None;
     }
 
-    let secs = days * SECS_PER_DAY + i64::from(hour * 3_600 + minute * 60 + second) - offset_secs;
+    let secs = midnight + i64::from(hour * 3_600 + minute * 60 + second) - offset_secs;
+    // An offset can carry 0000-01-01 or 9999-12-31 into another year, which
+    // `format_rfc3339` would not write back as the same text; no upstream means either.
+    if !(FIRST_UNIX..=LAST_UNIX).contains(&secs) {
+        return None;
+    }
     Some(secs as f64 + fraction)
 }
 
@@ -456,6 +446,11 @@ pub fn parse_hhmm(s: &str) -> Result<u32, String> {
         return Err(fail());
     }
     Ok(hour * 3_600 + minute * 60)
+}
+
+/// Seconds after midnight -> "HH:MM", the form [`parse_hhmm`] reads (`limits.day_reset_utc`).
+pub fn format_hhmm(secs: u32) -> String {
+    format!("{:02}:{:02}", secs / 3_600 % 24, secs % 3_600 / 60)
 }
 
 /// Index of the "quota day" containing `unix_secs` when days reset at `reset_offset_secs`
@@ -686,17 +681,17 @@ mod tests {
             (-2_203_891_200, "1900-03-01T00:00:00Z"),
             (-62_135_596_800, "0001-01-01T00:00:00Z"),
             (253_402_300_799, "9999-12-31T23:59:59Z"),
-            (253_402_300_800, "10000-01-01T00:00:00Z"),
             (-62_167_219_200, "0000-01-01T00:00:00Z"),
             (-62_167_219_201, "-0001-12-31T23:59:59Z"),
+            (-377_705_116_800, "-9999-01-01T00:00:00Z"),
+            // Beyond the calendar's years -9999..=9999: its nearest end, never a panic.
+            (253_402_300_800, "9999-12-31T23:59:59Z"),
+            (i64::MAX, "9999-12-31T23:59:59Z"),
+            (-377_705_116_801, "-9999-01-01T00:00:00Z"),
+            (i64::MIN, "-9999-01-01T00:00:00Z"),
         ];
         for (input, want) in cases {
             assert_eq!(format_rfc3339(*input), *want, "input {input}");
-        }
-        // The extremes must not panic and must still look like a timestamp.
-        for input in [i64::MIN, i64::MIN + 1, i64::MAX, i64::MAX - 1] {
-            let out = format_rfc3339(input);
-            assert!(out.ends_with('Z'), "{input}: {out}");
         }
     }
 
@@ -793,6 +788,9 @@ mod tests {
             "2025-09-1",
             "1757721600",
             "2025-09-13T00:00:00ZZ",
+            // In UTC these fall in the years -1 and 10000.
+            "0000-01-01T00:00:00+00:01",
+            "9999-12-31T23:59:59-00:01",
             "２０２５-09-13T00:00:00Z",
         ];
         for input in cases {
@@ -834,6 +832,11 @@ mod tests {
             let err = parse_hhmm(input).expect_err(input);
             assert!(err.contains("e.g."), "{err}");
         }
+        for (text, secs) in ok {
+            let shown = format_hhmm(*secs);
+            assert_eq!(parse_hhmm(&shown), Ok(*secs), "{text:?} -> {shown:?}");
+        }
+        assert_eq!(format_hhmm(32_700), "09:05");
     }
 
     #[test]

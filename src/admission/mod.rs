@@ -46,6 +46,8 @@ use budget::Next;
 use driver::{deliver, dispatch, listen_fleet, spawn_fleet};
 pub use permit::Permit;
 
+pub use crate::clients::ClientSettings;
+use crate::clients::ClientTable;
 use crate::clock::{TokioClock, WallClock};
 use crate::config::Config;
 use crate::response::{LimitsView, Policy, Reason, Rejection};
@@ -116,39 +118,14 @@ pub struct Settings {
     pub follow_upstream_limits: bool,
     /// Whether granted requests must be covered by a reservation on disk first.
     pub durable: bool,
-    pub clients: Vec<ClientSettings>,
+    /// Who may call: the one table attribution, admission and metrics share (ids are its rows).
+    pub clients: ClientTable,
     /// Share of the limits used while Redis is unreachable with `on_redis_error = "local"`.
     pub fallback_share: f64,
 }
 
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    pub name: Arc<str>,
-    pub weight: u32,
-    pub requests_per_minute: Option<u32>,
-    pub burst: u32,
-    pub requests_per_day: Option<u64>,
-    pub max_wait: Option<Duration>,
-}
-
 impl Settings {
     pub fn from_config(c: &Config) -> Settings {
-        let mut clients = vec![ClientSettings {
-            name: Arc::from("default"),
-            weight: c.clients.default_weight.get(),
-            requests_per_minute: None,
-            burst: 1,
-            requests_per_day: None,
-            max_wait: None,
-        }];
-        clients.extend(c.clients.clients.iter().map(|cc| ClientSettings {
-            name: Arc::from(cc.name.as_str()),
-            weight: cc.weight.get(),
-            requests_per_minute: cc.requests_per_minute.map(|r| r.get()),
-            burst: cc.burst.get(),
-            requests_per_day: cc.requests_per_day.map(|d| d.get()),
-            max_wait: cc.max_wait,
-        }));
         Settings {
             requests_per_minute: c.limits.requests_per_minute.get(),
             burst: c.limits.burst.get(),
@@ -166,7 +143,7 @@ impl Settings {
             beyond_quota_stop: c.limits.beyond_quota == crate::config::BeyondQuota::Stop,
             follow_upstream_limits: c.limits.follow_upstream_limits,
             durable: c.state.path.is_some(),
-            clients,
+            clients: ClientTable::new(&c.clients),
             fallback_share: c.shared_state.local_fallback_share,
         }
     }

@@ -37,7 +37,8 @@ pub(super) fn settings(rpm: u32, burst: u32) -> Settings {
             burst: 1,
             requests_per_day: None,
             max_wait: None,
-        }],
+        }]
+        .into(),
     }
 }
 
