@@ -146,15 +146,7 @@ impl std::fmt::Debug for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renew.abort();
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (fleet, id) = (Arc::clone(&self.fleet), std::mem::take(&mut self.id));
-        handle.spawn(async move {
-            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
-                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
-            }
-        });
+        self.fleet.release_lease(std::mem::take(&mut self.id));
     }
 }
 
@@ -741,6 +733,20 @@ impl Fleet {
             fleet: Arc::clone(self),
             renew,
         }
+    }
+
+    /// Remove lease `id` from Redis, in the background (a `Drop` cannot wait); if that
+    /// fails, the lease expires by itself after `lease_ttl`.
+    pub fn release_lease(self: &Arc<Self>, id: String) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(self);
+        handle.spawn(async move {
+            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
+                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
+            }
+        });
     }
 
     async fn lease_call(&self, script: &Script, id: &str, with_ttl: bool) -> Result<(), String> {
