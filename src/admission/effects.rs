@@ -295,12 +295,14 @@ impl<'a> Guard<'a> {
 
 impl Deref for Guard<'_> {
     type Target = Inner;
+    #[inline]
     fn deref(&self) -> &Inner {
         self.g.as_deref().expect("held until drop")
     }
 }
 
 impl DerefMut for Guard<'_> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut Inner {
         self.g.as_deref_mut().expect("held until drop")
     }

@@ -430,9 +430,8 @@ impl Admission {
                 settings.requests_per_minute,
                 settings.burst,
                 settings.fallback_share,
-                clock,
             ),
-            None => Store::local(rate, clock),
+            None => Store::local(rate),
         };
         let now_unix = wall.now_unix();
         let today = day_index(now_unix as i64, settings.day_reset_offset);
@@ -613,10 +612,9 @@ impl Admission {
             };
             // Daily caps that cannot take this request today: shed unless the day ends
             // within the request's wait.
-            let day_ends = shared
-                .wall
-                .instant_at(day_end(g.day.index, g.s.day_reset_offset) as f64);
-            if day_ends > deadline {
+            // In UNIX seconds: converting the day's end to an instant reads both clocks again.
+            let day_left = day_end(g.day.index, g.s.day_reset_offset) as f64 - now_unix;
+            if day_left > max_wait.as_secs_f64() {
                 if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
                     return Err(r);
                 }

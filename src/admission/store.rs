@@ -13,12 +13,13 @@
 //!
 //! Both give back the same local bookkeeping (the permit's daily units, its client's and its
 //! model's rate: `permit.rs`); what is the store's own is the token and, for Redis, its count.
-//! Nothing here does I/O, logs or reads a clock: time is passed in.
+//! Nothing here does I/O, logs or reads a clock: time is passed in, governor's included
+//! ([`Given`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::clock::Clock as _;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -29,7 +30,34 @@ use super::fleet::{self, Fleet, OnError};
 use crate::clock::TokioClock;
 use crate::response::{Reason, Rejection};
 
-pub(super) type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+pub(super) type Bucket = RateLimiter<NotKeyed, InMemoryState, Given, NoOpMiddleware<Duration>>;
+
+/// governor's clock for the buckets here: the reading of the decision's own `now`, given
+/// just before each check (under the admission lock), so a take costs no clock read of its
+/// own. Each read of the system clock is tens of nanoseconds in a VM, and the decision has
+/// already paid for one.
+#[derive(Debug, Default)]
+pub(super) struct Given(AtomicU64);
+
+impl Given {
+    fn set(&self, reading: Duration) {
+        let nanos = u64::try_from(reading.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, Ordering::Relaxed);
+    }
+}
+
+impl governor::clock::Clock for Given {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// Check `bucket` at the reading `at`.
+fn check(bucket: &Bucket, at: Duration) -> Result<(), Duration> {
+    bucket.clock().set(at);
+    bucket.check().map_err(|nu| nu.wait_time_from(at))
+}
 
 /// The rate in force: one token per `spacing`, after a burst of `burst`.
 #[derive(Debug, Clone, Copy)]
@@ -73,9 +101,9 @@ pub(super) enum Take {
 }
 
 impl Store {
-    pub fn local(rate: Rate, clock: TokioClock) -> Store {
+    pub fn local(rate: Rate) -> Store {
         Store::Local(Local {
-            bucket: make_bucket(rate, clock),
+            bucket: make_bucket(rate),
             tat: None,
             hold_until: None,
         })
@@ -83,7 +111,7 @@ impl Store {
 
     /// The fleet's store; `share` of the configured `rpm` and `burst` is the local
     /// fallback's while Redis is unreachable.
-    pub fn redis(fleet: Arc<Fleet>, rpm: u32, burst: u32, share: f64, clock: TokioClock) -> Store {
+    pub fn redis(fleet: Arc<Fleet>, rpm: u32, burst: u32, share: f64) -> Store {
         let share = share.clamp(0.0, 1.0);
         let scaled = |n: u32| ((f64::from(n) * share).floor() as u32).max(1);
         let fallback = Rate {
@@ -93,7 +121,7 @@ impl Store {
         Store::Redis(Redis {
             fleet,
             not_before: None,
-            fallback: make_bucket(fallback, clock),
+            fallback: make_bucket(fallback),
         })
     }
 
@@ -107,14 +135,14 @@ impl Store {
                     }
                     l.hold_until = None;
                 }
-                match l.bucket.check() {
+                let reading = clock.reading_at(now);
+                match check(&l.bucket, reading) {
                     Ok(()) => {
-                        let reading = clock.now();
                         let tat = l.tat.unwrap_or(reading).max(reading);
                         l.tat = Some(tat + rate.spacing);
                         Take::Now
                     }
-                    Err(nu) => Take::NotBefore(now + nu.wait_time_from(clock.now())),
+                    Err(wait) => Take::NotBefore(now + wait),
                 }
             }
             Store::Redis(r) => match r.not_before {
@@ -143,7 +171,7 @@ impl Store {
     /// Tokens in the bucket now and how long until the next one (`/status`).
     pub fn peek(&self, clock: &TokioClock, rate: Rate, now: Instant) -> (u32, Duration) {
         match self {
-            Store::Local(l) => l.tokens(clock, rate),
+            Store::Local(l) => l.tokens(clock.reading_at(now), rate),
             Store::Redis(r) => match r.not_before.filter(|&t| t > now) {
                 Some(t) => (0, t - now),
                 None => (rate.burst.max(1), Duration::ZERO),
@@ -211,12 +239,14 @@ impl Store {
             return;
         };
         let burst = new.burst.max(1);
-        let bucket = make_bucket(new, *clock);
+        let reading = clock.reading_at(now);
+        let bucket = make_bucket(new);
+        bucket.clock().set(reading);
         if let Some(n) = std::num::NonZeroU32::new(burst) {
             let _ = bucket.check_n(n);
         }
         l.bucket = bucket;
-        l.tat = Some(clock.now() + new.spacing * burst);
+        l.tat = Some(reading + new.spacing * burst);
         l.hold_until = (next_old > now).then_some(next_old);
     }
 
@@ -294,10 +324,10 @@ impl Store {
         let Store::Redis(r) = self else {
             return false;
         };
-        match r.fallback.check() {
+        match check(&r.fallback, clock.reading_at(now)) {
             Ok(()) => true,
-            Err(nu) => {
-                r.not_before = Some(now + nu.wait_time_from(clock.now()));
+            Err(wait) => {
+                r.not_before = Some(now + wait);
                 false
             }
         }
@@ -306,11 +336,10 @@ impl Store {
 
 impl Local {
     /// Tokens in the bucket now, and how long until the next one.
-    fn tokens(&self, clock: &TokioClock, rate: Rate) -> (u32, Duration) {
+    fn tokens(&self, now: Duration, rate: Rate) -> (u32, Duration) {
         let burst = rate.burst.max(1);
         let t = rate.spacing;
         let tau = t * (burst - 1);
-        let now = clock.now();
         let Some(tat) = self.tat else {
             return (burst, Duration::ZERO);
         };
@@ -335,11 +364,11 @@ pub(super) fn rate_spacing(rpm: u32) -> Duration {
     Duration::from_secs(60) / rpm.max(1)
 }
 
-fn make_bucket(rate: Rate, clock: TokioClock) -> Bucket {
+fn make_bucket(rate: Rate) -> Bucket {
     // `with_period` only fails for a zero period, which a non-zero rpm cannot give; fall back
     // to one per nanosecond rather than panic.
     let quota = Quota::with_period(rate.spacing)
         .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MAX))
         .allow_burst(std::num::NonZeroU32::new(rate.burst).unwrap_or(std::num::NonZeroU32::MIN));
-    RateLimiter::direct_with_clock(quota, clock)
+    RateLimiter::direct_with_clock(quota, Given::default())
 }
