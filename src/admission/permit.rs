@@ -242,19 +242,13 @@ impl Permit {
                 e.last_body = body;
                 e.last_at_unix = now_unix;
                 let escalate = self.model_epoch == e.epoch;
-                let level = if escalate {
-                    e.level.saturating_add(1)
-                } else {
-                    e.level.max(1)
+                let backoff = Backoff {
+                    initial: s.model_cooldown_initial,
+                    max: s.model_cooldown_max,
+                    multiplier: s.cooldown_multiplier,
+                    max_key: "cooldown.model_max",
                 };
-                let computed = ModelGates::backoff(
-                    s.model_cooldown_initial,
-                    s.model_cooldown_max,
-                    s.cooldown_multiplier,
-                    level,
-                );
-                let (duration, hint_note) =
-                    cooldown_length(hint, computed, s.model_cooldown_max, "cooldown.model_max");
+                let (level, duration, hint_note) = backoff.next(escalate, e.level, e.level, hint);
                 if escalate {
                     e.level = level;
                     e.epoch += 1;
@@ -289,19 +283,14 @@ impl Permit {
                     body,
                 });
                 let escalate = self.epoch == g.cooldown.epoch;
-                let level = if escalate {
-                    g.effective_level(now).saturating_add(1)
-                } else {
-                    g.cooldown.level.max(1)
+                let backoff = Backoff {
+                    initial: s.cooldown_initial,
+                    max: s.cooldown_max,
+                    multiplier: s.cooldown_multiplier,
+                    max_key: "cooldown.max",
                 };
-                let computed = ModelGates::backoff(
-                    s.cooldown_initial,
-                    s.cooldown_max,
-                    s.cooldown_multiplier,
-                    level,
-                );
-                let (duration, hint_note) =
-                    cooldown_length(hint, computed, s.cooldown_max, "cooldown.max");
+                let (level, duration, hint_note) =
+                    backoff.next(escalate, g.effective_level(now), g.cooldown.level, hint);
                 let until = now + duration;
                 let longer = g.cooldown.until.is_none_or(|u| u < until);
                 if escalate {
@@ -468,6 +457,37 @@ impl Drop for Permit {
         if waiting {
             shared.wake.notify_one();
         }
+    }
+}
+
+/// One kind of cooldown's rules (the account's or a model's): where it starts, its bound
+/// (named `max_key` in the note when an upstream hint is clamped to it), its growth.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+    max_key: &'static str,
+}
+
+impl Backoff {
+    /// The level and length of the cooldown a 429 starts: one level above `from` (the level
+    /// in force) when it escalates, else `level` but at least 1; the upstream's `hint` when
+    /// it gave a usable one. With a note for the log line when the hint was not used as is.
+    fn next(
+        &self,
+        escalate: bool,
+        from: u32,
+        level: u32,
+        hint: Option<Hint>,
+    ) -> (u32, Duration, Option<String>) {
+        let level = if escalate {
+            from.saturating_add(1)
+        } else {
+            level.max(1)
+        };
+        let computed = ModelGates::backoff(self.initial, self.max, self.multiplier, level);
+        let (duration, note) = cooldown_length(hint, computed, self.max, self.max_key);
+        (level, duration, note)
     }
 }
 

@@ -15,8 +15,9 @@ use tracing_subscriber::Layer;
 
 use super::fleet::{FleetSettings, OnError};
 use super::tests::{admission_at, sent, settings, settle, NOON};
+use super::tests_r2::{account_429, capacity_429};
 use super::*;
-use crate::signals::{AdvertisedRate, ChutesQuota, Scope429};
+use crate::signals::{AdvertisedRate, ChutesQuota};
 
 /// At each event: was the admission lock of the budget under test free?
 #[derive(Clone, Default)]
@@ -62,26 +63,6 @@ impl LockChecker {
 
     fn saw(&self, text: &str) -> bool {
         self.seen.lock().unwrap().iter().any(|m| m.contains(text))
-    }
-}
-
-fn account_429() -> Outcome {
-    Outcome::RateLimited {
-        scope: Scope429::Account,
-        hint: None,
-        status: 429,
-        headers: vec![],
-        body: String::new(),
-    }
-}
-
-fn capacity_429() -> Outcome {
-    Outcome::RateLimited {
-        scope: Scope429::Model,
-        hint: None,
-        status: 429,
-        headers: vec![],
-        body: r#"{"detail":"Infrastructure is at maximum capacity, try again later"}"#.into(),
     }
 }
 
