@@ -670,7 +670,6 @@ impl Inner {
 
     /// The account's daily figures as the upstream sees them (a header snapshot taken before
     /// a call of `cost`, or the usage poll with `cost` 0). The day's count only goes up.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_account_quota(
         &mut self,
         total: u64,

@@ -8,9 +8,15 @@
 //! dispatcher task decides who goes next: only the dispatcher sleeps on a timer, so waiters
 //! never wake as a herd, and the queue decides the order, so a newcomer never overtakes.
 //!
-//! What is absent on purpose: no I/O (the state file is written by `crate::state`'s writer
-//! task; admission only asks for a write and waits for it), no HTTP types, no response
-//! rendering (a refusal is a typed [`Rejection`] that `crate::response` turns into bytes).
+//! The account's token comes from a store (`store.rs`): this process's governor bucket, or
+//! Redis shared by a fleet, whose take is an effect the dispatcher performs after the lock.
+//! Decisions never ask which. What they leave to do (log lines, a state write, Redis calls)
+//! is performed by the lock's guard once the mutex is released (`effects.rs`).
+//!
+//! What is absent on purpose: no I/O under the lock (the state file is written by
+//! `crate::state`'s writer task; admission only asks for a write and waits for it), no HTTP
+//! types, no response rendering (a refusal is a typed [`Rejection`] that `crate::response`
+//! turns into bytes).
 //!
 //! Tokens and the daily count are taken only at the moment a request is granted; a waiter that
 //! leaves or times out consumes nothing. The grant is a [`Permit`] that the proxy keeps inside
