@@ -29,6 +29,11 @@ impl TokioClock {
     pub fn to_instant(&self, reading: Duration) -> Instant {
         self.origin + reading
     }
+
+    /// The reading of an instant the caller already has (no clock read of its own).
+    pub fn reading_at(&self, at: Instant) -> Duration {
+        at.saturating_duration_since(self.origin)
+    }
 }
 
 impl governor::clock::Clock for TokioClock {

@@ -1,8 +1,10 @@
 //! The budget's decisions: plain state and time in, grants and refusals out. Every gate
 //! (daily caps, usage cap, cooldown and its probe, concurrency, durability), the estimate of
 //! a newcomer's wait, the choice of who goes next, and what the upstream's figures do to the
-//! day. Runs under the admission lock and does no I/O: it asks the state writer for a write
-//! through a watch channel and logs nothing but state changes.
+//! day. Runs under the admission lock and does no I/O, logs nothing and spawns nothing: what
+//! a decision leaves to do (a log line, a state write, a fleet call) goes into `Inner::fx`,
+//! performed once the lock is released (`effects.rs`). The account's token comes from the
+//! store (`store.rs`), whichever it is.
 
 use super::*;
 /// What the dispatcher found for the head of the queue.
@@ -14,7 +16,7 @@ pub(super) enum Pick {
 }
 
 impl Inner {
-    pub(super) fn roll_day(&mut self, shared: &Shared, now_unix: f64) {
+    pub(super) fn roll_day(&mut self, now_unix: f64) {
         let today = day_index(now_unix as i64, self.s.day_reset_offset);
         if today != self.day.index {
             // Requests still in flight were counted yesterday; today starts at zero.
@@ -38,11 +40,8 @@ impl Inner {
                 q.used = 0;
                 q.remaining = q.total;
             }
-            tracing::info!(
-                day = today,
-                "new quota day: daily counts reset, daily gate open"
-            );
-            shared.request_persist();
+            self.fx.log(Log::NewDay { day: today });
+            self.fx.persist();
         }
     }
 
@@ -69,7 +68,15 @@ impl Inner {
 
     /// The GCRA emission interval of the rate in force.
     pub(super) fn spacing(&self) -> Duration {
-        Duration::from_secs(60) / self.rpm_in_force.max(1)
+        store::rate_spacing(self.rpm_in_force)
+    }
+
+    /// The rate in force, as the store enforces it.
+    pub(super) fn rate(&self) -> Rate {
+        Rate {
+            spacing: self.spacing(),
+            burst: self.s.burst.max(1),
+        }
     }
 
     /// The rate the account should run at: the configured one, lowered to the upstream's
@@ -84,57 +91,26 @@ impl Inner {
         }
     }
 
-    /// Swap in a bucket for `rpm`, keeping the schedule: the fresh bucket's burst is taken at
-    /// once and no token comes before the old bucket's next one, so a change of rate never
-    /// grants a fresh burst.
+    /// Change the rate in force to `rpm`, keeping the schedule (see `Store::set_rate`), so
+    /// a change of rate never grants a fresh burst.
     pub(super) fn set_rate(&mut self, shared: &Shared, rpm: u32, now: Instant, force: bool) {
         if rpm == self.rpm_in_force && !force {
             return;
         }
-        let next_old = self.next_token_at(shared, now);
-        let burst = self.s.burst.max(1);
-        let bucket = make_bucket(rpm, burst, shared.clock);
-        if let Some(n) = std::num::NonZeroU32::new(burst) {
-            let _ = bucket.check_n(n);
-        }
-        self.bucket = bucket;
+        let old = self.rate();
         self.rpm_in_force = rpm;
-        let t = self.spacing();
-        self.tat = Some(shared.clock.now() + t * burst);
-        self.hold_until = (next_old > now).then_some(next_old);
+        let new = self.rate();
+        self.store.set_rate(&shared.clock, old, new, now);
     }
 
-    /// When the account's bucket next has a token (now if it has one).
-    pub(super) fn next_token_at(&self, shared: &Shared, now: Instant) -> Instant {
-        let (tokens, next) = self.tokens_now(shared);
-        let at = if tokens > 0 { now } else { now + next };
-        at.max(self.hold_until.unwrap_or(now))
-    }
-
-    /// Take one token from the account's bucket, or say when the next one comes.
-    pub(super) fn bucket_take(&mut self, shared: &Shared, now: Instant) -> Result<(), Instant> {
-        if let Some(h) = self.hold_until {
-            if h > now {
-                return Err(h);
-            }
-            self.hold_until = None;
-        }
-        match self.bucket.check() {
-            Ok(()) => {
-                self.took_token(shared);
-                Ok(())
-            }
-            Err(nu) => Err(now + nu.wait_time_from(shared.clock.now())),
-        }
+    /// Take the account's token now, if the store can grant it under the lock.
+    pub(super) fn take_now(&mut self, shared: &Shared, now: Instant) -> bool {
+        let rate = self.rate();
+        matches!(self.store.take(&shared.clock, rate, now), store::Take::Now)
     }
 
     /// The gates other than the bucket, in the contract's order. Ends an expired cooldown.
-    pub(super) fn blocked(
-        &mut self,
-        shared: &Shared,
-        now: Instant,
-        now_unix: f64,
-    ) -> Option<Blocked> {
+    pub(super) fn blocked(&mut self, now: Instant, now_unix: f64) -> Option<Blocked> {
         if let Some(cap) = self.daily_cap() {
             if self.used_view() >= cap {
                 return Some(Blocked::Daily {
@@ -147,16 +123,16 @@ impl Inner {
                 return Some(Blocked::Daily { open_at_unix: g });
             }
             self.day.gate_until_unix = None;
-            tracing::info!("upstream quota gate reopened");
-            shared.request_persist();
+            self.fx.log(Log::QuotaGateReopened);
+            self.fx.persist();
         }
         if let Some(g) = self.usage_cap_until_unix {
             if g > now_unix {
                 return Some(Blocked::UsageCap { open_at_unix: g });
             }
             self.usage_cap_until_unix = None;
-            tracing::info!("a new usage-cap window began: gate reopened");
-            shared.request_persist();
+            self.fx.log(Log::UsageCapReopened);
+            self.fx.persist();
         }
         if let Some(until) = self.cooldown.until {
             if until > now {
@@ -164,23 +140,18 @@ impl Inner {
             }
             self.cooldown.until = None;
             self.cooldown.ended_at = Some(now);
+            let level = self.cooldown.level;
             if self.cooldown.proactive {
                 self.cooldown.proactive = false;
-                tracing::info!("upstream rate-limit window reset: gate reopened");
-            } else if shared.fleet.is_none() {
+                self.fx.log(Log::WindowReset);
+            } else if self.store.probes_here() {
                 self.cooldown.probe = Probe::Ready;
-                tracing::info!(
-                    level = self.cooldown.level,
-                    "cooldown over: sending one probe request before reopening"
-                );
+                self.fx.log(Log::CooldownOverProbe { level });
             } else {
-                // In a fleet, Redis picks the one probe among all replicas.
-                tracing::info!(
-                    level = self.cooldown.level,
-                    "cooldown over: the fleet probes once"
-                );
+                // The store picks the one probe among all replicas.
+                self.fx.log(Log::CooldownOverFleetProbes { level });
             }
-            shared.request_persist();
+            self.fx.persist();
         }
         if self.cooldown.probe == Probe::Outstanding {
             return Some(Blocked::Probe);
@@ -189,81 +160,32 @@ impl Inner {
             return Some(Blocked::Concurrency);
         }
         if self.day.used >= self.day.durable {
-            self.reserve(shared);
+            self.reserve();
             return Some(Blocked::Durability);
         }
         None
     }
 
     /// Ask the state writer to reserve the next block of daily requests on disk.
-    pub(super) fn reserve(&mut self, shared: &Shared) {
+    pub(super) fn reserve(&mut self) {
         if self.day.durable == u64::MAX || self.day.pending.is_some() {
             return;
         }
         let block = self.s.reserve_block();
         self.day.pending = Some(self.day.used.saturating_add(block));
-        shared.request_persist();
-    }
-
-    /// Record a token taken from governor in the mirror (same update as governor's GCRA).
-    pub(super) fn took_token(&mut self, shared: &Shared) {
-        let now = shared.clock.now();
-        let t = self.spacing();
-        let tat = self.tat.unwrap_or(now).max(now);
-        self.tat = Some(tat + t);
-    }
-
-    /// Tokens in the bucket now, and how long until the next one.
-    pub(super) fn tokens_now(&self, shared: &Shared) -> (u32, Duration) {
-        let burst = self.s.burst.max(1);
-        let t = self.spacing();
-        let tau = t * (burst - 1);
-        let now = shared.clock.now();
-        let Some(tat) = self.tat else {
-            return (burst, Duration::ZERO);
-        };
-        let earliest = tat.saturating_sub(tau);
-        if now < earliest {
-            return (0, earliest - now);
-        }
-        let tokens = ((now + t - earliest).as_nanos() / t.as_nanos().max(1)) as u64;
-        let tokens = tokens.min(u64::from(burst)) as u32;
-        let next = if tokens >= burst {
-            Duration::ZERO
-        } else {
-            let next_at = earliest + t * tokens;
-            next_at.saturating_sub(now)
-        };
-        (tokens, next)
+        self.fx.persist();
     }
 
     /// When a request with `ahead` waiters before it would get its token: the bucket's next
     /// conforming time plus one spacing per waiter ahead, and no earlier than the end of a
     /// cooldown (after which the probe goes first and the rest follow at the spacing).
     pub(super) fn estimate(&self, shared: &Shared, ahead: usize, now: Instant) -> Instant {
-        let burst = self.s.burst.max(1);
-        let t = self.spacing();
-        let tau = t * (burst - 1);
         let ahead = u32::try_from(ahead).unwrap_or(u32::MAX);
-        let behind = t.saturating_mul(ahead);
-        let mut at = now;
-        if let Some(tat) = self.tat {
-            at = at.max(shared.clock.to_instant(tat.saturating_sub(tau)) + behind);
-        } else if ahead >= burst {
-            at = at.max(now + t * (ahead - burst + 1));
+        let at = self.store.estimate(&shared.clock, self.rate(), ahead, now);
+        match self.cooldown.until.filter(|&u| u > now) {
+            Some(until) => at.max(until + self.spacing().saturating_mul(ahead)),
+            None => at,
         }
-        if let Some(h) = self.hold_until.filter(|&h| h > now) {
-            at = at.max(h + behind);
-        }
-        if let Some(until) = self.cooldown.until.filter(|&u| u > now) {
-            at = at.max(until + behind);
-        }
-        // Fleet mode: the local mirror does not see other replicas' tokens, but Redis told us
-        // when the next one comes.
-        if let Some(t) = self.remote_not_before.filter(|&t| t > now) {
-            at = at.max(t + behind);
-        }
-        at
     }
 
     /// Both daily caps (the client's and the account's) can take `cost` more today.
@@ -357,11 +279,10 @@ impl Inner {
         self.day.used = self.day.used.saturating_add(units);
         let cap = self.daily_cap();
         if cap.is_some_and(|c| self.day.used >= c && self.day.used - units < c) {
-            tracing::info!(
-                used = self.day.used,
-                resets_at = %crate::units::format_rfc3339(day_end(self.day.index, self.s.day_reset_offset)),
-                "daily cap reached: gate closed until the quota day resets"
-            );
+            self.fx.log(Log::DailyCapReached {
+                used: self.day.used,
+                resets_at: day_end(self.day.index, self.s.day_reset_offset),
+            });
         }
         let c = &mut self.clients[client];
         c.used_today = c.used_today.saturating_add(units);
@@ -390,10 +311,10 @@ impl Inner {
             // normally done before anyone has to wait for it (a small cap has blocks of 1-3).
             let block = self.s.reserve_block();
             if self.day.used.saturating_add(block) > self.day.durable {
-                self.reserve(shared);
+                self.reserve();
             }
         } else if shared.persist.is_some() {
-            shared.request_persist();
+            self.fx.persist();
         }
         Permit {
             shared: Arc::clone(shared),
@@ -642,7 +563,7 @@ impl Inner {
     pub(super) fn step(&mut self, shared: &Arc<Shared>, out: &mut Out) -> Next {
         let now = Instant::now();
         let now_unix = shared.wall.now_unix();
-        self.roll_day(shared, now_unix);
+        self.roll_day(now_unix);
         if let Some(end) = self.closing {
             if now >= end {
                 for w in self.queue.drain_where(|_| true) {
@@ -662,7 +583,7 @@ impl Inner {
             if self.queue.is_empty() {
                 return Next::Idle;
             }
-            match self.blocked(shared, now, now_unix) {
+            match self.blocked(now, now_unix) {
                 Some(Blocked::Daily { open_at_unix })
                 | Some(Blocked::UsageCap { open_at_unix }) => {
                     let reason = if self.usage_cap_until_unix.is_some_and(|u| u > now_unix)
@@ -702,21 +623,20 @@ impl Inner {
                 Pick::Wait(Some(at)) => return bounded(Next::At(at)),
                 Pick::Wait(None) => return bounded(Next::Idle),
             };
-            if shared.fleet.is_some() {
+            let rate = self.rate();
+            match self.store.take(&shared.clock, rate, now) {
+                store::Take::Now => {
+                    self.serve(shared, client, id, now, out);
+                }
+                store::Take::NotBefore(at) => return bounded(Next::At(at)),
                 // The token comes from Redis, asked outside the lock by the dispatcher.
-                return match self.remote_not_before {
-                    Some(t) if t > now => bounded(Next::At(t)),
-                    _ => Next::Take,
-                };
+                store::Take::Remote(fleet) => return Next::Take(fleet),
             }
-            if let Err(at) = self.bucket_take(shared, now) {
-                return bounded(Next::At(at));
-            }
-            self.serve(shared, client, id, now, out);
         }
     }
 
-    /// Fleet mode: Redis granted a token; give it to the waiter that may go now, if any.
+    /// The store granted a token outside the lock (Redis); give it to the waiter that may go
+    /// now, if any.
     pub(super) fn grant_head(&mut self, shared: &Arc<Shared>, out: &mut Out, now: Instant) -> bool {
         let now_unix = shared.wall.now_unix();
         loop {
@@ -739,22 +659,19 @@ impl Inner {
             if self.cooldown.probe == Probe::Ready {
                 self.cooldown.probe = Probe::Open;
             }
-            tracing::info!(
-                seconds = (until - now).as_secs_f64(),
+            self.fx.log(Log::FleetCooldown {
+                seconds: (until - now).as_secs_f64(),
                 level,
-                "fleet cooldown: another replica was rate limited; gate closed"
-            );
+            });
         }
         self.cooldown.level = self.cooldown.level.max(level);
-        self.remote_not_before = None;
+        self.store.wait_remote(None);
     }
 
     /// The account's daily figures as the upstream sees them (a header snapshot taken before
     /// a call of `cost`, or the usage poll with `cost` 0). The day's count only goes up.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_account_quota(
         &mut self,
-        shared: &Shared,
         total: u64,
         used: u64,
         remaining: u64,
@@ -776,7 +693,7 @@ impl Inner {
         let floor = used.saturating_add(u64::from(cost));
         if floor > self.day.used {
             self.day.used = floor;
-            shared.request_persist();
+            self.fx.persist();
         }
         let spent = remaining <= u64::from(cost);
         if spent && self.s.beyond_quota_stop {
@@ -784,13 +701,12 @@ impl Inner {
             if self.day.gate_until_unix.is_none_or(|g| g < until) {
                 self.day.gate_until_unix = Some(until);
                 self.day.gate_cause = GATE_BY_HEADERS;
-                tracing::warn!(
+                self.fx.log(Log::QuotaSpentByHeaders {
                     total,
                     used,
-                    until = %crate::units::format_rfc3339(until as i64),
-                    "the upstream says the plan's daily quota is spent: gate closed until the reset, so nothing is billed beyond it (limits.beyond_quota = \"stop\")"
-                );
-                shared.request_persist();
+                    until: until as i64,
+                });
+                self.fx.persist();
             }
         }
     }
@@ -802,6 +718,6 @@ pub(super) enum Next {
     Idle,
     /// Look again at this instant (or when woken).
     At(Instant),
-    /// Fleet mode: ask Redis for a token for the head of the queue.
-    Take,
+    /// Ask the store, outside the lock, for a token for the head of the queue (Redis).
+    Take(Arc<Fleet>),
 }

@@ -1,8 +1,11 @@
 //! The async driver around the budget: the dispatcher task (the only one that sleeps on the
-//! bucket's or a gate's timer), the delivery of replies after the lock is released, and the
-//! fleet's Redis calls and announcements, which run outside the lock, and the background
-//! check on an unreachable Redis.
+//! bucket's or a gate's timer), the delivery of replies after the lock is released, the
+//! Redis store's take (an effect a decision asks for, performed here outside the lock), the
+//! fleet's announcements applied to this replica, and the background check on an
+//! unreachable Redis.
 
+use super::effects::Remote;
+use super::fleet::{OnError, Take};
 use super::*;
 /// The dispatcher: the only task that sleeps on the bucket's or a gate's timer.
 pub(super) async fn dispatch(shared: Arc<Shared>) {
@@ -20,8 +23,8 @@ pub(super) async fn dispatch(shared: Arc<Shared>) {
             // Whether Redis is back is found out by `watch_health`, not here: the
             // dispatcher of a busy replica is never idle.
             Next::Idle => shared.wake.notified().await,
-            Next::Take => {
-                take_remote(&shared, &mut out).await;
+            Next::Take(fleet) => {
+                take_remote(&shared, &fleet, &mut out).await;
                 deliver(&mut out);
             }
         }
@@ -60,11 +63,10 @@ pub(super) fn deliver(out: &mut Out) {
     }
 }
 
-/// One Redis admission attempt for the head of the queue (fleet mode).
-pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
-    let Some(f) = shared.fleet.clone() else {
-        return;
-    };
+/// One Redis admission attempt for the head of the queue (`Next::Take`): the call happens
+/// with the lock released; its answer is applied under the lock; what that leaves to do with
+/// Redis (a lease to hold, a token to give back) happens after it again.
+pub(super) async fn take_remote(shared: &Arc<Shared>, f: &Arc<Fleet>, out: &mut Out) {
     let (spacing, burst, cap, offset, conc) = {
         let g = shared.lock();
         let s = &g.s;
@@ -85,95 +87,83 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, out: &mut Out) {
         f.take(spacing, burst, cap, offset, conc).await
     };
     let now = Instant::now();
-    let now_unix = shared.wall.now_unix();
-    let mut g = shared.lock();
-    match result {
-        Ok(Take::Granted {
-            probe,
-            day,
-            lease,
-            used_today,
-        }) => {
-            g.day.fleet_used = g.day.fleet_used.max(used_today);
-            let lease = lease.map(|id| f.hold_lease(id));
-            if probe {
-                g.cooldown.probe = Probe::Ready;
-            }
-            if g.grant_head(shared, out, now) {
-                // `serve` pushed the grant last: it carries what Redis counted, for a give-back.
-                if let Some((_, Ok(permit))) = out.last_mut() {
-                    permit.fleet = Some(fleet::Ticket { day, lease });
-                }
-            } else {
-                // Dropping the lease releases the slot it took.
-                drop(lease);
-                // Everyone left while Redis answered: give the token and the count back.
+    // A grant Redis counted: `Some((permit's index in out, day, lease id))`, or the count to
+    // give back when nobody was left to take it.
+    let mut counted = None;
+    let mut unused = None;
+    {
+        let mut g = shared.lock();
+        match result {
+            Ok(Take::Granted {
+                probe,
+                day,
+                lease,
+                used_today,
+            }) => {
+                g.day.fleet_used = g.day.fleet_used.max(used_today);
                 if probe {
-                    g.cooldown.probe = Probe::Open;
-                    let _ = spawn_fleet(shared, "probe release", |f| async move {
-                        f.probe_done(false).await
-                    });
+                    g.cooldown.probe = Probe::Ready;
                 }
-                spawn_fleet(shared, "refund", move |f| async move {
-                    f.refund(spacing, day).await
-                });
+                if g.grant_head(shared, out, now) {
+                    // `serve` pushed the grant last: it carries what Redis counted.
+                    counted = Some((out.len() - 1, day, lease));
+                } else {
+                    // Everyone left while Redis answered: give the token and the count back.
+                    if probe {
+                        g.cooldown.probe = Probe::Open;
+                        let release = g.store.announce(Remote::ProbeDone {
+                            ok: false,
+                            what: "probe release",
+                        });
+                        g.fx.call(release);
+                    }
+                    let ticket = fleet::Ticket { day, lease: None };
+                    let refund = g.store.refund(Some(&ticket), spacing);
+                    g.fx.call(refund);
+                    unused = lease;
+                }
             }
-        }
-        Ok(Take::Wait(d)) => g.remote_not_before = Some(now + d),
-        // A released lease or probe is announced, which ends the wait early; the poll
-        // covers an announcement lost with a pub/sub connection.
-        Ok(Take::ProbeBusy | Take::ConcurrencyBusy) => {
-            g.remote_not_before = Some(now + fleet::PROBE_POLL)
-        }
-        Ok(Take::Cooldown { until_unix, level }) => {
-            g.apply_fleet_cooldown(shared, until_unix, level)
-        }
-        Ok(Take::DailyClosed { until_unix }) => {
-            g.day.gate_until_unix = Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
-            g.day.gate_cause = GATE_BY_FLEET;
-        }
-        Err(e) => match f.settings.on_error {
-            OnError::FailClosed => {
-                for w in g.queue.drain_where(|_| true) {
-                    let mut r = Rejection::new(Reason::SharedStateUnavailable);
-                    r.retry_after = Some(FLEET_HEALTH_RETRY);
-                    r.detail = Some(e.clone());
-                    out.push((w.payload.reply, Err(r)));
-                }
-                let _ = now_unix;
+            Ok(Take::Wait(d)) => g.store.wait_remote(Some(now + d)),
+            // A released lease or probe is announced, which ends the wait early; the poll
+            // covers an announcement lost with a pub/sub connection.
+            Ok(Take::ProbeBusy | Take::ConcurrencyBusy) => {
+                g.store.wait_remote(Some(now + fleet::PROBE_POLL))
             }
-            OnError::Local => match shared.fallback.check() {
-                Ok(()) => {
-                    g.grant_head(shared, out, now);
+            Ok(Take::Cooldown { until_unix, level }) => {
+                g.apply_fleet_cooldown(shared, until_unix, level)
+            }
+            Ok(Take::DailyClosed { until_unix }) => {
+                g.day.gate_until_unix = Some(g.day.gate_until_unix.unwrap_or(0.0).max(until_unix));
+                g.day.gate_cause = GATE_BY_FLEET;
+            }
+            Err(e) => match f.settings.on_error {
+                OnError::FailClosed => {
+                    for w in g.queue.drain_where(|_| true) {
+                        let mut r = Rejection::new(Reason::SharedStateUnavailable);
+                        r.retry_after = Some(FLEET_HEALTH_RETRY);
+                        r.detail = Some(e.clone());
+                        out.push((w.payload.reply, Err(r)));
+                    }
                 }
-                Err(nu) => {
-                    g.remote_not_before = Some(now + nu.wait_time_from(shared.clock.now()));
+                OnError::Local => {
+                    if g.store.take_fallback(&shared.clock, now) {
+                        g.grant_head(shared, out, now);
+                    }
                 }
             },
-        },
-    }
-}
-
-/// Run a fleet call in the background (from synchronous code such as `Permit::report` and
-/// `Drop`), logging a failure: the local gate has already changed, Redis catches up.
-pub(super) fn spawn_fleet<F, Fut, T>(
-    shared: &Shared,
-    what: &'static str,
-    f: F,
-) -> Option<tokio::task::JoinHandle<()>>
-where
-    F: FnOnce(Arc<Fleet>) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>> + Send + 'static,
-    T: Send + 'static,
-{
-    let fleet = shared.fleet.as_ref()?;
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    let fut = f(Arc::clone(fleet));
-    Some(handle.spawn(async move {
-        if let Err(e) = fut.await {
-            tracing::warn!(what, error = %e, "could not tell the fleet");
         }
-    }))
+    }
+    // Holding a lease spawns its renewal; releasing one spawns its removal: both after the
+    // lock.
+    if let Some((i, day, lease)) = counted {
+        let lease = lease.map(|id| f.hold_lease(id));
+        if let Some((_, Ok(permit))) = out.get_mut(i) {
+            permit.fleet = Some(fleet::Ticket { day, lease });
+        }
+    }
+    if let Some(id) = unused {
+        f.release_lease(id);
+    }
 }
 
 /// Apply other replicas' announcements to this replica's gates.
@@ -221,9 +211,7 @@ pub(super) async fn listen_fleet(fleet: Arc<Fleet>, shared: std::sync::Weak<Shar
                     fleet::Event::Open
                     | fleet::Event::ProbeReleased
                     | fleet::Event::LeaseReleased
-                    | fleet::Event::Used { .. } => {
-                        g.remote_not_before = None;
-                    }
+                    | fleet::Event::Used { .. } => g.store.wait_remote(None),
                 }
             }
             sh.wake.notify_one();

@@ -146,15 +146,7 @@ impl std::fmt::Debug for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renew.abort();
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (fleet, id) = (Arc::clone(&self.fleet), std::mem::take(&mut self.id));
-        handle.spawn(async move {
-            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
-                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
-            }
-        });
+        self.fleet.release_lease(std::mem::take(&mut self.id));
     }
 }
 
@@ -546,6 +538,23 @@ impl Fleet {
         result
     }
 
+    /// Run one of this account's scripts: routed by its `tat` key (so a cluster-aware
+    /// client sends it to the slot's node), `ARGV[1]` the tagged base, then what `args` adds.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<T, String> {
+        let route = self.key("tat");
+        self.call(|mut c| {
+            let mut inv = script.key(route);
+            inv.arg(&self.base);
+            args(&mut inv);
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
+    }
+
     /// One atomic admission attempt against the fleet budget.
     pub async fn take(
         &self,
@@ -572,28 +581,19 @@ impl Fleet {
         let t_us = spacing.as_micros().max(1) as u64;
         let tau_us = t_us * u64::from(burst.saturating_sub(1));
         let probe_ms = self.settings.probe_ttl.as_millis().max(1) as u64;
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         // Replies differ in length by code (a grant carries more), hence a list, not a tuple.
         let reply: Vec<String> = self
-            .call(|mut c| {
-                let script = self.take.clone();
-                async move {
-                    script
-                        .key(route)
-                        .arg(prefix)
-                        .arg(t_us)
-                        .arg(tau_us)
-                        .arg(daily_cap.unwrap_or(0))
-                        .arg(day_reset_offset)
-                        .arg(probe_ms)
-                        .arg(conc)
-                        .arg(lease_ms)
-                        .arg(seen.gen)
-                        .arg(seen.day)
-                        .arg(seen.used)
-                        .invoke_async(&mut c)
-                        .await
-                }
+            .run(&self.take, |inv| {
+                inv.arg(t_us)
+                    .arg(tau_us)
+                    .arg(daily_cap.unwrap_or(0))
+                    .arg(day_reset_offset)
+                    .arg(probe_ms)
+                    .arg(conc)
+                    .arg(lease_ms)
+                    .arg(seen.gen)
+                    .arg(seen.day)
+                    .arg(seen.used);
             })
             .await?;
         let num = |s: &str| s.parse::<i64>().unwrap_or(0);
@@ -658,20 +658,12 @@ impl Fleet {
     /// module doc); a no-op when Redis's `gen` is the one the figure was seen under.
     pub async fn reseed(&self) -> Result<(), String> {
         let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         let gen: String = self
-            .call(|mut c| {
-                let s = self.reseed.clone();
-                async move {
-                    s.key(route)
-                        .arg(prefix)
-                        .arg(seen.offset)
-                        .arg(seen.gen)
-                        .arg(seen.day)
-                        .arg(seen.used)
-                        .invoke_async(&mut c)
-                        .await
-                }
+            .run(&self.reseed, |inv| {
+                inv.arg(seen.offset)
+                    .arg(&seen.gen)
+                    .arg(seen.day)
+                    .arg(seen.used);
             })
             .await?;
         self.saw(seen.day, seen.used, Some(&gen));
@@ -704,18 +696,9 @@ impl Fleet {
 
     /// Give back what a grant took (see `REFUND`); `day` is the one its take returned.
     pub async fn refund(&self, spacing: Duration, day: i64) -> Result<(), String> {
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         let t_us = spacing.as_micros().max(1) as u64;
-        self.call(|mut c| {
-            let s = self.refund.clone();
-            async move {
-                s.key(route)
-                    .arg(prefix)
-                    .arg(t_us)
-                    .arg(day)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            }
+        self.run::<i64>(&self.refund, |inv| {
+            inv.arg(t_us).arg(day);
         })
         .await
         .map(|_| ())
@@ -743,17 +726,27 @@ impl Fleet {
         }
     }
 
+    /// Remove lease `id` from Redis, in the background (a `Drop` cannot wait); if that
+    /// fails, the lease expires by itself after `lease_ttl`.
+    pub fn release_lease(self: &Arc<Self>, id: String) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let fleet = Arc::clone(self);
+        handle.spawn(async move {
+            if let Err(e) = fleet.lease_call(&fleet.release, &id, false).await {
+                tracing::warn!(error = %e, "could not release a concurrency lease; it expires by itself");
+            }
+        });
+    }
+
     async fn lease_call(&self, script: &Script, id: &str, with_ttl: bool) -> Result<(), String> {
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         let ttl_ms = self.settings.lease_ttl.as_millis().max(1) as u64;
-        let id = id.to_string();
-        self.call(|mut c| {
-            let mut inv = script.key(route);
-            inv.arg(prefix).arg(id);
+        self.run::<i64>(script, |inv| {
+            inv.arg(id);
             if with_ttl {
                 inv.arg(ttl_ms);
             }
-            async move { inv.invoke_async::<i64>(&mut c).await }
         })
         .await
         .map(|_| ())
@@ -766,21 +759,11 @@ impl Fleet {
         level: u32,
         decay: Duration,
     ) -> Result<f64, String> {
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         let ms = duration.as_millis().max(1) as u64;
         let decay_ms = decay.as_millis() as u64;
         let until: String = self
-            .call(|mut c| {
-                let s = self.cooldown.clone();
-                async move {
-                    s.key(route)
-                        .arg(prefix)
-                        .arg(ms)
-                        .arg(level)
-                        .arg(decay_ms)
-                        .invoke_async(&mut c)
-                        .await
-                }
+            .run(&self.cooldown, |inv| {
+                inv.arg(ms).arg(level).arg(decay_ms);
             })
             .await?;
         Ok(until.parse::<i64>().unwrap_or(0) as f64 / 1e6)
@@ -809,17 +792,9 @@ impl Fleet {
     }
 
     pub async fn close_daily_gate(&self, until_unix: f64) -> Result<(), String> {
-        let (route, prefix) = (self.key("tat"), self.base.clone());
         let us = (until_unix * 1e6) as i64;
-        self.call(|mut c| {
-            let s = self.gate.clone();
-            async move {
-                s.key(route)
-                    .arg(prefix)
-                    .arg(us)
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            }
+        self.run::<i64>(&self.gate, |inv| {
+            inv.arg(us);
         })
         .await
         .map(|_| ())
@@ -827,16 +802,8 @@ impl Fleet {
 
     /// The probe answered (`ok`: the gate reopens for the fleet) or went away (another may probe).
     pub async fn probe_done(&self, ok: bool) -> Result<(), String> {
-        let (route, prefix) = (self.key("tat"), self.base.clone());
-        self.call(|mut c| {
-            let s = self.probe_done.clone();
-            async move {
-                s.key(route)
-                    .arg(prefix)
-                    .arg(if ok { "1" } else { "0" })
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            }
+        self.run::<i64>(&self.probe_done, |inv| {
+            inv.arg(if ok { "1" } else { "0" });
         })
         .await
         .map(|_| ())

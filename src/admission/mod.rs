@@ -8,9 +8,15 @@
 //! dispatcher task decides who goes next: only the dispatcher sleeps on a timer, so waiters
 //! never wake as a herd, and the queue decides the order, so a newcomer never overtakes.
 //!
-//! What is absent on purpose: no I/O (the state file is written by `crate::state`'s writer
-//! task; admission only asks for a write and waits for it), no HTTP types, no response
-//! rendering (a refusal is a typed [`Rejection`] that `crate::response` turns into bytes).
+//! The account's token comes from a store (`store.rs`): this process's governor bucket, or
+//! Redis shared by a fleet, whose take is an effect the dispatcher performs after the lock.
+//! Decisions never ask which. What they leave to do (log lines, a state write, Redis calls)
+//! is performed by the lock's guard once the mutex is released (`effects.rs`).
+//!
+//! What is absent on purpose: no I/O under the lock (the state file is written by
+//! `crate::state`'s writer task; admission only asks for a write and waits for it), no HTTP
+//! types, no response rendering (a refusal is a typed [`Rejection`] that `crate::response`
+//! turns into bytes).
 //!
 //! Tokens and the daily count are taken only at the moment a request is granted; a waiter that
 //! leaves or times out consumes nothing. The grant is a [`Permit`] that the proxy keeps inside
@@ -20,31 +26,31 @@
 
 mod budget;
 mod driver;
+mod effects;
 pub mod fleet;
 mod gcra;
 pub mod models;
 mod permit;
 mod queue;
+mod store;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use governor::clock::Clock as _;
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
-use fleet::{Fleet, OnError, Take};
+use effects::{Effects, Guard, Log};
+use fleet::Fleet;
 use gcra::Gcra;
 use models::{ModelBlock, ModelGates};
 pub use queue::ClientId;
 use queue::FairQueue;
 
 use budget::Next;
-use driver::{deliver, dispatch, listen_fleet, spawn_fleet};
+use driver::{deliver, dispatch, listen_fleet};
 pub use permit::Permit;
+use store::{Rate, Store};
 
 pub use crate::clients::ClientSettings;
 use crate::clients::ClientTable;
@@ -55,7 +61,6 @@ use crate::signals::{AdvertisedRate, ChutesQuota, Hint, Scope429};
 use crate::state::Persisted;
 use crate::units::{day_end, day_index};
 
-type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 type Reply = oneshot::Sender<Result<Permit, Rejection>>;
 
 /// What a queued request carries: its reply channel and what admission must know of it.
@@ -317,18 +322,12 @@ struct Upstream {
 
 struct Inner {
     s: Arc<Settings>,
-    /// The account's bucket. Swapped (never refilled) when the rate in force changes.
-    bucket: Bucket,
-    /// The rate the bucket enforces: the configured one, or lower if the upstream says so.
+    /// Where the account's tokens (and, in a fleet, its day's count) are taken.
+    store: Store,
+    /// The rate the store enforces: the configured one, or lower if the upstream says so.
     rpm_in_force: u32,
-    /// After a rate change, no token before this (the old schedule's next token).
-    hold_until: Option<Instant>,
     queue: FairQueue<Pending>,
     in_flight: usize,
-    /// Mirror of governor's theoretical arrival time (a reading of `clock`), because governor
-    /// offers no way to look without taking. Updated exactly as governor's GCRA does on each
-    /// token taken, and used only for estimates and `/status`, never for the decision itself.
-    tat: Option<Duration>,
     day: Day,
     cooldown: Cooldown,
     /// Upstream 402 "usage cap exceeded": closed until this UNIX time (a 4-hour boundary).
@@ -336,10 +335,10 @@ struct Inner {
     models: ModelGates,
     upstream: Upstream,
     clients: Vec<ClientState>,
-    /// Fleet mode: Redis said the next token is not before this; no need to ask earlier.
-    remote_not_before: Option<Instant>,
     /// Shutting down: the grace ends then; nobody still queued at that instant is served.
     closing: Option<Instant>,
+    /// What the decisions taken under the current lock leave to do after it (`Guard`).
+    fx: Effects,
 }
 
 struct Shared {
@@ -350,10 +349,6 @@ struct Shared {
     wake: Notify,
     /// Bumped to ask the state writer for a write; `None` when memory only.
     persist: Option<watch::Sender<u64>>,
-    /// The shared Redis budget, when `shared_state.backend = "redis"`.
-    fleet: Option<Arc<Fleet>>,
-    /// The local budget used while Redis is unreachable (`on_redis_error = "local"`).
-    fallback: Bucket,
 }
 
 /// The handle the proxy holds. Dropping it stops the dispatcher.
@@ -408,7 +403,19 @@ impl Admission {
         fleet: Option<Arc<Fleet>>,
     ) -> Admission {
         let clock = TokioClock::new(Instant::now());
-        let bucket = make_bucket(settings.requests_per_minute, settings.burst, clock);
+        let rate = Rate {
+            spacing: store::rate_spacing(settings.requests_per_minute),
+            burst: settings.burst,
+        };
+        let store = match &fleet {
+            Some(f) => Store::redis(
+                Arc::clone(f),
+                settings.requests_per_minute,
+                settings.burst,
+                settings.fallback_share,
+            ),
+            None => Store::local(rate),
+        };
         let now_unix = wall.now_unix();
         let today = day_index(now_unix as i64, settings.day_reset_offset);
         let (used, gate) = if restored.day == Some(today) {
@@ -416,12 +423,12 @@ impl Admission {
         } else {
             (0, None)
         };
-        let durable = if settings.durable && settings.requests_per_day.is_some() && fleet.is_none()
-        {
-            used
-        } else {
-            u64::MAX
-        };
+        let durable =
+            if settings.durable && settings.requests_per_day.is_some() && store.keeps_day() {
+                used
+            } else {
+                u64::MAX
+            };
         let gate = gate.filter(|&g| g > now_unix);
         let usage_cap = restored.usage_cap_until_unix.filter(|&g| g > now_unix);
         let cooldown_until = restored
@@ -445,20 +452,12 @@ impl Admission {
             })
             .collect();
         let weights: Vec<u32> = settings.clients.iter().map(|c| c.weight).collect();
-        let share = settings.fallback_share.clamp(0.0, 1.0);
-        let fallback = make_bucket(
-            ((f64::from(settings.requests_per_minute) * share).floor() as u32).max(1),
-            ((f64::from(settings.burst) * share).floor() as u32).max(1),
-            clock,
-        );
         let inner = Inner {
             rpm_in_force: settings.requests_per_minute,
             s: Arc::new(settings),
-            bucket,
-            hold_until: None,
+            store,
             queue: FairQueue::new(&weights),
             in_flight: 0,
-            tat: None,
             day: Day {
                 index: today,
                 used,
@@ -482,8 +481,8 @@ impl Admission {
             models: ModelGates::default(),
             upstream: Upstream::default(),
             clients,
-            remote_not_before: None,
             closing: None,
+            fx: Effects::default(),
         };
         let shared = Arc::new(Shared {
             clock,
@@ -491,11 +490,9 @@ impl Admission {
             inner: Mutex::new(inner),
             wake: Notify::new(),
             persist,
-            fleet,
-            fallback,
         });
-        if let Some(f) = &shared.fleet {
-            tokio::spawn(listen_fleet(Arc::clone(f), Arc::downgrade(&shared)));
+        if let Some(f) = fleet {
+            tokio::spawn(listen_fleet(f, Arc::downgrade(&shared)));
         }
         let dispatcher = tokio::spawn(dispatch(Arc::clone(&shared)));
         Admission { shared, dispatcher }
@@ -536,28 +533,19 @@ impl Admission {
                 0
             };
             let now_unix = shared.wall.now_unix();
-            g.roll_day(shared, now_unix);
-            let blocked = g.blocked(shared, now, now_unix);
-            if shared.fleet.is_some()
-                && max_wait.is_zero()
-                && g.queue.is_empty()
-                && blocked.is_none()
-            {
-                // "Never queue" still deserves its one question to Redis: there is no inline
-                // grant in fleet mode, so allow exactly the time of that round trip.
-                max_wait = fleet::CALL_TIMEOUT;
+            g.roll_day(now_unix);
+            let blocked = g.blocked(now, now_unix);
+            if max_wait.is_zero() && g.queue.is_empty() && blocked.is_none() {
+                // "Never queue" still deserves its one question to a store that cannot
+                // answer under the lock (Redis): allow exactly the time of that round trip.
+                max_wait = g.store.take_time();
                 deadline = now + max_wait;
             }
-            if let Some(f) = &shared.fleet {
-                if !f.is_healthy() && f.settings.on_error == OnError::FailClosed {
-                    // Shed now; the dispatcher keeps checking whether Redis is back.
-                    drop(g);
-                    shared.wake.notify_one();
-                    let mut r = Rejection::new(Reason::SharedStateUnavailable);
-                    r.retry_after = Some(fleet::CALL_TIMEOUT * 2);
-                    r.detail = f.last_error();
-                    return Err(r);
-                }
+            if let Some(r) = g.store.unavailable() {
+                // Shed now; the dispatcher keeps checking whether the store is back.
+                drop(g);
+                shared.wake.notify_one();
+                return Err(r);
             }
             // Shed at once when waiting cannot help, in the contract's order: the account's
             // gates, the model's, the client's daily cap.
@@ -607,10 +595,9 @@ impl Admission {
             };
             // Daily caps that cannot take this request today: shed unless the day ends
             // within the request's wait.
-            let day_ends = shared
-                .wall
-                .instant_at(day_end(g.day.index, g.s.day_reset_offset) as f64);
-            if day_ends > deadline {
+            // In UNIX seconds: converting the day's end to an instant reads both clocks again.
+            let day_left = day_end(g.day.index, g.s.day_reset_offset) as f64 - now_unix;
+            if day_left > max_wait.as_secs_f64() {
                 if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
                     return Err(r);
                 }
@@ -622,12 +609,11 @@ impl Admission {
             // model or their client's rate do not count): grant inline, no task switch.
             if blocked.is_none()
                 && model_block.is_none()
-                && shared.fleet.is_none()
                 && g.closing.is_none()
                 && g.client_ready(client, now)
                 && g.fits_today(client, cost)
                 && !g.anyone_ready(now, now_unix)
-                && g.bucket_take(shared, now).is_ok()
+                && g.take_now(shared, now)
             {
                 return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
             }
@@ -788,7 +774,7 @@ impl Admission {
             }
             let rate_changed =
                 new.requests_per_minute != g.s.requests_per_minute || new.burst != g.s.burst;
-            let durable = new.durable && new.requests_per_day.is_some() && shared.fleet.is_none();
+            let durable = new.durable && new.requests_per_day.is_some() && g.store.keeps_day();
             if !durable {
                 g.day.durable = u64::MAX;
             } else if g.day.durable == u64::MAX {
@@ -810,10 +796,9 @@ impl Admission {
         {
             let mut g = shared.lock();
             let now_unix = shared.wall.now_unix();
-            g.roll_day(shared, now_unix);
+            g.roll_day(now_unix);
             g.upstream.polled = true;
             g.apply_account_quota(
-                shared,
                 quota,
                 used,
                 quota.saturating_sub(used),
@@ -832,10 +817,7 @@ impl Admission {
         let now = Instant::now();
         let now_unix = shared.wall.now_unix();
         let mut g = shared.lock();
-        g.queue.is_empty()
-            && shared.fleet.is_none()
-            && g.blocked(shared, now, now_unix).is_none()
-            && g.bucket_take(shared, now).is_ok()
+        g.queue.is_empty() && g.blocked(now, now_unix).is_none() && g.take_now(shared, now)
     }
 
     /// A point-in-time view for `/status` and metrics.
@@ -844,17 +826,13 @@ impl Admission {
         let now = Instant::now();
         let now_unix = shared.wall.now_unix();
         let mut g = shared.lock();
-        g.roll_day(shared, now_unix);
+        g.roll_day(now_unix);
         let s = Arc::clone(&g.s);
         // What limits a new request right now, in the contract's order, and how long it
         // would wait (this also ends an expired cooldown, so the probe shows as ready).
-        let blocked = g.blocked(shared, now, now_unix);
-        let (tokens, next_in) = g.tokens_now(shared);
-        let fleet_down = shared
-            .fleet
-            .as_ref()
-            .is_some_and(|f| !f.is_healthy() && f.settings.on_error == OnError::FailClosed);
-        let limited_by = if fleet_down {
+        let blocked = g.blocked(now, now_unix);
+        let (tokens, next_in) = g.store.peek(&shared.clock, g.rate(), now);
+        let limited_by = if g.store.unavailable().is_some() {
             Some("shared_state_unavailable")
         } else {
             match blocked {
@@ -866,9 +844,7 @@ impl Admission {
                 Some(Blocked::Concurrency) => Some("max_concurrent"),
                 Some(Blocked::Durability) => Some("state_file_reservation"),
                 None if !g.queue.is_empty() => Some("queue"),
-                None if tokens == 0 || g.hold_until.is_some_and(|h| h > now) => {
-                    Some("account_rate")
-                }
+                None if tokens == 0 || g.store.held(now) => Some("account_rate"),
                 None => None,
             }
         };
@@ -899,7 +875,7 @@ impl Admission {
             tokens_available: tokens,
             next_token_in: next_in,
             used_today: g.used_view(),
-            replica_used_today: shared.fleet.is_some().then_some(g.day.used),
+            replica_used_today: g.store.replica_share(g.day.used),
             remaining_today: cap.map(|d| d.saturating_sub(g.used_view())),
             day_resets_at_unix: g.resets_at_unix(now_unix),
             daily_gate_until_unix: g.day.gate_until_unix.filter(|&u| u > now_unix),
@@ -991,7 +967,7 @@ impl Admission {
         let now_unix = shared.wall.now_unix();
         let now = Instant::now();
         let mut g = shared.lock();
-        let retry = match g.blocked(shared, now, now_unix) {
+        let retry = match g.blocked(now, now_unix) {
             Some(Blocked::Daily { open_at_unix } | Blocked::UsageCap { open_at_unix }) => {
                 Some(Duration::from_secs_f64((open_at_unix - now_unix).max(0.0)))
             }
@@ -1017,8 +993,8 @@ impl Admission {
     }
 
     /// The fleet backend, if configured (for `/status`).
-    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
-        self.shared.fleet.as_ref()
+    pub fn fleet(&self) -> Option<Arc<Fleet>> {
+        self.shared.lock().store.fleet().cloned()
     }
 
     /// The current quota-day index.
@@ -1051,27 +1027,14 @@ impl Drop for LeaveOnDrop<'_> {
     }
 }
 
-fn make_bucket(rpm: u32, burst: u32, clock: TokioClock) -> Bucket {
-    let period = Duration::from_secs(60) / rpm.max(1);
-    // `with_period` only fails for a zero period, which a non-zero rpm cannot give; fall back
-    // to one per nanosecond rather than panic.
-    let quota = Quota::with_period(period)
-        .unwrap_or_else(|| Quota::per_second(std::num::NonZeroU32::MAX))
-        .allow_burst(std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN));
-    RateLimiter::direct_with_clock(quota, clock)
-}
-
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    /// Take the admission lock. What the decisions under it leave to do (log lines, a
+    /// state write, fleet calls) is done when the returned guard is dropped, after the
+    /// mutex is released.
+    fn lock(&self) -> Guard<'_> {
         // A panic while holding the lock would be a bug; the state is still consistent
         // enough to keep serving, so recover rather than take the whole proxy down.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn request_persist(&self) {
-        if let Some(p) = &self.persist {
-            p.send_modify(|v| *v = v.wrapping_add(1));
-        }
+        Guard::new(self, self.inner.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn persisted(&self, exact: bool) -> Persisted {
@@ -1181,5 +1144,7 @@ pub struct ClientSnapshot {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fx;
 #[cfg(test)]
 mod tests_r2;

@@ -1,7 +1,10 @@
 //! The permit a granted request holds, and what the upstream's answer does to the budget:
 //! cooldowns (the account's or one model's), quota gates, advertised rates, probes, and the
-//! give-back of everything a request that was never sent had taken.
+//! give-back of everything a request that was never sent had taken. Like the budget, it
+//! decides under the lock and leaves log lines, state writes and fleet calls to `Inner::fx`,
+//! performed after the lock is released.
 
+use super::effects::{Call, Remote};
 use super::*;
 /// The right to have one request in flight upstream. Owned by the response body; dropping it
 /// frees the concurrency slot, gives back what a request never sent had taken (the daily
@@ -72,7 +75,7 @@ impl Permit {
         let now = Instant::now();
         let now_unix = shared.wall.now_unix();
         let mut g = shared.lock();
-        g.roll_day(shared, now_unix);
+        g.roll_day(now_unix);
         if let Some(q) = obs.quota {
             let remaining = q.remaining.unwrap_or(q.total.saturating_sub(q.used));
             let account_total = g.upstream.quota.map(|a| a.total);
@@ -84,7 +87,6 @@ impl Permit {
             };
             if is_account {
                 g.apply_account_quota(
-                    shared,
                     q.total,
                     q.used,
                     remaining,
@@ -113,20 +115,20 @@ impl Permit {
                 if let AdvertisedRate::PerMinute(n) = r {
                     if n.get() < g.s.requests_per_minute && !g.upstream.warned {
                         g.upstream.warned = true;
-                        tracing::warn!(
-                            configured = g.s.requests_per_minute,
-                            advertised = n.get(),
-                            following = g.s.follow_upstream_limits,
-                            "limits.requests_per_minute is above the rate the upstream advertises (X-Chutes-RL-User)"
-                        );
+                        let l = Log::RateAboveAdvertised {
+                            configured: g.s.requests_per_minute,
+                            advertised: n.get(),
+                            following: g.s.follow_upstream_limits,
+                        };
+                        g.fx.log(l);
                     }
                 }
                 if target != g.rpm_in_force {
-                    tracing::info!(
-                        from = g.rpm_in_force,
-                        to = target,
-                        "rate in force changed to follow the upstream's advertised limit"
-                    );
+                    let l = Log::RateFollowed {
+                        from: g.rpm_in_force,
+                        to: target,
+                    };
+                    g.fx.log(l);
                     g.set_rate(shared, target, now, false);
                 }
             }
@@ -174,11 +176,11 @@ impl Permit {
             Outcome::QuotaExceeded { .. } => FleetNews::Gate,
             _ => FleetNews::Nothing,
         };
-        let tell_fleet = shared.fleet.is_some().then_some(news);
         // The model's probe, whatever the answer (a capacity 429 restarts its cooldown).
         if self.model_probe {
-            if let Some(m) = self.model.as_deref() {
-                if let Some(e) = g.models.get_mut(m) {
+            if let Some(m) = self.model.as_ref() {
+                let inner = &mut *g;
+                if let Some(e) = inner.models.get_mut(m) {
                     if e.probe == Probe::Outstanding {
                         match &outcome {
                             Outcome::Failed => e.probe = Probe::Ready,
@@ -186,7 +188,8 @@ impl Permit {
                             _ => {
                                 e.probe = Probe::Open;
                                 e.level = 0;
-                                tracing::info!(model = m, "model probe succeeded: model reopened");
+                                let model = Arc::clone(m);
+                                inner.fx.log(Log::ModelProbeSucceeded { model });
                             }
                         }
                     }
@@ -202,7 +205,7 @@ impl Permit {
                 Outcome::RateLimited { .. } if !model_scope => {}
                 _ => {
                     g.cooldown.probe = Probe::Open;
-                    tracing::info!("probe answered: gate reopened for every client");
+                    g.fx.log(Log::ProbeAnswered);
                 }
             }
         }
@@ -219,12 +222,11 @@ impl Permit {
                         g.cooldown.until = Some(until);
                         g.cooldown.proactive = !rate_limited;
                         if rate_limited {
-                            shared.request_persist();
+                            g.fx.persist();
                         }
-                        tracing::info!(
-                            seconds = d.as_secs_f64(),
-                            "upstream reports no requests left: gate closed until its reset"
-                        );
+                        g.fx.log(Log::NoRequestsLeft {
+                            seconds: d.as_secs_f64(),
+                        });
                     }
                 }
                 None
@@ -240,19 +242,13 @@ impl Permit {
                 e.last_body = body;
                 e.last_at_unix = now_unix;
                 let escalate = self.model_epoch == e.epoch;
-                let level = if escalate {
-                    e.level.saturating_add(1)
-                } else {
-                    e.level.max(1)
+                let backoff = Backoff {
+                    initial: s.model_cooldown_initial,
+                    max: s.model_cooldown_max,
+                    multiplier: s.cooldown_multiplier,
+                    max_key: "cooldown.model_max",
                 };
-                let computed = ModelGates::backoff(
-                    s.model_cooldown_initial,
-                    s.model_cooldown_max,
-                    s.cooldown_multiplier,
-                    level,
-                );
-                let (duration, hint_note) =
-                    cooldown_length(hint, computed, s.model_cooldown_max, "cooldown.model_max");
+                let (level, duration, hint_note) = backoff.next(escalate, e.level, e.level, hint);
                 if escalate {
                     e.level = level;
                     e.epoch += 1;
@@ -287,19 +283,14 @@ impl Permit {
                     body,
                 });
                 let escalate = self.epoch == g.cooldown.epoch;
-                let level = if escalate {
-                    g.effective_level(now).saturating_add(1)
-                } else {
-                    g.cooldown.level.max(1)
+                let backoff = Backoff {
+                    initial: s.cooldown_initial,
+                    max: s.cooldown_max,
+                    multiplier: s.cooldown_multiplier,
+                    max_key: "cooldown.max",
                 };
-                let computed = ModelGates::backoff(
-                    s.cooldown_initial,
-                    s.cooldown_max,
-                    s.cooldown_multiplier,
-                    level,
-                );
-                let (duration, hint_note) =
-                    cooldown_length(hint, computed, s.cooldown_max, "cooldown.max");
+                let (level, duration, hint_note) =
+                    backoff.next(escalate, g.effective_level(now), g.cooldown.level, hint);
                 let until = now + duration;
                 let longer = g.cooldown.until.is_none_or(|u| u < until);
                 if escalate {
@@ -312,7 +303,7 @@ impl Permit {
                     g.cooldown.probe = Probe::Open;
                 }
                 let until = g.cooldown.until.unwrap_or(until);
-                shared.request_persist();
+                g.fx.persist();
                 Some(CooldownDecision {
                     duration: until - now,
                     until_unix: now_unix + (until - now).as_secs_f64(),
@@ -331,55 +322,57 @@ impl Permit {
                     .unwrap_or(next_reset);
                 g.day.gate_until_unix = Some(until);
                 g.day.gate_cause = GATE_BY_402;
-                tracing::warn!(
-                    until = %crate::units::format_rfc3339(until as i64),
-                    "upstream says the daily quota is spent: gate closed until its reset"
-                );
-                shared.request_persist();
+                g.fx.log(Log::QuotaSpent402 {
+                    until: until as i64,
+                });
+                g.fx.persist();
                 None
             }
             Outcome::UsageCap => {
                 let until = crate::signals::next_usage_window_unix(now_unix);
                 g.usage_cap_until_unix = Some(until);
-                tracing::warn!(
-                    until = %crate::units::format_rfc3339(until as i64),
-                    "upstream says the plan's usage cap is spent: gate closed until the next 4-hour window"
-                );
-                shared.request_persist();
+                g.fx.log(Log::UsageCapSpent {
+                    until: until as i64,
+                });
+                g.fx.persist();
                 None
             }
             Outcome::Failed => None,
         };
-        let gate = g.day.gate_until_unix;
-        let level = g.cooldown.level;
-        let waiting = !g.queue.is_empty();
-        drop(g);
-        self.announcement = match (tell_fleet, &decision) {
-            (Some(FleetNews::ProbeDone(ok)), _) => {
-                spawn_fleet(shared, "probe result", move |f| async move {
-                    f.probe_done(ok).await
-                })
-            }
-            (Some(FleetNews::Cooldown), Some(d)) => {
-                let (dur, decay) = (d.duration, s.cooldown_decay);
-                spawn_fleet(shared, "cooldown", move |f| async move {
-                    f.start_cooldown(dur, level, decay).await
-                })
-            }
-            (Some(_), Some(d)) if d.model.is_some() => {
-                let (m, until, lvl) = (d.model.clone(), d.until_unix, d.level);
-                spawn_fleet(shared, "model cooldown", move |f| async move {
-                    f.announce_model(m.as_deref().unwrap_or(""), until, lvl)
-                        .await
-                })
-            }
-            (Some(FleetNews::Gate), _) => gate.and_then(|until| {
-                spawn_fleet(shared, "quota gate", move |f| async move {
-                    f.close_daily_gate(until).await
-                })
+        let what = match (news, &decision) {
+            (FleetNews::ProbeDone(ok), _) => Some(Remote::ProbeDone {
+                ok,
+                what: "probe result",
             }),
+            (FleetNews::Cooldown, Some(d)) => Some(Remote::Cooldown {
+                duration: d.duration,
+                level: g.cooldown.level,
+                decay: s.cooldown_decay,
+            }),
+            (
+                _,
+                Some(CooldownDecision {
+                    model: Some(m),
+                    until_unix,
+                    level,
+                    ..
+                }),
+            ) => Some(Remote::ModelCooldown {
+                model: Arc::clone(m),
+                until_unix: *until_unix,
+                level: *level,
+            }),
+            (FleetNews::Gate, _) => g
+                .day
+                .gate_until_unix
+                .map(|until_unix| Remote::DailyGate { until_unix }),
             _ => None,
         };
+        let announce = what.and_then(|w| g.store.announce(w));
+        let waiting = !g.queue.is_empty();
+        drop(g);
+        // Told after the lock: the other replicas hear it while this request answers.
+        self.announcement = announce.and_then(Call::spawn);
         // Waking the dispatcher with nobody queued costs a cross-thread wake-up per request
         // for nothing; a new waiter wakes it itself.
         if waiting {
@@ -439,9 +432,11 @@ impl Drop for Permit {
             }
             if self.probe && !self.reported && g.cooldown.probe == Probe::Outstanding {
                 g.cooldown.probe = Probe::Ready;
-                let _ = spawn_fleet(shared, "probe release", |f| async move {
-                    f.probe_done(false).await
+                let release = g.store.announce(Remote::ProbeDone {
+                    ok: false,
+                    what: "probe release",
                 });
+                g.fx.call(release);
             }
             if self.model_probe && !self.reported {
                 if let Some(e) = self.model.as_deref().and_then(|m| g.models.get_mut(m)) {
@@ -450,12 +445,11 @@ impl Drop for Permit {
                     }
                 }
             }
-            // Only what Redis counted goes back there, to the Redis day that counted it.
-            if let Some(day) = self.fleet.as_ref().filter(|_| !self.sent).map(|t| t.day) {
-                let spacing = g.spacing();
-                let _ = spawn_fleet(shared, "refund", move |f| async move {
-                    f.refund(spacing, day).await
-                });
+            // What the store itself counted goes back there (for Redis, to the day that
+            // counted it; performed after the lock).
+            if !self.sent {
+                let refund = g.store.refund(self.fleet.as_ref(), g.spacing());
+                g.fx.call(refund);
             }
             !g.queue.is_empty()
         };
@@ -463,6 +457,37 @@ impl Drop for Permit {
         if waiting {
             shared.wake.notify_one();
         }
+    }
+}
+
+/// One kind of cooldown's rules (the account's or a model's): where it starts, its bound
+/// (named `max_key` in the note when an upstream hint is clamped to it), its growth.
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    multiplier: f64,
+    max_key: &'static str,
+}
+
+impl Backoff {
+    /// The level and length of the cooldown a 429 starts: one level above `from` (the level
+    /// in force) when it escalates, else `level` but at least 1; the upstream's `hint` when
+    /// it gave a usable one. With a note for the log line when the hint was not used as is.
+    fn next(
+        &self,
+        escalate: bool,
+        from: u32,
+        level: u32,
+        hint: Option<Hint>,
+    ) -> (u32, Duration, Option<String>) {
+        let level = if escalate {
+            from.saturating_add(1)
+        } else {
+            level.max(1)
+        };
+        let computed = ModelGates::backoff(self.initial, self.max, self.multiplier, level);
+        let (duration, note) = cooldown_length(hint, computed, self.max, self.max_key);
+        (level, duration, note)
     }
 }
 

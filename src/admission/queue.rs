@@ -133,36 +133,42 @@ impl<T> FairQueue<T> {
         now: Instant,
         payload: T,
     ) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.urgent.push_back(Waiter {
-            id,
-            client,
-            deadline,
-            enqueued: now,
-            payload,
-        });
-        self.len += 1;
+        let w = self.waiter(client, deadline, now, payload);
+        let id = w.id;
+        self.urgent.push_back(w);
         id
     }
 
     pub fn push(&mut self, client: ClientId, deadline: Instant, now: Instant, payload: T) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
+        let w = self.waiter(client, deadline, now, payload);
+        let id = w.id;
         let vtime = self.vtime;
         let c = &mut self.clients[client];
         if c.waiters.is_empty() {
             c.head_tag = vtime.max(c.head_tag);
         }
-        c.waiters.push_back(Waiter {
+        c.waiters.push_back(w);
+        id
+    }
+
+    /// A new waiter with the next id, counted in the depth (the caller queues it).
+    fn waiter(
+        &mut self,
+        client: ClientId,
+        deadline: Instant,
+        now: Instant,
+        payload: T,
+    ) -> Waiter<T> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.len += 1;
+        Waiter {
             id,
             client,
             deadline,
             enqueued: now,
             payload,
-        });
-        self.len += 1;
-        id
+        }
     }
 
     /// The client whose head is served next.
@@ -225,18 +231,7 @@ impl<T> FairQueue<T> {
     /// Serve waiter `id` of `client` (found by [`FairQueue::find`]): it leaves the queue and
     /// its client is charged one service, exactly as if it had been at the head.
     pub fn serve(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
-        // Served out of turn once already: a retry does not charge its client again.
-        if let Some(w) = self.take_urgent(id) {
-            return Some(w);
-        }
-        let c = self.clients.get_mut(client)?;
-        let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
-        let w = c.waiters.remove(pos)?;
-        self.vtime = self.vtime.max(c.head_tag);
-        c.head_tag = c.head_tag.saturating_add(c.cost);
-        self.len -= 1;
-        self.after_removal();
-        Some(w)
+        self.take(client, id, true)
     }
 
     /// For each waiter, how many would be served before it under the current tags: its
@@ -279,12 +274,23 @@ impl<T> FairQueue<T> {
 
     /// Remove waiter `id` of `client` if it is still queued. Those behind it move up.
     pub fn remove(&mut self, client: ClientId, id: u64) -> Option<Waiter<T>> {
+        self.take(client, id, false)
+    }
+
+    /// Take waiter `id` of `client` out of the queue; `charge`: its client is charged one
+    /// service (it was served), as if it had been at the head. A retry in the urgent line is
+    /// never charged: it was served out of turn once already.
+    fn take(&mut self, client: ClientId, id: u64, charge: bool) -> Option<Waiter<T>> {
         if let Some(w) = self.take_urgent(id) {
             return Some(w);
         }
         let c = self.clients.get_mut(client)?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
+        if charge {
+            self.vtime = self.vtime.max(c.head_tag);
+            c.head_tag = c.head_tag.saturating_add(c.cost);
+        }
         self.len -= 1;
         self.after_removal();
         Some(w)

@@ -43,7 +43,7 @@ fn spawn_admit(
     })
 }
 
-fn account_429() -> Outcome {
+pub(super) fn account_429() -> Outcome {
     Outcome::RateLimited {
         scope: Scope429::Account,
         hint: None,
@@ -53,7 +53,7 @@ fn account_429() -> Outcome {
     }
 }
 
-fn capacity_429() -> Outcome {
+pub(super) fn capacity_429() -> Outcome {
     Outcome::RateLimited {
         scope: Scope429::Model,
         hint: None,
