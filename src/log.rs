@@ -6,10 +6,11 @@
 //! client token.
 //!
 //! Also here, each cheaper than tracing-subscriber's own and writing the same bytes:
-//! [`PlainFields`], the field formatter of the text log when it has no colours; [`LogTime`], the
-//! timestamp of every line.
+//! [`PlainFields`], the field formatter of the text log when it has no colours; [`JsonLine`],
+//! the JSON log's line; [`LogTime`], the timestamp of every line.
 
 use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -398,6 +399,205 @@ impl VisitFmt for PlainVisitor<'_> {
     }
 }
 
+/// The JSON log (`--log-format json`): the bytes of tracing-subscriber's JSON formatter as
+/// `main.rs` sets it up (flattened fields, no target), written straight into the line's
+/// buffer. Its own goes through `serde_json`'s serializer a few bytes at a time, each checked
+/// as UTF-8 on the way, and was over a quarter of the proxy's instructions per request with
+/// that format (callgrind, BENCHMARKS.md). An event inside a span (the proxy opens none; a
+/// dependency could) is handed to that formatter, which also writes the span.
+pub struct JsonLine<T = LogTime> {
+    timer: T,
+    spans: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json, T>,
+}
+
+impl JsonLine {
+    pub fn new() -> Self {
+        JsonLine::with_timer(LogTime)
+    }
+}
+
+impl Default for JsonLine {
+    fn default() -> Self {
+        JsonLine::new()
+    }
+}
+
+impl<T: FormatTime + Clone> JsonLine<T> {
+    pub fn with_timer(timer: T) -> Self {
+        JsonLine {
+            spans: tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_target(false)
+                .with_timer(timer.clone()),
+            timer,
+        }
+    }
+}
+
+impl<S, N, T> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLine<T>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    T: FormatTime,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if event.parent().is_some() || ctx.lookup_current().is_some() {
+            return self.spans.format_event(ctx, writer, event);
+        }
+        // The timestamp first, as the default does: a formatter error leaves no half line.
+        let mut timestamp = String::with_capacity(32);
+        self.timer.format_time(&mut Writer::new(&mut timestamp))?;
+        writer.write_str("{\"timestamp\":")?;
+        json_str(&mut writer, &timestamp)?;
+        writer.write_str(",\"level\":\"")?;
+        writer.write_str(event.metadata().level().as_str())?;
+        writer.write_char('"')?;
+        let mut fields = JsonVisitor {
+            writer: writer.by_ref(),
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str("}\n")
+    }
+}
+
+/// Each field as `,"name":value`, as `tracing_serde::SerdeMapVisitor` serializes it: numbers
+/// and flags as JSON, strings and everything else (its `Debug`) as JSON strings.
+struct JsonVisitor<'a> {
+    writer: Writer<'a>,
+    result: std::fmt::Result,
+}
+
+impl JsonVisitor<'_> {
+    fn key(&mut self, field: &Field) -> bool {
+        if self.result.is_ok() {
+            self.result = (|| {
+                self.writer.write_char(',')?;
+                json_str(&mut self.writer, field.name())?;
+                self.writer.write_char(':')
+            })();
+        }
+        self.result.is_ok()
+    }
+}
+
+impl Visit for JsonVisitor<'_> {
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.key(field) {
+            self.result = self.writer.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.key(field) {
+            let mut buf = [0u8; 20];
+            self.result = self.writer.write_str(decimal(value, &mut buf));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.key(field) {
+            let mut buf = [0u8; 20];
+            let digits = decimal(value.unsigned_abs(), &mut buf);
+            self.result = (|| {
+                if value < 0 {
+                    self.writer.write_char('-')?;
+                }
+                self.writer.write_str(digits)
+            })();
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.key(field) {
+            let mut buf = [0u8; 32];
+            // serde_json's float printer agrees with `Debug` on the durations; anything else
+            // (NaN is `null`, large and tiny numbers are written otherwise) is left to it.
+            self.result = match millis_debug(value, &mut buf) {
+                Some(text) => self.writer.write_str(text),
+                None => match serde_json::to_string(&value) {
+                    Ok(text) => self.writer.write_str(&text),
+                    Err(_) => Err(std::fmt::Error),
+                },
+            };
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.key(field) {
+            self.result = json_str(&mut self.writer, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.key(field) {
+            self.result = (|| {
+                self.writer.write_char('"')?;
+                write!(JsonEscaped(&mut self.writer), "{value:?}")?;
+                self.writer.write_char('"')
+            })();
+        }
+    }
+}
+
+/// `s` as a JSON string, quotes included.
+fn json_str(w: &mut Writer<'_>, s: &str) -> std::fmt::Result {
+    w.write_char('"')?;
+    JsonEscaped(w).write_str(s)?;
+    w.write_char('"')
+}
+
+/// Writes what passes through it escaped as serde_json escapes the inside of a string: `"`,
+/// backslash and the control characters below U+0020 (`\n`-style where JSON has a short
+/// form, else `\u00XX` in lowercase hex); everything else as is.
+struct JsonEscaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::fmt::Write for JsonEscaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let bytes = s.as_bytes();
+        let mut clean = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let short = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            // Everything up to here is clean, and `i` is at an ASCII byte: a char boundary.
+            self.0.write_str(&s[clean..i])?;
+            clean = i + 1;
+            if short.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let code = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ];
+                self.0
+                    .write_str(std::str::from_utf8(&code).map_err(|_| std::fmt::Error)?)?;
+            } else {
+                self.0.write_str(short)?;
+            }
+        }
+        self.0.write_str(&s[clean..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +667,100 @@ mod tests {
         };
         let (ours, theirs) = (line(true), line(false));
         assert!(theirs.contains("request_id=abc-1"), "{theirs}");
+        assert_eq!(ours, theirs);
+    }
+
+    /// The same bytes as tracing-subscriber's JSON formatter set up as `main.rs` sets it up,
+    /// for the request line's kinds of field, strings that need every kind of escape, the
+    /// numbers serde_json writes its own way, and events inside spans.
+    #[test]
+    fn json_lines_are_what_the_json_formatter_writes() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        /// The same instant for both, so the lines can be compared whole.
+        #[derive(Clone)]
+        struct Fixed;
+        impl FormatTime for Fixed {
+            fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+                LogTime::write(Duration::new(1_767_225_600, 42_000), w)
+            }
+        }
+        fn emit() {
+            let err = std::io::Error::other("boom \"quoted\"");
+            let none: Option<&str> = None;
+            let every_byte: String = (0u8..0x80).map(char::from).collect();
+            tracing::info!(
+                request_id = %"abc-1",
+                client = %"default",
+                model = Some("m/x \"q\" \\ naïve ✓"),
+                skipped = none,
+                retries = 2u32,
+                method = %http::Method::POST,
+                path = %"/v1/chat/completions?x=1",
+                status = 200u16,
+                outcome = "forwarded",
+                neg = -3i64,
+                min = i64::MIN,
+                big = u64::MAX,
+                huge = 12_345_678_901_234_567_890u128,
+                queue_wait_ms = 0.0f64,
+                upstream_ms = 0.442f64,
+                total_ms = 1.0f64,
+                odd_float = 0.1 + 0.2,
+                large_float = 1e21f64,
+                tiny_float = 1e-7f64,
+                nan = f64::NAN,
+                negative_float = -2.5f64,
+                flag = true,
+                dbg = ?vec!["a\tb"],
+                bytes = every_byte.as_str(),
+                error = &err as &(dyn std::error::Error + 'static),
+                "request \u{1b}[31m"
+            );
+            tracing::warn!(r#type = "t", "second");
+            tracing::info!(message = "a message as a str", ok = false);
+            tracing::error!("only a message");
+            let span = tracing::info_span!("outer", id = 7u64);
+            let _in = span.enter();
+            tracing::info!(inside = "a span", "spanned");
+        }
+        let lines = |ours: bool| {
+            let buf = Buf::default();
+            let out = buf.clone();
+            let b = tracing_subscriber::fmt()
+                .with_writer(move || out.clone())
+                .with_target(false)
+                .with_timer(Fixed)
+                .json()
+                .flatten_event(true);
+            if ours {
+                tracing::subscriber::with_default(
+                    b.event_format(JsonLine::with_timer(Fixed)).finish(),
+                    emit,
+                );
+            } else {
+                tracing::subscriber::with_default(b.finish(), emit);
+            }
+            let bytes = buf.0.lock().unwrap().clone();
+            String::from_utf8(bytes).unwrap()
+        };
+        let (ours, theirs) = (lines(true), lines(false));
+        assert_eq!(theirs.lines().count(), 5, "{theirs}");
+        assert!(theirs.contains("\"spans\""), "{theirs}");
+        for (o, t) in ours.lines().zip(theirs.lines()) {
+            assert_eq!(o, t);
+        }
         assert_eq!(ours, theirs);
     }
 
