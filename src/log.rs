@@ -601,25 +601,28 @@ impl std::fmt::Write for JsonEscaped<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// What a test subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     /// The same bytes as tracing-subscriber's own field formatter without colours, for every
     /// kind of field the request line and the other events use.
     #[test]
     fn plain_fields_write_what_the_default_formatter_writes() {
-        use std::sync::{Arc, Mutex};
         use tracing_subscriber::fmt::format::DefaultFields;
 
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         fn emit() {
             let err = std::io::Error::other("boom");
             let none: Option<&str> = None;
@@ -675,19 +678,6 @@ mod tests {
     /// numbers serde_json writes its own way, and events inside spans.
     #[test]
     fn json_lines_are_what_the_json_formatter_writes() {
-        use std::sync::{Arc, Mutex};
-
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         /// The same instant for both, so the lines can be compared whole.
         #[derive(Clone)]
         struct Fixed;
