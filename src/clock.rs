@@ -7,7 +7,7 @@
 //! instants and the timestamps users read; tests pin it to a chosen instant that then advances
 //! with (paused) tokio time. `clippy.toml` disallows `std::time::SystemTime::now` and
 //! `std::time::Instant::now` everywhere, so no code escapes these two; the one allowed reading
-//! of the system wall clock is [`unix_now`]. Deliberately not here: what any instant means
+//! of the system wall clock is [`unix_time`]. Deliberately not here: what any instant means
 //! (the quota day is `units.rs`, gates are admission's).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -48,12 +48,18 @@ impl governor::clock::Clock for TokioClock {
 /// For what no test needs to pin: request-id seeds, the name a corrupt state file is moved
 /// aside to, and [`WallClock::System`]. Anything compared with admission's instants reads the
 /// [`WallClock`] admission was given instead, so a pinned clock stays consistent.
-#[allow(clippy::disallowed_methods)] // the one reading of the system clock (clippy.toml)
 pub fn unix_now() -> f64 {
+    unix_time().as_secs_f64()
+}
+
+/// The system wall clock since the UNIX epoch, to the nanosecond (zero for a clock set before
+/// 1970): [`unix_now`], and the log lines' timestamps (`log::LogTime`), which print
+/// microseconds an `f64` of seconds would round.
+#[allow(clippy::disallowed_methods)] // the one reading of the system clock (clippy.toml)
+pub fn unix_time() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Wall-clock time as UNIX seconds.

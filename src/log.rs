@@ -5,9 +5,12 @@
 //! Never logged: the query string (it may carry user data), any header value, the API key or a
 //! client token.
 //!
-//! Also here: [`PlainFields`], the field formatter of the text log when it has no colours, cheaper
-//! than tracing-subscriber's default and writing the same bytes.
+//! Also here, each cheaper than tracing-subscriber's own and writing the same bytes:
+//! [`PlainFields`], the field formatter of the text log when it has no colours; [`JsonLine`],
+//! the JSON log's line; [`LogTime`], the timestamp of every line.
 
+use std::cell::RefCell;
+use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use tokio::time::Instant;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
 
 use crate::body::UploadStats;
 
@@ -127,6 +131,54 @@ impl Drop for RequestLog {
     }
 }
 
+/// The log lines' timestamp: the bytes of tracing-subscriber's default timer
+/// (`2026-12-01T12:33:11.042917Z`, UTC, microseconds) for the years 1970 to 9999, with the date
+/// and time of day formatted once per second per thread instead of for every line (2.2% of the
+/// proxy's instructions per request, callgrind, BENCHMARKS.md 2026-12-01). The clock is read
+/// through `clock::unix_time`, like every other wall-clock reading.
+#[derive(Debug, Clone, Copy)]
+pub struct LogTime;
+
+impl LogTime {
+    fn write(now: Duration, w: &mut Writer<'_>) -> std::fmt::Result {
+        thread_local! {
+            /// The last second formatted on this thread, as `YYYY-MM-DDTHH:MM:SS.`.
+            static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        }
+        let secs = now.as_secs();
+        let prefix = |secs: u64| {
+            let mut p = crate::units::format_rfc3339(i64::try_from(secs).unwrap_or(i64::MAX));
+            p.pop(); // the 'Z'
+            p.push('.');
+            p
+        };
+        SECOND.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut cached) => {
+                if cached.0 != secs {
+                    *cached = (secs, prefix(secs));
+                }
+                w.write_str(&cached.1)
+            }
+            // Only if formatting a time logged something on the same thread: no cache then.
+            Err(_) => w.write_str(&prefix(secs)),
+        })?;
+        let micros = now.subsec_micros();
+        let mut digits = [0u8; 20];
+        let text = decimal(u64::from(micros), &mut digits);
+        for _ in text.len()..6 {
+            w.write_char('0')?;
+        }
+        w.write_str(text)?;
+        w.write_char('Z')
+    }
+}
+
+impl FormatTime for LogTime {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        LogTime::write(crate::clock::unix_time(), w)
+    }
+}
+
 /// The text log's fields without colours: the bytes tracing-subscriber's `DefaultFields` writes
 /// with ANSI off (`name=value` by `Debug`, separated by spaces), without going through its
 /// styling, which costs even when it styles nothing: the access line was a fifth of the
@@ -162,9 +214,96 @@ impl PlainVisitor<'_> {
     }
 }
 
+impl PlainVisitor<'_> {
+    /// Whether `name` is an ordinary field (written as `name=value`), not one of those the
+    /// default formatter treats specially or skips.
+    fn plain(name: &str) -> bool {
+        !(name == "message" || name.starts_with("r#") || name.starts_with("log."))
+    }
+
+    /// `name=` and the separator before it, for an ordinary field.
+    fn start(&mut self, name: &str) -> bool {
+        if self.result.is_err() {
+            return false;
+        }
+        let sep = if self.is_empty { "" } else { " " };
+        self.is_empty = false;
+        self.result = (|| {
+            self.writer.write_str(sep)?;
+            self.writer.write_str(name)?;
+            self.writer.write_char('=')
+        })();
+        self.result.is_ok()
+    }
+
+    fn put(&mut self, s: &str) {
+        self.result = self.writer.write_str(s);
+    }
+}
+
 impl Visit for PlainVisitor<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
+    // Numbers, flags and plain strings are written without `core::fmt` (the same digits and
+    // quotes as their `Debug`); anything else goes through `record_debug`.
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if !Self::plain(field.name()) {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field.name()) {
+            let mut buf = [0u8; 20];
+            self.put(decimal(value, &mut buf));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if value >= 0 {
+            return self.record_u64(field, value.unsigned_abs());
+        }
         self.record_debug(field, &value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if !Self::plain(field.name()) {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field.name()) {
+            self.put(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        let mut buf = [0u8; 32];
+        match millis_debug(value, &mut buf) {
+            Some(text) if Self::plain(field.name()) => {
+                if self.start(field.name()) {
+                    self.put(text);
+                }
+            }
+            _ => self.record_debug(field, &value),
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if !Self::plain(field.name()) {
+            if self.result.is_ok() && !field.name().starts_with("log.") {
+                self.delegate(|v| v.record_str(field, value));
+            }
+            return;
+        }
+        // `Debug` of a str quotes it and escapes only `"`, backslash, controls and non-ASCII
+        // oddities: printable ASCII without those is written as is.
+        if !value
+            .bytes()
+            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field.name()) {
+            self.result = (|| {
+                self.writer.write_char('"')?;
+                self.writer.write_str(value)?;
+                self.writer.write_char('"')
+            })();
+        }
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
@@ -187,14 +326,65 @@ impl Visit for PlainVisitor<'_> {
             self.delegate(|v| v.record_debug(field, value));
             return;
         }
-        if self.is_empty {
-            self.is_empty = false;
-        } else if let Err(e) = self.writer.write_char(' ') {
-            self.result = Err(e);
-            return;
+        if self.start(name) {
+            self.result = write!(self.writer, "{value:?}");
         }
-        self.result = write!(self.writer, "{name}={value:?}");
     }
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// What `{:?}` writes for a duration in milliseconds as [`millis`] rounds it (a whole number
+/// of microseconds below 10^9 ms: `0.442`, `1.0`, `12345.679`), without `core::fmt`'s float
+/// printer; `None` for any other value. Such a value's shortest round-trip decimal is its
+/// three-decimal one with trailing zeros cut: doubles there are far closer together than
+/// 0.001, so no shorter decimal reads back as the same double.
+fn millis_debug(v: f64, buf: &mut [u8; 32]) -> Option<&str> {
+    if !(0.0..1e9).contains(&v) {
+        return None;
+    }
+    let micros = (v * 1000.0).round();
+    if micros / 1000.0 != v {
+        return None;
+    }
+    let micros = micros as u64;
+    let (whole, frac) = (micros / 1000, micros % 1000);
+    let mut digits = [0u8; 20];
+    let int = decimal(whole, &mut digits).as_bytes();
+    let mut len = int.len();
+    buf[..len].copy_from_slice(int);
+    buf[len] = b'.';
+    len += 1;
+    if frac == 0 {
+        buf[len] = b'0';
+        len += 1;
+    } else {
+        let f = [
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        let mut n = 3;
+        while f[n - 1] == b'0' {
+            n -= 1;
+        }
+        buf[len..len + n].copy_from_slice(&f[..n]);
+        len += n;
+    }
+    std::str::from_utf8(&buf[..len]).ok()
 }
 
 impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
@@ -209,28 +399,230 @@ impl VisitFmt for PlainVisitor<'_> {
     }
 }
 
+/// The JSON log (`--log-format json`): the bytes of tracing-subscriber's JSON formatter as
+/// `main.rs` sets it up (flattened fields, no target), written straight into the line's
+/// buffer. Its own goes through `serde_json`'s serializer a few bytes at a time, each checked
+/// as UTF-8 on the way, and was over a quarter of the proxy's instructions per request with
+/// that format (callgrind, BENCHMARKS.md). An event inside a span (the proxy opens none; a
+/// dependency could) is handed to that formatter, which also writes the span.
+pub struct JsonLine<T = LogTime> {
+    timer: T,
+    spans: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json, T>,
+}
+
+impl JsonLine {
+    pub fn new() -> Self {
+        JsonLine::with_timer(LogTime)
+    }
+}
+
+impl Default for JsonLine {
+    fn default() -> Self {
+        JsonLine::new()
+    }
+}
+
+impl<T: FormatTime + Clone> JsonLine<T> {
+    pub fn with_timer(timer: T) -> Self {
+        JsonLine {
+            spans: tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_target(false)
+                .with_timer(timer.clone()),
+            timer,
+        }
+    }
+}
+
+impl<S, N, T> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLine<T>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    T: FormatTime,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        if event.parent().is_some() || ctx.lookup_current().is_some() {
+            return self.spans.format_event(ctx, writer, event);
+        }
+        // The timestamp first, as the default does: a formatter error leaves no half line.
+        let mut timestamp = String::with_capacity(32);
+        self.timer.format_time(&mut Writer::new(&mut timestamp))?;
+        writer.write_str("{\"timestamp\":")?;
+        json_str(&mut writer, &timestamp)?;
+        writer.write_str(",\"level\":\"")?;
+        writer.write_str(event.metadata().level().as_str())?;
+        writer.write_char('"')?;
+        let mut fields = JsonVisitor {
+            writer: writer.by_ref(),
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        writer.write_str("}\n")
+    }
+}
+
+/// Each field as `,"name":value`, as `tracing_serde::SerdeMapVisitor` serializes it: numbers
+/// and flags as JSON, strings and everything else (its `Debug`) as JSON strings.
+struct JsonVisitor<'a> {
+    writer: Writer<'a>,
+    result: std::fmt::Result,
+}
+
+impl JsonVisitor<'_> {
+    fn key(&mut self, field: &Field) -> bool {
+        if self.result.is_ok() {
+            self.result = (|| {
+                self.writer.write_char(',')?;
+                json_str(&mut self.writer, field.name())?;
+                self.writer.write_char(':')
+            })();
+        }
+        self.result.is_ok()
+    }
+}
+
+impl Visit for JsonVisitor<'_> {
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if self.key(field) {
+            self.result = self.writer.write_str(if value { "true" } else { "false" });
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if self.key(field) {
+            let mut buf = [0u8; 20];
+            self.result = self.writer.write_str(decimal(value, &mut buf));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if self.key(field) {
+            let mut buf = [0u8; 20];
+            let digits = decimal(value.unsigned_abs(), &mut buf);
+            self.result = (|| {
+                if value < 0 {
+                    self.writer.write_char('-')?;
+                }
+                self.writer.write_str(digits)
+            })();
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if self.key(field) {
+            let mut buf = [0u8; 32];
+            // serde_json's float printer agrees with `Debug` on the durations; anything else
+            // (NaN is `null`, large and tiny numbers are written otherwise) is left to it.
+            self.result = match millis_debug(value, &mut buf) {
+                Some(text) => self.writer.write_str(text),
+                None => match serde_json::to_string(&value) {
+                    Ok(text) => self.writer.write_str(&text),
+                    Err(_) => Err(std::fmt::Error),
+                },
+            };
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if self.key(field) {
+            self.result = json_str(&mut self.writer, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if self.key(field) {
+            self.result = (|| {
+                self.writer.write_char('"')?;
+                write!(JsonEscaped(&mut self.writer), "{value:?}")?;
+                self.writer.write_char('"')
+            })();
+        }
+    }
+}
+
+/// `s` as a JSON string, quotes included.
+fn json_str(w: &mut Writer<'_>, s: &str) -> std::fmt::Result {
+    w.write_char('"')?;
+    JsonEscaped(w).write_str(s)?;
+    w.write_char('"')
+}
+
+/// Writes what passes through it escaped as serde_json escapes the inside of a string: `"`,
+/// backslash and the control characters below U+0020 (`\n`-style where JSON has a short
+/// form, else `\u00XX` in lowercase hex); everything else as is.
+struct JsonEscaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl std::fmt::Write for JsonEscaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let bytes = s.as_bytes();
+        let mut clean = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let short = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0x08 => "\\b",
+                0x0c => "\\f",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            // Everything up to here is clean, and `i` is at an ASCII byte: a char boundary.
+            self.0.write_str(&s[clean..i])?;
+            clean = i + 1;
+            if short.is_empty() {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let code = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ];
+                self.0
+                    .write_str(std::str::from_utf8(&code).map_err(|_| std::fmt::Error)?)?;
+            } else {
+                self.0.write_str(short)?;
+            }
+        }
+        self.0.write_str(&s[clean..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// What a test subscriber wrote, shared with the test.
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
 
     /// The same bytes as tracing-subscriber's own field formatter without colours, for every
     /// kind of field the request line and the other events use.
     #[test]
     fn plain_fields_write_what_the_default_formatter_writes() {
-        use std::sync::{Arc, Mutex};
         use tracing_subscriber::fmt::format::DefaultFields;
 
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         fn emit() {
             let err = std::io::Error::other("boom");
             let none: Option<&str> = None;
@@ -238,6 +630,10 @@ mod tests {
                 request_id = %"abc-1",
                 client = %"default",
                 model = Some("m/x \"q\""),
+                path = "/v1/chat/completions?x=1",
+                empty = "",
+                unicode = "naïve",
+                big = u64::MAX,
                 skipped = none,
                 retries = 2u32,
                 status = 200u16,
@@ -249,7 +645,8 @@ mod tests {
                 error = &err as &(dyn std::error::Error + 'static),
                 "request \u{1b}[31m"
             );
-            tracing::warn!(r#type = "t", "second");
+            tracing::warn!(r#type = "t", r#n = 5u64, "second");
+            tracing::info!(message = "a message as a str", ok = false);
             tracing::info!("only a message");
         }
         let line = |plain: bool| {
@@ -274,6 +671,159 @@ mod tests {
         let (ours, theirs) = (line(true), line(false));
         assert!(theirs.contains("request_id=abc-1"), "{theirs}");
         assert_eq!(ours, theirs);
+    }
+
+    /// The same bytes as tracing-subscriber's JSON formatter set up as `main.rs` sets it up,
+    /// for the request line's kinds of field, strings that need every kind of escape, the
+    /// numbers serde_json writes its own way, and events inside spans.
+    #[test]
+    fn json_lines_are_what_the_json_formatter_writes() {
+        /// The same instant for both, so the lines can be compared whole.
+        #[derive(Clone)]
+        struct Fixed;
+        impl FormatTime for Fixed {
+            fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+                LogTime::write(Duration::new(1_767_225_600, 42_000), w)
+            }
+        }
+        fn emit() {
+            let err = std::io::Error::other("boom \"quoted\"");
+            let none: Option<&str> = None;
+            let every_byte: String = (0u8..0x80).map(char::from).collect();
+            tracing::info!(
+                request_id = %"abc-1",
+                client = %"default",
+                model = Some("m/x \"q\" \\ naïve ✓"),
+                skipped = none,
+                retries = 2u32,
+                method = %http::Method::POST,
+                path = %"/v1/chat/completions?x=1",
+                status = 200u16,
+                outcome = "forwarded",
+                neg = -3i64,
+                min = i64::MIN,
+                big = u64::MAX,
+                huge = 12_345_678_901_234_567_890u128,
+                queue_wait_ms = 0.0f64,
+                upstream_ms = 0.442f64,
+                total_ms = 1.0f64,
+                odd_float = 0.1 + 0.2,
+                large_float = 1e21f64,
+                tiny_float = 1e-7f64,
+                nan = f64::NAN,
+                negative_float = -2.5f64,
+                flag = true,
+                dbg = ?vec!["a\tb"],
+                bytes = every_byte.as_str(),
+                error = &err as &(dyn std::error::Error + 'static),
+                "request \u{1b}[31m"
+            );
+            tracing::warn!(r#type = "t", "second");
+            tracing::info!(message = "a message as a str", ok = false);
+            tracing::error!("only a message");
+            let span = tracing::info_span!("outer", id = 7u64);
+            let _in = span.enter();
+            tracing::info!(inside = "a span", "spanned");
+        }
+        let lines = |ours: bool| {
+            let buf = Buf::default();
+            let out = buf.clone();
+            let b = tracing_subscriber::fmt()
+                .with_writer(move || out.clone())
+                .with_target(false)
+                .with_timer(Fixed)
+                .json()
+                .flatten_event(true);
+            if ours {
+                tracing::subscriber::with_default(
+                    b.event_format(JsonLine::with_timer(Fixed)).finish(),
+                    emit,
+                );
+            } else {
+                tracing::subscriber::with_default(b.finish(), emit);
+            }
+            let bytes = buf.0.lock().unwrap().clone();
+            String::from_utf8(bytes).unwrap()
+        };
+        let (ours, theirs) = (lines(true), lines(false));
+        assert_eq!(theirs.lines().count(), 5, "{theirs}");
+        assert!(theirs.contains("\"spans\""), "{theirs}");
+        for (o, t) in ours.lines().zip(theirs.lines()) {
+            assert_eq!(o, t);
+        }
+        assert_eq!(ours, theirs);
+    }
+
+    /// Numbers, flags, strings that need escaping and the rounded milliseconds take the fast
+    /// paths; each must print exactly what `Debug` prints.
+    #[test]
+    fn fast_paths_print_what_debug_prints() {
+        let mut buf = [0u8; 20];
+        for n in [0u64, 7, 10, 99, 12_345, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), format!("{n:?}"));
+        }
+        let mut fbuf = [0u8; 32];
+        // Every microsecond up to two seconds, then samples up to the fast path's bound.
+        let samples = (0..2_000_000u64).chain((0..100_000u64).map(|i| i * 9_999_991 + 17));
+        for micros in samples {
+            let v = millis(Duration::from_micros(micros));
+            assert_eq!(
+                millis_debug(v, &mut fbuf),
+                Some(format!("{v:?}").as_str()),
+                "{micros}"
+            );
+        }
+        for odd in [0.1 + 0.2, 1e9, 1e-7, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(millis_debug(odd, &mut fbuf), None, "{odd}");
+        }
+    }
+
+    #[test]
+    fn log_time_writes_what_the_default_timer_writes() {
+        let at = |d: Duration| {
+            let mut s = String::new();
+            LogTime::write(d, &mut Writer::new(&mut s)).unwrap();
+            s
+        };
+        for (d, want) in [
+            (Duration::ZERO, "1970-01-01T00:00:00.000000Z"),
+            (
+                Duration::new(1_767_225_600, 42_999),
+                "2026-01-01T00:00:00.000042Z",
+            ),
+            (
+                Duration::new(1_709_164_799, 999_999_999),
+                "2024-02-28T23:59:59.999999Z",
+            ),
+            (
+                Duration::new(1_709_164_800, 123_456_000),
+                "2024-02-29T00:00:00.123456Z",
+            ),
+            (
+                Duration::new(253_402_300_799, 500_000),
+                "9999-12-31T23:59:59.000500Z",
+            ),
+        ] {
+            assert_eq!(at(d), want);
+        }
+        // Against tracing-subscriber's own timer, live: whenever ours reads the same second
+        // before and after it, the whole line up to the fraction is the same.
+        let mut compared = 0;
+        for _ in 0..1000 {
+            let mut ours = (String::new(), String::new());
+            let mut theirs = String::new();
+            LogTime.format_time(&mut Writer::new(&mut ours.0)).unwrap();
+            tracing_subscriber::fmt::time::SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            LogTime.format_time(&mut Writer::new(&mut ours.1)).unwrap();
+            assert_eq!(ours.0.len(), theirs.len(), "{} / {theirs}", ours.0);
+            if ours.0[..20] == ours.1[..20] {
+                assert_eq!(theirs[..20], ours.0[..20]);
+                compared += 1;
+            }
+        }
+        assert!(compared > 0);
     }
 
     /// Issue 18: `total_ms=0.44167700000000004` in the log line.

@@ -73,9 +73,16 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
-        .with_target(false);
+        .with_target(false)
+        // The same timestamps as the default timer, the date formatted once a second.
+        .with_timer(chutes_proxy::log::LogTime);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        // The same lines as tracing-subscriber's JSON formatter, for less (log::JsonLine).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .event_format(chutes_proxy::log::JsonLine::new())
+            .init(),
         // Without colours, a formatter that writes the same bytes for less (log::PlainFields).
         LogFormat::Text if !ansi => builder.fmt_fields(chutes_proxy::log::PlainFields).init(),
         LogFormat::Text => builder.init(),

@@ -140,16 +140,22 @@ impl Upstream {
     /// without an account key (they were a proxy client token, never meant for the upstream).
     pub fn prepare_headers(&self, headers: &mut HeaderMap, strip_client_auth: bool) {
         strip_hop_by_hop(headers);
-        headers.remove(header::HOST);
-        headers.remove(MAX_WAIT_HEADER);
-        headers.remove(CLIENT_HEADER);
+        let credentials = self.auth.is_some() || strip_client_auth;
+        // Only the names the head has are removed: a removal of an absent name still hashes
+        // and probes the map (one pass over the names instead).
+        let mut drop = [false; 5];
+        for name in headers.keys() {
+            if let Some(i) = PROXY_ONLY.iter().position(|h| h == name) {
+                drop[i] = i < 3 || credentials;
+            }
+        }
+        for (name, here) in PROXY_ONLY.iter().zip(drop) {
+            if here {
+                headers.remove(name);
+            }
+        }
         if let Some(auth) = &self.auth {
-            headers.remove(header::AUTHORIZATION);
-            headers.remove(X_API_KEY);
             headers.insert(self.auth_header.clone(), auth.clone());
-        } else if strip_client_auth {
-            headers.remove(header::AUTHORIZATION);
-            headers.remove(X_API_KEY);
         }
     }
 
@@ -191,28 +197,56 @@ fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1), including any named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Nearly every head has none of them: one pass over its few names settles that, where
-    // removing each of the nine below hashes and probes the map (4% of the proxy's
+    // One pass over the head's few names finds which of the nine it has: nearly every head has
+    // none, and an HTTP/1.1 upstream's answers have `Connection: keep-alive` alone. Removing
+    // each of the nine regardless hashes and probes the map nine times (4% of the proxy's
     // instructions per request, callgrind, BENCHMARKS.md 2026-12-01).
-    if !headers.keys().any(is_hop_by_hop) {
+    let mut present = [false; 9];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    // `Connection` may name further headers; the usual `keep-alive` (and `close`, when no
+    // header of that name is there) names nothing left to remove, and costs no allocation.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !is_hop_by_hop(n) && headers.contains_key(n))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
+    for (name, here) in HOP_BY_HOP.iter().zip(present) {
+        if here {
+            headers.remove(name);
+        }
     }
 }
 
-/// The hop-by-hop headers every proxy drops, whatever `Connection` names.
+/// What `prepare_headers` removes: `Host` (the client sets it from the URI) and the
+/// proxy's own request headers always; the client's credentials (the last two) when the
+/// account key replaces them or they were a proxy client token.
+const PROXY_ONLY: [HeaderName; 5] = [
+    header::HOST,
+    MAX_WAIT_HEADER,
+    CLIENT_HEADER,
+    header::AUTHORIZATION,
+    X_API_KEY,
+];
+
+/// The hop-by-hop headers every proxy drops, whatever `Connection` names (`Connection` first:
+/// `strip_hop_by_hop` reads its tokens).
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -278,6 +312,51 @@ mod tests {
         assert_eq!(h["authorization"], "Bearer cpk_test");
         assert!(h["authorization"].is_sensitive());
         assert_eq!(h["content-type"], "application/json");
+    }
+
+    /// An HTTP/1.1 upstream's `Connection: keep-alive` and the headers a `Connection` names
+    /// go; whatever else the response says stays, repeated values included.
+    #[test]
+    fn hop_by_hop_headers_are_stripped_from_responses() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.append("set-cookie", "a=1".parse().unwrap());
+        h.append("set-cookie", "b=2".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+
+        let mut h = HeaderMap::new();
+        h.append("connection", "close, x-hop".parse().unwrap());
+        h.append("connection", "X-Other".parse().unwrap());
+        h.insert("close", "named by a token".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        h.insert("x-other", "2".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-kept", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        let mut h = HeaderMap::new();
+        h.insert("x-kept", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_proxys_own_headers_never_go_upstream() {
+        let u = upstream("https://llm.chutes.ai", None);
+        let mut h = HeaderMap::new();
+        h.insert("x-proxy-max-wait", "5s".parse().unwrap());
+        h.insert("x-proxy-client", "batch".parse().unwrap());
+        h.insert("host", "proxy.local".parse().unwrap());
+        h.insert("x-api-key", "client".parse().unwrap());
+        u.prepare_headers(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-api-key"]);
     }
 
     #[tokio::test]

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Instructions per request of one or more proxy builds, by callgrind: the A/B method of
+# BENCHMARKS.md ("2026-12-01: issue 15"). Wall-clock numbers on a shared 2-core VM move 2×
+# between runs; instruction counts of the same workload move by well under 1%.
+#
+#   scripts/callgrind-ab.sh BIN [BIN ...]        (default: target/release/chutes-proxy)
+#
+# For each build: nginx on loopback answers the e2e bench's 300-byte JSON completion; the proxy runs under
+# `valgrind --tool=callgrind` in front of it; `wrk -t1 -c4 -d${CG_SECS:-15}s` sends the bench's
+# JSON request through it; the proxy is stopped with SIGINT and its total instructions are
+# divided by the requests wrk saw answered. Start-up and shutdown are under 1% of the total.
+# Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info),
+# CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bins=("$@")
+[[ ${#bins[@]} -gt 0 ]] || bins=(target/release/chutes-proxy)
+secs=${CG_SECS:-15}
+work=$(mktemp -d)
+trap 'kill $(cat "$work"/nginx.pid 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+up=$(port)
+reply='{"id":"chatcmpl-bench","object":"chat.completion","created":1767225600,"model":"bench/model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how are you?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}'
+mkdir -p "$work/nginx"
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$up;
+        location / { default_type application/json; return 200 '$reply'; }
+    }
+}
+EOF
+/usr/sbin/nginx -c "$work/nginx.conf" -p "$work"
+cat >"$work/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench-client"
+wrk.body = '{"model":"bench/model","messages":[{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"stream":false}'
+EOF
+cat >"$work/proxy.toml" <<EOF
+[upstream]
+url = "http://127.0.0.1:$up"
+[limits]
+requests_per_minute = 60000000
+burst = 1000000
+max_concurrent = 1024
+[state]
+path = ""
+EOF
+
+printf '| build | requests | instructions | per request |\n|---|---|---|---|\n'
+for bin in "${bins[@]}"; do
+    listen=$(port)
+    out="$work/callgrind.out"
+    CHUTES_API_KEY=cpk_bench_not_a_real_key RUST_LOG=${CG_LOG:-info} \
+        valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$work/proxy.toml" \
+        --listen "127.0.0.1:$listen" --admin-listen "" --log-format "${CG_FORMAT:-text}" \
+        2>"$work/proxy.log" &
+    pid=$!
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
+        sleep 0.1
+    done
+    reqs=$(wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" |
+        awk '/requests in/ {print $1}')
+    kill -INT "$pid"
+    wait "$pid" || true
+    ir=$(awk '/^summary:/ {print $2}' "$out")
+    n=$((${n:-0} + 1))
+    if [[ ${CG_KEEP:-0} == 1 ]]; then cp "$out" "callgrind.out.$n"; fi
+    printf '| %s | %s | %s | %.1fk |\n' "$bin" "$reqs" "$ir" "$(echo "$ir / $reqs / 1000" | bc -l)"
+done
