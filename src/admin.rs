@@ -303,6 +303,8 @@ impl Admin {
             queue: status::Queue {
                 depth: s.queue_depth as u64,
                 oldest_wait_seconds: s.oldest_wait.map(secs),
+                body_bytes: self.metrics.held_bodies.bytes(),
+                max_body_bytes: self.metrics.held_bodies.limit(),
             },
             in_flight: s.in_flight as u64,
             requests: counts(self.metrics.outcomes()),

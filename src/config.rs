@@ -46,6 +46,8 @@ pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 50;
 pub const DEFAULT_BURST: u32 = 5;
 pub const DEFAULT_MAX_CONCURRENT: usize = 16;
 pub const DEFAULT_QUEUE_DEPTH: usize = 1000;
+/// 64 MiB: thousands of chat bodies of a few KiB, sixteen bodies at the 4 MiB limit.
+pub const DEFAULT_QUEUE_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Long enough to ride out normal spacing, short enough that callers' own timeouts do not fire.
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(20);
 pub const DEFAULT_COOLDOWN_INITIAL: Duration = Duration::from_secs(30);
@@ -300,6 +302,9 @@ impl Limits {
 pub struct QueueConfig {
     pub max_depth: usize,
     pub max_wait: Duration,
+    /// The bytes of request bodies read before admission that waiting requests may hold
+    /// together (`src/held.rs`).
+    pub max_body_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -581,6 +586,7 @@ impl Config {
         let _ = writeln!(out, "\n[queue]");
         let _ = writeln!(out, "max_depth = {}", self.queue.max_depth);
         let _ = writeln!(out, "max_wait = {}", q(&fmt_dur(self.queue.max_wait)));
+        let _ = writeln!(out, "max_body_bytes = {}", self.queue.max_body_bytes);
         let c = &self.cooldown;
         let _ = writeln!(out, "\n[cooldown]");
         let _ = writeln!(out, "initial = {}", q(&fmt_dur(c.initial)));
@@ -1084,24 +1090,8 @@ impl Validator {
             None => None,
         };
         let shutdown_grace = self.duration_val(&mut s, "shutdown_grace", DEFAULT_SHUTDOWN_GRACE);
-        let max_request_body = match s.table.remove("max_request_body") {
-            None => DEFAULT_MAX_REQUEST_BODY,
-            Some(Value::String(v)) => match parse_size(&v) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.err("server.max_request_body", e);
-                    DEFAULT_MAX_REQUEST_BODY
-                }
-            },
-            Some(Value::Integer(i)) if i >= 0 => i as u64,
-            Some(other) => {
-                self.err(
-                    "server.max_request_body",
-                    format!("expected a size like \"4MiB\", found {}", other.type_str()),
-                );
-                DEFAULT_MAX_REQUEST_BODY
-            }
-        };
+        let max_request_body =
+            self.size_val(&mut s, "server.max_request_body", DEFAULT_MAX_REQUEST_BODY);
         if max_request_body == 0 {
             // Zero would refuse every request with a body, i.e. every chat completion.
             self.err(
@@ -1421,6 +1411,29 @@ impl Validator {
         }
     }
 
+    /// A size (`"4MiB"`, or a number of bytes) at `key` (`section.name`), or `default`.
+    fn size_val(&mut self, s: &mut Section, key: &str, default: u64) -> u64 {
+        let name = key.rsplit('.').next().unwrap_or(key);
+        match s.table.remove(name) {
+            None => default,
+            Some(Value::String(v)) => match parse_size(&v) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.err(key, e);
+                    default
+                }
+            },
+            Some(Value::Integer(i)) if i >= 0 => i as u64,
+            Some(other) => {
+                self.err(
+                    key,
+                    format!("expected a size like \"4MiB\", found {}", other.type_str()),
+                );
+                default
+            }
+        }
+    }
+
     fn queue(&mut self, root: &mut Table) -> QueueConfig {
         let mut s = self.section(root, "queue");
         let max_depth = self.int_val(
@@ -1431,10 +1444,19 @@ impl Validator {
             10_000_000,
         ) as usize;
         let max_wait = self.duration_val(&mut s, "max_wait", DEFAULT_MAX_WAIT);
+        let max_body_bytes =
+            self.size_val(&mut s, "queue.max_body_bytes", DEFAULT_QUEUE_BODY_BYTES);
+        if max_body_bytes == 0 {
+            self.err(
+                "queue.max_body_bytes",
+                "must be greater than zero (every completion request has a body)",
+            );
+        }
         self.finish(s);
         QueueConfig {
             max_depth,
             max_wait,
+            max_body_bytes,
         }
     }
 

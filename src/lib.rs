@@ -30,6 +30,7 @@ pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod heap;
+pub mod held;
 pub mod history;
 pub mod log;
 pub mod metrics;

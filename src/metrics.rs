@@ -23,6 +23,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::admission::Snapshot;
 use crate::clients::{ClientId, ClientTable};
+use crate::held::HeldBodies;
 use crate::response::Reason;
 
 /// Status codes that get their own label; anything else is counted by class.
@@ -221,6 +222,10 @@ pub struct Metrics {
     pub cooldown_seconds: Histogram,
     pub stream_errors: Counter,
     queue_depth: Gauge,
+    queue_body_bytes: Gauge,
+    /// The bytes of request bodies read before admission and held while they wait: the
+    /// request path holds and gives back, a scrape reads.
+    pub held_bodies: HeldBodies,
     in_flight: Gauge,
     daily_used: Gauge,
     daily_remaining: Option<Gauge>,
@@ -312,6 +317,10 @@ impl Metrics {
         );
         let mut gauge = |name: &str, help: &str| registered(r, name, help, Gauge::default());
         let queue_depth = gauge("queue_depth", "Requests waiting for admission");
+        let queue_body_bytes = gauge(
+            "queue_body_bytes",
+            "Bytes of request bodies read before admission and held while waiting",
+        );
         let in_flight = gauge(
             "in_flight",
             "Requests in flight upstream (streams until their last byte)",
@@ -405,6 +414,9 @@ impl Metrics {
             cooldown_seconds,
             stream_errors,
             queue_depth,
+            queue_body_bytes,
+            // Its bound is the proxy's to set (`Proxy::new`, a reload).
+            held_bodies: HeldBodies::new(crate::config::DEFAULT_QUEUE_BODY_BYTES),
             in_flight,
             daily_used,
             daily_remaining,
@@ -513,6 +525,8 @@ impl Metrics {
     /// One scrape in `format`, with gauges refreshed from `snap`.
     pub fn encode(&self, snap: &Snapshot, format: Format) -> String {
         self.queue_depth.set(snap.queue_depth as i64);
+        self.queue_body_bytes
+            .set(i64::try_from(self.held_bodies.bytes()).unwrap_or(i64::MAX));
         self.in_flight.set(snap.in_flight as i64);
         self.daily_used.set(snap.used_today as i64);
         if let (Some(g), Some(r)) = (&self.daily_remaining, snap.remaining_today) {

@@ -26,6 +26,7 @@ use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
 use crate::body::{RequestBody, ResponseBody, UploadStats};
 use crate::clock;
 use crate::config::Config;
+use crate::held::Hold;
 use crate::log::RequestLog;
 use crate::metrics::{Metrics, RetryCause};
 use crate::response::{Reason, Rejection, REQUEST_ID};
@@ -49,6 +50,8 @@ const SCOPE_BODY_TIMEOUT: Duration = Duration::from_millis(500);
 pub struct Live {
     pub limits: crate::config::Limits,
     pub retry: crate::config::RetryConfig,
+    /// `queue.max_body_bytes`: request bodies read before admission, held together.
+    pub max_body_bytes: u64,
 }
 
 impl Live {
@@ -56,6 +59,7 @@ impl Live {
         Live {
             limits: c.limits.clone(),
             retry: c.retry.clone(),
+            max_body_bytes: c.queue.max_body_bytes,
         }
     }
 }
@@ -80,6 +84,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Proxy {
         let live = Live::from_config(&config);
+        metrics.held_bodies.set_limit(live.max_body_bytes);
         // Ids are unique across restarts without a random-number dependency: the start time
         // in base 36 and a counter.
         let start = (clock::unix_now() * 1e6) as u64 ^ u64::from(std::process::id());
@@ -105,7 +110,26 @@ impl Proxy {
 
     /// Swap in reloaded settings; requests already past attribution keep the old ones.
     pub fn set_live(&self, live: Live) {
+        self.metrics.held_bodies.set_limit(live.max_body_bytes);
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(live);
+    }
+
+    /// `queue_full` for a body that does not fit beside those already waiting: retry when a
+    /// new request would be served, at the soonest (the waiting bodies leave as they go).
+    fn bodies_full(&self, hold: &Hold<'_>) -> Rejection {
+        let limit = self.metrics.held_bodies.limit();
+        let wait = self.admission.snapshot().new_request_wait;
+        let mut r =
+            self.admission
+                .rejection(Reason::QueueFull)
+                .with_detail(format!(
+            "request bodies waiting for admission hold {} bytes and this one needs {} more; \
+             the limit is {limit} (queue.max_body_bytes)",
+            self.metrics.held_bodies.bytes().saturating_sub(hold.bytes()),
+            hold.bytes().max(1),
+        ));
+        r.retry_after = Some(r.retry_after.unwrap_or_default().max(wait));
+        r
     }
 
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
@@ -183,13 +207,20 @@ impl Proxy {
         };
         let upload = Arc::new(UploadStats::default());
         p.log.upload = Some(Arc::clone(&upload));
+        // Held while the request waits, given back once it is admitted or shed.
+        let mut hold = self.metrics.held_bodies.hold();
         let (body, model) = if reads_body(&parts) {
-            match read_body(body, limit, self.config.upstream.idle_timeout, &upload).await {
+            let idle = self.config.upstream.idle_timeout;
+            match read_body(body, limit, idle, &upload, &mut hold).await {
                 Ok(bytes) => {
                     let model = crate::model::request_model(&bytes);
                     (Upload::Buffered(bytes), model)
                 }
-                Err(r) => return p.own(r),
+                Err(Unread::Refused(r)) => return p.own(r),
+                Err(Unread::Full) => {
+                    let r = self.bodies_full(&hold);
+                    return p.own(r);
+                }
             }
         } else {
             (Upload::Stream(body), None)
@@ -206,7 +237,9 @@ impl Proxy {
         let waiting = Instant::now();
         // Counted from arrival: a retry may use only what is left of it.
         let deadline = waiting + max_wait;
-        let permit = match self.admission.admit(ask.clone()).await {
+        let admitted = self.admission.admit(ask.clone()).await;
+        drop(hold);
+        let permit = match admitted {
             Ok(permit) => permit,
             Err(r) => {
                 // A request shed after queueing waited too; its log line says how long.
@@ -802,37 +835,60 @@ fn reads_body(parts: &http::request::Parts) -> bool {
     }
 }
 
-/// Read a whole request body (bounded by `limit`, each chunk within `idle`).
-#[allow(clippy::result_large_err)] // see admission::Admission::admit
+/// Why a body read before admission was not read.
+enum Unread {
+    Refused(Rejection),
+    /// The bodies waiting together would pass `queue.max_body_bytes`.
+    Full,
+}
+
+/// Read a whole request body (bounded by `limit`, each chunk within `idle`) into one
+/// allocation of its own (not a slice of hyper's read buffer), held in `hold`.
 async fn read_body(
     body: Incoming,
     limit: u64,
     idle: Duration,
     stats: &Arc<UploadStats>,
-) -> Result<Bytes, Rejection> {
+    hold: &mut Hold<'_>,
+) -> Result<Bytes, Unread> {
+    use http_body::Body as _;
+    // A declared length is held before a byte is read, and sizes the buffer once.
+    let declared = body.size_hint().exact().filter(|&n| n <= limit);
+    if let Some(n) = declared {
+        if !hold.grow_to(n) {
+            return Err(Unread::Full);
+        }
+    }
     let mut body = RequestBody::new(body, limit, idle, Arc::clone(stats));
-    let mut buf = BytesMut::new();
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Ok(d) = f.into_data() {
+                    if !hold.grow_to((buf.len() + d.len()) as u64) {
+                        return Err(Unread::Full);
+                    }
                     buf.extend_from_slice(&d);
                 }
             }
             Err(crate::body::BodyError::TooLarge { limit }) => {
-                return Err(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
-                    "the body exceeded {limit} bytes (server.max_request_body)"
-                )))
+                return Err(Unread::Refused(
+                    Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+                        "the body exceeded {limit} bytes (server.max_request_body)"
+                    )),
+                ))
             }
-            Err(crate::body::BodyError::Idle(d)) => {
-                return Err(Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
+            Err(crate::body::BodyError::Idle(d)) => return Err(Unread::Refused(
+                Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
                     "the client's request body stalled longer than {:.0}s (upstream.idle_timeout)",
                     d.as_secs_f64()
-                )))
-            }
+                )),
+            )),
             Err(e) => {
-                return Err(Rejection::new(Reason::BadRequest)
-                    .with_detail(format!("the request body could not be read: {e}")))
+                return Err(Unread::Refused(
+                    Rejection::new(Reason::BadRequest)
+                        .with_detail(format!("the request body could not be read: {e}")),
+                ))
             }
         }
     }

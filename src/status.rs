@@ -277,6 +277,10 @@ pub struct Last429 {
 pub struct Queue {
     pub depth: u64,
     pub oldest_wait_seconds: Option<f64>,
+    /// Bytes of request bodies read before admission that waiting requests hold, and the
+    /// bound on them (`queue.max_body_bytes`).
+    pub body_bytes: u64,
+    pub max_body_bytes: u64,
 }
 
 /// One configured client (`default` included).
@@ -432,6 +436,8 @@ mod tests {
             queue: Queue {
                 depth: 4,
                 oldest_wait_seconds: Some(2.345),
+                body_bytes: 2_048,
+                max_body_bytes: 64 << 20,
             },
             in_flight: 2,
             requests: [

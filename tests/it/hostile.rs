@@ -1231,3 +1231,95 @@ async fn sighup_reloads_and_never_ends_the_process() {
     let log = stderr.join().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
 }
+
+/// Request bodies read before admission are held together within `queue.max_body_bytes`: a body
+/// that does not fit beside those waiting is shed at once as `queue_full` (declared or chunked,
+/// nothing sent upstream), and a waiting request that leaves gives its bytes back.
+#[tokio::test]
+async fn waiting_bodies_are_bounded_together() {
+    let mock = MockUpstream::start().await;
+    let proxy = Start::new(
+        &mock.url(),
+        "[limits]\nrequests_per_minute = 1\nburst = 1\n[queue]\nmax_wait = \"60s\"\nmax_body_bytes = \"1000B\"\n",
+    )
+    .start()
+    .await;
+    let c = client();
+    // The burst's one token: everything after this waits about a minute.
+    assert_eq!(get(&c, &proxy.url("/v1/models")).await.status, 200);
+    let body = format!(r#"{{"model":"m","pad":"{}"}}"#, "x".repeat(578));
+    assert_eq!(body.len(), 600);
+    let post = |body: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut waiting = TcpStream::connect(proxy.addr).await.unwrap();
+    waiting.write_all(post(&body).as_bytes()).await.unwrap();
+    let s = wait_status(&c, &proxy, "one body waiting", |s| s["queue"]["depth"] == 1).await;
+    assert_eq!(s["queue"]["body_bytes"], 600, "{s}");
+    assert_eq!(s["queue"]["max_body_bytes"], 1000, "{s}");
+
+    // A declared 600 bytes more does not fit: shed before a byte of it is read.
+    let shed = send(
+        &c,
+        req("POST", &proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(shed.status, 429, "{}", shed.text());
+    let e = &shed.json()["error"];
+    assert_eq!(e["proxy"]["reason"], "queue_full");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue.max_body_bytes"),
+        "{e}"
+    );
+    assert!(shed.header("retry-after").is_some());
+
+    // A chunked body is held as it arrives and refused once it passes the bound.
+    let mut chunked = TcpStream::connect(proxy.addr).await.unwrap();
+    chunked
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 4096];
+    let n = within("the chunked request's answer", chunked.read(&mut head)).await;
+    let text = String::from_utf8_lossy(&head[..n.unwrap()]).to_string();
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.contains("queue_full"), "{text}");
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["queue"]["body_bytes"], 600, "refusals hold nothing: {s}");
+
+    // The waiting client leaves: its bytes come back, and the next body fits.
+    drop(waiting);
+    wait_status(&c, &proxy, "the waiting body given back", |s| {
+        s["queue"]["depth"] == 0 && s["queue"]["body_bytes"] == 0
+    })
+    .await;
+    let mut next = TcpStream::connect(proxy.addr).await.unwrap();
+    next.write_all(post(&body).as_bytes()).await.unwrap();
+    let s = wait_status(&c, &proxy, "the next body waiting", |s| {
+        s["queue"]["depth"] == 1
+    })
+    .await;
+    assert_eq!(s["queue"]["body_bytes"], 600, "{s}");
+    drop(next);
+    assert_eq!(
+        mock.count(),
+        1,
+        "nothing shed or abandoned reached the upstream"
+    );
+    proxy.stop().await.unwrap();
+}
