@@ -878,12 +878,14 @@ async fn read_body(
                     )),
                 ))
             }
-            Err(crate::body::BodyError::Idle(d)) => return Err(Unread::Refused(
-                Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
+            Err(crate::body::BodyError::Idle(d)) => {
+                return Err(Unread::Refused(
+                    Rejection::new(Reason::UpstreamTimeout).with_detail(format!(
                     "the client's request body stalled longer than {:.0}s (upstream.idle_timeout)",
                     d.as_secs_f64()
                 )),
-            )),
+                ))
+            }
             Err(e) => {
                 return Err(Unread::Refused(
                     Rejection::new(Reason::BadRequest)
