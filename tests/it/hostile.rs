@@ -1232,6 +1232,78 @@ async fn sighup_reloads_and_never_ends_the_process() {
     assert!(log.contains("configuration reloaded"), "{log}");
 }
 
+/// A SIGHUP that arrives while the proxy is still reading its configuration (here a pipe that
+/// has not been written yet) is absorbed: the proxy starts and serves, and SIGTERM still
+/// drains it. Before SIGHUP was taken over ahead of the config read, its default action ended
+/// the process here.
+#[tokio::test]
+async fn a_sighup_while_the_config_is_read_does_not_end_the_process() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.toml");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
+        .arg("--config")
+        .arg(&fifo)
+        .env("CHUTES_API_KEY", TEST_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chutes-proxy");
+    // A non-blocking open for writing succeeds only once a reader has the pipe open: then the
+    // proxy is inside its config read (blocked until the text arrives).
+    let writer = within("the proxy to open its config", async {
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo)
+            {
+                Ok(w) => return w,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    assert!(child.try_wait().unwrap().is_none(), "the proxy ended early");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("open the config pipe: {e}"),
+            }
+        }
+    })
+    .await;
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    {
+        use std::io::Write as _;
+        let mut writer = writer;
+        write!(
+            writer,
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\n[state]\npath = \"\"\n",
+            mock.url()
+        )
+        .unwrap();
+    }
+    let (startup, stderr) = wait_for_startup(&mut child).await;
+    let main = address_after(&startup, "listening on ").expect("main address");
+    let c = client();
+    assert_eq!(get(&c, &format!("{main}/healthz")).await.status, 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(stderr);
+}
+
 /// Request bodies read before admission are held together within `queue.max_body_bytes`: a body
 /// that does not fit beside those waiting is shed at once as `queue_full` (declared or chunked,
 /// nothing sent upstream), and a waiting request that leaves gives its bytes back.
