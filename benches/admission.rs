@@ -64,7 +64,7 @@ fn settings(rpm: u32, burst: u32, max_concurrent: usize, max_depth: usize) -> Se
     let cfg = Config::from_toml(&toml, &Overrides::default(), &|_: &str| None)
         .expect("bench config is valid");
     let mut s = Settings::from_config(&cfg);
-    s.requests_per_minute = rpm;
+    s.limits.requests_per_minute = NonZeroU32::new(rpm).expect("a bench rate is not zero");
     s
 }
 

@@ -591,11 +591,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         Snapshot {
             requests_per_minute: 50,
-            burst: 5,
             requests_per_day: Some(100),
-            max_concurrent: 16,
-            max_depth: 1000,
-            max_wait: Duration::from_secs(20),
             tokens_available: 3,
             next_token_in: Duration::from_millis(400),
             used_today: 7,

@@ -292,7 +292,7 @@ fn max_wait(
     req: &Request<Incoming>,
     client: ClientId,
 ) -> Result<Duration, Rejection> {
-    let mut wait = settings.max_wait;
+    let mut wait = settings.queue.max_wait;
     if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
         wait = wait.min(w);
     }

@@ -55,7 +55,7 @@ use store::{Rate, Store};
 pub use crate::clients::ClientSettings;
 use crate::clients::ClientTable;
 use crate::clock::{TokioClock, WallClock};
-use crate::config::Config;
+use crate::config::{BeyondQuota, Config, CooldownConfig, Limits, QueueConfig};
 use crate::response::{LimitsView, Policy, Reason, Rejection};
 use crate::signals::{AdvertisedRate, ChutesQuota, Hint, Scope429};
 use crate::state::Persisted;
@@ -101,26 +101,14 @@ impl Ask {
     }
 }
 
-/// What the budget needs from the configuration, copied out once.
+/// What the budget needs from the configuration: the `[limits]`, `[queue]` and `[cooldown]`
+/// sections as `config.rs` models them (read from there, never copied field by field), and
+/// the few things admission derives from the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub requests_per_minute: u32,
-    pub burst: u32,
-    pub requests_per_day: Option<u64>,
-    pub day_reset_offset: u32,
-    pub max_concurrent: usize,
-    pub max_depth: usize,
-    pub max_wait: Duration,
-    pub cooldown_initial: Duration,
-    pub cooldown_max: Duration,
-    pub cooldown_multiplier: f64,
-    pub cooldown_decay: Duration,
-    pub model_cooldown_initial: Duration,
-    pub model_cooldown_max: Duration,
-    /// `limits.beyond_quota = "stop"`: the upstream's quota headers close the daily gate.
-    pub beyond_quota_stop: bool,
-    /// `limits.follow_upstream_limits`: advertised rates may lower the rate in force.
-    pub follow_upstream_limits: bool,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub cooldown: CooldownConfig,
     /// Whether granted requests must be covered by a reservation on disk first.
     pub durable: bool,
     /// Who may call: the one table attribution, admission and metrics share (ids are its rows).
@@ -132,36 +120,31 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(c: &Config) -> Settings {
         Settings {
-            requests_per_minute: c.limits.requests_per_minute.get(),
-            burst: c.limits.burst.get(),
-            requests_per_day: c.limits.requests_per_day.map(|d| d.get()),
-            day_reset_offset: c.limits.day_reset_offset,
-            max_concurrent: c.limits.max_concurrent,
-            max_depth: c.queue.max_depth,
-            max_wait: c.queue.max_wait,
-            cooldown_initial: c.cooldown.initial,
-            cooldown_max: c.cooldown.max,
-            cooldown_multiplier: c.cooldown.multiplier,
-            cooldown_decay: c.cooldown.decay_after,
-            model_cooldown_initial: c.cooldown.model_initial,
-            model_cooldown_max: c.cooldown.model_max,
-            beyond_quota_stop: c.limits.beyond_quota == crate::config::BeyondQuota::Stop,
-            follow_upstream_limits: c.limits.follow_upstream_limits,
+            limits: c.limits.clone(),
+            queue: c.queue.clone(),
+            cooldown: c.cooldown.clone(),
             durable: c.state.path.is_some(),
             clients: ClientTable::new(&c.clients),
             fallback_share: c.shared_state.local_fallback_share,
         }
     }
 
+    /// `limits.beyond_quota = "stop"`: the upstream's quota headers close the daily gate.
+    pub fn beyond_quota_stop(&self) -> bool {
+        self.limits.beyond_quota == BeyondQuota::Stop
+    }
+
     /// The GCRA emission interval.
     pub fn spacing(&self) -> Duration {
-        Duration::from_secs(60) / self.requests_per_minute.max(1)
+        store::rate_spacing(self.limits.requests_per_minute.get())
     }
 
     /// How many daily requests one state write reserves ahead. A crash over-counts by at most
     /// this much; a larger block means fewer fsyncs. 1% of the cap, between 1 and 50.
     fn reserve_block(&self) -> u64 {
-        self.requests_per_day.map_or(1, |d| (d / 100).clamp(1, 50))
+        self.limits
+            .requests_per_day
+            .map_or(1, |d| (d.get() / 100).clamp(1, 50))
     }
 }
 
@@ -404,31 +387,33 @@ impl Admission {
     ) -> Admission {
         let clock = TokioClock::new(Instant::now());
         let rate = Rate {
-            spacing: store::rate_spacing(settings.requests_per_minute),
-            burst: settings.burst,
+            spacing: store::rate_spacing(settings.limits.requests_per_minute.get()),
+            burst: settings.limits.burst.get(),
         };
         let store = match &fleet {
             Some(f) => Store::redis(
                 Arc::clone(f),
-                settings.requests_per_minute,
-                settings.burst,
+                settings.limits.requests_per_minute.get(),
+                settings.limits.burst.get(),
                 settings.fallback_share,
             ),
             None => Store::local(rate),
         };
         let now_unix = wall.now_unix();
-        let today = day_index(now_unix as i64, settings.day_reset_offset);
+        let today = day_index(now_unix as i64, settings.limits.day_reset_offset);
         let (used, gate) = if restored.day == Some(today) {
             (restored.used, restored.daily_gate_until_unix)
         } else {
             (0, None)
         };
-        let durable =
-            if settings.durable && settings.requests_per_day.is_some() && store.keeps_day() {
-                used
-            } else {
-                u64::MAX
-            };
+        let durable = if settings.durable
+            && settings.limits.requests_per_day.is_some()
+            && store.keeps_day()
+        {
+            used
+        } else {
+            u64::MAX
+        };
         let gate = gate.filter(|&g| g > now_unix);
         let usage_cap = restored.usage_cap_until_unix.filter(|&g| g > now_unix);
         let cooldown_until = restored
@@ -453,7 +438,7 @@ impl Admission {
             .collect();
         let weights: Vec<u32> = settings.clients.iter().map(|c| c.weight).collect();
         let inner = Inner {
-            rpm_in_force: settings.requests_per_minute,
+            rpm_in_force: settings.limits.requests_per_minute.get(),
             s: Arc::new(settings),
             store,
             queue: FairQueue::new(&weights),
@@ -596,7 +581,7 @@ impl Admission {
             // Daily caps that cannot take this request today: shed unless the day ends
             // within the request's wait.
             // In UNIX seconds: converting the day's end to an instant reads both clocks again.
-            let day_left = day_end(g.day.index, g.s.day_reset_offset) as f64 - now_unix;
+            let day_left = day_end(g.day.index, g.s.limits.day_reset_offset) as f64 - now_unix;
             if day_left > max_wait.as_secs_f64() {
                 if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
                     return Err(r);
@@ -617,7 +602,7 @@ impl Admission {
             {
                 return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
             }
-            if g.queue.len() >= g.s.max_depth && !ask.retry {
+            if g.queue.len() >= g.s.queue.max_depth && !ask.retry {
                 // When the last request now queued is served.
                 let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
                 return Err(g.reject(Reason::QueueFull, drain, now_unix));
@@ -772,9 +757,10 @@ impl Admission {
                 };
                 c.settings = cs.clone();
             }
-            let rate_changed =
-                new.requests_per_minute != g.s.requests_per_minute || new.burst != g.s.burst;
-            let durable = new.durable && new.requests_per_day.is_some() && g.store.keeps_day();
+            let rate_changed = new.limits.requests_per_minute != g.s.limits.requests_per_minute
+                || new.limits.burst != g.s.limits.burst;
+            let durable =
+                new.durable && new.limits.requests_per_day.is_some() && g.store.keeps_day();
             if !durable {
                 g.day.durable = u64::MAX;
             } else if g.day.durable == u64::MAX {
@@ -827,7 +813,6 @@ impl Admission {
         let now_unix = shared.wall.now_unix();
         let mut g = shared.lock();
         g.roll_day(now_unix);
-        let s = Arc::clone(&g.s);
         // What limits a new request right now, in the contract's order, and how long it
         // would wait (this also ends an expired cooldown, so the probe shows as ready).
         let blocked = g.blocked(now, now_unix);
@@ -860,18 +845,12 @@ impl Admission {
         let cap = g.daily_cap();
         Snapshot {
             requests_per_minute: g.rpm_in_force,
-            configured_requests_per_minute: s.requests_per_minute,
             advertised_requests_per_minute: match g.upstream.rl_user {
                 Some(AdvertisedRate::PerMinute(n)) => Some(n.get()),
                 _ => None,
             },
             advertised_unlimited: matches!(g.upstream.rl_user, Some(AdvertisedRate::Unlimited)),
-            burst: s.burst,
             requests_per_day: cap,
-            configured_requests_per_day: s.requests_per_day,
-            max_concurrent: s.max_concurrent,
-            max_depth: s.max_depth,
-            max_wait: s.max_wait,
             tokens_available: tokens,
             next_token_in: next_in,
             used_today: g.used_view(),
@@ -923,12 +902,9 @@ impl Admission {
                 .enumerate()
                 .map(|(i, c)| ClientSnapshot {
                     name: c.settings.name.clone(),
-                    weight: c.settings.weight,
                     queued: g.queue.client_len(i),
                     used_today: c.used_today,
                     forwarded: c.forwarded,
-                    requests_per_minute: c.settings.requests_per_minute,
-                    requests_per_day: c.settings.requests_per_day,
                 })
                 .collect(),
         }
@@ -1068,22 +1044,18 @@ impl Shared {
     }
 }
 
-/// `/status` view of the budget.
+/// `/status` view of the budget at one moment: what is in force now (rates and caps the
+/// upstream may have lowered), counts, gates and what the upstream last said. The configured
+/// limits are not copied here: they are read from [`Admission::settings`].
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// The rate in force (the configured one, or lower when the upstream advertises less).
     pub requests_per_minute: u32,
-    pub configured_requests_per_minute: u32,
     /// `X-Chutes-RL-User` as last seen (`None` also when it said `inf`).
     pub advertised_requests_per_minute: Option<u32>,
     pub advertised_unlimited: bool,
-    pub burst: u32,
     /// The daily cap in force (configured, or the upstream's plan quota when smaller).
     pub requests_per_day: Option<u64>,
-    pub configured_requests_per_day: Option<u64>,
-    pub max_concurrent: usize,
-    pub max_depth: usize,
-    pub max_wait: Duration,
     pub tokens_available: u32,
     pub next_token_in: Duration,
     /// The day's count: fleet-wide in a Redis fleet (as last reported by Redis).
@@ -1134,12 +1106,9 @@ pub struct ModelSnapshot {
 #[derive(Debug, Clone)]
 pub struct ClientSnapshot {
     pub name: Arc<str>,
-    pub weight: u32,
     pub queued: usize,
     pub used_today: u64,
     pub forwarded: u64,
-    pub requests_per_minute: Option<u32>,
-    pub requests_per_day: Option<u64>,
 }
 
 #[cfg(test)]

@@ -2,44 +2,33 @@
 //! concurrency cap, the cooldown gate and the reservation scheme, with no sockets and no real
 //! sleeping. `tokio::time::advance` and auto-advance drive every timer deterministically.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::*;
+use crate::config::{Config, Overrides};
 use crate::response::Reason;
 use crate::signals::Scope429;
 
+/// The budget's settings as the config's defaults give them, but for the rate and burst,
+/// 100 concurrent requests, no daily cap, no state file and only the `default` client.
 pub(super) fn settings(rpm: u32, burst: u32) -> Settings {
-    Settings {
-        requests_per_minute: rpm,
-        burst,
-        requests_per_day: None,
-        day_reset_offset: 0,
-        max_concurrent: 100,
-        max_depth: 1000,
-        max_wait: Duration::from_secs(20),
-        cooldown_initial: Duration::from_secs(30),
-        cooldown_max: Duration::from_secs(3600),
-        cooldown_multiplier: 2.0,
-        cooldown_decay: Duration::from_secs(600),
-        model_cooldown_initial: Duration::from_secs(5),
-        model_cooldown_max: Duration::from_secs(120),
-        beyond_quota_stop: true,
-        follow_upstream_limits: true,
-        durable: false,
-        fallback_share: 0.5,
-        clients: vec![ClientSettings {
-            name: Arc::from("default"),
-            weight: 1,
-            requests_per_minute: None,
-            burst: 1,
-            requests_per_day: None,
-            max_wait: None,
-        }]
-        .into(),
-    }
+    let text = format!(
+        "[limits]\nrequests_per_minute = {rpm}\nburst = {burst}\nmax_concurrent = 100\n\
+         [state]\npath = \"\"\n"
+    );
+    let c = Config::from_toml(&text, &Overrides::default(), &|_: &str| None).unwrap();
+    let s = Settings::from_config(&c);
+    assert!(!s.durable && s.limits.requests_per_day.is_none() && s.clients.len() == 1);
+    s
+}
+
+/// `limits.requests_per_day`, as a test writes it.
+pub(super) fn per_day(n: u64) -> Option<NonZeroU64> {
+    NonZeroU64::new(n)
 }
 
 /// 2026-11-23T12:00:00Z
@@ -232,7 +221,7 @@ async fn zero_wait_never_queues() {
 async fn waiting_past_the_deadline_is_a_queue_timeout_at_the_deadline() {
     // A concurrency wait cannot be predicted: the request queues and times out at its deadline.
     let mut s = settings(6000, 10);
-    s.max_concurrent = 1;
+    s.limits.max_concurrent = 1;
     let a = admission(s);
     let _held = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     let start = Instant::now();
@@ -272,7 +261,7 @@ async fn abandoning_the_queue_consumes_nothing_and_frees_the_place() {
 #[tokio::test(start_paused = true)]
 async fn queue_full_is_shed_at_once() {
     let mut s = settings(60, 1);
-    s.max_depth = 2;
+    s.queue.max_depth = 2;
     let a = admission(s);
     let _first = a.acquire(0, Duration::ZERO).await.unwrap();
     let _w1 = spawn_acquire(&a, 0, Duration::from_secs(30));
@@ -287,7 +276,7 @@ async fn queue_full_is_shed_at_once() {
 #[tokio::test(start_paused = true)]
 async fn concurrency_slot_is_held_by_the_permit() {
     let mut s = settings(60_000, 100);
-    s.max_concurrent = 2;
+    s.limits.max_concurrent = 2;
     let a = admission(s);
     let p1 = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     let _p2 = sent(a.acquire(0, Duration::ZERO).await.unwrap());
@@ -304,7 +293,7 @@ async fn concurrency_slot_is_held_by_the_permit() {
 #[tokio::test(start_paused = true)]
 async fn a_permit_never_sent_gives_the_daily_count_back() {
     let mut s = settings(60_000, 100);
-    s.requests_per_day = Some(10);
+    s.limits.requests_per_day = per_day(10);
     let a = admission(s);
     let p = a.acquire(0, Duration::ZERO).await.unwrap();
     assert_eq!(a.snapshot().used_today, 1);
@@ -317,7 +306,7 @@ async fn a_permit_never_sent_gives_the_daily_count_back() {
 #[tokio::test(start_paused = true)]
 async fn daily_cap_sheds_until_the_reset_instant() {
     let mut s = settings(60_000, 100);
-    s.requests_per_day = Some(3);
+    s.limits.requests_per_day = per_day(3);
     // 23:59:58 UTC: the quota day ends in 2 seconds.
     let a = admission_at(s, 1_795_478_398.0);
     for _ in 0..3 {
@@ -340,8 +329,8 @@ async fn daily_cap_sheds_until_the_reset_instant() {
 #[tokio::test(start_paused = true)]
 async fn day_reset_honours_the_configured_offset() {
     let mut s = settings(60_000, 100);
-    s.requests_per_day = Some(1);
-    s.day_reset_offset = 6 * 3600; // 06:00 UTC
+    s.limits.requests_per_day = per_day(1);
+    s.limits.day_reset_offset = 6 * 3600; // 06:00 UTC
     let a = admission(s);
     drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
     let r = a.acquire(0, Duration::ZERO).await.unwrap_err();
@@ -352,7 +341,7 @@ async fn day_reset_honours_the_configured_offset() {
 #[tokio::test(start_paused = true)]
 async fn cooldown_sheds_short_waiters_and_probes_once() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(10);
+    s.cooldown.initial = Duration::from_secs(10);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     let d = p
@@ -402,7 +391,7 @@ async fn cooldown_sheds_short_waiters_and_probes_once() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_probe_escalates_and_an_unanswered_one_lets_another_try() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(10);
+    s.cooldown.initial = Duration::from_secs(10);
     let a = admission(s);
     let rate_limited = || Outcome::RateLimited {
         scope: Scope429::Account,
@@ -428,7 +417,7 @@ async fn a_failed_probe_escalates_and_an_unanswered_one_lets_another_try() {
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_429s_in_flight_is_one_episode() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(10);
+    s.cooldown.initial = Duration::from_secs(10);
     let a = admission(s);
     let mut ps: Vec<_> = Vec::new();
     for _ in 0..3 {
@@ -454,7 +443,7 @@ async fn a_burst_of_429s_in_flight_is_one_episode() {
 #[tokio::test(start_paused = true)]
 async fn upstream_hints_are_trusted_up_to_the_max() {
     let mut s = settings(60_000, 100);
-    s.cooldown_max = Duration::from_secs(600);
+    s.cooldown.max = Duration::from_secs(600);
     let a = admission(s);
     let cases = [
         (
@@ -494,8 +483,8 @@ async fn upstream_hints_are_trusted_up_to_the_max() {
 #[tokio::test(start_paused = true)]
 async fn escalation_decays_after_a_quiet_period() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(10);
-    s.cooldown_decay = Duration::from_secs(60);
+    s.cooldown.initial = Duration::from_secs(10);
+    s.cooldown.decay_after = Duration::from_secs(60);
     let a = admission(s);
     let rl = || Outcome::RateLimited {
         scope: Scope429::Account,
@@ -588,7 +577,7 @@ async fn tokens_mirror_follows_governor() {
 async fn weighted_clients_share_a_saturated_budget() {
     // Client 1 (weight 3) and client 2 (weight 1) both flood a 1/s budget.
     let mut s = settings(60, 1);
-    s.max_depth = 10_000;
+    s.queue.max_depth = 10_000;
     for (name, weight) in [("heavy", 3), ("light", 1)] {
         s.clients.push(ClientSettings {
             name: Arc::from(name),
@@ -697,7 +686,7 @@ async fn a_crash_never_under_counts() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.json");
     let mut s = settings(60_000, 1000);
-    s.requests_per_day = Some(1000);
+    s.limits.requests_per_day = per_day(1000);
     s.durable = true;
     let (tx, rx) = tokio::sync::watch::channel(0u64);
     let a = Arc::new(Admission::new(
@@ -754,8 +743,8 @@ async fn a_restored_cooldown_keeps_the_gate_closed() {
 #[tokio::test(start_paused = true)]
 async fn nothing_leaks_after_a_storm() {
     let mut s = settings(600, 5);
-    s.max_concurrent = 3;
-    s.max_depth = 50;
+    s.limits.max_concurrent = 3;
+    s.queue.max_depth = 50;
     let a = admission(s);
     let mut handles = Vec::new();
     for i in 0..300u64 {
@@ -788,7 +777,7 @@ async fn nothing_leaks_after_a_storm() {
 #[tokio::test(start_paused = true)]
 async fn an_absurd_restored_count_just_closes_the_day() {
     let mut s = settings(60, 5);
-    s.requests_per_day = Some(100);
+    s.limits.requests_per_day = per_day(100);
     s.durable = true;
     let restored = Persisted {
         day: Some(crate::units::day_index(NOON as i64, 0)),

@@ -14,7 +14,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
 
 use super::fleet::{FleetSettings, OnError};
-use super::tests::{admission_at, sent, settings, settle, NOON};
+use super::tests::{admission_at, per_day, sent, settings, settle, NOON};
 use super::tests_r2::{account_429, capacity_429};
 use super::*;
 use crate::signals::{AdvertisedRate, ChutesQuota};
@@ -91,8 +91,8 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     let _sub =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(checker.clone()));
     let mut s = settings(60, 100);
-    s.requests_per_day = Some(3);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.limits.requests_per_day = per_day(3);
+    s.cooldown.initial = Duration::from_secs(2);
     // 23:59:00 UTC, so the day rolls within the test.
     let a = admission_at(s, NOON + 12.0 * 3600.0 - 60.0);
     checker.watch(&a);
@@ -111,7 +111,7 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     }
     tokio::time::advance(Duration::from_secs(61)).await;
     let mut uncapped = settings(60, 100);
-    uncapped.cooldown_initial = Duration::from_secs(2);
+    uncapped.cooldown.initial = Duration::from_secs(2);
     a.reconfigure(uncapped);
     // An account 429, its cooldown over, the probe, its answer.
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::tests::{admission, admission_at, sent, settings, settle, NOON};
+use super::tests::{admission, admission_at, per_day, sent, settings, settle, NOON};
 use super::*;
+use crate::config::BeyondQuota;
 use crate::response::Reason;
 use crate::signals::{AdvertisedRate, ChutesQuota, Scope429};
 
@@ -98,7 +99,7 @@ async fn a_clients_daily_cap_holds_for_requests_that_queued() {
 #[tokio::test(start_paused = true)]
 async fn a_clients_own_rate_is_waited_for_not_shed() {
     let mut s = with_client(settings(60_000, 100), Some(30), None);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.cooldown.initial = Duration::from_secs(2);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     p.report(account_429());
@@ -317,7 +318,7 @@ async fn a_pay_as_you_go_account_is_not_gated_and_continue_is_honoured() {
     assert!(a.acquire(0, Duration::ZERO).await.is_ok());
     assert_eq!(a.snapshot().requests_per_day, None);
     // beyond_quota = "continue": a spent plan does not stop the proxy.
-    s.beyond_quota_stop = false;
+    s.limits.beyond_quota = BeyondQuota::Continue;
     let a = admission(s);
     let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     p.observe(&Observed {
@@ -345,7 +346,7 @@ async fn an_advertised_rate_lowers_the_rate_without_a_burst() {
     drop(p);
     let snap = a.snapshot();
     assert_eq!(snap.requests_per_minute, 30);
-    assert_eq!(snap.configured_requests_per_minute, 60);
+    assert_eq!(a.settings().limits.requests_per_minute.get(), 60);
     // Four tokens were left in the old bucket; none of them survives as a burst.
     assert!(a.acquire(0, Duration::ZERO).await.is_err());
     let start = Instant::now();
@@ -418,7 +419,7 @@ async fn a_usage_cap_gates_until_the_next_window() {
 #[tokio::test(start_paused = true)]
 async fn costs_count_in_daily_units() {
     let mut s = settings(60_000, 100);
-    s.requests_per_day = Some(5);
+    s.limits.requests_per_day = per_day(5);
     let a = admission(s);
     let big = |w| Ask {
         cost: 2,
@@ -478,7 +479,7 @@ async fn reconfigure_keeps_the_queue_and_grants_no_burst() {
     settle().await;
     let start = Instant::now();
     let mut lower = s.clone();
-    lower.requests_per_minute = 20;
+    lower.limits.requests_per_minute = NonZeroU32::new(20).unwrap();
     a.reconfigure(lower);
     assert_eq!(a.snapshot().queue_depth, 1);
     let (r, at) = waiter.await.unwrap();
@@ -497,7 +498,7 @@ async fn reconfigure_keeps_the_queue_and_grants_no_burst() {
 #[tokio::test(start_paused = true)]
 async fn a_retry_is_the_probe_after_the_cooldown() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(3);
+    s.cooldown.initial = Duration::from_secs(3);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     p.report(account_429());
@@ -551,7 +552,7 @@ async fn one_reset_instant_after_a_quota_402() {
 #[tokio::test(start_paused = true)]
 async fn the_snapshot_says_what_limits_a_new_request() {
     let mut s = settings(60, 1);
-    s.cooldown_initial = Duration::from_secs(10);
+    s.cooldown.initial = Duration::from_secs(10);
     let a = admission(s);
     assert_eq!(a.snapshot().limited_by, None);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
@@ -575,7 +576,7 @@ async fn the_snapshot_says_what_limits_a_new_request() {
 #[tokio::test(start_paused = true)]
 async fn an_account_probe_answered_by_a_capacity_429_reopens_the_account() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.cooldown.initial = Duration::from_secs(2);
     let a = admission(s);
     let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
     p.report(account_429());
