@@ -325,9 +325,8 @@ impl Admin {
             clients: s
                 .clients
                 .iter()
-                .zip(&settings.clients)
-                .enumerate()
-                .map(|(i, (c, row))| status::Client {
+                .zip(settings.clients.ids())
+                .map(|(c, (id, row))| status::Client {
                     name: c.name.to_string(),
                     weight: row.weight,
                     queued: c.queued as u64,
@@ -335,7 +334,7 @@ impl Admin {
                     forwarded: c.forwarded,
                     requests_per_minute: row.requests_per_minute,
                     requests_per_day: row.requests_per_day,
-                    outcomes: counts(self.metrics.client_outcomes(i)),
+                    outcomes: counts(self.metrics.client_outcomes(id)),
                 })
                 .collect(),
         }

@@ -293,7 +293,7 @@ fn max_wait(
     client: ClientId,
 ) -> Result<Duration, Rejection> {
     let mut wait = settings.queue.max_wait;
-    if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
+    if let Some(w) = settings.clients.row(client).max_wait {
         wait = wait.min(w);
     }
     if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {

@@ -191,7 +191,7 @@ impl Inner {
     /// Both daily caps (the client's and the account's) can take `cost` more today.
     pub(super) fn fits_today(&self, client: ClientId, cost: u32) -> bool {
         let cost = u64::from(cost);
-        let c = &self.clients[client];
+        let c = &self.clients[client.index()];
         c.settings
             .requests_per_day
             .is_none_or(|d| c.used_today.saturating_add(cost) <= d)
@@ -211,7 +211,12 @@ impl Inner {
         let models = &self.models;
         self.queue
             .find(
-                |c| clients[c].bucket.as_ref().is_none_or(|b| b.is_ready(now)),
+                |c| {
+                    clients[c.index()]
+                        .bucket
+                        .as_ref()
+                        .is_none_or(|b| b.is_ready(now))
+                },
                 |w| {
                     !w.payload.reply.is_closed()
                         && w.payload
@@ -225,7 +230,7 @@ impl Inner {
     }
 
     pub(super) fn client_ready(&self, client: ClientId, now: Instant) -> bool {
-        self.clients[client]
+        self.clients[client.index()]
             .bucket
             .as_ref()
             .is_none_or(|b| b.is_ready(now))
@@ -238,7 +243,7 @@ impl Inner {
         cost: u32,
         now_unix: f64,
     ) -> Option<Rejection> {
-        let c = &self.clients[client];
+        let c = &self.clients[client.index()];
         let cap = c.settings.requests_per_day?;
         if c.used_today.saturating_add(u64::from(cost)) <= cap {
             return None;
@@ -284,7 +289,7 @@ impl Inner {
                 resets_at: day_end(self.day.index, self.s.limits.day_reset_offset),
             });
         }
-        let c = &mut self.clients[client];
+        let c = &mut self.clients[client.index()];
         c.used_today = c.used_today.saturating_add(units);
         c.forwarded += 1;
         let client_tat = c.bucket.as_mut().map(|b| b.take(now));
@@ -436,7 +441,7 @@ impl Inner {
                 ..
             } = self;
             queue.find(
-                |c| match clients[c].bucket.as_ref().map(|b| b.ready_at(now)) {
+                |c| match clients[c.index()].bucket.as_ref().map(|b| b.ready_at(now)) {
                     Some(at) if at > now => {
                         soonest(at);
                         false
@@ -481,7 +486,7 @@ impl Inner {
                             Some(ModelBlock::Probe) => return false,
                         }
                     }
-                    let c = &clients[w.client];
+                    let c = &clients[w.client.index()];
                     let over_client = c
                         .settings
                         .requests_per_day

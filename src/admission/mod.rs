@@ -40,11 +40,11 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
+pub use crate::clients::ClientId;
 use effects::{Effects, Guard, Log};
 use fleet::Fleet;
 use gcra::Gcra;
 use models::{ModelBlock, ModelGates};
-pub use queue::ClientId;
 use queue::FairQueue;
 
 use budget::Next;
@@ -53,7 +53,7 @@ pub use permit::Permit;
 use store::{Rate, Store};
 
 pub use crate::clients::ClientSettings;
-use crate::clients::ClientTable;
+use crate::clients::{ClientTable, DEFAULT_CLIENT};
 use crate::clock::{TokioClock, WallClock};
 use crate::config::{BeyondQuota, Config, CooldownConfig, Limits, QueueConfig};
 use crate::response::{LimitsView, Policy, Reason, Rejection};
@@ -436,12 +436,11 @@ impl Admission {
                 settings: c.clone(),
             })
             .collect();
-        let weights: Vec<u32> = settings.clients.iter().map(|c| c.weight).collect();
         let inner = Inner {
             rpm_in_force: settings.limits.requests_per_minute.get(),
+            queue: FairQueue::new(&settings.clients),
             s: Arc::new(settings),
             store,
-            queue: FairQueue::new(&weights),
             in_flight: 0,
             day: Day {
                 index: today,
@@ -512,10 +511,10 @@ impl Admission {
         let mut deadline = now + max_wait;
         let (client, id, rx) = {
             let mut g = shared.lock();
-            let client = if ask.client < g.clients.len() {
+            let client = if g.s.clients.contains(ask.client) {
                 ask.client
             } else {
-                0
+                DEFAULT_CLIENT
             };
             let now_unix = shared.wall.now_unix();
             g.roll_day(now_unix);
@@ -609,7 +608,7 @@ impl Admission {
             }
             let ahead = g.queue.ahead_of_new(client);
             let account_eta = g.estimate(shared, ahead, now);
-            let client_eta = g.clients[client]
+            let client_eta = g.clients[client.index()]
                 .bucket
                 .as_ref()
                 .map(|b| b.ready_at_behind(now, g.queue.client_len(client)));
@@ -632,7 +631,7 @@ impl Admission {
                 };
                 let mut r = g.reject(reason, wait, now_unix);
                 if reason == Reason::ClientRateLimited {
-                    r.client = Some(g.clients[client].settings.name.clone());
+                    r.client = Some(g.clients[client.index()].settings.name.clone());
                 }
                 if reason == Reason::ModelCooldown {
                     r.model = ask.model.clone();
@@ -744,8 +743,7 @@ impl Admission {
         {
             let mut g = shared.lock();
             let now = Instant::now();
-            let weights: Vec<u32> = new.clients.iter().map(|c| c.weight).collect();
-            g.queue.set_weights(&weights);
+            g.queue.set_weights(&new.clients);
             for (c, cs) in g.clients.iter_mut().zip(&new.clients) {
                 c.bucket = match (c.bucket.take(), cs.requests_per_minute) {
                     (Some(mut b), Some(rpm)) => {
@@ -897,12 +895,13 @@ impl Admission {
                 })
                 .collect(),
             clients: g
+                .s
                 .clients
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ClientSnapshot {
+                .ids()
+                .zip(&g.clients)
+                .map(|((id, _), c)| ClientSnapshot {
                     name: c.settings.name.clone(),
-                    queued: g.queue.client_len(i),
+                    queued: g.queue.client_len(id),
                     used_today: c.used_today,
                     forwarded: c.forwarded,
                 })

@@ -418,7 +418,7 @@ impl Drop for Permit {
                 if same_day {
                     g.day.used = g.day.used.saturating_sub(units);
                 }
-                let c = &mut g.clients[self.client];
+                let c = &mut g.clients[self.client.index()];
                 if same_day {
                     c.used_today = c.used_today.saturating_sub(units);
                 }
