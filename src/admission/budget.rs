@@ -192,7 +192,9 @@ impl Inner {
     pub(super) fn fits_today(&self, client: ClientId, cost: u32) -> bool {
         let cost = u64::from(cost);
         let c = &self.clients[client.index()];
-        c.settings
+        self.s
+            .clients
+            .row(client)
             .requests_per_day
             .is_none_or(|d| c.used_today.saturating_add(cost) <= d)
             && self
@@ -244,14 +246,15 @@ impl Inner {
         now_unix: f64,
     ) -> Option<Rejection> {
         let c = &self.clients[client.index()];
-        let cap = c.settings.requests_per_day?;
+        let row = self.s.clients.row(client);
+        let cap = row.requests_per_day?;
         if c.used_today.saturating_add(u64::from(cost)) <= cap {
             return None;
         }
         let reset = day_end(self.day.index, self.s.limits.day_reset_offset) as f64;
         let wait = Duration::from_secs_f64((reset - now_unix).max(0.0));
         let mut r = self.reject(Reason::ClientDailyQuotaExhausted, wait, now_unix);
-        r.client = Some(c.settings.name.clone());
+        r.client = Some(row.name.clone());
         Some(r)
     }
 
@@ -438,6 +441,7 @@ impl Inner {
                 queue,
                 models,
                 clients,
+                s,
                 ..
             } = self;
             queue.find(
@@ -487,8 +491,9 @@ impl Inner {
                         }
                     }
                     let c = &clients[w.client.index()];
-                    let over_client = c
-                        .settings
+                    let over_client = s
+                        .clients
+                        .row(w.client)
                         .requests_per_day
                         .is_some_and(|d| c.used_today.saturating_add(cost) > d);
                     let over_account = cap.is_some_and(|d| used.saturating_add(cost) > d);

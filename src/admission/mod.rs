@@ -260,8 +260,8 @@ struct Day {
     fleet_used: u64,
 }
 
+/// What admission keeps per client; its caps and name are its row of `Settings::clients`.
 struct ClientState {
-    settings: ClientSettings,
     bucket: Option<Gcra>,
     used_today: u64,
     forwarded: u64,
@@ -435,7 +435,6 @@ impl Admission {
                     0
                 },
                 forwarded: 0,
-                settings: c.clone(),
             })
             .collect();
         let inner = Inner {
@@ -633,7 +632,7 @@ impl Admission {
                 };
                 let mut r = g.reject(reason, wait, now_unix);
                 if reason == Reason::ClientRateLimited {
-                    r.client = Some(g.clients[client.index()].settings.name.clone());
+                    r.client = Some(g.s.clients.row(client).name.clone());
                 }
                 if reason == Reason::ModelCooldown {
                     r.model = ask.model.clone();
@@ -755,7 +754,6 @@ impl Admission {
                     (None, Some(rpm)) => Some(Gcra::per_minute(rpm, cs.burst)),
                     (_, None) => None,
                 };
-                c.settings = cs.clone();
             }
             let rate_changed = new.limits.requests_per_minute != g.s.limits.requests_per_minute
                 || new.limits.burst != g.s.limits.burst;
@@ -931,10 +929,12 @@ impl Shared {
             last_429: g.cooldown.last_429.clone(),
             assumed: g.day.assumed,
             clients: g
+                .s
                 .clients
                 .iter()
-                .filter(|c| c.used_today > 0)
-                .map(|c| (c.settings.name.to_string(), c.used_today))
+                .zip(&g.clients)
+                .filter(|(_, c)| c.used_today > 0)
+                .map(|(row, c)| (row.name.to_string(), c.used_today))
                 .collect(),
         }
     }

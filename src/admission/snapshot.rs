@@ -110,8 +110,8 @@ impl Admission {
                 .clients
                 .ids()
                 .zip(&g.clients)
-                .map(|((id, _), c)| ClientSnapshot {
-                    name: c.settings.name.clone(),
+                .map(|((id, row), c)| ClientSnapshot {
+                    name: row.name.clone(),
                     queued: g.queue.client_len(id),
                     used_today: c.used_today,
                     forwarded: c.forwarded,
