@@ -263,7 +263,7 @@ impl Admin {
             tokens: status::Tokens {
                 available: s.tokens_available,
                 capacity: settings.limits.burst.get(),
-                spacing_seconds: secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
+                spacing_seconds: secs(s.spacing()),
                 next_in_seconds: secs(s.next_token_in),
             },
             daily: status::Daily {

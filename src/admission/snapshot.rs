@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Admission, Blocked, Last429, Probe, UpstreamQuota};
+use super::{store, Admission, Blocked, Last429, Probe, UpstreamQuota};
 use crate::signals::AdvertisedRate;
 
 impl Admission {
@@ -163,6 +163,13 @@ pub struct Snapshot {
     pub upstream_quota: Option<UpstreamQuota>,
     pub models: Vec<ModelSnapshot>,
     pub clients: Vec<ClientSnapshot>,
+}
+
+impl Snapshot {
+    /// The GCRA emission interval of the rate in force.
+    pub fn spacing(&self) -> Duration {
+        store::rate_spacing(self.requests_per_minute)
+    }
 }
 
 /// One model the budget knows something about.
