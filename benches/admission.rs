@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chutes_proxy::admission::{Admission, Permit, Settings};
+use chutes_proxy::clients::DEFAULT_CLIENT;
 use chutes_proxy::clock::WallClock;
 use chutes_proxy::config::{Config, Overrides};
 use chutes_proxy::response::{LimitsView, Reason, Rejection};
@@ -64,7 +65,7 @@ fn settings(rpm: u32, burst: u32, max_concurrent: usize, max_depth: usize) -> Se
     let cfg = Config::from_toml(&toml, &Overrides::default(), &|_: &str| None)
         .expect("bench config is valid");
     let mut s = Settings::from_config(&cfg);
-    s.requests_per_minute = rpm;
+    s.limits.requests_per_minute = NonZeroU32::new(rpm).expect("a bench rate is not zero");
     s
 }
 
@@ -226,7 +227,7 @@ fn uncontended(c: &mut Criterion) {
     // acquire + drop of the permit: what a request that is admitted at once pays in total.
     g.bench_function("chutes_proxy", |b| {
         b.iter(|| {
-            let mut f = pin!(adm.acquire(0, WAIT));
+            let mut f = pin!(adm.acquire(DEFAULT_CLIENT, WAIT));
             match poll_once(f.as_mut()) {
                 Poll::Ready(Ok(p)) => drop(black_box(p)),
                 _ => panic!("an open budget admits at once"),
@@ -270,7 +271,8 @@ fn contended(c: &mut Criterion) {
                                 let n = iters / tasks + u64::from(t < iters % tasks);
                                 tokio::spawn(async move {
                                     for _ in 0..n {
-                                        let p: Permit = adm.acquire(0, WAIT).await.unwrap();
+                                        let p: Permit =
+                                            adm.acquire(DEFAULT_CLIENT, WAIT).await.unwrap();
                                         drop(black_box(p));
                                     }
                                 })
@@ -331,13 +333,13 @@ fn with_waiters(c: &mut Criterion) {
         // (a) enqueue + abandon with N queued.
         {
             let adm = admission(settings(OPEN_RPM, OPEN_BURST, 1, n * 2));
-            let holder = rt.block_on(adm.acquire(0, WAIT)).unwrap();
+            let holder = rt.block_on(adm.acquire(DEFAULT_CLIENT, WAIT)).unwrap();
             let parked: Vec<_> = (0..n)
-                .map(|_| park(Box::pin(adm.acquire(0, WAIT)) as Parked<'_, _>))
+                .map(|_| park(Box::pin(adm.acquire(DEFAULT_CLIENT, WAIT)) as Parked<'_, _>))
                 .collect();
             g.bench_function("enqueue_abandon/chutes_proxy", |b| {
                 b.iter(|| {
-                    let mut f = pin!(adm.acquire(0, WAIT));
+                    let mut f = pin!(adm.acquire(DEFAULT_CLIENT, WAIT));
                     assert!(poll_once(f.as_mut()).is_pending());
                 })
             });
@@ -361,13 +363,13 @@ fn with_waiters(c: &mut Criterion) {
         // (b) shed: queue full.
         {
             let adm = admission(settings(OPEN_RPM, OPEN_BURST, 1, n));
-            let holder = rt.block_on(adm.acquire(0, WAIT)).unwrap();
+            let holder = rt.block_on(adm.acquire(DEFAULT_CLIENT, WAIT)).unwrap();
             let parked: Vec<_> = (0..n)
-                .map(|_| park(Box::pin(adm.acquire(0, WAIT)) as Parked<'_, _>))
+                .map(|_| park(Box::pin(adm.acquire(DEFAULT_CLIENT, WAIT)) as Parked<'_, _>))
                 .collect();
             g.bench_function("shed_queue_full/chutes_proxy", |b| {
                 b.iter(|| {
-                    let mut f = pin!(adm.acquire(0, WAIT));
+                    let mut f = pin!(adm.acquire(DEFAULT_CLIENT, WAIT));
                     match poll_once(f.as_mut()) {
                         Poll::Ready(Err(r)) => {
                             debug_assert_eq!(r.reason, Reason::QueueFull);
@@ -402,13 +404,13 @@ fn with_waiters(c: &mut Criterion) {
         // newcomer allows only a second.
         {
             let adm = admission(settings(1, 1, 1, n * 2));
-            let holder = rt.block_on(adm.acquire(0, WAIT)).unwrap();
+            let holder = rt.block_on(adm.acquire(DEFAULT_CLIENT, WAIT)).unwrap();
             let parked: Vec<_> = (0..n)
-                .map(|_| park(Box::pin(adm.acquire(0, LONG_WAIT)) as Parked<'_, _>))
+                .map(|_| park(Box::pin(adm.acquire(DEFAULT_CLIENT, LONG_WAIT)) as Parked<'_, _>))
                 .collect();
             g.bench_function("shed_predicted_timeout/chutes_proxy", |b| {
                 b.iter(|| {
-                    let mut f = pin!(adm.acquire(0, Duration::from_secs(1)));
+                    let mut f = pin!(adm.acquire(DEFAULT_CLIENT, Duration::from_secs(1)));
                     match poll_once(f.as_mut()) {
                         Poll::Ready(Err(r)) => {
                             debug_assert_eq!(r.reason, Reason::QueueTimeout);
@@ -442,11 +444,11 @@ fn with_waiters(c: &mut Criterion) {
         let order = shuffled(n, 0x9e37_79b9_7f4a_7c15);
         {
             let adm = admission(settings(OPEN_RPM, OPEN_BURST, 1, n * 2));
-            let holder = rt.block_on(adm.acquire(0, WAIT)).unwrap();
+            let holder = rt.block_on(adm.acquire(DEFAULT_CLIENT, WAIT)).unwrap();
             g.bench_function("mass_abandon_per_waiter/chutes_proxy", |b| {
                 b.iter_custom(|iters| {
                     mass_abandon(iters, n, &order, || {
-                        park(Box::pin(adm.acquire(0, WAIT)) as Parked<'_, _>)
+                        park(Box::pin(adm.acquire(DEFAULT_CLIENT, WAIT)) as Parked<'_, _>)
                     })
                 })
             });

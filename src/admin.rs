@@ -197,17 +197,17 @@ impl Admin {
             .into(),
             fleet,
             rate_limits: status::RateLimits {
-                configured_requests_per_minute: settings.requests_per_minute,
+                configured_requests_per_minute: settings.limits.requests_per_minute.get(),
                 advertised_requests_per_minute: match s.advertised_requests_per_minute {
                     _ if s.advertised_unlimited => AdvertisedRate::Unlimited,
                     Some(n) => AdvertisedRate::PerMinute(n),
                     None => AdvertisedRate::Unknown,
                 },
                 in_force_requests_per_minute: s.requests_per_minute,
-                follow_upstream_limits: settings.follow_upstream_limits,
-                configured_requests_per_day: settings.requests_per_day,
+                follow_upstream_limits: settings.limits.follow_upstream_limits,
+                configured_requests_per_day: settings.limits.requests_per_day.map(|d| d.get()),
                 in_force_requests_per_day: s.requests_per_day,
-                beyond_quota: if settings.beyond_quota_stop {
+                beyond_quota: if settings.beyond_quota_stop() {
                     "stop"
                 } else {
                     "continue"
@@ -248,22 +248,22 @@ impl Admin {
                 .collect(),
             limits: status::Limits {
                 requests_per_minute: s.requests_per_minute,
-                burst: settings.burst,
+                burst: settings.limits.burst.get(),
                 requests_per_day: s.requests_per_day,
-                day_reset_utc: format_hhmm(settings.day_reset_offset),
-                max_concurrent: settings.max_concurrent as u64,
-                queue_max_depth: settings.max_depth as u64,
-                queue_max_wait_seconds: secs(settings.max_wait),
-                cooldown_initial_seconds: secs(settings.cooldown_initial),
-                cooldown_max_seconds: secs(settings.cooldown_max),
-                cooldown_multiplier: settings.cooldown_multiplier,
-                model_cooldown_initial_seconds: secs(settings.model_cooldown_initial),
-                model_cooldown_max_seconds: secs(settings.model_cooldown_max),
+                day_reset_utc: format_hhmm(settings.limits.day_reset_offset),
+                max_concurrent: settings.limits.max_concurrent as u64,
+                queue_max_depth: settings.queue.max_depth as u64,
+                queue_max_wait_seconds: secs(settings.queue.max_wait),
+                cooldown_initial_seconds: secs(settings.cooldown.initial),
+                cooldown_max_seconds: secs(settings.cooldown.max),
+                cooldown_multiplier: settings.cooldown.multiplier,
+                model_cooldown_initial_seconds: secs(settings.cooldown.model_initial),
+                model_cooldown_max_seconds: secs(settings.cooldown.model_max),
             },
             tokens: status::Tokens {
                 available: s.tokens_available,
-                capacity: settings.burst,
-                spacing_seconds: secs(Duration::from_secs(60) / s.requests_per_minute.max(1)),
+                capacity: settings.limits.burst.get(),
+                spacing_seconds: secs(s.spacing()),
                 next_in_seconds: secs(s.next_token_in),
             },
             daily: status::Daily {
@@ -325,16 +325,16 @@ impl Admin {
             clients: s
                 .clients
                 .iter()
-                .enumerate()
-                .map(|(i, c)| status::Client {
+                .zip(settings.clients.ids())
+                .map(|(c, (id, row))| status::Client {
                     name: c.name.to_string(),
-                    weight: c.weight,
+                    weight: row.weight,
                     queued: c.queued as u64,
                     used_today: c.used_today,
                     forwarded: c.forwarded,
-                    requests_per_minute: c.requests_per_minute,
-                    requests_per_day: c.requests_per_day,
-                    outcomes: counts(self.metrics.client_outcomes(i)),
+                    requests_per_minute: row.requests_per_minute,
+                    requests_per_day: row.requests_per_day,
+                    outcomes: counts(self.metrics.client_outcomes(id)),
                 })
                 .collect(),
         }

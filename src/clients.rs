@@ -12,12 +12,31 @@ use std::time::Duration;
 
 use http::header::{HeaderMap, AUTHORIZATION};
 
-pub use crate::admission::ClientId;
 use crate::config::{ApiKey, ClientsConfig};
 use crate::upstream::CLIENT_HEADER;
 
+/// A row of the client table. Only [`ClientTable`] gives these out (and [`DEFAULT_CLIENT`],
+/// its first row, which every table has), so an id cannot be made from an arbitrary number
+/// by accident; per-client state built from the same table is indexed by
+/// [`ClientId::index`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId(usize);
+
 /// The client every unattributed request belongs to: always the table's first row.
-pub const DEFAULT_CLIENT: ClientId = 0;
+pub const DEFAULT_CLIENT: ClientId = ClientId(0);
+
+impl ClientId {
+    /// The row's position in its table, for indexing state built from the table's rows.
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// Row `n`, for tests that drive admission or metrics without attribution.
+    #[cfg(test)]
+    pub(crate) const fn test_row(n: usize) -> ClientId {
+        ClientId(n)
+    }
+}
 
 /// One client as the budget sees it: its name (log lines, `/status`, metric labels), its fair
 /// share and its own caps.
@@ -62,7 +81,7 @@ impl ClientTable {
             require_token: cfg.require_token,
         };
         for c in &cfg.clients {
-            let id = table.rows.len();
+            let id = table.next_id();
             table.rows.push(ClientSettings {
                 name: Arc::from(c.name.as_str()),
                 weight: c.weight.get(),
@@ -82,15 +101,32 @@ impl ClientTable {
     /// A client without a token, as the next row (tests build their tables this way).
     #[cfg(test)]
     pub fn push(&mut self, c: ClientSettings) -> ClientId {
+        let id = self.next_id();
         self.rows.push(c);
-        let id = self.rows.len() - 1;
         self.by_name.push(id);
         id
     }
 
+    /// The id the next row pushed gets.
+    fn next_id(&self) -> ClientId {
+        ClientId(self.rows.len())
+    }
+
     /// The row of `id`, or `default`'s for an id this table did not give out.
     pub fn row(&self, id: ClientId) -> &ClientSettings {
-        self.rows.get(id).unwrap_or(&self.rows[DEFAULT_CLIENT])
+        self.rows
+            .get(id.index())
+            .unwrap_or(&self.rows[DEFAULT_CLIENT.index()])
+    }
+
+    /// Whether `id` is a row of this table (an id from a bigger table is not).
+    pub fn contains(&self, id: ClientId) -> bool {
+        id.index() < self.rows.len()
+    }
+
+    /// Every row with its id, in the table's order.
+    pub fn ids(&self) -> impl Iterator<Item = (ClientId, &ClientSettings)> + '_ {
+        (0..).map(ClientId).zip(&self.rows)
     }
 
     pub fn identify(&self, headers: &HeaderMap) -> Ident {
@@ -126,7 +162,7 @@ impl ClientTable {
                 self.by_name
                     .iter()
                     .copied()
-                    .find(|&id| &*self.rows[id].name == n)
+                    .find(|&id| &*self.row(id).name == n)
             });
         Ident {
             client: named.unwrap_or(DEFAULT_CLIENT),
@@ -141,7 +177,7 @@ impl ClientTable {
 impl From<Vec<ClientSettings>> for ClientTable {
     fn from(rows: Vec<ClientSettings>) -> ClientTable {
         ClientTable {
-            by_name: (1..rows.len()).collect(),
+            by_name: (1..rows.len()).map(ClientId).collect(),
             rows,
             tokens: Vec::new(),
             require_token: false,
@@ -248,25 +284,34 @@ mod tests {
         assert_eq!(
             c.identify(&h(&[("authorization", "Bearer tok-bot")]))
                 .client,
-            1
+            ClientId(1)
         );
         assert!(
             c.identify(&h(&[("authorization", "bearer tok-bot")]))
                 .strip_auth
         );
-        assert_eq!(c.identify(&h(&[("x-api-key", "tok-bot")])).client, 1);
+        assert_eq!(
+            c.identify(&h(&[("x-api-key", "tok-bot")])).client,
+            ClientId(1)
+        );
         // A token wins over a name.
         assert_eq!(
             c.identify(&h(&[("x-api-key", "tok-bot"), ("x-proxy-client", "batch")]))
                 .client,
-            1
+            ClientId(1)
         );
-        assert_eq!(c.identify(&h(&[("x-proxy-client", "batch")])).client, 2);
+        assert_eq!(
+            c.identify(&h(&[("x-proxy-client", "batch")])).client,
+            ClientId(2)
+        );
         // A client with a token cannot be claimed by name.
-        assert_eq!(c.identify(&h(&[("x-proxy-client", "bot")])).client, 0);
+        assert_eq!(
+            c.identify(&h(&[("x-proxy-client", "bot")])).client,
+            ClientId(0)
+        );
         assert_eq!(
             c.identify(&h(&[("authorization", "Bearer nope")])).client,
-            0
+            ClientId(0)
         );
         assert!(
             !c.identify(&h(&[("authorization", "Bearer nope")]))
@@ -332,7 +377,7 @@ mod tests {
             assert!(scrape.contains(&used), "{used}{scrape}");
         }
         // An id the table never gave out reads as `default`, never a panic.
-        assert_eq!(&*settings.clients.row(99).name, "default");
+        assert_eq!(&*settings.clients.row(ClientId(99)).name, "default");
     }
 
     #[test]

@@ -244,11 +244,7 @@ mod tests {
     fn snap(queue_depth: usize, in_flight: usize, cooldown: bool) -> Snapshot {
         Snapshot {
             requests_per_minute: 50,
-            burst: 5,
             requests_per_day: None,
-            max_concurrent: 16,
-            max_depth: 1000,
-            max_wait: Duration::from_secs(20),
             tokens_available: 3,
             next_token_in: Duration::ZERO,
             used_today: 0,

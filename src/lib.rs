@@ -291,8 +291,8 @@ fn restore(config: &Config, settings: &Settings, wall: WallClock) -> Persisted {
         }
         Loaded::Corrupt { message } => {
             // Never under-count: without a trustworthy count, assume today's cap is spent.
-            let today = units::day_index(wall.now_unix() as i64, settings.day_reset_offset);
-            let used = settings.requests_per_day.unwrap_or(0);
+            let today = units::day_index(wall.now_unix() as i64, settings.limits.day_reset_offset);
+            let used = settings.limits.requests_per_day.map_or(0, |d| d.get());
             tracing::error!(
                 "{message}; assuming {} requests already used today{} — delete or fix the file and restart to change that",
                 used,

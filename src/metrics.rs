@@ -438,7 +438,7 @@ impl Metrics {
 
     /// Count one request's outcome (`None` = forwarded).
     pub fn request(&self, client: ClientId, reason: Option<Reason>) {
-        if let Some(row) = self.requests.get(client) {
+        if let Some(row) = self.requests.get(client.index()) {
             row[outcome_index(reason)].inc();
         }
     }
@@ -485,7 +485,7 @@ impl Metrics {
 
     /// Counters since start by outcome for one client.
     pub fn client_outcomes(&self, client: ClientId) -> Vec<(&'static str, u64)> {
-        match self.requests.get(client) {
+        match self.requests.get(client.index()) {
             Some(row) => row
                 .iter()
                 .enumerate()
@@ -591,11 +591,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         Snapshot {
             requests_per_minute: 50,
-            burst: 5,
             requests_per_day: Some(100),
-            max_concurrent: 16,
-            max_depth: 1000,
-            max_wait: Duration::from_secs(20),
             tokens_available: 3,
             next_token_in: Duration::from_millis(400),
             used_today: 7,
@@ -677,10 +673,10 @@ mod tests {
     #[test]
     fn scrape_reflects_counters_and_the_snapshot() {
         let m = Metrics::new(&table(&["default", "bot"]), true);
-        m.request(0, None);
-        m.request(0, None);
-        m.request(1, Some(Reason::QueueTimeout));
-        m.request(9, Some(Reason::QueueFull)); // unknown client: ignored, not a panic
+        m.request(ClientId::test_row(0), None);
+        m.request(ClientId::test_row(0), None);
+        m.request(ClientId::test_row(1), Some(Reason::QueueTimeout));
+        m.request(ClientId::test_row(9), Some(Reason::QueueFull)); // unknown client: ignored, not a panic
         m.upstream_status(200);
         m.upstream_status(418);
         m.upstream_status(7);

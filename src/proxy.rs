@@ -292,8 +292,8 @@ fn max_wait(
     req: &Request<Incoming>,
     client: ClientId,
 ) -> Result<Duration, Rejection> {
-    let mut wait = settings.max_wait;
-    if let Some(w) = settings.clients.get(client).and_then(|c| c.max_wait) {
+    let mut wait = settings.queue.max_wait;
+    if let Some(w) = settings.clients.row(client).max_wait {
         wait = wait.min(w);
     }
     if let Some(v) = req.headers().get(MAX_WAIT_HEADER) {

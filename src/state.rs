@@ -476,7 +476,10 @@ mod tests {
         let writer = tokio::spawn(run_writer(Arc::clone(&a), path.clone(), 0, rx));
         let t0 = tokio::time::Instant::now();
         for _ in 0..60 {
-            let mut p = a.acquire(0, Duration::from_secs(60)).await.unwrap();
+            let mut p = a
+                .acquire(crate::clients::DEFAULT_CLIENT, Duration::from_secs(60))
+                .await
+                .unwrap();
             p.mark_sent();
         }
         let waited = t0.elapsed();

@@ -17,7 +17,7 @@ pub(super) enum Pick {
 
 impl Inner {
     pub(super) fn roll_day(&mut self, now_unix: f64) {
-        let today = day_index(now_unix as i64, self.s.day_reset_offset);
+        let today = day_index(now_unix as i64, self.s.limits.day_reset_offset);
         if today != self.day.index {
             // Requests still in flight were counted yesterday; today starts at zero.
             self.day.index = today;
@@ -53,8 +53,8 @@ impl Inner {
             .upstream
             .quota
             .map(|q| q.total)
-            .filter(|&t| t > 0 && self.s.beyond_quota_stop);
-        match (self.s.requests_per_day, upstream) {
+            .filter(|&t| t > 0 && self.s.beyond_quota_stop());
+        match (self.s.limits.requests_per_day.map(|d| d.get()), upstream) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -75,16 +75,16 @@ impl Inner {
     pub(super) fn rate(&self) -> Rate {
         Rate {
             spacing: self.spacing(),
-            burst: self.s.burst.max(1),
+            burst: self.s.limits.burst.get(),
         }
     }
 
     /// The rate the account should run at: the configured one, lowered to the upstream's
     /// advertised rate when that is lower and `follow_upstream_limits` is on.
     pub(super) fn target_rate(&self) -> u32 {
-        let configured = self.s.requests_per_minute;
+        let configured = self.s.limits.requests_per_minute.get();
         match self.upstream.rl_user {
-            Some(AdvertisedRate::PerMinute(n)) if self.s.follow_upstream_limits => {
+            Some(AdvertisedRate::PerMinute(n)) if self.s.limits.follow_upstream_limits => {
                 configured.min(n.get())
             }
             _ => configured,
@@ -114,7 +114,7 @@ impl Inner {
         if let Some(cap) = self.daily_cap() {
             if self.used_view() >= cap {
                 return Some(Blocked::Daily {
-                    open_at_unix: day_end(self.day.index, self.s.day_reset_offset) as f64,
+                    open_at_unix: day_end(self.day.index, self.s.limits.day_reset_offset) as f64,
                 });
             }
         }
@@ -156,7 +156,7 @@ impl Inner {
         if self.cooldown.probe == Probe::Outstanding {
             return Some(Blocked::Probe);
         }
-        if self.in_flight >= self.s.max_concurrent {
+        if self.in_flight >= self.s.limits.max_concurrent {
             return Some(Blocked::Concurrency);
         }
         if self.day.used >= self.day.durable {
@@ -191,8 +191,10 @@ impl Inner {
     /// Both daily caps (the client's and the account's) can take `cost` more today.
     pub(super) fn fits_today(&self, client: ClientId, cost: u32) -> bool {
         let cost = u64::from(cost);
-        let c = &self.clients[client];
-        c.settings
+        let c = &self.clients[client.index()];
+        self.s
+            .clients
+            .row(client)
             .requests_per_day
             .is_none_or(|d| c.used_today.saturating_add(cost) <= d)
             && self
@@ -211,7 +213,12 @@ impl Inner {
         let models = &self.models;
         self.queue
             .find(
-                |c| clients[c].bucket.as_ref().is_none_or(|b| b.is_ready(now)),
+                |c| {
+                    clients[c.index()]
+                        .bucket
+                        .as_ref()
+                        .is_none_or(|b| b.is_ready(now))
+                },
                 |w| {
                     !w.payload.reply.is_closed()
                         && w.payload
@@ -225,7 +232,7 @@ impl Inner {
     }
 
     pub(super) fn client_ready(&self, client: ClientId, now: Instant) -> bool {
-        self.clients[client]
+        self.clients[client.index()]
             .bucket
             .as_ref()
             .is_none_or(|b| b.is_ready(now))
@@ -238,15 +245,16 @@ impl Inner {
         cost: u32,
         now_unix: f64,
     ) -> Option<Rejection> {
-        let c = &self.clients[client];
-        let cap = c.settings.requests_per_day?;
+        let c = &self.clients[client.index()];
+        let row = self.s.clients.row(client);
+        let cap = row.requests_per_day?;
         if c.used_today.saturating_add(u64::from(cost)) <= cap {
             return None;
         }
-        let reset = day_end(self.day.index, self.s.day_reset_offset) as f64;
+        let reset = day_end(self.day.index, self.s.limits.day_reset_offset) as f64;
         let wait = Duration::from_secs_f64((reset - now_unix).max(0.0));
         let mut r = self.reject(Reason::ClientDailyQuotaExhausted, wait, now_unix);
-        r.client = Some(c.settings.name.clone());
+        r.client = Some(row.name.clone());
         Some(r)
     }
 
@@ -257,7 +265,7 @@ impl Inner {
         if self.day.used.saturating_add(u64::from(cost)) <= cap {
             return None;
         }
-        let reset = day_end(self.day.index, self.s.day_reset_offset) as f64;
+        let reset = day_end(self.day.index, self.s.limits.day_reset_offset) as f64;
         let wait = Duration::from_secs_f64((reset - now_unix).max(0.0));
         Some(self.reject(Reason::DailyQuotaExhausted, wait, now_unix))
     }
@@ -281,10 +289,10 @@ impl Inner {
         if cap.is_some_and(|c| self.day.used >= c && self.day.used - units < c) {
             self.fx.log(Log::DailyCapReached {
                 used: self.day.used,
-                resets_at: day_end(self.day.index, self.s.day_reset_offset),
+                resets_at: day_end(self.day.index, self.s.limits.day_reset_offset),
             });
         }
-        let c = &mut self.clients[client];
+        let c = &mut self.clients[client.index()];
         c.used_today = c.used_today.saturating_add(units);
         c.forwarded += 1;
         let client_tat = c.bucket.as_mut().map(|b| b.take(now));
@@ -340,7 +348,7 @@ impl Inner {
         let cap = self.daily_cap();
         LimitsView {
             requests_per_minute: self.rpm_in_force,
-            burst: self.s.burst,
+            burst: self.s.limits.burst.get(),
             requests_per_day: cap,
             used_today: self.used_view(),
             remaining_today: cap.map(|d| d.saturating_sub(self.used_view())),
@@ -351,7 +359,7 @@ impl Inner {
     /// The one reset instant in force: an upstream quota gate's reset when one is closed (a
     /// 402's `quota_reset_timestamp`), else the end of the quota day.
     pub(super) fn resets_at_unix(&self, now_unix: f64) -> i64 {
-        let day_end = day_end(self.day.index, self.s.day_reset_offset);
+        let day_end = day_end(self.day.index, self.s.limits.day_reset_offset);
         match self.day.gate_until_unix {
             Some(g) if g.is_finite() && g > now_unix => g.ceil() as i64,
             _ => day_end,
@@ -397,7 +405,7 @@ impl Inner {
         match self.cooldown.ended_at {
             Some(end)
                 if self.cooldown.until.is_none()
-                    && now.saturating_duration_since(end) >= self.s.cooldown_decay =>
+                    && now.saturating_duration_since(end) >= self.s.cooldown.decay_after =>
             {
                 0
             }
@@ -427,16 +435,17 @@ impl Inner {
         let used = self.day.used;
         let day_ends = shared
             .wall
-            .instant_at(day_end(self.day.index, self.s.day_reset_offset) as f64);
+            .instant_at(day_end(self.day.index, self.s.limits.day_reset_offset) as f64);
         let found = {
             let Inner {
                 queue,
                 models,
                 clients,
+                s,
                 ..
             } = self;
             queue.find(
-                |c| match clients[c].bucket.as_ref().map(|b| b.ready_at(now)) {
+                |c| match clients[c.index()].bucket.as_ref().map(|b| b.ready_at(now)) {
                     Some(at) if at > now => {
                         soonest(at);
                         false
@@ -481,9 +490,10 @@ impl Inner {
                             Some(ModelBlock::Probe) => return false,
                         }
                     }
-                    let c = &clients[w.client];
-                    let over_client = c
-                        .settings
+                    let c = &clients[w.client.index()];
+                    let over_client = s
+                        .clients
+                        .row(w.client)
                         .requests_per_day
                         .is_some_and(|d| c.used_today.saturating_add(cost) > d);
                     let over_account = cap.is_some_and(|d| used.saturating_add(cost) > d);
@@ -696,8 +706,8 @@ impl Inner {
             self.fx.persist();
         }
         let spent = remaining <= u64::from(cost);
-        if spent && self.s.beyond_quota_stop {
-            let until = day_end(self.day.index, self.s.day_reset_offset) as f64;
+        if spent && self.s.beyond_quota_stop() {
+            let until = day_end(self.day.index, self.s.limits.day_reset_offset) as f64;
             if self.day.gate_until_unix.is_none_or(|g| g < until) {
                 self.day.gate_until_unix = Some(until);
                 self.day.gate_cause = GATE_BY_HEADERS;

@@ -72,10 +72,10 @@ pub(super) async fn take_remote(shared: &Arc<Shared>, f: &Arc<Fleet>, out: &mut 
         let s = &g.s;
         (
             g.spacing(),
-            s.burst,
+            s.limits.burst.get(),
             g.daily_cap(),
-            s.day_reset_offset,
-            s.max_concurrent,
+            s.limits.day_reset_offset,
+            s.limits.max_concurrent,
         )
     };
     // With the local fallback and Redis known to be down, grant from the fallback without

@@ -32,6 +32,7 @@ mod gcra;
 pub mod models;
 mod permit;
 mod queue;
+mod snapshot;
 mod store;
 
 use std::sync::{Arc, Mutex};
@@ -40,22 +41,23 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
+pub use crate::clients::ClientId;
 use effects::{Effects, Guard, Log};
 use fleet::Fleet;
 use gcra::Gcra;
 use models::{ModelBlock, ModelGates};
-pub use queue::ClientId;
 use queue::FairQueue;
 
 use budget::Next;
 use driver::{deliver, dispatch, listen_fleet};
 pub use permit::Permit;
+pub use snapshot::{ClientSnapshot, ModelSnapshot, Snapshot};
 use store::{Rate, Store};
 
 pub use crate::clients::ClientSettings;
-use crate::clients::ClientTable;
+use crate::clients::{ClientTable, DEFAULT_CLIENT};
 use crate::clock::{TokioClock, WallClock};
-use crate::config::Config;
+use crate::config::{BeyondQuota, Config, CooldownConfig, Limits, QueueConfig};
 use crate::response::{LimitsView, Policy, Reason, Rejection};
 use crate::signals::{AdvertisedRate, ChutesQuota, Hint, Scope429};
 use crate::state::Persisted;
@@ -101,26 +103,14 @@ impl Ask {
     }
 }
 
-/// What the budget needs from the configuration, copied out once.
+/// What the budget needs from the configuration: the `[limits]`, `[queue]` and `[cooldown]`
+/// sections as `config.rs` models them (read from there, never copied field by field), and
+/// the few things admission derives from the rest.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub requests_per_minute: u32,
-    pub burst: u32,
-    pub requests_per_day: Option<u64>,
-    pub day_reset_offset: u32,
-    pub max_concurrent: usize,
-    pub max_depth: usize,
-    pub max_wait: Duration,
-    pub cooldown_initial: Duration,
-    pub cooldown_max: Duration,
-    pub cooldown_multiplier: f64,
-    pub cooldown_decay: Duration,
-    pub model_cooldown_initial: Duration,
-    pub model_cooldown_max: Duration,
-    /// `limits.beyond_quota = "stop"`: the upstream's quota headers close the daily gate.
-    pub beyond_quota_stop: bool,
-    /// `limits.follow_upstream_limits`: advertised rates may lower the rate in force.
-    pub follow_upstream_limits: bool,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub cooldown: CooldownConfig,
     /// Whether granted requests must be covered by a reservation on disk first.
     pub durable: bool,
     /// Who may call: the one table attribution, admission and metrics share (ids are its rows).
@@ -132,36 +122,31 @@ pub struct Settings {
 impl Settings {
     pub fn from_config(c: &Config) -> Settings {
         Settings {
-            requests_per_minute: c.limits.requests_per_minute.get(),
-            burst: c.limits.burst.get(),
-            requests_per_day: c.limits.requests_per_day.map(|d| d.get()),
-            day_reset_offset: c.limits.day_reset_offset,
-            max_concurrent: c.limits.max_concurrent,
-            max_depth: c.queue.max_depth,
-            max_wait: c.queue.max_wait,
-            cooldown_initial: c.cooldown.initial,
-            cooldown_max: c.cooldown.max,
-            cooldown_multiplier: c.cooldown.multiplier,
-            cooldown_decay: c.cooldown.decay_after,
-            model_cooldown_initial: c.cooldown.model_initial,
-            model_cooldown_max: c.cooldown.model_max,
-            beyond_quota_stop: c.limits.beyond_quota == crate::config::BeyondQuota::Stop,
-            follow_upstream_limits: c.limits.follow_upstream_limits,
+            limits: c.limits.clone(),
+            queue: c.queue.clone(),
+            cooldown: c.cooldown.clone(),
             durable: c.state.path.is_some(),
             clients: ClientTable::new(&c.clients),
             fallback_share: c.shared_state.local_fallback_share,
         }
     }
 
+    /// `limits.beyond_quota = "stop"`: the upstream's quota headers close the daily gate.
+    pub fn beyond_quota_stop(&self) -> bool {
+        self.limits.beyond_quota == BeyondQuota::Stop
+    }
+
     /// The GCRA emission interval.
     pub fn spacing(&self) -> Duration {
-        Duration::from_secs(60) / self.requests_per_minute.max(1)
+        store::rate_spacing(self.limits.requests_per_minute.get())
     }
 
     /// How many daily requests one state write reserves ahead. A crash over-counts by at most
     /// this much; a larger block means fewer fsyncs. 1% of the cap, between 1 and 50.
     fn reserve_block(&self) -> u64 {
-        self.requests_per_day.map_or(1, |d| (d / 100).clamp(1, 50))
+        self.limits
+            .requests_per_day
+            .map_or(1, |d| (d.get() / 100).clamp(1, 50))
     }
 }
 
@@ -275,8 +260,8 @@ struct Day {
     fleet_used: u64,
 }
 
+/// What admission keeps per client; its caps and name are its row of `Settings::clients`.
 struct ClientState {
-    settings: ClientSettings,
     bucket: Option<Gcra>,
     used_today: u64,
     forwarded: u64,
@@ -404,31 +389,33 @@ impl Admission {
     ) -> Admission {
         let clock = TokioClock::new(Instant::now());
         let rate = Rate {
-            spacing: store::rate_spacing(settings.requests_per_minute),
-            burst: settings.burst,
+            spacing: store::rate_spacing(settings.limits.requests_per_minute.get()),
+            burst: settings.limits.burst.get(),
         };
         let store = match &fleet {
             Some(f) => Store::redis(
                 Arc::clone(f),
-                settings.requests_per_minute,
-                settings.burst,
+                settings.limits.requests_per_minute.get(),
+                settings.limits.burst.get(),
                 settings.fallback_share,
             ),
             None => Store::local(rate),
         };
         let now_unix = wall.now_unix();
-        let today = day_index(now_unix as i64, settings.day_reset_offset);
+        let today = day_index(now_unix as i64, settings.limits.day_reset_offset);
         let (used, gate) = if restored.day == Some(today) {
             (restored.used, restored.daily_gate_until_unix)
         } else {
             (0, None)
         };
-        let durable =
-            if settings.durable && settings.requests_per_day.is_some() && store.keeps_day() {
-                used
-            } else {
-                u64::MAX
-            };
+        let durable = if settings.durable
+            && settings.limits.requests_per_day.is_some()
+            && store.keeps_day()
+        {
+            used
+        } else {
+            u64::MAX
+        };
         let gate = gate.filter(|&g| g > now_unix);
         let usage_cap = restored.usage_cap_until_unix.filter(|&g| g > now_unix);
         let cooldown_until = restored
@@ -448,15 +435,13 @@ impl Admission {
                     0
                 },
                 forwarded: 0,
-                settings: c.clone(),
             })
             .collect();
-        let weights: Vec<u32> = settings.clients.iter().map(|c| c.weight).collect();
         let inner = Inner {
-            rpm_in_force: settings.requests_per_minute,
+            rpm_in_force: settings.limits.requests_per_minute.get(),
+            queue: FairQueue::new(&settings.clients),
             s: Arc::new(settings),
             store,
-            queue: FairQueue::new(&weights),
             in_flight: 0,
             day: Day {
                 index: today,
@@ -527,10 +512,10 @@ impl Admission {
         let mut deadline = now + max_wait;
         let (client, id, rx) = {
             let mut g = shared.lock();
-            let client = if ask.client < g.clients.len() {
+            let client = if g.s.clients.contains(ask.client) {
                 ask.client
             } else {
-                0
+                DEFAULT_CLIENT
             };
             let now_unix = shared.wall.now_unix();
             g.roll_day(now_unix);
@@ -596,7 +581,7 @@ impl Admission {
             // Daily caps that cannot take this request today: shed unless the day ends
             // within the request's wait.
             // In UNIX seconds: converting the day's end to an instant reads both clocks again.
-            let day_left = day_end(g.day.index, g.s.day_reset_offset) as f64 - now_unix;
+            let day_left = day_end(g.day.index, g.s.limits.day_reset_offset) as f64 - now_unix;
             if day_left > max_wait.as_secs_f64() {
                 if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
                     return Err(r);
@@ -617,14 +602,14 @@ impl Admission {
             {
                 return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
             }
-            if g.queue.len() >= g.s.max_depth && !ask.retry {
+            if g.queue.len() >= g.s.queue.max_depth && !ask.retry {
                 // When the last request now queued is served.
                 let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
                 return Err(g.reject(Reason::QueueFull, drain, now_unix));
             }
             let ahead = g.queue.ahead_of_new(client);
             let account_eta = g.estimate(shared, ahead, now);
-            let client_eta = g.clients[client]
+            let client_eta = g.clients[client.index()]
                 .bucket
                 .as_ref()
                 .map(|b| b.ready_at_behind(now, g.queue.client_len(client)));
@@ -647,7 +632,7 @@ impl Admission {
                 };
                 let mut r = g.reject(reason, wait, now_unix);
                 if reason == Reason::ClientRateLimited {
-                    r.client = Some(g.clients[client].settings.name.clone());
+                    r.client = Some(g.s.clients.row(client).name.clone());
                 }
                 if reason == Reason::ModelCooldown {
                     r.model = ask.model.clone();
@@ -759,8 +744,7 @@ impl Admission {
         {
             let mut g = shared.lock();
             let now = Instant::now();
-            let weights: Vec<u32> = new.clients.iter().map(|c| c.weight).collect();
-            g.queue.set_weights(&weights);
+            g.queue.set_weights(&new.clients);
             for (c, cs) in g.clients.iter_mut().zip(&new.clients) {
                 c.bucket = match (c.bucket.take(), cs.requests_per_minute) {
                     (Some(mut b), Some(rpm)) => {
@@ -770,11 +754,11 @@ impl Admission {
                     (None, Some(rpm)) => Some(Gcra::per_minute(rpm, cs.burst)),
                     (_, None) => None,
                 };
-                c.settings = cs.clone();
             }
-            let rate_changed =
-                new.requests_per_minute != g.s.requests_per_minute || new.burst != g.s.burst;
-            let durable = new.durable && new.requests_per_day.is_some() && g.store.keeps_day();
+            let rate_changed = new.limits.requests_per_minute != g.s.limits.requests_per_minute
+                || new.limits.burst != g.s.limits.burst;
+            let durable =
+                new.durable && new.limits.requests_per_day.is_some() && g.store.keeps_day();
             if !durable {
                 g.day.durable = u64::MAX;
             } else if g.day.durable == u64::MAX {
@@ -818,120 +802,6 @@ impl Admission {
         let now_unix = shared.wall.now_unix();
         let mut g = shared.lock();
         g.queue.is_empty() && g.blocked(now, now_unix).is_none() && g.take_now(shared, now)
-    }
-
-    /// A point-in-time view for `/status` and metrics.
-    pub fn snapshot(&self) -> Snapshot {
-        let shared = &self.shared;
-        let now = Instant::now();
-        let now_unix = shared.wall.now_unix();
-        let mut g = shared.lock();
-        g.roll_day(now_unix);
-        let s = Arc::clone(&g.s);
-        // What limits a new request right now, in the contract's order, and how long it
-        // would wait (this also ends an expired cooldown, so the probe shows as ready).
-        let blocked = g.blocked(now, now_unix);
-        let (tokens, next_in) = g.store.peek(&shared.clock, g.rate(), now);
-        let limited_by = if g.store.unavailable().is_some() {
-            Some("shared_state_unavailable")
-        } else {
-            match blocked {
-                Some(Blocked::Daily { .. }) => Some("daily_quota_exhausted"),
-                Some(Blocked::UsageCap { .. }) => Some("usage_cap_exhausted"),
-                Some(Blocked::Cooldown { .. }) if g.cooldown.proactive => Some("upstream_window"),
-                Some(Blocked::Cooldown { .. }) => Some("upstream_cooldown"),
-                Some(Blocked::Probe) => Some("probe_in_flight"),
-                Some(Blocked::Concurrency) => Some("max_concurrent"),
-                Some(Blocked::Durability) => Some("state_file_reservation"),
-                None if !g.queue.is_empty() => Some("queue"),
-                None if tokens == 0 || g.store.held(now) => Some("account_rate"),
-                None => None,
-            }
-        };
-        let new_request_wait = match blocked {
-            Some(Blocked::Daily { open_at_unix } | Blocked::UsageCap { open_at_unix }) => {
-                Duration::from_secs_f64((open_at_unix - now_unix).max(0.0))
-            }
-            _ => g
-                .estimate(shared, g.queue.len(), now)
-                .saturating_duration_since(now),
-        };
-        let cooldown_until = g.cooldown.until.filter(|&u| u > now);
-        let cap = g.daily_cap();
-        Snapshot {
-            requests_per_minute: g.rpm_in_force,
-            configured_requests_per_minute: s.requests_per_minute,
-            advertised_requests_per_minute: match g.upstream.rl_user {
-                Some(AdvertisedRate::PerMinute(n)) => Some(n.get()),
-                _ => None,
-            },
-            advertised_unlimited: matches!(g.upstream.rl_user, Some(AdvertisedRate::Unlimited)),
-            burst: s.burst,
-            requests_per_day: cap,
-            configured_requests_per_day: s.requests_per_day,
-            max_concurrent: s.max_concurrent,
-            max_depth: s.max_depth,
-            max_wait: s.max_wait,
-            tokens_available: tokens,
-            next_token_in: next_in,
-            used_today: g.used_view(),
-            replica_used_today: g.store.replica_share(g.day.used),
-            remaining_today: cap.map(|d| d.saturating_sub(g.used_view())),
-            day_resets_at_unix: g.resets_at_unix(now_unix),
-            daily_gate_until_unix: g.day.gate_until_unix.filter(|&u| u > now_unix),
-            daily_assumed: g.day.assumed,
-            daily_gate_reason: g
-                .day
-                .gate_until_unix
-                .filter(|&u| u > now_unix)
-                .map(|_| g.day.gate_cause),
-            limited_by,
-            new_request_wait,
-            usage_cap_until_unix: g.usage_cap_until_unix.filter(|&u| u > now_unix),
-            cooldown_active: cooldown_until.is_some(),
-            cooldown_proactive: cooldown_until.is_some() && g.cooldown.proactive,
-            cooldown_until_unix: cooldown_until.map(|u| shared.wall.unix_at(u)),
-            cooldown_level: g.effective_level(now),
-            gate: g.cooldown.probe,
-            last_429: g.cooldown.last_429.clone(),
-            queue_depth: g.queue.len(),
-            oldest_wait: g.queue.oldest().map(|o| now - o),
-            in_flight: g.in_flight,
-            upstream_quota: g.upstream.quota,
-            models: g
-                .models
-                .iter()
-                .map(|(name, m)| ModelSnapshot {
-                    model: Arc::clone(name),
-                    cooling_until_unix: m
-                        .until
-                        .filter(|&u| u > now)
-                        .map(|u| shared.wall.unix_at(u)),
-                    level: m.level,
-                    probe: m.probe,
-                    last_body: m.last_body.clone(),
-                    last_429_at_unix: (m.last_at_unix > 0.0).then_some(m.last_at_unix),
-                    advertised_requests_per_minute: m.rate.as_ref().map(|(n, _)| *n),
-                    quota_total: m.quota_total,
-                    quota_used: m.quota_total.map(|_| m.quota_used),
-                    quota_gate_until_unix: m.quota_gate_until_unix.filter(|&u| u > now_unix),
-                })
-                .collect(),
-            clients: g
-                .clients
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ClientSnapshot {
-                    name: c.settings.name.clone(),
-                    weight: c.settings.weight,
-                    queued: g.queue.client_len(i),
-                    used_today: c.used_today,
-                    forwarded: c.forwarded,
-                    requests_per_minute: c.settings.requests_per_minute,
-                    requests_per_day: c.settings.requests_per_day,
-                })
-                .collect(),
-        }
     }
 
     /// What the state file should hold now. `exact` (clean shutdown) stores the true count;
@@ -1059,87 +929,15 @@ impl Shared {
             last_429: g.cooldown.last_429.clone(),
             assumed: g.day.assumed,
             clients: g
+                .s
                 .clients
                 .iter()
-                .filter(|c| c.used_today > 0)
-                .map(|c| (c.settings.name.to_string(), c.used_today))
+                .zip(&g.clients)
+                .filter(|(_, c)| c.used_today > 0)
+                .map(|(row, c)| (row.name.to_string(), c.used_today))
                 .collect(),
         }
     }
-}
-
-/// `/status` view of the budget.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// The rate in force (the configured one, or lower when the upstream advertises less).
-    pub requests_per_minute: u32,
-    pub configured_requests_per_minute: u32,
-    /// `X-Chutes-RL-User` as last seen (`None` also when it said `inf`).
-    pub advertised_requests_per_minute: Option<u32>,
-    pub advertised_unlimited: bool,
-    pub burst: u32,
-    /// The daily cap in force (configured, or the upstream's plan quota when smaller).
-    pub requests_per_day: Option<u64>,
-    pub configured_requests_per_day: Option<u64>,
-    pub max_concurrent: usize,
-    pub max_depth: usize,
-    pub max_wait: Duration,
-    pub tokens_available: u32,
-    pub next_token_in: Duration,
-    /// The day's count: fleet-wide in a Redis fleet (as last reported by Redis).
-    pub used_today: u64,
-    /// In a fleet, this replica's own share of `used_today`.
-    pub replica_used_today: Option<u64>,
-    pub remaining_today: Option<u64>,
-    pub day_resets_at_unix: i64,
-    pub daily_gate_until_unix: Option<f64>,
-    /// The day's count is an assumption (the state file could not be trusted at start).
-    pub daily_assumed: bool,
-    /// What closed the daily gate, when one is closed.
-    pub daily_gate_reason: Option<&'static str>,
-    /// What limits a new request right now (`None`: it would go at once).
-    pub limited_by: Option<&'static str>,
-    /// How long a new request would wait for admission now (an estimate).
-    pub new_request_wait: Duration,
-    pub usage_cap_until_unix: Option<f64>,
-    pub cooldown_active: bool,
-    pub cooldown_proactive: bool,
-    pub cooldown_until_unix: Option<f64>,
-    pub cooldown_level: u32,
-    pub gate: Probe,
-    pub last_429: Option<Last429>,
-    pub queue_depth: usize,
-    pub oldest_wait: Option<Duration>,
-    pub in_flight: usize,
-    pub upstream_quota: Option<UpstreamQuota>,
-    pub models: Vec<ModelSnapshot>,
-    pub clients: Vec<ClientSnapshot>,
-}
-
-/// One model the budget knows something about.
-#[derive(Debug, Clone)]
-pub struct ModelSnapshot {
-    pub model: Arc<str>,
-    pub cooling_until_unix: Option<f64>,
-    pub level: u32,
-    pub probe: Probe,
-    pub last_body: String,
-    pub last_429_at_unix: Option<f64>,
-    pub advertised_requests_per_minute: Option<u32>,
-    pub quota_total: Option<u64>,
-    pub quota_used: Option<u64>,
-    pub quota_gate_until_unix: Option<f64>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ClientSnapshot {
-    pub name: Arc<str>,
-    pub weight: u32,
-    pub queued: usize,
-    pub used_today: u64,
-    pub forwarded: u64,
-    pub requests_per_minute: Option<u32>,
-    pub requests_per_day: Option<u64>,
 }
 
 #[cfg(test)]

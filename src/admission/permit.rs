@@ -95,8 +95,8 @@ impl Permit {
                     QuotaSeen::Header,
                 );
             } else if let (Some(m), true) = (&self.model, q.total > 0) {
-                let stop = g.s.beyond_quota_stop;
-                let until = day_end(g.day.index, g.s.day_reset_offset) as f64;
+                let stop = g.s.beyond_quota_stop();
+                let until = day_end(g.day.index, g.s.limits.day_reset_offset) as f64;
                 let e = g.models.entry(m, now);
                 e.quota_total = Some(q.total);
                 e.quota_used = e
@@ -113,12 +113,12 @@ impl Permit {
             if changed {
                 let target = g.target_rate();
                 if let AdvertisedRate::PerMinute(n) = r {
-                    if n.get() < g.s.requests_per_minute && !g.upstream.warned {
+                    if n.get() < g.s.limits.requests_per_minute.get() && !g.upstream.warned {
                         g.upstream.warned = true;
                         let l = Log::RateAboveAdvertised {
-                            configured: g.s.requests_per_minute,
+                            configured: g.s.limits.requests_per_minute.get(),
                             advertised: n.get(),
-                            following: g.s.follow_upstream_limits,
+                            following: g.s.limits.follow_upstream_limits,
                         };
                         g.fx.log(l);
                     }
@@ -133,7 +133,9 @@ impl Permit {
                 }
             }
         }
-        if let (Some(r), Some(m), true) = (obs.rl_chute, &self.model, g.s.follow_upstream_limits) {
+        if let (Some(r), Some(m), true) =
+            (obs.rl_chute, &self.model, g.s.limits.follow_upstream_limits)
+        {
             let e = g.models.entry(m, now);
             match r {
                 AdvertisedRate::PerMinute(n) => match &mut e.rate {
@@ -212,7 +214,7 @@ impl Permit {
         let decision = match outcome {
             Outcome::Success { exhausted } => {
                 if let Some(d) = exhausted {
-                    let d = d.min(s.cooldown_max);
+                    let d = d.min(s.cooldown.max);
                     let until = now + d;
                     if !d.is_zero() && g.cooldown.until.is_none_or(|u| u < until) {
                         // A 429 cooldown that is still on stays one when a window reset
@@ -243,9 +245,9 @@ impl Permit {
                 e.last_at_unix = now_unix;
                 let escalate = self.model_epoch == e.epoch;
                 let backoff = Backoff {
-                    initial: s.model_cooldown_initial,
-                    max: s.model_cooldown_max,
-                    multiplier: s.cooldown_multiplier,
+                    initial: s.cooldown.model_initial,
+                    max: s.cooldown.model_max,
+                    multiplier: s.cooldown.multiplier,
                     max_key: "cooldown.model_max",
                 };
                 let (level, duration, hint_note) = backoff.next(escalate, e.level, e.level, hint);
@@ -284,9 +286,9 @@ impl Permit {
                 });
                 let escalate = self.epoch == g.cooldown.epoch;
                 let backoff = Backoff {
-                    initial: s.cooldown_initial,
-                    max: s.cooldown_max,
-                    multiplier: s.cooldown_multiplier,
+                    initial: s.cooldown.initial,
+                    max: s.cooldown.max,
+                    multiplier: s.cooldown.multiplier,
                     max_key: "cooldown.max",
                 };
                 let (level, duration, hint_note) =
@@ -315,7 +317,7 @@ impl Permit {
                 })
             }
             Outcome::QuotaExceeded { reset_unix } => {
-                let next_reset = day_end(g.day.index, s.day_reset_offset) as f64;
+                let next_reset = day_end(g.day.index, s.limits.day_reset_offset) as f64;
                 // A reset claimed in the past or more than two days ahead is not believable.
                 let until = reset_unix
                     .filter(|&r| r > now_unix && r < now_unix + 2.0 * 86_400.0)
@@ -347,7 +349,7 @@ impl Permit {
             (FleetNews::Cooldown, Some(d)) => Some(Remote::Cooldown {
                 duration: d.duration,
                 level: g.cooldown.level,
-                decay: s.cooldown_decay,
+                decay: s.cooldown.decay_after,
             }),
             (
                 _,
@@ -416,7 +418,7 @@ impl Drop for Permit {
                 if same_day {
                     g.day.used = g.day.used.saturating_sub(units);
                 }
-                let c = &mut g.clients[self.client];
+                let c = &mut g.clients[self.client.index()];
                 if same_day {
                     c.used_today = c.used_today.saturating_sub(units);
                 }

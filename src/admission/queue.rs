@@ -19,8 +19,8 @@ use std::collections::VecDeque;
 
 use tokio::time::Instant;
 
-/// Index of a client in the configured set; 0 is `default`.
-pub type ClientId = usize;
+use crate::clients::ClientId;
+use crate::clients::ClientTable;
 
 /// One unit of virtual time for a weight-1 client. Weights are ≤ 1000, so `SCALE / weight`
 /// stays exact to well under a part per million.
@@ -35,6 +35,8 @@ pub struct Waiter<T> {
 }
 
 struct ClientQueue<T> {
+    /// Which client this is (the queues are the table's rows, in its order).
+    id: ClientId,
     cost: u64,
     /// Virtual start of the head waiter; while the queue is empty, where the client left off.
     head_tag: u64,
@@ -69,13 +71,14 @@ pub struct FairQueue<T> {
 }
 
 impl<T> FairQueue<T> {
-    /// `weights[i]` is client i's weight (all ≥ 1).
-    pub fn new(weights: &[u32]) -> Self {
+    /// One FIFO per row of `clients`, each with its row's weight (all ≥ 1).
+    pub fn new(clients: &ClientTable) -> Self {
         FairQueue {
-            clients: weights
-                .iter()
-                .map(|&w| ClientQueue {
-                    cost: SCALE / u64::from(w.max(1)),
+            clients: clients
+                .ids()
+                .map(|(id, c)| ClientQueue {
+                    id,
+                    cost: SCALE / u64::from(c.weight.max(1)),
                     head_tag: 0,
                     waiters: VecDeque::new(),
                 })
@@ -107,7 +110,7 @@ impl<T> FairQueue<T> {
     /// Waiters that would be served before a new arrival from `client`: exact under the
     /// current tags, assuming nobody else arrives first.
     pub fn ahead_of_new(&self, client: ClientId) -> usize {
-        let Some(c) = self.clients.get(client) else {
+        let Some(c) = self.clients.get(client.index()) else {
             return self.len;
         };
         let tag = self.arrival_tag(c);
@@ -121,7 +124,9 @@ impl<T> FairQueue<T> {
 
     /// Waiters of `client` queued now.
     pub fn client_len(&self, client: ClientId) -> usize {
-        self.clients.get(client).map_or(0, |c| c.waiters.len())
+        self.clients
+            .get(client.index())
+            .map_or(0, |c| c.waiters.len())
             + self.urgent.iter().filter(|w| w.client == client).count()
     }
 
@@ -143,7 +148,7 @@ impl<T> FairQueue<T> {
         let w = self.waiter(client, deadline, now, payload);
         let id = w.id;
         let vtime = self.vtime;
-        let c = &mut self.clients[client];
+        let c = &mut self.clients[client.index()];
         if c.waiters.is_empty() {
             c.head_tag = vtime.max(c.head_tag);
         }
@@ -218,11 +223,12 @@ impl<T> FairQueue<T> {
             .collect();
         order.sort_unstable();
         for (_, i) in order {
-            if !client_ok(i) {
+            let c = &self.clients[i];
+            if !client_ok(c.id) {
                 continue;
             }
-            if let Some(w) = self.clients[i].waiters.iter().take(scan).find(|w| ok(w)) {
-                return Some((i, w.id));
+            if let Some(w) = c.waiters.iter().take(scan).find(|w| ok(w)) {
+                return Some((c.id, w.id));
             }
         }
         None
@@ -259,16 +265,16 @@ impl<T> FairQueue<T> {
                         }
                     })
                     .sum();
-                out.push((i, w.id, urgent + ahead));
+                out.push((c.id, w.id, urgent + ahead));
             }
         }
         out
     }
 
     /// Change the clients' weights in place (a reload); the queue keeps its waiters.
-    pub fn set_weights(&mut self, weights: &[u32]) {
-        for (c, &w) in self.clients.iter_mut().zip(weights) {
-            c.cost = SCALE / u64::from(w.max(1));
+    pub fn set_weights(&mut self, clients: &ClientTable) {
+        for (c, row) in self.clients.iter_mut().zip(clients) {
+            c.cost = SCALE / u64::from(row.weight.max(1));
         }
     }
 
@@ -284,7 +290,7 @@ impl<T> FairQueue<T> {
         if let Some(w) = self.take_urgent(id) {
             return Some(w);
         }
-        let c = self.clients.get_mut(client)?;
+        let c = self.clients.get_mut(client.index())?;
         let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
         let w = c.waiters.remove(pos)?;
         if charge {
@@ -361,15 +367,29 @@ mod tests {
     use super::*;
 
     fn q(weights: &[u32]) -> FairQueue<()> {
-        FairQueue::new(weights)
+        let row = |(i, &weight): (usize, &u32)| crate::clients::ClientSettings {
+            name: format!("c{i}").into(),
+            weight,
+            requests_per_minute: None,
+            burst: 1,
+            requests_per_day: None,
+            max_wait: None,
+        };
+        let rows: Vec<_> = weights.iter().enumerate().map(row).collect();
+        FairQueue::new(&ClientTable::from(rows))
+    }
+
+    /// Row `n` of the table `q` built.
+    fn c(n: usize) -> ClientId {
+        ClientId::test_row(n)
     }
 
     #[tokio::test(start_paused = true)]
     async fn one_client_is_fifo() {
         let mut q = q(&[1]);
         let now = Instant::now();
-        let ids: Vec<_> = (0..5).map(|_| q.push(0, now, now, ())).collect();
-        assert_eq!(q.ahead_of_new(0), 5);
+        let ids: Vec<_> = (0..5).map(|_| q.push(c(0), now, now, ())).collect();
+        assert_eq!(q.ahead_of_new(c(0)), 5);
         let served: Vec<_> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
         assert_eq!(served, ids);
     }
@@ -380,12 +400,12 @@ mod tests {
         let mut q = q(&[1, 3, 1]);
         let now = Instant::now();
         for _ in 0..400 {
-            q.push(1, now, now, ());
-            q.push(2, now, now, ());
+            q.push(c(1), now, now, ());
+            q.push(c(2), now, now, ());
         }
         let mut served = [0usize; 3];
         for _ in 0..400 {
-            served[q.pop().unwrap().client] += 1;
+            served[q.pop().unwrap().client.index()] += 1;
         }
         assert_eq!(served[1], 300);
         assert_eq!(served[2], 100);
@@ -396,16 +416,16 @@ mod tests {
         let mut q = q(&[1, 1]);
         let now = Instant::now();
         for _ in 0..1000 {
-            q.push(0, now, now, ());
+            q.push(c(0), now, now, ());
         }
         for _ in 0..10 {
             q.pop();
         }
         // The trickling client arrives behind 990 queued requests of the flooder.
-        assert!(q.ahead_of_new(1) <= 2);
-        q.push(1, now, now, ());
+        assert!(q.ahead_of_new(c(1)) <= 2);
+        q.push(c(1), now, now, ());
         let first_two: Vec<_> = (0..2).map(|_| q.pop().unwrap().client).collect();
-        assert!(first_two.contains(&1), "{first_two:?}");
+        assert!(first_two.contains(&c(1)), "{first_two:?}");
     }
 
     /// A client whose waiters keep timing out must not be pushed ever further back: a
@@ -417,17 +437,17 @@ mod tests {
         let mut served = [0usize; 3];
         for round in 0..400 {
             // Both clients keep 20 waiting; the flooder's oldest gives up every round.
-            while q.client_len(1) < 20 {
-                q.push(1, now, now, ());
+            while q.client_len(c(1)) < 20 {
+                q.push(c(1), now, now, ());
             }
-            while q.client_len(2) < 20 {
-                q.push(2, now, now, ());
+            while q.client_len(c(2)) < 20 {
+                q.push(c(2), now, now, ());
             }
             if round % 2 == 0 {
                 let oldest = q.clients[1].waiters.front().map(|w| w.id).unwrap();
-                q.remove(1, oldest);
+                q.remove(c(1), oldest);
             }
-            served[q.pop().unwrap().client] += 1;
+            served[q.pop().unwrap().client.index()] += 1;
         }
         // Weights 1:3 → 100:300, whatever the flooder's abandonment.
         assert!((95..=105).contains(&served[1]), "{served:?}");
@@ -438,21 +458,21 @@ mod tests {
         let mut q = q(&[1, 1, 1]);
         let now = Instant::now();
         for _ in 0..10 {
-            q.push(1, now, now, ());
+            q.push(c(1), now, now, ());
         }
         // A newcomer of client 2 starts with client 1's head: one of client 1 is served first
         // (ties go to the lower index), then the newcomer.
-        assert_eq!(q.ahead_of_new(2), 1);
-        assert_eq!(q.ahead_of_new(1), 10);
+        assert_eq!(q.ahead_of_new(c(2)), 1);
+        assert_eq!(q.ahead_of_new(c(1)), 10);
     }
 
     #[tokio::test(start_paused = true)]
     async fn removal_keeps_order_and_depth() {
         let mut q = q(&[1]);
         let now = Instant::now();
-        let ids: Vec<_> = (0..5).map(|_| q.push(0, now, now, ())).collect();
-        assert!(q.remove(0, ids[2]).is_some());
-        assert!(q.remove(0, ids[2]).is_none());
+        let ids: Vec<_> = (0..5).map(|_| q.push(c(0), now, now, ())).collect();
+        assert!(q.remove(c(0), ids[2]).is_some());
+        assert!(q.remove(c(0), ids[2]).is_none());
         assert_eq!(q.len(), 4);
         let served: Vec<_> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
         assert_eq!(served, vec![ids[0], ids[1], ids[3], ids[4]]);
@@ -464,9 +484,9 @@ mod tests {
         let mut q = q(&[1, 1]);
         let now = Instant::now();
         let later = now + std::time::Duration::from_secs(10);
-        q.push(0, now, now, ());
-        q.push(1, later, now, ());
-        q.push(0, later, now, ());
+        q.push(c(0), now, now, ());
+        q.push(c(1), later, now, ());
+        q.push(c(0), later, now, ());
         let shed = q.drain_where(|w| w.deadline < later);
         assert_eq!(shed.len(), 1);
         assert_eq!(q.len(), 2);

@@ -14,7 +14,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::Layer;
 
 use super::fleet::{FleetSettings, OnError};
-use super::tests::{admission_at, sent, settings, settle, NOON};
+use super::tests::{admission_at, per_day, sent, settings, settle, DEFAULT, NOON};
 use super::tests_r2::{account_429, capacity_429};
 use super::*;
 use crate::signals::{AdvertisedRate, ChutesQuota};
@@ -91,8 +91,8 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     let _sub =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(checker.clone()));
     let mut s = settings(60, 100);
-    s.requests_per_day = Some(3);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.limits.requests_per_day = per_day(3);
+    s.cooldown.initial = Duration::from_secs(2);
     // 23:59:00 UTC, so the day rolls within the test.
     let a = admission_at(s, NOON + 12.0 * 3600.0 - 60.0);
     checker.watch(&a);
@@ -107,23 +107,23 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
 
     // The daily cap reached, then a new day.
     for _ in 0..3 {
-        drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+        drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     }
     tokio::time::advance(Duration::from_secs(61)).await;
     let mut uncapped = settings(60, 100);
-    uncapped.cooldown_initial = Duration::from_secs(2);
+    uncapped.cooldown.initial = Duration::from_secs(2);
     a.reconfigure(uncapped);
     // An account 429, its cooldown over, the probe, its answer.
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(account_429());
     drop(p);
     tokio::time::advance(Duration::from_secs(3)).await;
-    let mut probe = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut probe = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     assert!(probe.is_probe());
     probe.report(Outcome::Success { exhausted: None });
     drop(probe);
     // A window closed by headers, and its reset.
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(Outcome::Success {
         exhausted: Some(Duration::from_secs(5)),
     });
@@ -131,7 +131,7 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     tokio::time::advance(Duration::from_secs(6)).await;
     let _ = a.snapshot();
     // A quota 402 and its gate's end; a usage cap and its window's end.
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     let reset = a.wall().now_unix() + 10.0;
     p.report(Outcome::QuotaExceeded {
         reset_unix: Some(reset),
@@ -139,7 +139,7 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     drop(p);
     tokio::time::advance(Duration::from_secs(11)).await;
     let _ = a.snapshot();
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(Outcome::UsageCap);
     drop(p);
     tokio::time::advance(Duration::from_secs(4 * 3600)).await;
@@ -147,7 +147,7 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     // A model's capacity 429, then its probe answered.
     let model = |m: &str| Ask {
         model: Some(Arc::from(m)),
-        ..Ask::new(0, Duration::from_secs(60))
+        ..Ask::new(DEFAULT, Duration::from_secs(60))
     };
     let mut p = sent(a.admit(model("big")).await.unwrap());
     p.report(capacity_429());
@@ -157,7 +157,7 @@ async fn nothing_is_logged_or_spawned_while_the_lock_is_held() {
     probe.report(Outcome::Success { exhausted: None });
     drop(probe);
     // The upstream advertises a lower rate, and says the plan's quota is spent.
-    let p = sent(a.acquire(0, Duration::from_secs(60)).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::from_secs(60)).await.unwrap());
     p.observe(&Observed {
         rl_user: NonZeroU32::new(30).map(AdvertisedRate::PerMinute),
         quota: Some(ChutesQuota {
@@ -212,11 +212,11 @@ async fn the_redis_stores_calls_are_made_outside_the_lock() {
         Some(Arc::new(fleet)),
     ));
     checker.watch(&a);
-    let mut p = sent(a.acquire(0, Duration::from_secs(5)).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::from_secs(5)).await.unwrap());
     p.report(account_429());
     p.announced().await;
     drop(p);
-    let p = a.acquire(0, Duration::from_secs(60)).await.unwrap();
+    let p = a.acquire(DEFAULT, Duration::from_secs(60)).await.unwrap();
     drop(p);
     settle().await;
     assert!(checker.saw("fleet call"), "no fleet call was made");

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::tests::{admission, admission_at, sent, settings, settle, NOON};
+use super::tests::{admission, admission_at, per_day, sent, settings, settle, DEFAULT, NOON, ROW1};
 use super::*;
+use crate::config::BeyondQuota;
 use crate::response::Reason;
 use crate::signals::{AdvertisedRate, ChutesQuota, Scope429};
 
@@ -70,7 +71,7 @@ async fn a_clients_daily_cap_holds_for_requests_that_queued() {
     // The account spaces requests 1 s apart, so all ten queue.
     let a = admission(with_client(settings(60, 1), None, Some(3)));
     let hs: Vec<_> = (0..10)
-        .map(|_| spawn_admit(&a, ask(1, None, Duration::from_secs(60))))
+        .map(|_| spawn_admit(&a, ask(ROW1, None, Duration::from_secs(60))))
         .collect();
     let mut granted = 0;
     let mut shed = 0;
@@ -98,14 +99,14 @@ async fn a_clients_daily_cap_holds_for_requests_that_queued() {
 #[tokio::test(start_paused = true)]
 async fn a_clients_own_rate_is_waited_for_not_shed() {
     let mut s = with_client(settings(60_000, 100), Some(30), None);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.cooldown.initial = Duration::from_secs(2);
     let a = admission(s);
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(account_429());
     drop(p);
     let start = Instant::now();
     let hs: Vec<_> = (0..4)
-        .map(|_| spawn_admit(&a, ask(1, None, Duration::from_secs(30))))
+        .map(|_| spawn_admit(&a, ask(ROW1, None, Duration::from_secs(30))))
         .collect();
     settle().await;
     let mut times = Vec::new();
@@ -126,13 +127,13 @@ async fn a_clients_own_rate_is_waited_for_not_shed() {
 #[tokio::test(start_paused = true)]
 async fn a_client_waiting_for_its_rate_holds_up_nobody_else() {
     let a = admission(with_client(settings(60_000, 100), Some(1), None));
-    drop(sent(a.acquire(1, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(ROW1, Duration::ZERO).await.unwrap()));
     // bot's next request conforms in 60 s; it waits for that.
-    let slow = spawn_admit(&a, ask(1, None, Duration::from_secs(120)));
+    let slow = spawn_admit(&a, ask(ROW1, None, Duration::from_secs(120)));
     settle().await;
     assert_eq!(a.snapshot().queue_depth, 1);
     let start = Instant::now();
-    let other = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    let other = a.acquire(DEFAULT, Duration::from_secs(5)).await.unwrap();
     assert_eq!(Instant::now(), start, "the default client went at once");
     drop(sent(other));
     let (r, at) = slow.await.unwrap();
@@ -144,22 +145,26 @@ async fn a_client_waiting_for_its_rate_holds_up_nobody_else() {
 #[tokio::test(start_paused = true)]
 async fn abandoned_requests_cost_their_client_nothing() {
     let a = admission(with_client(settings(60, 1), Some(60), Some(2)));
-    drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     // Queued behind the account's spacing, then abandoned.
-    let h = spawn_admit(&a, ask(1, None, Duration::from_secs(30)));
+    let h = spawn_admit(&a, ask(ROW1, None, Duration::from_secs(30)));
     settle().await;
     h.abort();
     settle().await;
     // Shed for the account's reason (cannot wait).
-    assert!(a.admit(ask(1, None, Duration::ZERO)).await.is_err());
+    assert!(a.admit(ask(ROW1, None, Duration::ZERO)).await.is_err());
     let snap = a.snapshot();
     assert_eq!(snap.clients[1].used_today, 0);
     assert_eq!(snap.queue_depth, 0);
     tokio::time::advance(Duration::from_secs(1)).await;
     // Both of its daily units and its rate are still there.
-    drop(sent(a.admit(ask(1, None, Duration::ZERO)).await.unwrap()));
+    drop(sent(
+        a.admit(ask(ROW1, None, Duration::ZERO)).await.unwrap(),
+    ));
     tokio::time::advance(Duration::from_secs(1)).await;
-    drop(sent(a.admit(ask(1, None, Duration::ZERO)).await.unwrap()));
+    drop(sent(
+        a.admit(ask(ROW1, None, Duration::ZERO)).await.unwrap(),
+    ));
     assert_eq!(a.snapshot().clients[1].used_today, 2);
 }
 
@@ -172,10 +177,10 @@ async fn an_unsent_permit_gives_back_to_its_own_day() {
         with_client(settings(60_000, 100), Some(1), Some(10)),
         1_795_478_399.0,
     );
-    let p = a.admit(ask(1, None, Duration::ZERO)).await.unwrap();
+    let p = a.admit(ask(ROW1, None, Duration::ZERO)).await.unwrap();
     drop(p);
     // Given back: the client's rate and day are whole again.
-    let p = a.admit(ask(1, None, Duration::ZERO)).await.unwrap();
+    let p = a.admit(ask(ROW1, None, Duration::ZERO)).await.unwrap();
     assert_eq!(a.snapshot().clients[1].used_today, 1);
     tokio::time::advance(Duration::from_secs(2)).await;
     // Midnight passed with the permit unsent: today's counts stay at zero.
@@ -189,20 +194,24 @@ async fn an_unsent_permit_gives_back_to_its_own_day() {
 #[tokio::test(start_paused = true)]
 async fn a_capacity_429_cools_only_its_model() {
     let a = admission(settings(60_000, 100));
-    let mut p = sent(a.admit(ask(0, Some("big"), Duration::ZERO)).await.unwrap());
+    let mut p = sent(
+        a.admit(ask(DEFAULT, Some("big"), Duration::ZERO))
+            .await
+            .unwrap(),
+    );
     let d = p.report(capacity_429()).expect("a model cooldown");
     assert_eq!(d.model.as_deref(), Some("big"));
     assert_eq!(d.duration, Duration::from_secs(5));
     drop(p);
     // The account is open: another model goes at once, and so does a request without one.
     drop(sent(
-        a.admit(ask(0, Some("small"), Duration::ZERO))
+        a.admit(ask(DEFAULT, Some("small"), Duration::ZERO))
             .await
             .unwrap(),
     ));
-    drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     let r = a
-        .admit(ask(0, Some("big"), Duration::from_secs(1)))
+        .admit(ask(DEFAULT, Some("big"), Duration::from_secs(1)))
         .await
         .unwrap_err();
     assert_eq!(r.reason, Reason::ModelCooldown);
@@ -211,12 +220,12 @@ async fn a_capacity_429_cools_only_its_model() {
     // Two that can wait: the first is the model's probe, the second waits for its answer,
     // and meanwhile the other model is served.
     let start = Instant::now();
-    let first = spawn_admit(&a, ask(0, Some("big"), Duration::from_secs(30)));
+    let first = spawn_admit(&a, ask(DEFAULT, Some("big"), Duration::from_secs(30)));
     settle().await;
-    let second = spawn_admit(&a, ask(0, Some("big"), Duration::from_secs(30)));
+    let second = spawn_admit(&a, ask(DEFAULT, Some("big"), Duration::from_secs(30)));
     settle().await;
     drop(sent(
-        a.admit(ask(0, Some("small"), Duration::ZERO))
+        a.admit(ask(DEFAULT, Some("small"), Duration::ZERO))
             .await
             .unwrap(),
     ));
@@ -246,7 +255,7 @@ async fn repeated_capacity_429s_grow_the_models_cooldown() {
     let mut seen = Vec::new();
     for _ in 0..7 {
         let mut p = sent(
-            a.admit(ask(0, Some("big"), Duration::from_secs(600)))
+            a.admit(ask(DEFAULT, Some("big"), Duration::from_secs(600)))
                 .await
                 .unwrap(),
         );
@@ -269,33 +278,37 @@ async fn quota_headers_raise_the_count_and_close_the_gate() {
         }),
         ..Observed::default()
     };
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&quota(300, 120));
     drop(p);
     let snap = a.snapshot();
     assert_eq!(snap.used_today, 121, "Used before the call, plus this call");
     assert_eq!(snap.requests_per_day, Some(300));
     // A lower Used never lowers the count.
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&quota(300, 5));
     drop(p);
     assert_eq!(a.snapshot().used_today, 122);
     // Another Total is one model's own quota: spent, it gates that model only.
-    let p = sent(a.admit(ask(0, Some("tee"), Duration::ZERO)).await.unwrap());
+    let p = sent(
+        a.admit(ask(DEFAULT, Some("tee"), Duration::ZERO))
+            .await
+            .unwrap(),
+    );
     p.observe(&quota(50, 50));
     drop(p);
     let r = a
-        .admit(ask(0, Some("tee"), Duration::ZERO))
+        .admit(ask(DEFAULT, Some("tee"), Duration::ZERO))
         .await
         .unwrap_err();
     assert_eq!(r.reason, Reason::DailyQuotaExhausted);
     assert_eq!(r.model.as_deref(), Some("tee"));
-    drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     // The account's quota spent: the gate closes until the reset.
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&quota(300, 299));
     drop(p);
-    let r = a.acquire(0, Duration::ZERO).await.unwrap_err();
+    let r = a.acquire(DEFAULT, Duration::ZERO).await.unwrap_err();
     assert_eq!(r.reason, Reason::DailyQuotaExhausted);
     assert_eq!(r.retry_after, Some(Duration::from_secs(12 * 3600)));
 }
@@ -304,7 +317,7 @@ async fn quota_headers_raise_the_count_and_close_the_gate() {
 async fn a_pay_as_you_go_account_is_not_gated_and_continue_is_honoured() {
     let mut s = settings(60_000, 100);
     let a = admission(s.clone());
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&Observed {
         quota: Some(ChutesQuota {
             total: 0,
@@ -314,12 +327,12 @@ async fn a_pay_as_you_go_account_is_not_gated_and_continue_is_honoured() {
         ..Observed::default()
     });
     drop(p);
-    assert!(a.acquire(0, Duration::ZERO).await.is_ok());
+    assert!(a.acquire(DEFAULT, Duration::ZERO).await.is_ok());
     assert_eq!(a.snapshot().requests_per_day, None);
     // beyond_quota = "continue": a spent plan does not stop the proxy.
-    s.beyond_quota_stop = false;
+    s.limits.beyond_quota = BeyondQuota::Continue;
     let a = admission(s);
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&Observed {
         quota: Some(ChutesQuota {
             total: 10,
@@ -329,7 +342,7 @@ async fn a_pay_as_you_go_account_is_not_gated_and_continue_is_honoured() {
         ..Observed::default()
     });
     drop(p);
-    assert!(a.acquire(0, Duration::ZERO).await.is_ok());
+    assert!(a.acquire(DEFAULT, Duration::ZERO).await.is_ok());
 }
 
 /// X-Chutes-RL-User below the configured rate lowers the rate in force at once, without a
@@ -337,7 +350,7 @@ async fn a_pay_as_you_go_account_is_not_gated_and_continue_is_honoured() {
 #[tokio::test(start_paused = true)]
 async fn an_advertised_rate_lowers_the_rate_without_a_burst() {
     let a = admission(settings(60, 5));
-    let p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.observe(&Observed {
         rl_user: Some(AdvertisedRate::PerMinute(NonZeroU32::new(30).unwrap())),
         ..Observed::default()
@@ -345,18 +358,20 @@ async fn an_advertised_rate_lowers_the_rate_without_a_burst() {
     drop(p);
     let snap = a.snapshot();
     assert_eq!(snap.requests_per_minute, 30);
-    assert_eq!(snap.configured_requests_per_minute, 60);
+    assert_eq!(a.settings().limits.requests_per_minute.get(), 60);
     // Four tokens were left in the old bucket; none of them survives as a burst.
-    assert!(a.acquire(0, Duration::ZERO).await.is_err());
+    assert!(a.acquire(DEFAULT, Duration::ZERO).await.is_err());
     let start = Instant::now();
     let mut at = Vec::new();
     for _ in 0..3 {
-        drop(sent(a.acquire(0, Duration::from_secs(60)).await.unwrap()));
+        drop(sent(
+            a.acquire(DEFAULT, Duration::from_secs(60)).await.unwrap(),
+        ));
         at.push((Instant::now() - start).as_millis());
     }
     // The new spacing of 2 s from the change on: the old bucket's four tokens are gone.
     assert_eq!(at, vec![2000, 4000, 6000]);
-    let p = sent(a.acquire(0, Duration::from_secs(60)).await.unwrap());
+    let p = sent(a.acquire(DEFAULT, Duration::from_secs(60)).await.unwrap());
     p.observe(&Observed {
         rl_user: Some(AdvertisedRate::Unlimited),
         ..Observed::default()
@@ -369,28 +384,34 @@ async fn an_advertised_rate_lowers_the_rate_without_a_burst() {
 #[tokio::test(start_paused = true)]
 async fn a_models_advertised_rate_caps_that_model() {
     let a = admission(settings(60_000, 100));
-    let p = sent(a.admit(ask(0, Some("m"), Duration::ZERO)).await.unwrap());
+    let p = sent(
+        a.admit(ask(DEFAULT, Some("m"), Duration::ZERO))
+            .await
+            .unwrap(),
+    );
     p.observe(&Observed {
         rl_chute: Some(AdvertisedRate::PerMinute(NonZeroU32::new(6).unwrap())),
         ..Observed::default()
     });
     drop(p);
     drop(sent(
-        a.admit(ask(0, Some("m"), Duration::ZERO)).await.unwrap(),
+        a.admit(ask(DEFAULT, Some("m"), Duration::ZERO))
+            .await
+            .unwrap(),
     ));
     let r = a
-        .admit(ask(0, Some("m"), Duration::from_secs(1)))
+        .admit(ask(DEFAULT, Some("m"), Duration::from_secs(1)))
         .await
         .unwrap_err();
     assert_eq!(r.reason, Reason::ModelCooldown);
     drop(sent(
-        a.admit(ask(0, Some("other"), Duration::ZERO))
+        a.admit(ask(DEFAULT, Some("other"), Duration::ZERO))
             .await
             .unwrap(),
     ));
     let start = Instant::now();
     drop(sent(
-        a.admit(ask(0, Some("m"), Duration::from_secs(20)))
+        a.admit(ask(DEFAULT, Some("m"), Duration::from_secs(20)))
             .await
             .unwrap(),
     ));
@@ -402,15 +423,18 @@ async fn a_models_advertised_rate_caps_that_model() {
 async fn a_usage_cap_gates_until_the_next_window() {
     // 13:00 UTC: the next window starts at 16:00.
     let a = admission_at(settings(60_000, 100), NOON + 3600.0);
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(Outcome::UsageCap);
     drop(p);
-    let r = a.acquire(0, Duration::from_secs(5)).await.unwrap_err();
+    let r = a
+        .acquire(DEFAULT, Duration::from_secs(5))
+        .await
+        .unwrap_err();
     assert_eq!(r.reason, Reason::UsageCapExhausted);
     assert_eq!(r.retry_after, Some(Duration::from_secs(3 * 3600)));
     assert!(a.snapshot().usage_cap_until_unix.is_some());
     tokio::time::advance(Duration::from_secs(3 * 3600)).await;
-    assert!(a.acquire(0, Duration::ZERO).await.is_ok());
+    assert!(a.acquire(DEFAULT, Duration::ZERO).await.is_ok());
 }
 
 /// A request's cost counts against both daily caps, and a request that does not fit today
@@ -418,18 +442,18 @@ async fn a_usage_cap_gates_until_the_next_window() {
 #[tokio::test(start_paused = true)]
 async fn costs_count_in_daily_units() {
     let mut s = settings(60_000, 100);
-    s.requests_per_day = Some(5);
+    s.limits.requests_per_day = per_day(5);
     let a = admission(s);
     let big = |w| Ask {
         cost: 2,
-        ..ask(0, Some("turbo"), w)
+        ..ask(DEFAULT, Some("turbo"), w)
     };
     drop(sent(a.admit(big(Duration::ZERO)).await.unwrap()));
     drop(sent(a.admit(big(Duration::ZERO)).await.unwrap()));
     assert_eq!(a.snapshot().used_today, 4);
     let r = a.admit(big(Duration::ZERO)).await.unwrap_err();
     assert_eq!(r.reason, Reason::DailyQuotaExhausted);
-    drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     assert_eq!(a.snapshot().remaining_today, Some(0));
 }
 
@@ -439,9 +463,9 @@ async fn costs_count_in_daily_units() {
 async fn shutdown_answers_every_queued_request() {
     // One request every 5 s; four queued behind the first.
     let a = admission(settings(12, 1));
-    drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+    drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     let hs: Vec<_> = (0..4)
-        .map(|_| spawn_admit(&a, ask(0, None, Duration::from_secs(60))))
+        .map(|_| spawn_admit(&a, ask(DEFAULT, None, Duration::from_secs(60))))
         .collect();
     settle().await;
     let start = Instant::now();
@@ -472,13 +496,13 @@ async fn reconfigure_keeps_the_queue_and_grants_no_burst() {
     let s = settings(60, 3);
     let a = admission(s.clone());
     for _ in 0..3 {
-        drop(sent(a.acquire(0, Duration::ZERO).await.unwrap()));
+        drop(sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap()));
     }
-    let waiter = spawn_admit(&a, ask(0, None, Duration::from_secs(60)));
+    let waiter = spawn_admit(&a, ask(DEFAULT, None, Duration::from_secs(60)));
     settle().await;
     let start = Instant::now();
     let mut lower = s.clone();
-    lower.requests_per_minute = 20;
+    lower.limits.requests_per_minute = NonZeroU32::new(20).unwrap();
     a.reconfigure(lower);
     assert_eq!(a.snapshot().queue_depth, 1);
     let (r, at) = waiter.await.unwrap();
@@ -488,7 +512,9 @@ async fn reconfigure_keeps_the_queue_and_grants_no_burst() {
     assert_eq!((at - start).as_millis(), 3000);
     // And goes on: one every 3 s, no burst.
     let t = Instant::now();
-    drop(sent(a.acquire(0, Duration::from_secs(60)).await.unwrap()));
+    drop(sent(
+        a.acquire(DEFAULT, Duration::from_secs(60)).await.unwrap(),
+    ));
     assert_eq!(Instant::now() - t, Duration::from_secs(3));
     assert_eq!(a.snapshot().requests_per_minute, 20);
 }
@@ -497,20 +523,20 @@ async fn reconfigure_keeps_the_queue_and_grants_no_burst() {
 #[tokio::test(start_paused = true)]
 async fn a_retry_is_the_probe_after_the_cooldown() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(3);
+    s.cooldown.initial = Duration::from_secs(3);
     let a = admission(s);
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(account_429());
     drop(p);
     let others: Vec<_> = (0..3)
-        .map(|_| spawn_admit(&a, ask(0, None, Duration::from_secs(30))))
+        .map(|_| spawn_admit(&a, ask(DEFAULT, None, Duration::from_secs(30))))
         .collect();
     settle().await;
     let retried = spawn_admit(
         &a,
         Ask {
             retry: true,
-            ..ask(0, None, Duration::from_secs(30))
+            ..ask(DEFAULT, None, Duration::from_secs(30))
         },
     );
     let (r, _) = retried.await.unwrap();
@@ -527,19 +553,19 @@ async fn a_retry_is_the_probe_after_the_cooldown() {
 #[tokio::test(start_paused = true)]
 async fn one_reset_instant_after_a_quota_402() {
     let a = admission(settings(60_000, 100));
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(Outcome::QuotaExceeded {
         reset_unix: Some(NOON + 53.0),
     });
     drop(p);
-    let r = a.acquire(0, Duration::ZERO).await.unwrap_err();
+    let r = a.acquire(DEFAULT, Duration::ZERO).await.unwrap_err();
     assert_eq!(r.reason, Reason::DailyQuotaExhausted);
     assert_eq!(r.retry_after, Some(Duration::from_secs(53)));
     let at = (NOON + 53.0) as i64;
     assert_eq!(r.limits.unwrap().day_resets_at_unix, at);
     assert_eq!(a.snapshot().day_resets_at_unix, at);
     tokio::time::advance(Duration::from_secs(53)).await;
-    assert!(a.acquire(0, Duration::ZERO).await.is_ok());
+    assert!(a.acquire(DEFAULT, Duration::ZERO).await.is_ok());
     assert_ne!(
         a.snapshot().day_resets_at_unix,
         at,
@@ -551,10 +577,10 @@ async fn one_reset_instant_after_a_quota_402() {
 #[tokio::test(start_paused = true)]
 async fn the_snapshot_says_what_limits_a_new_request() {
     let mut s = settings(60, 1);
-    s.cooldown_initial = Duration::from_secs(10);
+    s.cooldown.initial = Duration::from_secs(10);
     let a = admission(s);
     assert_eq!(a.snapshot().limited_by, None);
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     let snap = a.snapshot();
     assert_eq!(snap.limited_by, Some("account_rate"));
     assert_eq!(snap.new_request_wait, Duration::from_secs(1));
@@ -575,12 +601,12 @@ async fn the_snapshot_says_what_limits_a_new_request() {
 #[tokio::test(start_paused = true)]
 async fn an_account_probe_answered_by_a_capacity_429_reopens_the_account() {
     let mut s = settings(60_000, 100);
-    s.cooldown_initial = Duration::from_secs(2);
+    s.cooldown.initial = Duration::from_secs(2);
     let a = admission(s);
-    let mut p = sent(a.acquire(0, Duration::ZERO).await.unwrap());
+    let mut p = sent(a.acquire(DEFAULT, Duration::ZERO).await.unwrap());
     p.report(account_429());
     drop(p);
-    let (r, _) = spawn_admit(&a, ask(0, Some("big"), Duration::from_secs(30)))
+    let (r, _) = spawn_admit(&a, ask(DEFAULT, Some("big"), Duration::from_secs(30)))
         .await
         .unwrap();
     let mut probe = sent(r.unwrap());
@@ -589,9 +615,12 @@ async fn an_account_probe_answered_by_a_capacity_429_reopens_the_account() {
     drop(probe);
     assert_eq!(a.snapshot().gate, Probe::Open);
     // Another model goes at once; the busy one cools.
-    assert!(a.admit(ask(0, Some("small"), Duration::ZERO)).await.is_ok());
+    assert!(a
+        .admit(ask(DEFAULT, Some("small"), Duration::ZERO))
+        .await
+        .is_ok());
     let r = a
-        .admit(ask(0, Some("big"), Duration::ZERO))
+        .admit(ask(DEFAULT, Some("big"), Duration::ZERO))
         .await
         .unwrap_err();
     assert_eq!(r.reason, Reason::ModelCooldown);

@@ -7,6 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 
+use chutes_proxy::clients::DEFAULT_CLIENT;
+
 use crate::support::*;
 
 fn fleet_cfg(redis: &RedisServer, prefix: &str, extra: &str) -> String {
@@ -398,8 +400,14 @@ async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_count
 
     // Granted and dropped unsent on the same day: Redis's count goes back to 0.
     let (a, _f) = fleet_admission(&redis, "refund:", limits, WallClock::System, |_| {});
-    let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
-    let sent = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    let p = a
+        .acquire(DEFAULT_CLIENT, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let sent = a
+        .acquire(DEFAULT_CLIENT, Duration::from_secs(5))
+        .await
+        .unwrap();
     until_counts(&redis, "refund:", "two takes", |c| {
         c.values().sum::<i64>() == 2
     })
@@ -420,7 +428,10 @@ async fn a_permit_never_sent_gives_its_count_back_in_redis_to_the_day_that_count
     let midnight = chutes_proxy::units::day_end(20_000, 0) as f64;
     let wall = WallClock::pinned(midnight - 1.0);
     let (a, f) = fleet_admission(&redis, "midnight:", limits, wall, |_| {});
-    let p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    let p = a
+        .acquire(DEFAULT_CLIENT, Duration::from_secs(5))
+        .await
+        .unwrap();
     until_counts(&redis, "midnight:", "the take", |c| {
         c.values().sum::<i64>() == 1
     })
@@ -623,7 +634,10 @@ async fn a_lease_held_longer_than_its_ttl_is_renewed_until_its_permit_drops() {
         s.global_concurrency = true;
         s.lease_ttl = ttl;
     });
-    let mut p = a.acquire(0, Duration::from_secs(5)).await.unwrap();
+    let mut p = a
+        .acquire(DEFAULT_CLIENT, Duration::from_secs(5))
+        .await
+        .unwrap();
     p.mark_sent();
     let score =
         || -> Option<i64> { redis.query(::redis::cmd("ZSCORE").arg("{renew:}leases").arg("1")) };
