@@ -365,11 +365,35 @@ type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
 type Hangup = ();
 
-/// Take over SIGHUP (whose default action ends the process).
+/// SIGHUP taken over by [`take_over_hangup`] before the proxy was configured.
+#[cfg(unix)]
+static EARLY_HANGUP: std::sync::Mutex<Option<tokio::signal::unix::Signal>> =
+    std::sync::Mutex::new(None);
+
+/// Take over SIGHUP now, before the configuration is read (which can block), for the proxy that
+/// [`run_with`] starts later in this process: a SIGHUP received in between then reloads once
+/// the proxy serves instead of ending the process. Call it inside a Tokio runtime.
+pub fn take_over_hangup() {
+    #[cfg(unix)]
+    {
+        let hup = hangup_signal();
+        *EARLY_HANGUP.lock().unwrap_or_else(|p| p.into_inner()) = hup;
+    }
+}
+
+/// Take over SIGHUP (whose default action ends the process), or the handle
+/// [`take_over_hangup`] took, with whatever it received since.
 fn hangup_signal() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
+        if let Some(early) = EARLY_HANGUP
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Some(early);
+        }
         match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {

@@ -125,10 +125,13 @@ fn main() -> ExitCode {
         upstream: cli.upstream.clone(),
     };
     // SIGHUP's default action ends the process, and reading the configuration can block (a key
-    // file on a slow mount, a pipe): take it over before that, so a reload signal sent to a
-    // proxy that is still starting is absorbed, never fatal. `run_with` listens for it again
-    // once the proxy serves; this handle stays for the life of the process.
-    let _early_hangup = (!cli.check).then(|| early_hangup(&runtime));
+    // file on a slow mount, a pipe): take it over before that. A SIGHUP that arrives while the
+    // proxy starts is kept and re-reads the file once it serves, so a change made meanwhile is
+    // not missed.
+    if !cli.check {
+        let _in = runtime.enter();
+        chutes_proxy::take_over_hangup();
+    }
     let config = match Config::load(path.as_deref(), explicit, &overrides, &ProcessEnv) {
         Ok(c) => c,
         Err(errors) => {
@@ -190,17 +193,6 @@ fn main() -> ExitCode {
         }
     })
 }
-
-/// SIGHUP taken over (its signals before the proxy serves are dropped): see `main`.
-#[cfg(unix)]
-fn early_hangup(runtime: &tokio::runtime::Runtime) -> Option<tokio::signal::unix::Signal> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let _in = runtime.enter();
-    signal(SignalKind::hangup()).ok()
-}
-
-#[cfg(not(unix))]
-fn early_hangup(_: &tokio::runtime::Runtime) {}
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, before the
 /// proxy starts and says it is listening, not when the future is first polled (after the

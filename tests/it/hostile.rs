@@ -1233,11 +1233,11 @@ async fn sighup_reloads_and_never_ends_the_process() {
 }
 
 /// A SIGHUP that arrives while the proxy is still reading its configuration (here a pipe that
-/// has not been written yet) is absorbed: the proxy starts and serves, and SIGTERM still
-/// drains it. Before SIGHUP was taken over ahead of the config read, its default action ended
-/// the process here.
+/// has not been written yet) does not end it: the proxy starts, serves, and then re-reads the
+/// file once for that signal, so a change made while it started is not missed. Before SIGHUP
+/// was taken over ahead of the config read, its default action ended the process here.
 #[tokio::test]
-async fn a_sighup_while_the_config_is_read_does_not_end_the_process() {
+async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1245,6 +1245,13 @@ async fn a_sighup_while_the_config_is_read_does_not_end_the_process() {
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo(3) with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let upstream = mock.url();
+    let text = move |rpm: u32| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{upstream}\"\n[limits]\nrequests_per_minute = {rpm}\n[state]\npath = \"\"\n"
+        )
+    };
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
         .arg("--config")
         .arg(&fifo)
@@ -1275,21 +1282,30 @@ async fn a_sighup_while_the_config_is_read_does_not_end_the_process() {
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    {
+    let feed = |mut w: std::fs::File, text: String| {
         use std::io::Write as _;
-        let mut writer = writer;
-        write!(
-            writer,
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [upstream]\nurl = \"{}\"\n[state]\npath = \"\"\n",
-            mock.url()
-        )
-        .unwrap();
-    }
+        w.write_all(text.as_bytes()).unwrap();
+    };
+    feed(writer, text(600));
     let (startup, stderr) = wait_for_startup(&mut child).await;
     let main = address_after(&startup, "listening on ").expect("main address");
+    let admin = address_after(&startup, "(admin: ").expect("admin address");
     let c = client();
     assert_eq!(get(&c, &format!("{main}/healthz")).await.status, 200);
+    // The signal's reload opens the pipe again: a blocking open for writing waits for it.
+    let again = fifo.clone();
+    let reread = tokio::task::spawn_blocking(move || {
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&again)
+            .unwrap();
+        feed(w, text(30));
+    });
+    within("the reload to read the pipe", reread).await.unwrap();
+    wait_status_at(&c, &admin, "the reloaded rate", |s| {
+        s["limits"]["requests_per_minute"] == 30
+    })
+    .await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
@@ -1301,7 +1317,22 @@ async fn a_sighup_while_the_config_is_read_does_not_end_the_process() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
-    drop(stderr);
+    let log = stderr.join().unwrap();
+    assert!(log.contains("configuration reloaded"), "{log}");
+}
+
+/// Polls `{admin}/status` until `check` holds.
+async fn wait_status_at(c: &TestClient, admin: &str, what: &str, check: impl Fn(&Value) -> bool) {
+    let url = format!("{admin}/status");
+    within(what, async {
+        loop {
+            if check(&get(c, &url).await.json()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 /// Request bodies read before admission are held together within `queue.max_body_bytes`: a body
