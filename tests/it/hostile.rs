@@ -66,9 +66,22 @@ async fn wait_status(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
+    wait_status_at(c, &proxy.admin_url(""), what, check).await
+}
+
+/// Polls `{admin}/status` until `check` holds; returns that status.
+async fn wait_status_at(
+    c: &TestClient,
+    admin: &str,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let url = format!("{admin}/status");
     within(what, async {
         loop {
-            let s = status(c, proxy).await;
+            let got = get(c, &url).await;
+            assert_eq!(got.status, 200, "{}", got.text());
+            let s = got.json();
             if check(&s) {
                 return s;
             }
@@ -76,6 +89,30 @@ async fn wait_status(
         }
     })
     .await
+}
+
+/// The end of a SIGHUP test: the process is alive, says it reloaded, and SIGTERM still ends
+/// it cleanly.
+async fn alive_reloaded_and_stopped(
+    mut child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+) {
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = stderr.join().unwrap();
+    assert!(log.contains("configuration reloaded"), "{log}");
 }
 
 /// Asserts the test key appears nowhere in `text`.
@@ -1205,31 +1242,11 @@ async fn sighup_reloads_and_never_ends_the_process() {
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
-    loop {
-        let s = get(&c, &format!("{admin}/status")).await.json();
-        if s["limits"]["requests_per_minute"] == 30 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "SIGHUP did not reload: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP ended the process"
-    );
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    let log = stderr.join().unwrap();
-    assert!(log.contains("configuration reloaded"), "{log}");
+    wait_status_at(&c, &admin, "SIGHUP to reload", |s| {
+        s["limits"]["requests_per_minute"] == 30
+    })
+    .await;
+    alive_reloaded_and_stopped(child, stderr).await;
 }
 
 /// A SIGHUP that arrives while the proxy is still reading its configuration (here a pipe that
@@ -1306,33 +1323,7 @@ async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
         s["limits"]["requests_per_minute"] == 30
     })
     .await;
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "SIGHUP ended the process"
-    );
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    let log = stderr.join().unwrap();
-    assert!(log.contains("configuration reloaded"), "{log}");
-}
-
-/// Polls `{admin}/status` until `check` holds.
-async fn wait_status_at(c: &TestClient, admin: &str, what: &str, check: impl Fn(&Value) -> bool) {
-    let url = format!("{admin}/status");
-    within(what, async {
-        loop {
-            if check(&get(c, &url).await.json()) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
+    alive_reloaded_and_stopped(child, stderr).await;
 }
 
 /// Request bodies read before admission are held together within `queue.max_body_bytes`: a body
