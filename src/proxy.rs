@@ -116,18 +116,21 @@ impl Proxy {
 
     /// `queue_full` for a body that does not fit beside those already waiting: retry when a
     /// new request would be served, at the soonest (the waiting bodies leave as they go).
-    fn bodies_full(&self, hold: &Hold<'_>) -> Rejection {
+    fn bodies_full(&self, hold: &Hold<'_>, needs: u64) -> Rejection {
         let limit = self.metrics.held_bodies.limit();
         let wait = self.admission.snapshot().new_request_wait;
-        let mut r =
-            self.admission
-                .rejection(Reason::QueueFull)
-                .with_detail(format!(
-            "request bodies waiting for admission hold {} bytes and this one needs {} more; \
-             the limit is {limit} (queue.max_body_bytes)",
-            self.metrics.held_bodies.bytes().saturating_sub(hold.bytes()),
-            hold.bytes().max(1),
-        ));
+        let held = self
+            .metrics
+            .held_bodies
+            .bytes()
+            .saturating_sub(hold.bytes());
+        let mut r = self
+            .admission
+            .rejection(Reason::QueueFull)
+            .with_detail(format!(
+                "request bodies waiting for admission hold {held} bytes and this one needs \
+                 {needs}; the limit is {limit} bytes together (queue.max_body_bytes)"
+            ));
         r.retry_after = Some(r.retry_after.unwrap_or_default().max(wait));
         r
     }
@@ -217,8 +220,8 @@ impl Proxy {
                     (Upload::Buffered(bytes), model)
                 }
                 Err(Unread::Refused(r)) => return p.own(r),
-                Err(Unread::Full) => {
-                    let r = self.bodies_full(&hold);
+                Err(Unread::Full { needs }) => {
+                    let r = self.bodies_full(&hold, needs);
                     return p.own(r);
                 }
             }
@@ -838,8 +841,11 @@ fn reads_body(parts: &http::request::Parts) -> bool {
 /// Why a body read before admission was not read.
 enum Unread {
     Refused(Rejection),
-    /// The bodies waiting together would pass `queue.max_body_bytes`.
-    Full,
+    /// The bodies waiting together would pass `queue.max_body_bytes` with this one's
+    /// `needs` bytes.
+    Full {
+        needs: u64,
+    },
 }
 
 /// Read a whole request body (bounded by `limit`, each chunk within `idle`) into one
@@ -856,7 +862,7 @@ async fn read_body(
     let declared = body.size_hint().exact().filter(|&n| n <= limit);
     if let Some(n) = declared {
         if !hold.grow_to(n) {
-            return Err(Unread::Full);
+            return Err(Unread::Full { needs: n });
         }
     }
     let mut body = RequestBody::new(body, limit, idle, Arc::clone(stats));
@@ -865,8 +871,9 @@ async fn read_body(
         match frame {
             Ok(f) => {
                 if let Ok(d) = f.into_data() {
-                    if !hold.grow_to((buf.len() + d.len()) as u64) {
-                        return Err(Unread::Full);
+                    let needs = (buf.len() + d.len()) as u64;
+                    if !hold.grow_to(needs) {
+                        return Err(Unread::Full { needs });
                     }
                     buf.extend_from_slice(&d);
                 }

@@ -1371,7 +1371,7 @@ async fn waiting_bodies_are_bounded_together() {
         e["message"]
             .as_str()
             .unwrap()
-            .contains("queue.max_body_bytes"),
+            .contains("hold 600 bytes and this one needs 600; the limit is 1000"),
         "{e}"
     );
     assert!(shed.header("retry-after").is_some());
