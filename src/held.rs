@@ -73,7 +73,8 @@ impl Hold<'_> {
         }
         let mut now = self.held.bytes.load(Ordering::Relaxed);
         loop {
-            let others = now - self.bytes;
+            // `now` includes this hold's own bytes (only its drop takes them out).
+            let others = now.saturating_sub(self.bytes);
             let next = now.saturating_add(more);
             if next > self.limit && others > 0 {
                 return false;
