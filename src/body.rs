@@ -24,6 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::admission::Permit;
 use crate::log::RequestLog;
+use crate::pool::UpstreamBody;
 use crate::response::OpenAiError;
 use crate::sse::SseErrorRewriter;
 
@@ -185,7 +186,7 @@ enum Kind {
 }
 
 struct Streaming {
-    inner: Incoming,
+    inner: UpstreamBody,
     idle: Duration,
     timer: Pin<Box<Sleep>>,
     sse: Option<SseErrorRewriter>,
@@ -194,6 +195,10 @@ struct Streaming {
     log: RequestLog,
     /// An SSE error event to send after an upstream failure, then end cleanly.
     trailer: Option<Bytes>,
+    /// An upstream failure of a non-SSE body, reported on the next poll: the one poll in
+    /// between lets hyper send the head and the bytes already handed to it, which it drops
+    /// when a body fails in the same poll that gave them.
+    broken: Option<String>,
     finished: bool,
 }
 
@@ -212,7 +217,7 @@ impl ResponseBody {
 
     /// Stream an upstream body, holding `permit` until it ends.
     pub fn stream(
-        inner: Incoming,
+        inner: UpstreamBody,
         idle: Duration,
         sse: bool,
         permit: Permit,
@@ -227,6 +232,7 @@ impl ResponseBody {
                 permit: Some(permit),
                 log,
                 trailer: None,
+                broken: None,
                 finished: false,
             })),
         }
@@ -286,6 +292,9 @@ impl Body for ResponseBody {
         if s.finished {
             return Poll::Ready(None);
         }
+        if let Some(why) = s.broken.take() {
+            return s.fail(why);
+        }
         loop {
             match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -312,6 +321,11 @@ impl Body for ResponseBody {
                         Err(frame) => frame,
                     };
                     return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(Some(Err(e))) if s.sse.is_none() => {
+                    s.broken = Some(e.to_string());
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 Poll::Ready(Some(Err(e))) => return s.fail(e.to_string()),
                 Poll::Ready(None) => {

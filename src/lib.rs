@@ -36,6 +36,7 @@ pub mod log;
 pub mod metrics;
 pub mod model;
 pub mod poll;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod response;

@@ -29,6 +29,7 @@ use crate::config::Config;
 use crate::held::Hold;
 use crate::log::RequestLog;
 use crate::metrics::{Metrics, RetryCause};
+use crate::pool::UpstreamBody;
 use crate::response::{Reason, Rejection, REQUEST_ID};
 use crate::signals;
 use crate::upstream::{SendError, Upstream, MAX_WAIT_HEADER};
@@ -557,7 +558,7 @@ impl Pipeline {
     }
 
     /// Stream the upstream response to the client, holding the permit until it ends.
-    fn pass_through(self, resp: Response<Incoming>, permit: Permit) -> Response<ResponseBody> {
+    fn pass_through(self, resp: Response<UpstreamBody>, permit: Permit) -> Response<ResponseBody> {
         // The log line moves into the streaming body, which emits it when the stream ends.
         let Pipeline {
             proxy,
@@ -589,7 +590,7 @@ impl Pipeline {
         Response::from_parts(parts, body)
     }
 
-    async fn upstream_429(&self, resp: Response<Incoming>, permit: &mut Permit) -> Read429 {
+    async fn upstream_429(&self, resp: Response<UpstreamBody>, permit: &mut Permit) -> Read429 {
         let now = self.unix_now();
         let hint = signals::cooldown_hint(resp.headers(), now);
         let rl_headers = signals::rate_limit_headers(resp.headers());
@@ -682,7 +683,7 @@ impl Pipeline {
 
     async fn upstream_402(
         self,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         mut permit: Permit,
     ) -> Response<ResponseBody> {
         let (parts, body) = resp.into_parts();
@@ -790,7 +791,7 @@ where
 }
 
 /// Read at most `limit` bytes of a body, within `within`; the rest is discarded.
-async fn read_prefix(mut body: Incoming, limit: usize, within: Duration) -> Bytes {
+async fn read_prefix(mut body: UpstreamBody, limit: usize, within: Duration) -> Bytes {
     let mut buf = BytesMut::new();
     let read = async {
         while buf.len() < limit {

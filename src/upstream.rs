@@ -1,10 +1,10 @@
-//! The way out: one pooled hyper client to the one configured upstream, the URI rewrite that
-//! makes it impossible to reach anywhere else, the header rules (hop-by-hop, key injection),
-//! and the first-byte timeout.
+//! The way out: the connections to the one configured upstream ([`crate::pool`]), the URI
+//! rewrite that makes it impossible to reach anywhere else, the header rules (hop-by-hop, key
+//! injection), and the first-byte timeout.
 //!
 //! TLS is rustls on ring with the webpki roots (no OpenSSL, no cmake); HTTP/2 or HTTP/1.1 is
-//! chosen by ALPN; plain `http://` upstreams speak HTTP/1.1 (tests and sidecars). Pooled
-//! connections expire after `POOL_IDLE_TIMEOUT`, which needs a pool timer to actually fire.
+//! chosen by ALPN; plain `http://` upstreams speak HTTP/1.1 (tests and sidecars). Idle
+//! connections expire after `POOL_IDLE_TIMEOUT`.
 //!
 //! Not here: deciding whether to send (admission) or what a status means (signals, proxy).
 
@@ -13,14 +13,11 @@ use std::time::Duration;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::Request;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::RequestBody;
 use crate::config::{TlsRoots, UpstreamConfig, UpstreamUrl};
+use crate::pool::{Pool, UpstreamBody};
 
 /// Below the usual 60–120 s idle cut-off of cloud load balancers, so the pool rarely hands out
 /// a connection the other side is about to close.
@@ -47,7 +44,7 @@ pub enum SendError {
 }
 
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    pool: Pool,
     base: UpstreamUrl,
     /// The complete auth header value (prefix + key), marked sensitive so hyper never logs or
     /// HPACK-indexes it.
@@ -83,11 +80,7 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+        let pool = Pool::new(https, &cfg.url, POOL_IDLE_TIMEOUT)?;
         let auth = match &cfg.api_key {
             Some(key) => {
                 let mut v = HeaderValue::from_str(&format!("{}{}", cfg.auth_prefix, key.expose()))
@@ -98,7 +91,7 @@ impl Upstream {
             None => None,
         };
         Ok(Upstream {
-            client,
+            pool,
             base: cfg.url.clone(),
             auth,
             auth_header: cfg.auth_header.clone(),
@@ -163,20 +156,20 @@ impl Upstream {
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<http::Response<Incoming>, SendError> {
-        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
             Err(_) => Err(SendError::Timeout(self.first_byte_timeout)),
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(classify(&*e)),
         }
     }
 }
 
-/// Describe a client error without leaking anything sensitive (hyper errors never contain
-/// header values), and tell an upload failure from an upstream failure.
-fn classify(e: &hyper_util::client::legacy::Error) -> SendError {
+/// Describe a connect or exchange error without leaking anything sensitive (hyper errors
+/// never contain header values), and tell an upload failure from an upstream failure.
+fn classify(e: &(dyn std::error::Error + 'static)) -> SendError {
     let mut chain = String::new();
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut src = Some(e);
     let mut upload = false;
     while let Some(s) = src {
         if s.downcast_ref::<crate::body::BodyError>().is_some() {

@@ -1,0 +1,694 @@
+//! The upstream's connections, kept by the proxy itself rather than a generic pooled client.
+//!
+//! An HTTP/1.1 connection serves one exchange at a time, so it is *leased* to that exchange
+//! and driven by it: the request's own task polls the connection (writing the request, reading
+//! and decoding the answer) right where it waits for the answer, and the response body polls
+//! it again each time the client's side asks for more. There is no connection task, no
+//! channel hop and no cross-task wake-up per request or per streamed chunk, and when several
+//! SSE events are already in the socket the client's side takes them all in one poll, so
+//! hyper writes them to the client together (BENCHMARKS.md, issue 15). When the body ends
+//! the connection goes back to the pool, newest first.
+//!
+//! An HTTP/2 connection (chosen by ALPN on TLS) is shared by every exchange; it runs in a
+//! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
+//! client's side takes what has arrived in one poll there too.
+//!
+//! Idle HTTP/1.1 connections are nobody's to drive. A connection is looked at when it is taken
+//! (one poll: a close or stray bytes from the upstream end it there), and a sweeper drops
+//! those idle longer than the idle timeout or closed by the upstream. A request that a reused
+//! connection turned away before sending any of it (the upstream closed the connection just
+//! then) is sent again on another; a fresh connection's failure is the answer.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, HOST};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::{BoxError, RequestBody};
+use crate::config::UpstreamUrl;
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+type H1 = http1::Connection<Io, RequestBody>;
+
+/// At most this many idle HTTP/1.1 connections are kept; past it the oldest is closed.
+const MAX_IDLE: usize = 512;
+/// Sends of one request when reused connections turn it away unsent.
+const MAX_TRIES: u32 = 3;
+
+pub struct Pool {
+    connector: HttpsConnector<HttpConnector>,
+    /// Scheme and authority: what the connector dials.
+    dial: Uri,
+    /// The `Host` an HTTP/1.1 request carries (the port only when it is not the scheme's).
+    host: HeaderValue,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    home: Arc<Home>,
+}
+
+/// What a lease returns to.
+struct Home {
+    state: Mutex<State>,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// Oldest first; a checkout takes the newest, so the rest can age out.
+    idle: VecDeque<Idle>,
+    /// The HTTP/2 connection every exchange shares, once ALPN has chosen it.
+    shared: Option<http2::SendRequest<RequestBody>>,
+    sweeping: bool,
+}
+
+struct Idle {
+    lease: Lease,
+    since: Instant,
+}
+
+/// An HTTP/1.1 connection held by one exchange, which drives it.
+pub struct Lease {
+    send: http1::SendRequest<RequestBody>,
+    /// `None` once the connection has ended.
+    conn: Option<Box<H1>>,
+    reused: bool,
+}
+
+impl Lease {
+    /// Let the connection make progress: write what is pending, read and decode what has
+    /// arrived. The connection's I/O registers this task's waker.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn {
+            if let Poll::Ready(end) = Pin::new(conn).poll(cx) {
+                if let Err(e) = end {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                // Dropping it also fails any exchange still waiting on it.
+                self.conn = None;
+            }
+        }
+    }
+
+    /// Still open and free for the next request (a poll made just now said so).
+    fn reusable(&self) -> bool {
+        self.conn.is_some() && self.send.is_ready()
+    }
+}
+
+enum Checked {
+    H1(Lease),
+    H2 {
+        send: http2::SendRequest<RequestBody>,
+        reused: bool,
+    },
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        base: &UpstreamUrl,
+        idle_timeout: Duration,
+    ) -> Result<Pool, String> {
+        let dial = Uri::builder()
+            .scheme(base.scheme.clone())
+            .authority(base.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| format!("upstream.url: {e}"))?;
+        let default_port = if base.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match base.authority.port_u16() {
+            Some(p) if p != default_port => format!("{}:{p}", base.authority.host()),
+            _ => base.authority.host().to_string(),
+        };
+        let host =
+            HeaderValue::from_str(&host).map_err(|_| format!("upstream.url: bad host {host}"))?;
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new());
+        Ok(Pool {
+            connector,
+            dial,
+            host,
+            h1: http1::Builder::new(),
+            h2,
+            home: Arc::new(Home {
+                state: Mutex::new(State::default()),
+                idle_timeout,
+            }),
+        })
+    }
+
+    /// Send `req` (its URI absolute: the configured upstream's) and wait for the response
+    /// head. The response's body drives its HTTP/1.1 connection and returns it to the pool
+    /// once it has been read to the end.
+    pub async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        let absolute = req.uri().clone();
+        // Sending again is only for a request no byte of which left (a reused connection that
+        // had just been closed); a few tries bound it even if each one finds another such.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let again = tries < MAX_TRIES;
+            match self.checkout().await? {
+                Checked::H2 { mut send, reused } => match send.try_send_request(req).await {
+                    Ok(resp) => return Ok(resp.map(|body| UpstreamBody { body, lease: None })),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) if reused && again => {
+                            self.forget_shared(&send);
+                            req = back;
+                        }
+                        _ => return Err(e.into_error().into()),
+                    },
+                },
+                Checked::H1(mut lease) => {
+                    // Origin-form target and a `Host`, as HTTP/1.1 to a server wants.
+                    let pq = absolute
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                    *req.uri_mut() = Uri::from(pq);
+                    req.headers_mut().insert(HOST, self.host.clone());
+                    let mut answer = pin!(lease.send.try_send_request(req));
+                    let got = poll_fn(|cx| {
+                        lease.drive(cx);
+                        answer.as_mut().poll(cx)
+                    })
+                    .await;
+                    match got {
+                        Ok(resp) => {
+                            let home = Arc::clone(&self.home);
+                            return Ok(resp.map(|body| UpstreamBody {
+                                body,
+                                lease: Some((lease, home)),
+                            }));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(back) if lease.reused && again => {
+                                req = back;
+                                *req.uri_mut() = absolute.clone();
+                            }
+                            _ => return Err(e.into_error().into()),
+                        },
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connection for one exchange: the shared HTTP/2 one, the newest idle HTTP/1.1 one
+    /// that is still open, or a new one.
+    async fn checkout(&self) -> Result<Checked, BoxError> {
+        loop {
+            let (taken, expired) = {
+                let mut st = self.home.lock();
+                if let Some(send) = &st.shared {
+                    if !send.is_closed() {
+                        return Ok(Checked::H2 {
+                            send: send.clone(),
+                            reused: true,
+                        });
+                    }
+                    st.shared = None;
+                }
+                let expired = st.expire(Instant::now(), self.home.idle_timeout);
+                (st.idle.pop_back(), expired)
+            };
+            // Closed outside the lock: a close is a syscall.
+            drop(expired);
+            let Some(Idle { mut lease, .. }) = taken else {
+                break;
+            };
+            // One poll: an upstream that closed the connection while it idled (or sent bytes
+            // nobody asked for) ends it here, before a request is written to it.
+            poll_fn(|cx| {
+                lease.drive(cx);
+                Poll::Ready(())
+            })
+            .await;
+            if lease.reusable() {
+                return Ok(Checked::H1(lease));
+            }
+        }
+        self.connect().await
+    }
+
+    async fn connect(&self) -> Result<Checked, BoxError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx)).await?;
+        let io = connector.call(self.dial.clone()).await?;
+        if io.connected().is_negotiated_h2() {
+            let (send, conn) = self.h2.handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            let mut st = self.home.lock();
+            if st.shared.as_ref().is_none_or(|s| s.is_closed()) {
+                st.shared = Some(send.clone());
+            }
+            return Ok(Checked::H2 {
+                send,
+                reused: false,
+            });
+        }
+        let (send, conn) = self.h1.handshake(io).await?;
+        Ok(Checked::H1(Lease {
+            send,
+            conn: Some(Box::new(conn)),
+            reused: false,
+        }))
+    }
+
+    /// An HTTP/2 connection that turned a request away is not handed out again.
+    fn forget_shared(&self, send: &http2::SendRequest<RequestBody>) {
+        let mut st = self.home.lock();
+        if st.shared.is_some() && send.is_closed() {
+            st.shared = None;
+        }
+    }
+
+    /// Idle HTTP/1.1 connections now (for tests and `/status`-like questions).
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.home.lock().idle.len()
+    }
+}
+
+impl Home {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // The state is a list and an option: a panic elsewhere cannot leave it half-changed.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Take back a connection whose exchange has ended, if it can serve another.
+    fn put(self: &Arc<Home>, mut lease: Lease) {
+        if !lease.reusable() {
+            return;
+        }
+        lease.reused = true;
+        let now = Instant::now();
+        let (dropped, start_sweeper) = {
+            let mut st = self.lock();
+            let mut dropped = st.expire(now, self.idle_timeout);
+            if st.idle.len() >= MAX_IDLE {
+                dropped.extend(st.idle.pop_front());
+            }
+            st.idle.push_back(Idle { lease, since: now });
+            let start = !st.sweeping;
+            st.sweeping = true;
+            (dropped, start)
+        };
+        drop(dropped);
+        if start_sweeper {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(sweep(Arc::downgrade(self)));
+            }
+        }
+    }
+}
+
+impl Home {
+    /// Close idle connections past the idle timeout or already closed by the upstream.
+    fn sweep_once(&self) {
+        let closed = {
+            let mut st = self.lock();
+            let mut out = st.expire(Instant::now(), self.idle_timeout);
+            // A poll with a waker that does nothing: the upstream's close shows as the
+            // connection's end; the next checkout polls it again with its own waker.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let mut kept = VecDeque::with_capacity(st.idle.len());
+            for mut idle in st.idle.drain(..) {
+                idle.lease.drive(&mut cx);
+                if idle.lease.reusable() {
+                    kept.push_back(idle);
+                } else {
+                    out.push(idle);
+                }
+            }
+            st.idle = kept;
+            out
+        };
+        drop(closed);
+    }
+}
+
+impl State {
+    /// The idle connections past their time, oldest first, out of the list (to be dropped
+    /// once the lock is released).
+    fn expire(&mut self, now: Instant, idle_timeout: Duration) -> Vec<Idle> {
+        let mut out = Vec::new();
+        while self
+            .idle
+            .front()
+            .is_some_and(|i| now.saturating_duration_since(i.since) >= idle_timeout)
+        {
+            out.extend(self.idle.pop_front());
+        }
+        out
+    }
+}
+
+/// Every few seconds, close idle connections past the idle timeout or already closed by the
+/// upstream, so that a quiet proxy holds no stale sockets. Ends with the pool.
+async fn sweep(home: Weak<Home>) {
+    let period = match home.upgrade() {
+        Some(h) => (h.idle_timeout / 5).max(Duration::from_secs(1)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(home) = home.upgrade() else {
+            return;
+        };
+        home.sweep_once();
+    }
+}
+
+/// An upstream response's body. Over HTTP/1.1 it carries the lease of its connection and
+/// drives it: each poll that finds no data ready lets the connection read and decode first.
+pub struct UpstreamBody {
+    body: Incoming,
+    lease: Option<(Lease, Arc<Home>)>,
+}
+
+impl UpstreamBody {
+    /// The body ended: the connection can serve another exchange.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some((mut lease, home)) = self.lease.take() {
+            // Lets the connection finish the message and ask for the next one.
+            lease.drive(cx);
+            home.put(lease);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
+        if polled.is_pending() {
+            if let Some((lease, _)) = &mut this.lease {
+                lease.drive(cx);
+                polled = Pin::new(&mut this.body).poll_frame(cx);
+            }
+        }
+        match &polled {
+            Poll::Ready(None) => this.release(cx),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
+            // A connection whose message failed is not reused.
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// An HTTP/1.1 upstream on loopback counting the connections it accepted; `/close` answers
+    /// with `Connection: close`, `/sse` streams `n` events written at once.
+    async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let path = req.uri().path().to_string();
+                        let host = req.headers().get(HOST).cloned();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let mut resp = Response::new(Full::new(Bytes::from(format!(
+                            "{path} {} {}",
+                            host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("-"),
+                            String::from_utf8_lossy(&body)
+                        ))));
+                        if path == "/close" {
+                            resp.headers_mut()
+                                .insert("connection", HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, hyper::Error>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool(addr: std::net::SocketAddr, idle_timeout: Duration) -> Pool {
+        let cfg = crate::config::Config::from_toml(
+            &format!("[upstream]\nurl = \"http://{addr}/\"\n"),
+            &crate::config::Overrides::default(),
+            &|_: &str| None,
+        )
+        .unwrap();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .unwrap()
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        Pool::new(https, &cfg.upstream.url, idle_timeout).unwrap()
+    }
+
+    fn request(addr: std::net::SocketAddr, path: &str, body: &'static str) -> Request<RequestBody> {
+        let stats = Arc::new(crate::body::UploadStats::default());
+        let mut req = Request::new(RequestBody::buffered(
+            Bytes::from_static(body.as_bytes()),
+            stats,
+        ));
+        *req.uri_mut() = format!("http://{addr}{path}").parse().unwrap();
+        *req.method_mut() = http::Method::POST;
+        req
+    }
+
+    async fn text(resp: Response<UpstreamBody>) -> String {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_connection_serves_requests_one_after_another() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr, Duration::from_secs(50));
+        for i in 0..5 {
+            let resp = pool
+                .send(request(addr, "/v1/x?a=1", "hello"))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            // Origin-form target, the upstream's own Host, the body.
+            assert_eq!(
+                text(resp).await,
+                format!("/v1/x 127.0.0.1:{} hello", addr.port())
+            );
+            assert_eq!(pool.idle(), 1, "after request {i}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_or_a_close_does_not_come_back() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr, Duration::from_secs(50));
+        let resp = pool.send(request(addr, "/close", "")).await.unwrap();
+        text(resp).await;
+        assert_eq!(pool.idle(), 0, "a Connection: close answer is not pooled");
+        let resp = pool.send(request(addr, "/a", "")).await.unwrap();
+        drop(resp);
+        assert_eq!(pool.idle(), 0, "an unread body's connection is closed");
+        let resp = pool.send(request(addr, "/b", "")).await.unwrap();
+        text(resp).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_exchanges_get_their_own_connections_and_all_come_back() {
+        let (addr, accepted) = upstream().await;
+        let pool = Arc::new(pool(addr, Duration::from_secs(50)));
+        let heads: Vec<_> =
+            futures_util::future::join_all((0..4).map(|_| pool.send(request(addr, "/c", "x"))))
+                .await;
+        for h in heads {
+            text(h.unwrap()).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle(), 4);
+    }
+
+    /// The upstream closes an idle connection (a restart, its keep-alive timeout): it is
+    /// dropped from the pool, and the next request goes out on a new one.
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_replaced() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let closing = Arc::clone(&close);
+        tokio::spawn(async move {
+            // Answers one request per connection, then closes it, without saying so, when told.
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let closing = Arc::clone(&closing);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    closing.notified().await;
+                });
+            }
+        });
+        let pool = pool(addr, Duration::from_secs(50));
+        assert_eq!(
+            text(pool.send(request(addr, "/", "")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(pool.idle(), 1);
+        close.notify_one();
+        // The sweeper's look at idle connections sees the close once it has arrived.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.idle() > 0 {
+                pool.home.sweep_once();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the closed connection never left the pool");
+        assert_eq!(
+            text(pool.send(request(addr, "/", "")).await.unwrap()).await,
+            "ok"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// The mechanism behind the SSE numbers in BENCHMARKS.md: events that have reached the
+    /// socket together are handed over one per poll with no wake-up in between (the body
+    /// drives its connection), so the client's side takes them all before it writes once.
+    #[tokio::test]
+    async fn events_already_received_are_taken_without_waiting() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            // The head and ten events in one write: they arrive together.
+            let mut out = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            for i in 0..10 {
+                let event = format!("data: {{\"n\":{i}}}\n\n");
+                out.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            stream.write_all(&out).await.unwrap();
+            // Held open: the end of the stream is the last chunk, not a close.
+            let _ = stream.read(&mut buf).await;
+        });
+        let pool = pool(addr, Duration::from_secs(50));
+        let resp = pool.send(request(addr, "/", "")).await.unwrap();
+        let mut body = resp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&first[..], b"data: {\"n\":0}\n\n");
+        // Polled with a waker that does nothing: any event that needed the socket read again,
+        // or another task to run, would be Pending here.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for i in 1..10 {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    let data = f.into_data().unwrap();
+                    assert_eq!(data, format!("data: {{\"n\":{i}}}\n\n").as_bytes());
+                }
+                other => panic!("event {i} was not ready: {:?}", other.map(|o| o.is_some())),
+            }
+        }
+        assert!(matches!(
+            Pin::new(&mut body).poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert_eq!(pool.idle(), 1, "the connection went back once the stream ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_expire() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr, Duration::from_secs(50));
+        text(pool.send(request(addr, "/", "")).await.unwrap()).await;
+        assert_eq!(pool.idle(), 1);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(pool.idle(), 0, "the sweeper closes it");
+        text(pool.send(request(addr, "/", "")).await.unwrap()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+}
