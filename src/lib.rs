@@ -33,6 +33,7 @@ pub mod heap;
 pub mod held;
 pub mod history;
 pub mod log;
+pub mod logbuf;
 pub mod metrics;
 pub mod model;
 pub mod poll;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use chutes_proxy::clock::WallClock;
 use chutes_proxy::config::{Config, Overrides, ProcessEnv};
+use chutes_proxy::logbuf::Batched;
 
 #[derive(Parser, Debug)]
 #[command(name = "chutes-proxy", version, about = "Rate-limiting reverse proxy for one Chutes account", long_about = None)]
@@ -60,7 +61,16 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Writes out the batched log lines when `main` ends, whichever way it ends.
+struct LogGuard(Batched<std::io::Stderr>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+fn init_logging(format: LogFormat) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colour codes only for a person at a terminal that shows them: in a file or a log
@@ -69,9 +79,18 @@ fn init_logging(format: LogFormat) {
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
         || std::env::var_os("TERM").is_some_and(|t| t == "dumb");
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color;
+    // Lines are batched (logbuf.rs): one write per batch instead of one per request. A panic
+    // writes out the lines before it first, then its own message.
+    let batched = Batched::new(std::io::stderr());
+    let for_panics = batched.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        for_panics.flush();
+        previous(info);
+    }));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(batched.clone())
         .with_ansi(ansi)
         .with_target(false)
         // The same timestamps as the default timer, the date formatted once a second.
@@ -87,6 +106,7 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text if !ansi => builder.fmt_fields(chutes_proxy::log::PlainFields).init(),
         LogFormat::Text => builder.init(),
     }
+    LogGuard(batched)
 }
 
 fn main() -> ExitCode {
@@ -160,7 +180,8 @@ fn main() -> ExitCode {
         print!("{}", config.render());
         return ExitCode::SUCCESS;
     }
-    init_logging(cli.log_format);
+    // Held to the end of `main`: its drop writes out the last lines.
+    let _log = init_logging(cli.log_format);
     runtime.block_on(async move {
         let (main, admin) = match chutes_proxy::bind(&config).await {
             Ok(l) => l,

@@ -677,7 +677,11 @@ mod tests {
             Pin::new(&mut body).poll_frame(&mut cx),
             Poll::Ready(None)
         ));
-        assert_eq!(pool.idle(), 1, "the connection went back once the stream ended");
+        assert_eq!(
+            pool.idle(),
+            1,
+            "the connection went back once the stream ended"
+        );
     }
 
     #[tokio::test(start_paused = true)]

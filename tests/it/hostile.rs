@@ -113,6 +113,9 @@ async fn alive_reloaded_and_stopped(
     assert!(status.success(), "{status:?}");
     let log = stderr.join().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
+    // The last line logged before exit is out: batched lines are written at the end of main.
+    let last = log.lines().filter(|l| !l.trim().is_empty()).last();
+    assert!(last.is_some_and(|l| l.contains("stopped")), "{log}");
 }
 
 /// Asserts the test key appears nowhere in `text`.
