@@ -50,7 +50,7 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
         if req.uri().path() == "/reload" {
-            return self.reload(&req);
+            return self.reload(&req).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(
@@ -374,7 +374,7 @@ fn redact_url(url: &str) -> String {
 impl Admin {
     /// `POST /reload`: re-read the config file. It changes the proxy, so it is answered only
     /// for a loopback peer or a request carrying `server.admin_token_env`'s token.
-    fn reload(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+    async fn reload(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
         if req.method() != Method::POST {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -392,7 +392,7 @@ impl Admin {
                 &["this proxy was started without a configuration file to reload"],
             );
         };
-        match r.reload() {
+        match r.reload_blocking().await {
             Ok(report) => text(
                 StatusCode::OK,
                 "application/json",

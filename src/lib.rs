@@ -419,11 +419,19 @@ async fn reload_on_hangup(
             return;
         };
         loop {
+            let signal = tokio::select! {
+                s = hup.recv() => s,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            if signal.is_none() {
+                let _ = stop.wait_for(|s| *s).await;
+                return;
+            }
+            tracing::info!("SIGHUP: reloading the configuration");
+            // A read that hangs (a config on a pipe, a hung mount) is left behind at shutdown
+            // rather than holding it.
             tokio::select! {
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    let _ = reloader.reload();
-                }
+                _ = reloader.reload_blocking() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }

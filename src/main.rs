@@ -182,7 +182,7 @@ fn main() -> ExitCode {
     }
     // Held to the end of `main`: its drop writes out the last lines.
     let _log = init_logging(cli.log_format);
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let (main, admin) = match chutes_proxy::bind(&config).await {
             Ok(l) => l,
             Err(e) => {
@@ -212,7 +212,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // A reload still reading a config that never arrives (a pipe, a hung mount) is on a
+    // blocking thread; the runtime would wait for it without end.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, before the

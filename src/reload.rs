@@ -67,6 +67,17 @@ impl Reloader {
         }
     }
 
+    /// [`Reloader::reload`] on a blocking thread. The file is read with blocking I/O, and a
+    /// config on a pipe or a hung network mount must hold neither a runtime worker nor, with
+    /// it, the shutdown (main gives blocking threads a bounded time at exit).
+    pub async fn reload_blocking(self: &Arc<Self>) -> Result<Report, Vec<String>> {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || me.reload()).await {
+            Ok(r) => r,
+            Err(e) => Err(vec![format!("the reload did not complete: {e}")]),
+        }
+    }
+
     /// Re-read the file and apply it. `Err` lists every problem, one per key; nothing changed.
     pub fn reload(&self) -> Result<Report, Vec<String>> {
         let Some(src) = &self.source else {

@@ -114,7 +114,7 @@ async fn alive_reloaded_and_stopped(
     let log = stderr.join().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
     // The last line logged before exit is out: batched lines are written at the end of main.
-    let last = log.lines().filter(|l| !l.trim().is_empty()).last();
+    let last = log.lines().rfind(|l| !l.trim().is_empty());
     assert!(last.is_some_and(|l| l.contains("stopped")), "{log}");
 }
 
@@ -1258,7 +1258,6 @@ async fn sighup_reloads_and_never_ends_the_process() {
 /// was taken over ahead of the config read, its default action ended the process here.
 #[tokio::test]
 async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("config.toml");
@@ -1280,25 +1279,7 @@ async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start chutes-proxy");
-    // A non-blocking open for writing succeeds only once a reader has the pipe open: then the
-    // proxy is inside its config read (blocked until the text arrives).
-    let writer = within("the proxy to open its config", async {
-        loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&fifo)
-            {
-                Ok(w) => return w,
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    assert!(child.try_wait().unwrap().is_none(), "the proxy ended early");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("open the config pipe: {e}"),
-            }
-        }
-    })
-    .await;
+    let writer = opened_by_the_proxy(&fifo, &mut child).await;
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
@@ -1419,4 +1400,92 @@ async fn waiting_bodies_are_bounded_together() {
         "nothing shed or abandoned reached the upstream"
     );
     proxy.stop().await.unwrap();
+}
+
+/// The write end of `fifo`, once the proxy has opened it to read: a non-blocking open for
+/// writing succeeds only when a reader has the pipe open, so the proxy is then inside its
+/// config read (blocked until text arrives).
+async fn opened_by_the_proxy(
+    fifo: &std::path::Path,
+    child: &mut std::process::Child,
+) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    within("the proxy to open its config", async {
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(fifo)
+            {
+                Ok(w) => return w,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    assert!(child.try_wait().unwrap().is_none(), "the proxy ended early");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("open the config pipe: {e}"),
+            }
+        }
+    })
+    .await
+}
+
+/// A reload whose file never arrives (a config on a pipe nobody feeds, a hung mount) holds
+/// neither the proxy's serving nor its shutdown: the read is on a blocking thread, and a
+/// SIGTERM still drains and exits.
+#[tokio::test]
+async fn a_reload_that_never_reads_its_file_holds_neither_serving_nor_shutdown() {
+    use std::io::Write as _;
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.toml");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
+        .arg("--config")
+        .arg(&fifo)
+        .env("CHUTES_API_KEY", TEST_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chutes-proxy");
+    let mut first = opened_by_the_proxy(&fifo, &mut child).await;
+    first
+        .write_all(
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [upstream]\nurl = \"{}\"\n[state]\npath = \"\"\n",
+                mock.url()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    drop(first);
+    let (startup, stderr) = wait_for_startup(&mut child).await;
+    let main = address_after(&startup, "listening on ").expect("main address");
+    let pid = child.id() as libc::pid_t;
+    // Twice: a second reload must not queue behind the first on a worker either.
+    for _ in 0..2 {
+        // SAFETY: kill(2) on our own child's pid with a valid signal number.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
+    // The reload has the pipe open and is reading it; the text never comes.
+    let stuck = opened_by_the_proxy(&fifo, &mut child).await;
+    let c = client();
+    for _ in 0..4 {
+        assert_eq!(get(&c, &format!("{main}/healthz")).await.status, 200);
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = within(
+        "the proxy to exit with a reload stuck",
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(stuck);
+    let log = stderr.join().unwrap();
+    assert!(log.contains("stopped"), "{log}");
 }
