@@ -251,7 +251,9 @@ impl Pool {
                 return Ok(Checked::H1(lease));
             }
         }
-        self.connect().await
+        // Boxed: dialing (TCP, TLS, the handshakes) is a 6 KiB future, needed once per
+        // connection, and every exchange's own future would otherwise carry (and move) it.
+        Box::pin(self.connect()).await
     }
 
     async fn connect(&self) -> Result<Checked, BoxError> {
