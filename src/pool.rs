@@ -686,6 +686,151 @@ mod tests {
         );
     }
 
+    /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. One connection then carries
+    /// every exchange, concurrent ones included, and stays shared for the next.
+    #[tokio::test]
+    async fn over_tls_alpn_h2_one_connection_carries_every_exchange() {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let cert = CertificateDer::from(
+            include_bytes!("../tests/it/fixtures/self_signed_cert.der").to_vec(),
+        );
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            include_bytes!("../tests/it/fixtures/self_signed_key.der").to_vec(),
+        ));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let line = format!("{:?} {}", req.version(), req.uri().path());
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(line))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+
+        // The fixture is self-signed (a CA certificate, which webpki refuses as a server's):
+        // this test trusts exactly that certificate, with the signatures still checked.
+        let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ThisCertificate {
+                cert: cert.into_owned(),
+                provider,
+            }))
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client)
+            .https_only()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let url = format!("[upstream]\nurl = \"https://{addr}/\"\n");
+        let cfg = crate::config::Config::from_toml(
+            &url,
+            &crate::config::Overrides::default(),
+            &|_: &str| None,
+        )
+        .unwrap();
+        let pool = Pool::new(https, &cfg.upstream.url, Duration::from_secs(50)).unwrap();
+        let https_request = |path: &str| {
+            let mut req = request(addr, path, "");
+            *req.uri_mut() = format!("https://{addr}{path}").parse().unwrap();
+            req
+        };
+        let first = pool.send(https_request("/first")).await.unwrap();
+        assert_eq!(text(first).await, "HTTP/2.0 /first");
+        let answers = futures_util::future::join_all(
+            (0..4).map(|i| pool.send(https_request(&format!("/c{i}")))),
+        )
+        .await;
+        for (i, a) in answers.into_iter().enumerate() {
+            assert_eq!(text(a.unwrap()).await, format!("HTTP/2.0 /c{i}"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one shared connection");
+        assert_eq!(pool.idle(), 0, "HTTP/2 is shared, never parked as idle");
+    }
+
+    /// Trusts one certificate, byte for byte, and checks handshake signatures against it.
+    #[derive(Debug)]
+    struct ThisCertificate {
+        cert: rustls::pki_types::CertificateDer<'static>,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    }
+
+    impl rustls::client::danger::ServerCertVerifier for ThisCertificate {
+        fn verify_server_cert(
+            &self,
+            end_entity: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            if end_entity.as_ref() == self.cert.as_ref() {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            } else {
+                Err(rustls::Error::General("not the test certificate".into()))
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_connections_expire() {
         let (addr, accepted) = upstream().await;
