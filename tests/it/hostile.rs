@@ -1259,11 +1259,7 @@ async fn sighup_reloads_and_never_ends_the_process() {
 #[tokio::test]
 async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
     let mock = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("config.toml");
-    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (_dir, fifo, mut child) = proxy_on_a_config_pipe();
     let upstream = mock.url();
     let text = move |rpm: u32| {
         format!(
@@ -1271,14 +1267,6 @@ async fn a_sighup_while_the_config_is_read_reloads_once_serving() {
              [upstream]\nurl = \"{upstream}\"\n[limits]\nrequests_per_minute = {rpm}\n[state]\npath = \"\"\n"
         )
     };
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
-        .arg("--config")
-        .arg(&fifo)
-        .env("CHUTES_API_KEY", TEST_KEY)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start chutes-proxy");
     let writer = opened_by_the_proxy(&fifo, &mut child).await;
     let pid = child.id() as libc::pid_t;
     // SAFETY: kill(2) on our own child's pid with a valid signal number.
@@ -1402,6 +1390,25 @@ async fn waiting_bodies_are_bounded_together() {
     proxy.stop().await.unwrap();
 }
 
+/// The proxy binary started on a config file that is a named pipe (in a temp dir, returned to
+/// be kept alive): it blocks in its config read until the test writes the text.
+fn proxy_on_a_config_pipe() -> (tempfile::TempDir, std::path::PathBuf, std::process::Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("config.toml");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
+        .arg("--config")
+        .arg(&fifo)
+        .env("CHUTES_API_KEY", TEST_KEY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start chutes-proxy");
+    (dir, fifo, child)
+}
+
 /// The write end of `fifo`, once the proxy has opened it to read: a non-blocking open for
 /// writing succeeds only when a reader has the pipe open, so the proxy is then inside its
 /// config read (blocked until text arrives).
@@ -1436,19 +1443,7 @@ async fn opened_by_the_proxy(
 async fn a_reload_that_never_reads_its_file_holds_neither_serving_nor_shutdown() {
     use std::io::Write as _;
     let mock = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("config.toml");
-    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"))
-        .arg("--config")
-        .arg(&fifo)
-        .env("CHUTES_API_KEY", TEST_KEY)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start chutes-proxy");
+    let (_dir, fifo, mut child) = proxy_on_a_config_pipe();
     let mut first = opened_by_the_proxy(&fifo, &mut child).await;
     first
         .write_all(
