@@ -366,7 +366,10 @@ impl Body for ResponseBody {
 impl Drop for Streaming {
     fn drop(&mut self) {
         if !self.finished {
-            let why = if self.inner.is_end_stream() {
+            let why = if let Some(broken) = self.broken.take() {
+                // The upstream failed, and hyper let the body go before it was told.
+                Some(broken)
+            } else if self.inner.is_end_stream() {
                 None
             } else {
                 Some("client went away before the end of the response".into())

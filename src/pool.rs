@@ -50,6 +50,9 @@ type H1 = http1::Connection<Io, RequestBody>;
 const MAX_IDLE: usize = 512;
 /// Sends of one request when reused connections turn it away unsent.
 const MAX_TRIES: u32 = 3;
+/// HTTP/2 keep-alive pings while streams are open, and how long one may go unanswered.
+const H2_PING_EVERY: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
@@ -59,6 +62,8 @@ pub struct Pool {
     host: HeaderValue,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// Held while an HTTP/2 connection is dialled (see `State::h2_seen`).
+    dialing: tokio::sync::Mutex<()>,
     home: Arc<Home>,
 }
 
@@ -72,8 +77,14 @@ struct Home {
 struct State {
     /// Oldest first; a checkout takes the newest, so the rest can age out.
     idle: VecDeque<Idle>,
-    /// The HTTP/2 connection every exchange shares, once ALPN has chosen it.
-    shared: Option<http2::SendRequest<RequestBody>>,
+    /// The HTTP/2 connection every exchange shares, once ALPN has chosen it, and when an
+    /// exchange last took it: unused for the idle timeout, it is let go like an idle HTTP/1.1
+    /// one (its streams in flight carry on), so a load balancer's idle cut-off never meets a
+    /// request on it.
+    shared: Option<(http2::SendRequest<RequestBody>, Instant)>,
+    /// ALPN chose HTTP/2 here before: a new connection is dialled by one exchange at a time,
+    /// and the others wait for it instead of each dialling its own.
+    h2_seen: bool,
     sweeping: bool,
 }
 
@@ -143,13 +154,18 @@ impl Pool {
         let host =
             HeaderValue::from_str(&host).map_err(|_| format!("upstream.url: bad host {host}"))?;
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new());
+        // Pings while streams are open: a flow a middlebox dropped in silence fails its
+        // streams within half a minute instead of each waiting out its own timeout.
+        h2.timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_EVERY)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         Ok(Pool {
             connector,
             dial,
             host,
             h1: http1::Builder::new(),
             h2,
+            dialing: tokio::sync::Mutex::new(()),
             home: Arc::new(Home {
                 state: Mutex::new(State::default()),
                 idle_timeout,
@@ -197,6 +213,18 @@ impl Pool {
                     })
                     .await;
                     match got {
+                        Ok(resp) if resp.body().is_end_stream() => {
+                            // No body (HEAD, 204, 304, a zero length): hyper's server may
+                            // never poll one it must not send, so the connection goes back
+                            // now, once it has finished the message.
+                            poll_fn(|cx| {
+                                lease.drive(cx);
+                                Poll::Ready(())
+                            })
+                            .await;
+                            self.home.put(lease);
+                            return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
+                        }
                         Ok(resp) => {
                             let home = Arc::clone(&self.home);
                             return Ok(resp.map(|body| UpstreamBody {
@@ -223,14 +251,11 @@ impl Pool {
         loop {
             let (taken, expired) = {
                 let mut st = self.home.lock();
-                if let Some(send) = &st.shared {
-                    if !send.is_closed() {
-                        return Ok(Checked::H2 {
-                            send: send.clone(),
-                            reused: true,
-                        });
-                    }
-                    st.shared = None;
+                if let Some(send) = st.take_shared(self.home.idle_timeout) {
+                    return Ok(Checked::H2 { send, reused: true });
+                }
+                if st.h2_seen {
+                    break;
                 }
                 let expired = st.expire(Instant::now(), self.home.idle_timeout);
                 (st.idle.pop_back(), expired)
@@ -251,6 +276,14 @@ impl Pool {
                 return Ok(Checked::H1(lease));
             }
         }
+        if self.home.lock().h2_seen {
+            // One dial at a time; whoever waited takes the connection it made.
+            let _one = self.dialing.lock().await;
+            if let Some(send) = self.home.lock().take_shared(self.home.idle_timeout) {
+                return Ok(Checked::H2 { send, reused: true });
+            }
+            return Box::pin(self.connect()).await;
+        }
         // Boxed: dialing (TCP, TLS, the handshakes) is a 6 KiB future, needed once per
         // connection, and every exchange's own future would otherwise carry (and move) it.
         Box::pin(self.connect()).await
@@ -268,8 +301,9 @@ impl Pool {
                 }
             });
             let mut st = self.home.lock();
-            if st.shared.as_ref().is_none_or(|s| s.is_closed()) {
-                st.shared = Some(send.clone());
+            st.h2_seen = true;
+            if st.shared.as_ref().is_none_or(|(s, _)| s.is_closed()) {
+                st.shared = Some((send.clone(), Instant::now()));
             }
             return Ok(Checked::H2 {
                 send,
@@ -335,31 +369,61 @@ impl Home {
 }
 
 impl Home {
-    /// Close idle connections past the idle timeout or already closed by the upstream.
+    /// Close idle connections past the idle timeout or already closed by the upstream. The
+    /// list is looked at outside the lock (a look may read, a close is a syscall); what is
+    /// still good goes back in front of anything returned meanwhile, which is newer.
     fn sweep_once(&self) {
-        let closed = {
+        let looked_at = {
             let mut st = self.lock();
-            let mut out = st.expire(Instant::now(), self.idle_timeout);
-            // A poll with a waker that does nothing: the upstream's close shows as the
-            // connection's end; the next checkout polls it again with its own waker.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            let mut kept = VecDeque::with_capacity(st.idle.len());
-            for mut idle in st.idle.drain(..) {
-                idle.lease.drive(&mut cx);
-                if idle.lease.reusable() {
-                    kept.push_back(idle);
-                } else {
-                    out.push(idle);
-                }
-            }
-            st.idle = kept;
-            out
+            drop(st.expire(Instant::now(), self.idle_timeout));
+            std::mem::take(&mut st.idle)
         };
+        // A poll with a waker that does nothing: the upstream's close shows as the
+        // connection's end; the next checkout polls it again with its own waker.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut closed = Vec::new();
+        let mut kept = VecDeque::with_capacity(looked_at.len());
+        for mut idle in looked_at {
+            idle.lease.drive(&mut cx);
+            if idle.lease.reusable() {
+                kept.push_back(idle);
+            } else {
+                closed.push(idle);
+            }
+        }
         drop(closed);
+        let mut st = self.lock();
+        while let Some(idle) = kept.pop_back() {
+            st.idle.push_front(idle);
+        }
+        let over: Vec<Idle> = (MAX_IDLE..st.idle.len())
+            .filter_map(|_| st.idle.pop_front())
+            .collect();
+        drop(st);
+        drop(over);
     }
 }
 
 impl State {
+    /// The shared HTTP/2 connection for one more exchange, if it is open and was used within
+    /// the idle timeout (else it is let go).
+    fn take_shared(&mut self, idle_timeout: Duration) -> Option<http2::SendRequest<RequestBody>> {
+        let now = Instant::now();
+        match &mut self.shared {
+            Some((send, used))
+                if !send.is_closed() && now.saturating_duration_since(*used) < idle_timeout =>
+            {
+                *used = now;
+                Some(send.clone())
+            }
+            Some(_) => {
+                self.shared = None;
+                None
+            }
+            None => None,
+        }
+    }
+
     /// The idle connections past their time, oldest first, out of the list (to be dropped
     /// once the lock is released).
     fn expire(&mut self, now: Instant, idle_timeout: Duration) -> Vec<Idle> {
@@ -479,6 +543,10 @@ mod tests {
                             resp.headers_mut()
                                 .insert("connection", HeaderValue::from_static("close"));
                         }
+                        if path == "/empty" {
+                            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+                            *resp.body_mut() = Full::new(Bytes::new());
+                        }
                         Ok::<_, hyper::Error>(resp)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -558,6 +626,20 @@ mod tests {
         text(resp).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         assert_eq!(pool.idle(), 1);
+    }
+
+    /// A response without a body (204 here; HEAD and 304 alike) may never be polled by
+    /// hyper's server, which must not send one: its connection goes back with the head.
+    #[tokio::test]
+    async fn a_response_without_a_body_returns_its_connection_at_once() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr, Duration::from_secs(50));
+        let resp = pool.send(request(addr, "/empty", "")).await.unwrap();
+        assert_eq!(resp.status(), 204);
+        drop(resp);
+        assert_eq!(pool.idle(), 1);
+        text(pool.send(request(addr, "/next", "")).await.unwrap()).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -687,9 +769,10 @@ mod tests {
     }
 
     /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. One connection then carries
-    /// every exchange, concurrent ones included, and stays shared for the next.
+    /// every exchange, concurrent ones included, and stays shared for the next; when the
+    /// upstream closes it, the burst that follows waits for one new dial.
     #[tokio::test]
-    async fn over_tls_alpn_h2_one_connection_carries_every_exchange() {
+    async fn over_tls_alpn_h2_one_connection_carries_every_exchange_and_one_dial_replaces_it() {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
         let cert = CertificateDer::from(
             include_bytes!("../tests/it/fixtures/self_signed_cert.der").to_vec(),
@@ -710,10 +793,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
+        let goaway = Arc::new(tokio::sync::Notify::new());
+        let going = Arc::clone(&goaway);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let acceptor = acceptor.clone();
+                let going = Arc::clone(&going);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
@@ -722,9 +808,17 @@ mod tests {
                         let line = format!("{:?} {}", req.version(), req.uri().path());
                         Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(line))))
                     });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc);
+                    let mut conn = pin!(conn);
+                    // A GOAWAY when the test says so (an upstream restarting).
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = going.notified() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 });
             }
         });
@@ -771,6 +865,30 @@ mod tests {
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one shared connection");
         assert_eq!(pool.idle(), 0, "HTTP/2 is shared, never parked as idle");
+
+        // The upstream closes it: the next burst dials one new connection, not one each.
+        goaway.notify_waiters();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !pool
+                .home
+                .lock()
+                .shared
+                .as_ref()
+                .is_none_or(|(s, _)| s.is_closed())
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the closed connection was never noticed");
+        let answers = futures_util::future::join_all(
+            (0..4).map(|i| pool.send(https_request(&format!("/d{i}")))),
+        )
+        .await;
+        for (i, a) in answers.into_iter().enumerate() {
+            assert_eq!(text(a.unwrap()).await, format!("HTTP/2.0 /d{i}"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "one dial for the burst");
     }
 
     /// Trusts one certificate, byte for byte, and checks handshake signatures against it.

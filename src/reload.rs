@@ -50,6 +50,7 @@ pub struct Reloader {
     current: Mutex<Arc<Config>>,
     admission: Arc<Admission>,
     proxy: Arc<Proxy>,
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl Reloader {
@@ -64,13 +65,18 @@ impl Reloader {
             current: Mutex::new(config),
             admission,
             proxy,
+            one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
 
     /// [`Reloader::reload`] on a blocking thread. The file is read with blocking I/O, and a
     /// config on a pipe or a hung network mount must hold neither a runtime worker nor, with
     /// it, the shutdown (main gives blocking threads a bounded time at exit).
+    /// One at a time, in the order asked: a slow read can never be applied after a newer
+    /// one, and repeated requests during a hung read wait here rather than each holding a
+    /// blocking thread (which the connector's DNS lookups need too).
     pub async fn reload_blocking(self: &Arc<Self>) -> Result<Report, Vec<String>> {
+        let _one = self.one_at_a_time.lock().await;
         let me = Arc::clone(self);
         match tokio::task::spawn_blocking(move || me.reload()).await {
             Ok(r) => r,
