@@ -11,7 +11,9 @@
 //!
 //! An HTTP/2 connection (chosen by ALPN on TLS) is shared by every exchange; it runs in a
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
-//! client's side takes what has arrived in one poll there too.
+//! client's side takes what has arrived in one poll there too. It is let go after the idle
+//! timeout unused, pings while streams are open, and once ALPN has chosen HTTP/2 a new one is
+//! dialled by one exchange at a time while the others wait for it.
 //!
 //! Idle HTTP/1.1 connections are nobody's to drive. A connection is looked at when it is taken
 //! (one poll: a close or stray bytes from the upstream end it there), and a sweeper drops
