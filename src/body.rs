@@ -35,7 +35,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum BodyError {
     TooLarge { limit: u64 },
     Idle(Duration),
-    Upstream(hyper::Error),
     Client(hyper::Error),
 }
 
@@ -44,7 +43,6 @@ impl std::fmt::Display for BodyError {
         match self {
             BodyError::TooLarge { limit } => write!(f, "request body exceeds {limit} bytes"),
             BodyError::Idle(d) => write!(f, "no body data for {:.1}s", d.as_secs_f64()),
-            BodyError::Upstream(e) => write!(f, "upstream body error: {e}"),
             BodyError::Client(e) => write!(f, "client body error: {e}"),
         }
     }

@@ -118,6 +118,15 @@ impl Lease {
         }
     }
 
+    /// One [`Lease::drive`] with this task's context, whatever it finds.
+    async fn drive_once(&mut self) {
+        poll_fn(|cx| {
+            self.drive(cx);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
     /// Still open and free for the next request (a poll made just now said so).
     fn reusable(&self) -> bool {
         self.conn.is_some() && self.send.is_ready()
@@ -219,11 +228,7 @@ impl Pool {
                             // No body (HEAD, 204, 304, a zero length): hyper's server may
                             // never poll one it must not send, so the connection goes back
                             // now, once it has finished the message.
-                            poll_fn(|cx| {
-                                lease.drive(cx);
-                                Poll::Ready(())
-                            })
-                            .await;
+                            lease.drive_once().await;
                             self.home.put(lease);
                             return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
                         }
@@ -269,11 +274,7 @@ impl Pool {
             };
             // One poll: an upstream that closed the connection while it idled (or sent bytes
             // nobody asked for) ends it here, before a request is written to it.
-            poll_fn(|cx| {
-                lease.drive(cx);
-                Poll::Ready(())
-            })
-            .await;
+            lease.drive_once().await;
             if lease.reusable() {
                 return Ok(Checked::H1(lease));
             }
@@ -328,7 +329,7 @@ impl Pool {
         }
     }
 
-    /// Idle HTTP/1.1 connections now (for tests and `/status`-like questions).
+    /// Idle HTTP/1.1 connections now.
     #[cfg(test)]
     fn idle(&self) -> usize {
         self.home.lock().idle.len()
@@ -398,9 +399,10 @@ impl Home {
         while let Some(idle) = kept.pop_back() {
             st.idle.push_front(idle);
         }
-        let over: Vec<Idle> = (MAX_IDLE..st.idle.len())
-            .filter_map(|_| st.idle.pop_front())
-            .collect();
+        let mut over = Vec::new();
+        while st.idle.len() > MAX_IDLE {
+            over.extend(st.idle.pop_front());
+        }
         drop(st);
         drop(over);
     }
