@@ -102,6 +102,23 @@ pub async fn run_with(
     wall: WallClock,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    run_sharded(config, source, listener, admin_listener, wall, shutdown, 1).await
+}
+
+/// As [`run_with`], the proxy listener served by `shards` threads (see [`server`]): the
+/// calling task's runtime is shard 0 and should be single-threaded (the binary's is), each
+/// other shard gets a thread of its own. The admin listener and the background tasks run on
+/// the caller's runtime.
+pub async fn run_sharded(
+    config: Config,
+    source: Option<reload::Source>,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    wall: WallClock,
+    shutdown: impl Future<Output = ()>,
+    shards: usize,
+) -> Result<(), String> {
+    let shards = shards.max(1);
     let config = Arc::new(config);
     // Before anything reads the state file (a corrupt one is moved aside): it may be
     // another running proxy's. Held until `run` returns.
@@ -149,7 +166,7 @@ pub async fn run_with(
             },
         ))
     });
-    let upstream = upstream::Upstream::new(&config.upstream)?;
+    let upstream = upstream::Upstream::new(&config.upstream, shards)?;
     let metrics = Arc::new(metrics::Metrics::new(
         &admission.settings().clients,
         config.limits.requests_per_day.is_some(),
@@ -208,12 +225,13 @@ pub async fn run_with(
         let cfg = config.server.clone();
         let stop = stop_rx.clone();
         async move {
-            server::serve(
+            server::serve_sharded(
                 listener,
                 &cfg,
                 move |req| Arc::clone(&p).handle(req),
                 stop,
                 "proxy",
+                shards,
             )
             .await
         }
@@ -259,7 +277,8 @@ pub async fn run_with(
     // Queued requests that cannot be admitted before the grace ends are answered now.
     admission.shutdown(tokio::time::Instant::now() + config.server.shutdown_grace);
     let _ = stop_tx.send(true);
-    let _ = main_task.await;
+    // Held to the end: the other shards still run what was spawned on them.
+    let _shards = main_task.await;
     let _ = hangup.await;
     if let Some(p) = poller {
         let _ = p.await;

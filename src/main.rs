@@ -111,7 +111,9 @@ fn init_logging(format: LogFormat) -> LogGuard {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Single-threaded: this thread is the proxy's shard 0, and `run_sharded` starts one more
+    // thread per core with a runtime of its own (see `server`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -196,13 +198,14 @@ fn main() -> ExitCode {
             overrides: overrides.clone(),
             env: Box::new(ProcessEnv),
         };
-        match chutes_proxy::run_with(
+        match chutes_proxy::run_sharded(
             config,
             Some(source),
             main,
             admin,
             WallClock::System,
             shutdown_signal(),
+            chutes_proxy::server::shard_count(),
         )
         .await
         {

@@ -64,15 +64,17 @@ pub struct Pool {
     host: HeaderValue,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// Held while an HTTP/2 connection is dialled (see `State::h2_seen`).
-    dialing: tokio::sync::Mutex<()>,
-    home: Arc<Home>,
+    /// One per server shard ([`crate::server::shard`]): a connection is registered with the
+    /// runtime that dialled it, and is only ever driven there.
+    homes: Box<[Arc<Home>]>,
 }
 
-/// What a lease returns to.
+/// What a lease returns to: one shard's connections.
 struct Home {
     state: Mutex<State>,
     idle_timeout: Duration,
+    /// Held while an HTTP/2 connection is dialled (see `State::h2_seen`).
+    dialing: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -146,6 +148,7 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         base: &UpstreamUrl,
         idle_timeout: Duration,
+        shards: usize,
     ) -> Result<Pool, String> {
         let dial = Uri::builder()
             .scheme(base.scheme.clone())
@@ -176,12 +179,21 @@ impl Pool {
             host,
             h1: http1::Builder::new(),
             h2,
-            dialing: tokio::sync::Mutex::new(()),
-            home: Arc::new(Home {
-                state: Mutex::new(State::default()),
-                idle_timeout,
-            }),
+            homes: (0..shards.max(1))
+                .map(|_| {
+                    Arc::new(Home {
+                        state: Mutex::new(State::default()),
+                        idle_timeout,
+                        dialing: tokio::sync::Mutex::new(()),
+                    })
+                })
+                .collect(),
         })
+    }
+
+    /// This shard's connections.
+    fn home(&self) -> &Arc<Home> {
+        &self.homes[crate::server::shard() % self.homes.len()]
     }
 
     /// Send `req` (its URI absolute: the configured upstream's) and wait for the response
@@ -229,11 +241,11 @@ impl Pool {
                             // never poll one it must not send, so the connection goes back
                             // now, once it has finished the message.
                             lease.drive_once().await;
-                            self.home.put(lease);
+                            self.home().put(lease);
                             return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
                         }
                         Ok(resp) => {
-                            let home = Arc::clone(&self.home);
+                            let home = Arc::clone(self.home());
                             return Ok(resp.map(|body| UpstreamBody {
                                 body,
                                 lease: Some((lease, home)),
@@ -255,16 +267,17 @@ impl Pool {
     /// A connection for one exchange: the shared HTTP/2 one, the newest idle HTTP/1.1 one
     /// that is still open, or a new one.
     async fn checkout(&self) -> Result<Checked, BoxError> {
+        let home = self.home();
         loop {
             let (taken, expired) = {
-                let mut st = self.home.lock();
-                if let Some(send) = st.take_shared(self.home.idle_timeout) {
+                let mut st = home.lock();
+                if let Some(send) = st.take_shared(home.idle_timeout) {
                     return Ok(Checked::H2 { send, reused: true });
                 }
                 if st.h2_seen {
                     break;
                 }
-                let expired = st.expire(Instant::now(), self.home.idle_timeout);
+                let expired = st.expire(Instant::now(), home.idle_timeout);
                 (st.idle.pop_back(), expired)
             };
             // Closed outside the lock: a close is a syscall.
@@ -279,10 +292,10 @@ impl Pool {
                 return Ok(Checked::H1(lease));
             }
         }
-        if self.home.lock().h2_seen {
+        if home.lock().h2_seen {
             // One dial at a time; whoever waited takes the connection it made.
-            let _one = self.dialing.lock().await;
-            if let Some(send) = self.home.lock().take_shared(self.home.idle_timeout) {
+            let _one = home.dialing.lock().await;
+            if let Some(send) = home.lock().take_shared(home.idle_timeout) {
                 return Ok(Checked::H2 { send, reused: true });
             }
             return Box::pin(self.connect()).await;
@@ -303,7 +316,7 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            let mut st = self.home.lock();
+            let mut st = self.home().lock();
             st.h2_seen = true;
             if st.shared.as_ref().is_none_or(|(s, _)| s.is_closed()) {
                 st.shared = Some((send.clone(), Instant::now()));
@@ -323,7 +336,7 @@ impl Pool {
 
     /// An HTTP/2 connection that turned a request away is not handed out again.
     fn forget_shared(&self, send: &http2::SendRequest<RequestBody>) {
-        let mut st = self.home.lock();
+        let mut st = self.home().lock();
         if st.shared.is_some() && send.is_closed() {
             st.shared = None;
         }
@@ -332,7 +345,7 @@ impl Pool {
     /// Idle HTTP/1.1 connections now.
     #[cfg(test)]
     fn idle(&self) -> usize {
-        self.home.lock().idle.len()
+        self.home().lock().idle.len()
     }
 }
 
@@ -577,7 +590,7 @@ mod tests {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        Pool::new(https, &cfg.upstream.url, idle_timeout).unwrap()
+        Pool::new(https, &cfg.upstream.url, idle_timeout, 1).unwrap()
     }
 
     fn request(addr: std::net::SocketAddr, path: &str, body: &'static str) -> Request<RequestBody> {
@@ -702,7 +715,7 @@ mod tests {
         // The sweeper's look at idle connections sees the close once it has arrived.
         tokio::time::timeout(Duration::from_secs(10), async {
             while pool.idle() > 0 {
-                pool.home.sweep_once();
+                pool.home().sweep_once();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -852,7 +865,7 @@ mod tests {
             &|_: &str| None,
         )
         .unwrap();
-        let pool = Pool::new(https, &cfg.upstream.url, Duration::from_secs(50)).unwrap();
+        let pool = Pool::new(https, &cfg.upstream.url, Duration::from_secs(50), 1).unwrap();
         let https_request = |path: &str| {
             let mut req = request(addr, path, "");
             *req.uri_mut() = format!("https://{addr}{path}").parse().unwrap();
@@ -874,7 +887,7 @@ mod tests {
         goaway.notify_waiters();
         tokio::time::timeout(Duration::from_secs(10), async {
             while !pool
-                .home
+                .home()
                 .lock()
                 .shared
                 .as_ref()

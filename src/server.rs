@@ -7,7 +7,16 @@
 //! its protocol; heads over `server.max_header_bytes` get 431; and at most
 //! `server.max_connections` connections are open at once: past that the loop stops accepting
 //! and new connections wait in the kernel's backlog rather than exhausting file descriptors.
+//!
+//! The proxy listener is served by *shards* ([`serve_sharded`]): one thread per core, each
+//! with a single-threaded runtime that accepts from the same listening socket and runs its
+//! connections, their requests and their upstream connections to the end, as nginx's
+//! workers do. A request never hops threads, so it costs no cross-thread wake-up; a
+//! work-stealing runtime paid about three futex calls per request at one connection and woke
+//! the idle worker for nothing (BENCHMARKS.md, issue 15). The budget, the queue and the
+//! metrics are shared by every shard; what belongs to one shard is found by [`shard`].
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -35,14 +44,153 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// h2 keep-alive pings find dead client connections under long idle streams.
 const H2_KEEPALIVE: Duration = Duration::from_secs(30);
 
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The shard whose thread this is: 0 outside the shards' own threads (the main thread, which
+/// is shard 0, and every test runtime).
+pub fn shard() -> usize {
+    SHARD.with(Cell::get)
+}
+
+/// The shards a proxy runs: `TOKIO_WORKER_THREADS` if set to a positive number, else one per
+/// core the process may use.
+pub fn shard_count() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The shards' threads, once their listeners are drained. They keep running what was spawned
+/// on them (upstream HTTP/2 connections, the reads of answers whose clients left) until this
+/// is dropped, which ends them.
+pub struct Shards {
+    _release: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// [`serve`] on `shards` threads (the calling task is shard 0; the others get a thread and a
+/// single-threaded runtime each), all accepting from `listener`. Every connection lives on
+/// the shard that accepted it, so it is balanced at accept time: a shard busy with its
+/// connections is slower to wake for a new one. `server.max_connections` counts all shards'
+/// connections together. Returns once every shard has drained, with the shards' threads still
+/// up; dropping what it returns lets them go.
+pub async fn serve_sharded<H, Fut>(
+    listener: TcpListener,
+    cfg: &ServerConfig,
+    handler: H,
+    stop: watch::Receiver<bool>,
+    name: &'static str,
+    shards: usize,
+) -> Shards
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let mut release = Vec::new();
+    let mut drained = Vec::new();
+    let mut mine = Some(listener);
+    if let Some(listener) = mine.take_if(|_| shards > 1) {
+        // Each shard registers the listening socket with its own runtime's poller.
+        let std = match listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listener = name, error = %e, "cannot share the listener");
+                return Shards { _release: release };
+            }
+        };
+        for i in 1..shards {
+            let own = match std.try_clone() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, shards = i, "cannot share the listener further; serving on fewer threads");
+                    break;
+                }
+            };
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+            let (cfg, handler, stop, slots) = (
+                cfg.clone(),
+                handler.clone(),
+                stop.clone(),
+                Arc::clone(&slots),
+            );
+            let started = std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || {
+                    SHARD.with(|s| s.set(i));
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(listener = name, shard = i, error = %e, "cannot start a shard's runtime");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        match TcpListener::from_std(own) {
+                            Ok(l) => serve_on(l, &cfg, handler, stop, name, slots).await,
+                            Err(e) => {
+                                tracing::error!(listener = name, shard = i, error = %e, "a shard cannot listen")
+                            }
+                        }
+                        let _ = done_tx.send(());
+                        let _ = release_rx.await;
+                    });
+                });
+            match started {
+                Ok(_) => {
+                    drained.push(done_rx);
+                    release.push(release_tx);
+                }
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "cannot start a shard's thread; serving on fewer threads");
+                    break;
+                }
+            }
+        }
+        match TcpListener::from_std(std) {
+            Ok(l) => mine = Some(l),
+            Err(e) => tracing::error!(listener = name, error = %e, "shard 0 cannot listen"),
+        }
+    }
+    if let Some(l) = mine {
+        serve_on(l, cfg, handler, stop, name, slots).await;
+    }
+    for d in drained {
+        let _ = d.await;
+    }
+    Shards { _release: release }
+}
+
 /// Serve `listener` with `handler` until `stop` fires, then drain open connections for at
 /// most `grace`. Returns once every connection is closed or the grace period is over.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     cfg: &ServerConfig,
     handler: H,
+    stop: watch::Receiver<bool>,
+    name: &'static str,
+) where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    serve_on(listener, cfg, handler, stop, name, slots).await
+}
+
+async fn serve_on<H, Fut>(
+    listener: TcpListener,
+    cfg: &ServerConfig,
+    handler: H,
     mut stop: watch::Receiver<bool>,
     name: &'static str,
+    slots: Arc<Semaphore>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
@@ -60,7 +208,6 @@ pub async fn serve<H, Fut>(
         .keep_alive_interval(H2_KEEPALIVE)
         .max_header_list_size(cfg.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         let slot = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,

@@ -54,7 +54,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, String> {
+    /// `shards`: how many server shards will send through it; each keeps its own connections.
+    pub fn new(cfg: &UpstreamConfig, shards: usize) -> Result<Upstream, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -80,7 +81,7 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let pool = Pool::new(https, &cfg.url, POOL_IDLE_TIMEOUT)?;
+        let pool = Pool::new(https, &cfg.url, POOL_IDLE_TIMEOUT, shards)?;
         let auth = match &cfg.api_key {
             Some(key) => {
                 let mut v = HeaderValue::from_str(&format!("{}{}", cfg.auth_prefix, key.expose()))
@@ -266,7 +267,7 @@ mod tests {
         let env = move |n: &str| (n == "CHUTES_API_KEY").then(|| key.clone()).flatten();
         let mut cfg = Config::from_toml("", &Overrides::default(), &env).unwrap();
         cfg.upstream.url = parse_upstream_url(url).unwrap();
-        Upstream::new(&cfg.upstream).unwrap()
+        Upstream::new(&cfg.upstream, 1).unwrap()
     }
 
     #[tokio::test]

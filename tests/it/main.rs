@@ -13,6 +13,7 @@ mod fleet;
 mod hostile;
 mod observability;
 mod operator;
+mod shards;
 mod signals;
 mod smoke;
 mod speak;

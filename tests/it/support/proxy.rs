@@ -29,6 +29,8 @@ pub struct Start {
     pub toml: String,
     pub env: Vec<(String, String)>,
     pub wall: WallClock,
+    /// Server shards (threads) for the proxy listener: 1, the test's own runtime, by default.
+    pub shards: usize,
 }
 
 impl Start {
@@ -40,6 +42,7 @@ impl Start {
             toml: format!("[upstream]\nurl = \"{upstream}\"\n{}", extra),
             env: vec![("CHUTES_API_KEY".into(), TEST_KEY.into())],
             wall: WallClock::System,
+            shards: 1,
         }
     }
 
@@ -48,7 +51,14 @@ impl Start {
             toml: toml.to_string(),
             env: vec![("CHUTES_API_KEY".into(), TEST_KEY.into())],
             wall: WallClock::System,
+            shards: 1,
         }
+    }
+
+    /// Serve the proxy listener on `n` shards: the test's runtime and `n - 1` threads.
+    pub fn shards(mut self, n: usize) -> Start {
+        self.shards = n;
+        self
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Start {
@@ -81,7 +91,7 @@ impl Start {
     pub async fn start(self) -> TestProxy {
         let config = self.config();
         let (main, admin) = chutes_proxy::bind(&config).await.expect("bind");
-        TestProxy::start_on(config, main, admin, self.wall).await
+        TestProxy::start_sharded(config, None, main, admin, self.wall, self.shards).await
     }
 
     /// Start from a config file at `path` (written with this TOML), able to reload it.
@@ -104,7 +114,7 @@ impl Start {
             },
             env: Box::new(move |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone())),
         };
-        TestProxy::start_with(config, Some(source), main, admin, self.wall).await
+        TestProxy::start_sharded(config, Some(source), main, admin, self.wall, self.shards).await
     }
 }
 
@@ -126,10 +136,22 @@ impl TestProxy {
         admin: Option<TcpListener>,
         wall: WallClock,
     ) -> TestProxy {
+        TestProxy::start_sharded(config, source, main, admin, wall, 1).await
+    }
+
+    /// As [`TestProxy::start_with`], the proxy listener served by `shards` shards.
+    pub async fn start_sharded(
+        config: Config,
+        source: Option<chutes_proxy::reload::Source>,
+        main: TcpListener,
+        admin: Option<TcpListener>,
+        wall: WallClock,
+        shards: usize,
+    ) -> TestProxy {
         let addr = main.local_addr().unwrap();
         let admin_addr = admin.as_ref().map(|a| a.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(chutes_proxy::run_with(
+        let task = tokio::spawn(chutes_proxy::run_sharded(
             config,
             source,
             main,
@@ -138,6 +160,7 @@ impl TestProxy {
             async move {
                 let _ = rx.await;
             },
+            shards,
         ));
         TestProxy {
             addr,
