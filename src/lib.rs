@@ -228,7 +228,7 @@ pub async fn run_sharded(
             server::serve_sharded(
                 listener,
                 &cfg,
-                move |req| Arc::clone(&p).handle(req),
+                move |req, _peer| Arc::clone(&p).handle(req),
                 stop,
                 "proxy",
                 shards,
@@ -263,7 +263,10 @@ pub async fn run_sharded(
             server::serve(
                 l,
                 &cfg,
-                move |req| Arc::clone(&admin).handle(req),
+                move |mut req: http::Request<hyper::body::Incoming>, peer| {
+                    req.extensions_mut().insert(peer);
+                    Arc::clone(&admin).handle(req)
+                },
                 stop,
                 "admin",
             )

@@ -24,14 +24,14 @@ use tracing_subscriber::fmt::time::FormatTime;
 use crate::body::UploadStats;
 
 pub struct RequestLog {
-    pub request_id: String,
+    pub request_id: LogId,
     pub client: Arc<str>,
     /// The request body's `model`, when it named one (bounded length).
     pub model: Option<Arc<str>>,
     /// Re-sends after upstream 429s on the client's behalf.
     pub retries: u32,
     pub method: http::Method,
-    pub path: String,
+    pub path: LogPath,
     /// What the client got.
     pub status: u16,
     /// What the upstream answered, when it was asked and answered.
@@ -49,18 +49,44 @@ pub struct RequestLog {
     logged: bool,
 }
 
+/// The request id as the log shows it: the header value the response carries, shared, not
+/// copied (it is checked to be printable ASCII, or made by the proxy).
+#[derive(Debug, Clone)]
+pub struct LogId(pub http::HeaderValue);
+
+impl std::fmt::Display for LogId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.to_str().unwrap_or(""))
+    }
+}
+
+/// The request's path as the log shows it: the request's own URI (shared bytes, not a copy),
+/// cut to [`LogPath::MAX`] bytes with an ellipsis when longer, so a hostile client cannot
+/// write megabyte lines.
+#[derive(Debug, Clone)]
+pub struct LogPath(pub http::Uri);
+
+impl LogPath {
+    pub const MAX: usize = 256;
+}
+
+impl std::fmt::Display for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.0.path();
+        if path.len() <= LogPath::MAX {
+            return f.write_str(path);
+        }
+        let mut end = LogPath::MAX;
+        while !path.is_char_boundary(end) {
+            end -= 1;
+        }
+        f.write_str(&path[..end])?;
+        f.write_str("…")
+    }
+}
+
 impl RequestLog {
-    pub fn new(request_id: String, client: Arc<str>, method: http::Method, path: &str) -> Self {
-        // Paths are bounded in the log so a hostile client cannot write megabyte lines.
-        let path = if path.len() > 256 {
-            let mut end = 256;
-            while !path.is_char_boundary(end) {
-                end -= 1;
-            }
-            format!("{}…", &path[..end])
-        } else {
-            path.to_string()
-        };
+    pub fn new(request_id: LogId, client: Arc<str>, method: http::Method, path: LogPath) -> Self {
         RequestLog {
             request_id,
             client,
@@ -602,6 +628,21 @@ impl std::fmt::Write for JsonEscaped<'_, '_> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn the_logged_path_has_no_query_and_is_cut_at_its_bound() {
+        let short: http::Uri = "/v1/chat/completions?key=secret".parse().unwrap();
+        assert_eq!(LogPath(short).to_string(), "/v1/chat/completions");
+        let long: http::Uri = format!("/{}?q=1", "a".repeat(400)).parse().unwrap();
+        let shown = LogPath(long.clone()).to_string();
+        assert_eq!(shown, format!("{}…", &long.path()[..LogPath::MAX]));
+    }
+
+    #[test]
+    fn the_logged_request_id_is_the_header_value() {
+        let id = LogId(http::HeaderValue::from_static("cp-1a2b"));
+        assert_eq!(id.to_string(), "cp-1a2b");
+    }
 
     /// What a test subscriber wrote, shared with the test.
     #[derive(Clone, Default)]

@@ -169,10 +169,10 @@ impl Proxy {
         let ident = settings.clients.identify(req.headers());
         let client = ident.client;
         let log = RequestLog::new(
-            request_id.to_str().unwrap_or("").to_string(),
+            crate::log::LogId(request_id.clone()),
             settings.clients.row(client).name.clone(),
             req.method().clone(),
-            req.uri().path(),
+            crate::log::LogPath(req.uri().clone()),
         );
         let mut p = Pipeline {
             proxy: Arc::clone(&self),
