@@ -218,7 +218,8 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
             return Some(trim(&b[7..]));
         }
     }
-    headers.get("x-api-key").map(|v| trim(v.as_bytes()))
+    const X_API_KEY: http::header::HeaderName = http::header::HeaderName::from_static("x-api-key");
+    headers.get(&X_API_KEY).map(|v| trim(v.as_bytes()))
 }
 
 fn trim(b: &[u8]) -> &[u8] {

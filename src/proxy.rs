@@ -31,6 +31,10 @@ use crate::log::RequestLog;
 use crate::metrics::{Metrics, RetryCause};
 use crate::pool::UpstreamBody;
 use crate::response::{Reason, Rejection, REQUEST_ID};
+
+/// The request id header tracing setups commonly send, kept when ours is absent.
+const X_REQUEST_ID: http::header::HeaderName =
+    http::header::HeaderName::from_static("x-request-id");
 use crate::signals;
 use crate::upstream::{SendError, Upstream, MAX_WAIT_HEADER};
 
@@ -139,7 +143,7 @@ impl Proxy {
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
         // Ours first, then the common `x-request-id` that tracing setups already send.
         let h = req.headers();
-        if let Some(v) = h.get(&REQUEST_ID).or_else(|| h.get("x-request-id")) {
+        if let Some(v) = h.get(&REQUEST_ID).or_else(|| h.get(&X_REQUEST_ID)) {
             // A client-sent id is kept if it is a sane token (it goes into logs and bodies).
             if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             {

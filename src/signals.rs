@@ -14,6 +14,7 @@
 //! header values produce `Hint::Unparseable` or `None`, and every delay saturates at
 //! `u32::MAX` seconds instead of overflowing.
 
+use http::header::{HeaderName, RETRY_AFTER};
 use http::HeaderMap;
 use serde_json::Value;
 use std::time::{Duration, UNIX_EPOCH};
@@ -35,18 +36,29 @@ const MAX_LOGGED_HEADERS: usize = 16;
 
 /// Reset headers that carry a delay or instant, most specific first. The request-count
 /// reset comes before the generic and token ones because the proxy budgets requests.
-const RESET_HEADERS: [&str; 3] = [
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset",
-    "x-ratelimit-reset-tokens",
+///
+/// Names, not `&str`s, throughout: a lookup by `&str` parses and lower-cases the name again
+/// on every call, and a response is looked at for a dozen of them (4% of the proxy's
+/// instructions per request, callgrind, BENCHMARKS.md fourth session).
+const RESET_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-reset"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
 ];
 /// The pre-structured-field draft of the IETF header set (`RateLimit-Reset: 12`).
-const OLD_DRAFT_RESET: &str = "ratelimit-reset";
-const REMAINING_HEADERS: [&str; 3] = [
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining",
-    "ratelimit-remaining",
+const OLD_DRAFT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+const REMAINING_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("ratelimit-remaining"),
 ];
+/// The IETF `RateLimit` field.
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const CHUTES_QUOTA_TOTAL: HeaderName = HeaderName::from_static("x-chutes-quota-total");
+const CHUTES_QUOTA_USED: HeaderName = HeaderName::from_static("x-chutes-quota-used");
+const CHUTES_QUOTA_REMAINING: HeaderName = HeaderName::from_static("x-chutes-quota-remaining");
+const CHUTES_RL_USER: HeaderName = HeaderName::from_static("x-chutes-rl-user");
+const CHUTES_RL_CHUTE: HeaderName = HeaderName::from_static("x-chutes-rl-chute");
 
 /// What an upstream asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,7 +180,7 @@ fn parse_reset(value: &str, now_unix: f64) -> Option<Duration> {
 /// a repeated Retry-After is a broken upstream, and the first is as good as any.
 fn single_header(
     headers: &HeaderMap,
-    name: &str,
+    name: &HeaderName,
     now_unix: f64,
     parse: fn(&str, f64) -> Option<Duration>,
 ) -> Found {
@@ -178,7 +190,7 @@ fn single_header(
     let value = String::from_utf8_lossy(raw.as_bytes());
     match parse(&value, now_unix) {
         Some(d) => Found::Delay(d),
-        None => bad(name, &value),
+        None => bad(name.as_str(), &value),
     }
 }
 
@@ -241,7 +253,7 @@ fn ratelimit_items(headers: &HeaderMap) -> Option<(Vec<RateLimitItem>, bool, Str
     let mut saw_dictionary = false;
     let mut any_bad = false;
     let mut raw_values: Vec<String> = Vec::new();
-    for raw in headers.get_all("ratelimit") {
+    for raw in headers.get_all(&RATELIMIT) {
         let value = String::from_utf8_lossy(raw.as_bytes()).into_owned();
         for member in split_unquoted(&value, ',') {
             let member = member.trim();
@@ -330,7 +342,7 @@ pub fn cooldown_hint(headers: &HeaderMap, now_unix: f64) -> Option<Hint> {
     };
     let delay = consider(single_header(
         headers,
-        "retry-after",
+        &RETRY_AFTER,
         now_unix,
         parse_retry_after,
     ))
@@ -343,7 +355,7 @@ pub fn cooldown_hint(headers: &HeaderMap, now_unix: f64) -> Option<Hint> {
     .or_else(|| {
         consider(single_header(
             headers,
-            OLD_DRAFT_RESET,
+            &OLD_DRAFT_RESET,
             now_unix,
             parse_reset,
         ))
@@ -364,7 +376,7 @@ pub fn cooldown_hint(headers: &HeaderMap, now_unix: f64) -> Option<Hint> {
 /// `Retry-After` is ignored here; on a success it is not about our budget.
 pub fn exhausted_hint(headers: &HeaderMap, now_unix: f64) -> Option<Duration> {
     let exhausted = REMAINING_HEADERS.iter().any(|name| {
-        headers.get_all(*name).iter().any(|raw| {
+        headers.get_all(name).iter().any(|raw| {
             let value = String::from_utf8_lossy(raw.as_bytes());
             is_zero(plain_number(value.trim()))
         })
@@ -580,7 +592,7 @@ fn count(s: &str, max: u64) -> Option<u64> {
 
 /// One header's value as text; a repeated header is read at its first value, and a value
 /// that is not visible ASCII is malformed.
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers.get(name)?.to_str().ok()
 }
 
@@ -600,9 +612,9 @@ pub struct ChutesQuota {
 pub fn chutes_quota(headers: &HeaderMap) -> Option<ChutesQuota> {
     let figure = |name| header_text(headers, name).and_then(|v| count(v, MAX_QUOTA_FIGURE));
     Some(ChutesQuota {
-        total: figure("x-chutes-quota-total")?,
-        used: figure("x-chutes-quota-used")?,
-        remaining: figure("x-chutes-quota-remaining"),
+        total: figure(&CHUTES_QUOTA_TOTAL)?,
+        used: figure(&CHUTES_QUOTA_USED)?,
+        remaining: figure(&CHUTES_QUOTA_REMAINING),
     })
 }
 
@@ -628,7 +640,7 @@ fn advertised_rate(value: &str) -> Option<AdvertisedRate> {
 /// "60.0" reads as 60, like the quota figures.
 pub fn advertised_rates(headers: &HeaderMap) -> (Option<AdvertisedRate>, Option<AdvertisedRate>) {
     let rate = |name| header_text(headers, name).and_then(advertised_rate);
-    (rate("x-chutes-rl-user"), rate("x-chutes-rl-chute"))
+    (rate(&CHUTES_RL_USER), rate(&CHUTES_RL_CHUTE))
 }
 
 /// The next fixed 4-hour UTC window boundary (00:00, 04:00, ... 20:00) strictly after
