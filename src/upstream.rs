@@ -208,7 +208,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // `Connection` may name further headers; the usual `keep-alive` (and `close`, when no
     // header of that name is there) names nothing left to remove, and costs no allocation.
-    if present[0] {
+    // `Connection: keep-alive`, what an HTTP/1.1 upstream sends, names only a header that is
+    // hop-by-hop itself: nothing to parse.
+    let usual = || {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
+    };
+    if present[0] && !usual() {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -329,6 +337,16 @@ mod tests {
         h.insert("x-hop", "1".parse().unwrap());
         h.insert("x-other", "2".parse().unwrap());
         h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-kept", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        // A usual `keep-alive` beside a value that names a header: that header goes too.
+        let mut h = HeaderMap::new();
+        h.append("connection", "Keep-Alive".parse().unwrap());
+        h.append("connection", "x-hop".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
         h.insert("x-kept", "3".parse().unwrap());
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
