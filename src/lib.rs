@@ -281,7 +281,7 @@ pub async fn run_sharded(
     admission.shutdown(tokio::time::Instant::now() + config.server.shutdown_grace);
     let _ = stop_tx.send(true);
     // Held to the end: the other shards still run what was spawned on them.
-    let _shards = main_task.await;
+    let sharded = main_task.await;
     let _ = hangup.await;
     if let Some(p) = poller {
         let _ = p.await;
@@ -297,6 +297,11 @@ pub async fn run_sharded(
     }
     if let Some(path) = &config.state.path {
         state::write_final(&admission, path, config.limits.day_reset_offset).await;
+    }
+    // What the other shards still close (connections past the grace, their log lines) is
+    // done before the last line.
+    if let Ok(sharded) = sharded {
+        sharded.finish().await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -9,16 +9,17 @@
 //! and new connections wait in the kernel's backlog rather than exhausting file descriptors.
 //!
 //! The proxy listener is served by *shards* ([`serve_sharded`]): one thread per core, each
-//! with a single-threaded runtime that accepts from the same listening socket and runs its
-//! connections, their requests and their upstream connections to the end, as nginx's
-//! workers do. A request never hops threads, so it costs no cross-thread wake-up; a
+//! with a single-threaded runtime that runs the connections handed to it (shard 0 accepts,
+//! and gives each to the shard with the fewest open), their requests and their upstream
+//! connections to the end, as nginx's workers do. A request never hops threads, so it costs no cross-thread wake-up; a
 //! work-stealing runtime paid about three futex calls per request at one connection and woke
-//! the idle worker for nothing (BENCHMARKS.md, issue 15). The budget, the queue and the
+//! the idle worker for nothing (BENCHMARKS.md, fourth session). The budget, the queue and the
 //! metrics are shared by every shard; what belongs to one shard is found by [`shard`].
 
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +29,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ResponseBody;
 use crate::config::ServerConfig;
@@ -55,29 +56,68 @@ pub fn shard() -> usize {
     SHARD.with(Cell::get)
 }
 
-/// The shards a proxy runs: `TOKIO_WORKER_THREADS` if set to a positive number, else one per
-/// core the process may use.
+/// Most shards a proxy runs, whatever `TOKIO_WORKER_THREADS` asks: each is a thread, a
+/// runtime and (over HTTP/2) an upstream connection of its own.
+const MAX_SHARDS: usize = 64;
+/// How long a shard's runtime may take to close what it still runs after the drain (cut
+/// connections, their log lines), and how long `Shards::finish` waits for all of them.
+const SHARD_EXIT: Duration = Duration::from_secs(1);
+
+/// The shards a proxy runs: `TOKIO_WORKER_THREADS` if set to a positive number (at most
+/// [`MAX_SHARDS`]), else one per core the process may use.
 pub fn shard_count() -> usize {
     std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .min(MAX_SHARDS)
 }
 
-/// The shards' threads, once their listeners are drained. They keep running what was spawned
-/// on them (upstream HTTP/2 connections, the reads of answers whose clients left) until this
-/// is dropped, which ends them.
+/// The shards' threads, once their connections are drained. They keep running what was
+/// spawned on them (upstream HTTP/2 connections, the reads of answers whose clients left)
+/// until [`Shards::finish`] lets them go (or this is dropped).
 pub struct Shards {
-    _release: Vec<tokio::sync::oneshot::Sender<()>>,
+    release: Vec<tokio::sync::oneshot::Sender<()>>,
+    exited: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// [`serve`] on `shards` threads (the calling task is shard 0; the others get a thread and a
-/// single-threaded runtime each), all accepting from `listener`. Every connection lives on
-/// the shard that accepted it, so it is balanced at accept time: a shard busy with its
-/// connections is slower to wake for a new one. `server.max_connections` counts all shards'
-/// connections together. Returns once every shard has drained, with the shards' threads still
-/// up; dropping what it returns lets them go.
+impl Shards {
+    /// Let the shards' threads go and wait (at most about twice [`SHARD_EXIT`]) until each has
+    /// shut its runtime down: what that closes (connections still open after the grace, their
+    /// log lines) is done before the caller logs that it stopped and the process exits.
+    pub async fn finish(self) {
+        drop(self.release);
+        let all = async {
+            for exited in self.exited {
+                let _ = exited.await;
+            }
+        };
+        // They shut down side by side; each takes at most SHARD_EXIT for its runtime.
+        if tokio::time::timeout(SHARD_EXIT + SHARD_EXIT, all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("a shard's thread did not end in time; exiting without it");
+        }
+    }
+}
+
+/// An accepted connection on its way to the shard that will serve it.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    slot: OwnedSemaphorePermit,
+}
+
+/// [`serve`] on `shards` shards: the calling task is shard 0, accepts every connection and
+/// serves its share; each other shard gets a thread and a single-threaded runtime of its own.
+/// A connection goes to the shard with the fewest open connections (shard 0 on a tie, the
+/// lowest number otherwise), is registered with that shard's runtime and lives there to the
+/// end. The kernel's own spread (several shards waiting on one socket) was tried first and
+/// put every connection of a burst on one shard half the time (BENCHMARKS.md, fourth
+/// session). `server.max_connections` counts all shards' connections together. Returns once
+/// every shard has drained, with the shards' threads still up.
 pub async fn serve_sharded<H, Fut>(
     listener: TcpListener,
     cfg: &ServerConfig,
@@ -90,83 +130,86 @@ where
     H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let mut release = Vec::new();
+    let open: Arc<[AtomicUsize]> = (0..shards.max(1)).map(|_| AtomicUsize::new(0)).collect();
+    let mut sharded = Shards {
+        release: Vec::new(),
+        exited: Vec::new(),
+    };
     let mut drained = Vec::new();
-    let mut mine = Some(listener);
-    if let Some(listener) = mine.take_if(|_| shards > 1) {
-        // Each shard registers the listening socket with its own runtime's poller.
-        let std = match listener.into_std() {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listener = name, error = %e, "cannot share the listener");
-                return Shards { _release: release };
-            }
-        };
-        for i in 1..shards {
-            let own = match std.try_clone() {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, shards = i, "cannot share the listener further; serving on fewer threads");
-                    break;
-                }
-            };
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-            let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-            let (cfg, handler, stop, slots) = (
-                cfg.clone(),
-                handler.clone(),
-                stop.clone(),
-                Arc::clone(&slots),
-            );
-            let started = std::thread::Builder::new()
-                .name(format!("shard-{i}"))
-                .spawn(move || {
-                    SHARD.with(|s| s.set(i));
-                    let runtime = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(listener = name, shard = i, error = %e, "cannot start a shard's runtime");
-                            return;
-                        }
-                    };
-                    runtime.block_on(async move {
-                        match TcpListener::from_std(own) {
-                            Ok(l) => serve_on(l, &cfg, handler, stop, name, slots).await,
+    let mut others = Vec::new();
+    for i in 1..shards.max(1) {
+        let (to_shard, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
+        let (cfg, handler, mut stop, open) = (
+            cfg.clone(),
+            handler.clone(),
+            stop.clone(),
+            Arc::clone(&open),
+        );
+        let started = std::thread::Builder::new()
+            .name(format!("shard-{i}"))
+            .spawn(move || {
+                SHARD.with(|s| s.set(i));
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(listener = name, shard = i, error = %e, "cannot start a shard's runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let conns = Conns::new(&cfg, handler, name, open, i);
+                    loop {
+                        let got = tokio::select! {
+                            _ = stop.wait_for(|s| *s) => break,
+                            h = incoming.recv() => h,
+                        };
+                        let Some(h) = got else { break };
+                        match TcpStream::from_std(h.stream) {
+                            Ok(stream) => conns.serve(stream, h.peer, h.slot),
                             Err(e) => {
-                                tracing::error!(listener = name, shard = i, error = %e, "a shard cannot listen")
+                                conns.gone();
+                                tracing::warn!(listener = name, shard = i, error = %e, "a shard cannot take a connection");
                             }
                         }
-                        let _ = done_tx.send(());
-                        let _ = release_rx.await;
-                    });
+                    }
+                    // Connections handed over but not yet taken close unanswered, as those
+                    // still in the kernel's backlog do.
+                    drop(incoming);
+                    conns.drain(cfg.shutdown_grace).await;
+                    let _ = done_tx.send(());
+                    let _ = release_rx.await;
                 });
-            match started {
-                Ok(_) => {
-                    drained.push(done_rx);
-                    release.push(release_tx);
-                }
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "cannot start a shard's thread; serving on fewer threads");
-                    break;
-                }
+                runtime.shutdown_timeout(SHARD_EXIT);
+                let _ = exited_tx.send(());
+            });
+        match started {
+            Ok(_) => {
+                others.push(to_shard);
+                drained.push(done_rx);
+                sharded.release.push(release_tx);
+                sharded.exited.push(exited_rx);
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "cannot start a shard's thread; serving on fewer threads");
+                break;
             }
         }
-        match TcpListener::from_std(std) {
-            Ok(l) => mine = Some(l),
-            Err(e) => tracing::error!(listener = name, error = %e, "shard 0 cannot listen"),
-        }
     }
-    if let Some(l) = mine {
-        serve_on(l, cfg, handler, stop, name, slots).await;
-    }
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let conns = Conns::new(cfg, handler, name, Arc::clone(&open), 0);
+    accept(listener, &conns, &others, &open, stop, name, slots).await;
+    drop(others);
+    conns.drain(cfg.shutdown_grace).await;
     for d in drained {
         let _ = d.await;
     }
-    Shards { _release: release }
+    sharded
 }
 
 /// Serve `listener` with `handler` until `stop` fires, then drain open connections for at
@@ -182,13 +225,19 @@ pub async fn serve<H, Fut>(
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    serve_on(listener, cfg, handler, stop, name, slots).await
+    let open: Arc<[AtomicUsize]> = Arc::new([AtomicUsize::new(0)]);
+    let conns = Conns::new(cfg, handler, name, Arc::clone(&open), 0);
+    accept(listener, &conns, &[], &open, stop, name, slots).await;
+    conns.drain(cfg.shutdown_grace).await;
 }
 
-async fn serve_on<H, Fut>(
+/// Accept until `stop`, each connection to the shard with the fewest open ones: this one
+/// (`conns`, shard 0) or one of `others` (shards 1, 2, ...).
+async fn accept<H, Fut>(
     listener: TcpListener,
-    cfg: &ServerConfig,
-    handler: H,
+    conns: &Conns<H>,
+    others: &[tokio::sync::mpsc::UnboundedSender<Handoff>],
+    open: &[AtomicUsize],
     mut stop: watch::Receiver<bool>,
     name: &'static str,
     slots: Arc<Semaphore>,
@@ -196,19 +245,6 @@ async fn serve_on<H, Fut>(
     H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE)
-        .max_header_list_size(cfg.max_header_bytes as u32);
-    let graceful = GracefulShutdown::new();
     loop {
         let slot = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -229,8 +265,88 @@ async fn serve_on<H, Fut>(
                 continue;
             }
         };
+        // The fewest open connections; the first such (shard 0 first) on a tie.
+        let to = (0..=others.len())
+            .min_by_key(|&i| open[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        open[to].fetch_add(1, Ordering::Relaxed);
+        if to == 0 {
+            conns.serve(stream, peer, slot);
+            continue;
+        }
+        // Off this runtime's poller, onto the other shard's when it takes it.
+        let handed = stream
+            .into_std()
+            .map_err(|e| e.to_string())
+            .and_then(|stream| {
+                others[to - 1]
+                    .send(Handoff { stream, peer, slot })
+                    .map_err(|_| "the shard has stopped".to_string())
+            });
+        if let Err(e) = handed {
+            open[to].fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(listener = name, shard = to, error = %e, "cannot hand a connection to its shard; closed");
+        }
+    }
+    drop(listener);
+}
+
+/// One shard's connections: hyper's settings, the graceful-shutdown watch, the count of open
+/// connections the acceptor balances by.
+struct Conns<H> {
+    builder: auto::Builder<TokioExecutor>,
+    graceful: GracefulShutdown,
+    handler: H,
+    head_timeout: Duration,
+    name: &'static str,
+    open: Arc<[AtomicUsize]>,
+    me: usize,
+}
+
+impl<H, Fut> Conns<H>
+where
+    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    fn new(
+        cfg: &ServerConfig,
+        handler: H,
+        name: &'static str,
+        open: Arc<[AtomicUsize]>,
+        me: usize,
+    ) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_buf_size(cfg.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_KEEPALIVE)
+            .max_header_list_size(cfg.max_header_bytes as u32);
+        Conns {
+            builder,
+            graceful: GracefulShutdown::new(),
+            handler,
+            head_timeout: cfg.header_read_timeout,
+            name,
+            open,
+            me,
+        }
+    }
+
+    /// A connection counted for this shard ended without being served.
+    fn gone(&self) {
+        self.open[self.me].fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Serve one connection (already counted in `open`) on this runtime, holding its slot.
+    fn serve(&self, stream: TcpStream, peer: std::net::SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
-        let h = handler.clone();
+        let h = self.handler.clone();
         // Set when the first request head has been parsed (hyper calls the service then).
         let first_head = Arc::new(Notify::new());
         let seen = Arc::clone(&first_head);
@@ -239,12 +355,16 @@ async fn serve_on<H, Fut>(
             let h = h.clone();
             async move { Ok::<_, Infallible>(h(req, Peer(peer)).await) }
         });
-        let conn = builder
+        let conn = self
+            .builder
             .serve_connection(TokioIo::new(stream), svc)
             .into_owned();
-        let conn = graceful.watch(conn);
-        let head_timeout = cfg.header_read_timeout;
+        let conn = self.graceful.watch(conn);
+        let (head_timeout, name) = (self.head_timeout, self.name);
+        // Counted down when the connection ends, however it ends.
+        let open = OpenGuard(Arc::clone(&self.open), self.me);
         tokio::spawn(async move {
+            let _open = open;
             let mut conn = std::pin::pin!(conn);
             // hyper's HTTP/1 header timer starts only once the protocol is known, and HTTP/2
             // has none: a client that sends nothing, or half the HTTP/2 preface, or a preface
@@ -276,20 +396,32 @@ async fn serve_on<H, Fut>(
             drop(slot);
         });
     }
-    drop(listener);
-    let grace = cfg.shutdown_grace;
-    tracing::info!(
-        listener = name,
-        grace_s = grace.as_secs_f64(),
-        "stopped accepting; draining connections"
-    );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
+
+    /// Wait for this shard's connections to end, at most `grace`.
+    async fn drain(self, grace: Duration) {
+        let name = self.name;
+        tracing::info!(
             listener = name,
-            "shutdown grace period over; closing remaining connections"
+            grace_s = grace.as_secs_f64(),
+            "stopped accepting; draining connections"
         );
+        if tokio::time::timeout(grace, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = name,
+                "shutdown grace period over; closing remaining connections"
+            );
+        }
+    }
+}
+
+/// One open connection in its shard's count.
+struct OpenGuard(Arc<[AtomicUsize]>, usize);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0[self.1].fetch_sub(1, Ordering::Relaxed);
     }
 }

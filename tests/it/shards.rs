@@ -1,8 +1,7 @@
 //! The proxy listener served by several shards (threads with a runtime each, as the binary
-//! runs it): each shard accepts and serves on its own, and every shard spends the same
-//! account-wide budget.
+//! runs it): shard 0 accepts and hands each connection to the shard with the fewest open,
+//! which serves it on its own, and every shard spends the same account-wide budget.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,10 +11,47 @@ use crate::support::*;
 
 const NO_LIMITS: &str = "\n[limits]\nrequests_per_minute = 600000\nburst = 10000\n";
 
-/// With shard 0 (the test's runtime) not running at all, a request is still answered: another
-/// shard accepted it and served it from its own thread, upstream exchange included.
+/// One request on a kept-alive connection: its status and whether the answer was whole.
+async fn exchange(conn: &mut tokio::net::TcpStream, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!("GET {path} HTTP/1.1\r\nHost: proxy\r\n\r\n");
+    within("an answer", async {
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            let Some(end) = text.find("\r\n\r\n") else {
+                continue;
+            };
+            let length: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if got.len() >= end + 4 + length {
+                return text[9..12].parse().unwrap();
+            }
+        }
+    })
+    .await
+}
+
+/// A connection goes to the shard with the fewest open: the first to shard 0, the second,
+/// while the first is open, to shard 1, which then serves it on its own: with shard 0 (the
+/// test's runtime) not running at all, it still answers.
 #[test]
-fn a_second_shard_answers_while_the_first_is_stopped() {
+fn a_second_connection_is_served_by_another_shard_on_its_own() {
     // The mock on a runtime of its own thread, so it keeps answering while this one is held.
     let upstream_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -27,60 +63,52 @@ fn a_second_shard_answers_while_the_first_is_stopped() {
         .enable_all()
         .build()
         .unwrap();
-    let proxy = rt.block_on(async {
+    let (proxy, _first, second) = rt.block_on(async {
         let proxy = Start::new(&mock.url(), NO_LIMITS).shards(2).start().await;
-        // Serving, so the other shard's thread has been started.
-        assert_eq!(get(&client(), &proxy.url("/v1/models")).await.status, 200);
-        proxy
+        let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(exchange(&mut first, "/v1/models").await, 200);
+        let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        assert_eq!(exchange(&mut second, "/v1/models").await, 200);
+        (proxy, first, second.into_std().unwrap())
     });
-    // Outside `block_on`, nothing on shard 0 runs: no accept, no request task, no timer.
-    let mut conn = std::net::TcpStream::connect(proxy.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    conn.write_all(b"GET /v1/models HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .expect("no answer within 30 s: only the stopped shard 0 serves");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!(mock.count(), 2);
+    // Outside `block_on`, nothing on shard 0 runs: no accept, no request task, no timer. The
+    // client's side of the second connection moves to the other runtime.
+    let second = upstream_rt.block_on(async move {
+        let mut second = tokio::net::TcpStream::from_std(second).unwrap();
+        second.set_nodelay(true).unwrap();
+        let status =
+            tokio::time::timeout(Duration::from_secs(30), exchange(&mut second, "/v1/models"))
+                .await
+                .expect("no answer within 30 s: the connection is not served by another shard");
+        assert_eq!(status, 200);
+        second
+    });
+    assert_eq!(mock.count(), 3);
+    drop(second);
     rt.block_on(proxy.stop()).unwrap();
 }
 
-/// A burst over the budget, on connections spread over two shards, is admitted exactly as
-/// far as the budget allows: the bucket is the account's, not a shard's.
+/// Requests served by different shards spend one budget: with 3 tokens and no refill, the
+/// first connection (shard 0) and the second (shard 1, see above) take turns, and the fourth
+/// request is shed whichever shard serves it. (A budget per shard would let it through.)
 #[tokio::test]
 async fn every_shard_spends_one_budget() {
     let mock = MockUpstream::start().await;
-    // No refill within the test (one a minute), nothing queued: 5 pass, the rest are shed.
     let proxy = Start::new(
         &mock.url(),
-        "[limits]\nrequests_per_minute = 1\nburst = 5\n[queue]\nmax_depth = 0\n",
+        "[limits]\nrequests_per_minute = 1\nburst = 3\n[queue]\nmax_depth = 0\n",
     )
     .shards(2)
     .start()
     .await;
-    let mut all = tokio::task::JoinSet::new();
-    for _ in 0..24 {
-        let url = proxy.url("/v1/x");
-        // A client each: a connection each, accepted by whichever shard wakes first.
-        all.spawn(async move { get(&client(), &url).await.status });
-    }
-    let mut statuses = Vec::new();
-    while let Some(s) = all.join_next().await {
-        statuses.push(s.unwrap());
-    }
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        5,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 429).count(),
-        19,
-        "{statuses:?}"
-    );
-    assert_eq!(mock.count(), 5);
+    let mut on_0 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(exchange(&mut on_0, "/v1/x").await, 200);
+    let mut on_1 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(exchange(&mut on_1, "/v1/x").await, 200);
+    assert_eq!(exchange(&mut on_0, "/v1/x").await, 200);
+    assert_eq!(exchange(&mut on_1, "/v1/x").await, 429);
+    assert_eq!(exchange(&mut on_0, "/v1/x").await, 429);
+    assert_eq!(mock.count(), 3);
     proxy.stop().await.unwrap();
 }
 
@@ -113,7 +141,18 @@ async fn a_stop_drains_every_shards_streams() {
         assert_eq!(resp.status(), 200);
         bodies.push(resp.into_body());
     }
-    let stopping = proxy.begin_stop();
+    let addr = proxy.addr;
+    let mut stopping = proxy.begin_stop();
+    // Every shard has closed its copy of the listening socket once a connect is refused.
+    within("the listeners to close", async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    // A bounded negative check: with the streams held, a correct proxy cannot have stopped.
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut stopping).await;
+    assert!(early.is_err(), "stopped with streams in flight: {early:?}");
     gate.open();
     for body in bodies {
         let rest = within("the rest of a stream", body.collect())

@@ -55,7 +55,8 @@ impl Start {
         }
     }
 
-    /// Serve the proxy listener on `n` shards: the test's runtime and `n - 1` threads.
+    /// Serve the proxy listener on `n` shards: the test's runtime and `n - 1` threads. The
+    /// other shards run on real time: not for tests on paused time.
     pub fn shards(mut self, n: usize) -> Start {
         self.shards = n;
         self
