@@ -11,6 +11,12 @@
 # divided by the requests wrk saw answered. Start-up and shutdown are under 1% of the total.
 # Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
+#
+# AB_MODE=cpu measures the same workload without valgrind: for each of AB_CONNS (default
+# "1 16 64") connections, AB_ROUNDS (default 5) rounds of the builds in turn, `wrk -cN` for
+# CG_SECS (default 3 here) against the plain release proxy, whose CPU time (utime + stime of
+# all its threads, from /proc) is divided by the requests wrk saw answered. On a noisy host
+# compare medians over the rounds (BENCHMARKS.md, fourth session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bins=("$@")
@@ -57,12 +63,11 @@ max_concurrent = 1024
 path = ""
 EOF
 
-printf '| build | requests | instructions | per request |\n|---|---|---|---|\n'
-for bin in "${bins[@]}"; do
-    listen=$(port)
-    out="$work/callgrind.out"
+start_proxy() { # bin listen [wrapper...]: the proxy on `listen`, in the background
+    local bin=$1 listen=$2
+    shift 2
     CHUTES_API_KEY=cpk_bench_not_a_real_key RUST_LOG=${CG_LOG:-info} \
-        valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" --config "$work/proxy.toml" \
+        "$@" "$bin" --config "$work/proxy.toml" \
         --listen "127.0.0.1:$listen" --admin-listen "" --log-format "${CG_FORMAT:-text}" \
         2>"$work/proxy.log" &
     pid=$!
@@ -70,6 +75,38 @@ for bin in "${bins[@]}"; do
         (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
         sleep 0.1
     done
+}
+
+if [[ ${AB_MODE:-callgrind} == cpu ]]; then
+    secs=${CG_SECS:-3}
+    tick=$(getconf CLK_TCK)
+    cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+    printf '| build | connections | round | requests | req/s | CPU per request |\n|---|---|---|---|---|---|\n'
+    for c in ${AB_CONNS:-1 16 64}; do
+        for round in $(seq "${AB_ROUNDS:-5}"); do
+            for bin in "${bins[@]}"; do
+                listen=$(port)
+                start_proxy "$bin" "$listen"
+                sleep 0.5
+                t0=$(cpu_ticks "$pid")
+                reqs=$(wrk -t1 -c"$c" -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" |
+                    awk '/requests in/ {print $1}')
+                t1=$(cpu_ticks "$pid")
+                kill -INT "$pid"
+                wait "$pid" || true
+                printf '| %s | %s | %s | %s | %.0f | %.0f µs |\n' "$bin" "$c" "$round" "$reqs" \
+                    "$(echo "$reqs / $secs" | bc -l)" "$(echo "($t1 - $t0) / $tick * 1000000 / $reqs" | bc -l)"
+            done
+        done
+    done
+    exit 0
+fi
+
+printf '| build | requests | instructions | per request |\n|---|---|---|---|\n'
+for bin in "${bins[@]}"; do
+    listen=$(port)
+    out="$work/callgrind.out"
+    start_proxy "$bin" "$listen" valgrind --tool=callgrind --callgrind-out-file="$out"
     reqs=$(wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" |
         awk '/requests in/ {print $1}')
     kill -INT "$pid"
