@@ -199,6 +199,27 @@ impl TestProxy {
         }
         self.task.take().unwrap()
     }
+
+    /// Begin a graceful stop while something is held in flight, and check that it is still
+    /// draining: once the listener is closed (so what follows is provably sent during the
+    /// drain, not before it began), the stop has not completed within 300 ms. A bounded
+    /// negative check: a correct proxy can never finish then, however slow the machine.
+    pub async fn begin_stop_while_held(self) -> JoinHandle<Result<(), String>> {
+        let addr = self.addr;
+        let mut stopping = self.begin_stop();
+        super::within("the listener to close", async {
+            while tokio::net::TcpStream::connect(addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut stopping).await;
+        assert!(
+            early.is_err(),
+            "stopped with something in flight: {early:?}"
+        );
+        stopping
+    }
 }
 
 impl Drop for TestProxy {
