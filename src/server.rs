@@ -275,17 +275,33 @@ async fn accept<H, Fut>(
             continue;
         }
         // Off this runtime's poller, onto the other shard's when it takes it.
-        let handed = stream
-            .into_std()
-            .map_err(|e| e.to_string())
-            .and_then(|stream| {
-                others[to - 1]
-                    .send(Handoff { stream, peer, slot })
-                    .map_err(|_| "the shard has stopped".to_string())
-            });
-        if let Err(e) = handed {
-            open[to].fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(listener = name, shard = to, error = %e, "cannot hand a connection to its shard; closed");
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                open[to].fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(listener = name, error = %e, "cannot hand a connection to its shard; closed");
+                continue;
+            }
+        };
+        if let Err(back) = others[to - 1].send(Handoff { stream, peer, slot }) {
+            // That shard's thread has ended (its runtime could not start): never pick it
+            // again, and serve this connection here.
+            open[to].store(usize::MAX / 2, Ordering::Relaxed);
+            tracing::warn!(
+                listener = name,
+                shard = to,
+                "a shard has stopped; serving its share on shard 0"
+            );
+            let Handoff { stream, peer, slot } = back.0;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    open[0].fetch_add(1, Ordering::Relaxed);
+                    conns.serve(stream, peer, slot);
+                }
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "cannot take a connection back; closed")
+                }
+            }
         }
     }
     drop(listener);
