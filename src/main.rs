@@ -111,8 +111,8 @@ fn init_logging(format: LogFormat) -> LogGuard {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Single-threaded: this thread is the proxy's shard 0, and `run_sharded` starts one more
-    // thread per core with a runtime of its own (see `server`).
+    // Single-threaded: this thread is the proxy's shard 0, and `run_sharded` starts a thread
+    // with a runtime of its own for each other core (see `server`).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
