@@ -66,12 +66,29 @@ const SHARD_EXIT: Duration = Duration::from_secs(1);
 /// The shards a proxy runs: `TOKIO_WORKER_THREADS` if set to a positive number (at most
 /// [`MAX_SHARDS`]), else one per core the process may use.
 pub fn shard_count() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .min(MAX_SHARDS)
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let var = std::env::var("TOKIO_WORKER_THREADS").ok();
+    let (n, refused) = shards_from(var.as_deref(), cores);
+    if let Some(why) = refused {
+        tracing::warn!("TOKIO_WORKER_THREADS {why}; serving on {n} threads");
+    }
+    n
+}
+
+/// [`shard_count`] from the variable's value and the cores: the count, and why the value
+/// was not taken as given, if it was not.
+fn shards_from(var: Option<&str>, cores: usize) -> (usize, Option<String>) {
+    let Some(v) = var else {
+        return (cores.clamp(1, MAX_SHARDS), None);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if n > MAX_SHARDS => (MAX_SHARDS, Some(format!("= {n} is over {MAX_SHARDS}"))),
+        Ok(n) if n > 0 => (n, None),
+        _ => (
+            cores.clamp(1, MAX_SHARDS),
+            Some(format!("= {v:?} is not a positive number")),
+        ),
+    }
 }
 
 /// The shards' threads, once their connections are drained. They keep running what was
@@ -439,5 +456,26 @@ struct OpenGuard(Arc<[AtomicUsize]>, usize);
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_count_is_the_variable_or_the_cores_and_a_bad_value_is_said() {
+        assert_eq!(shards_from(None, 2), (2, None));
+        assert_eq!(shards_from(None, 500), (MAX_SHARDS, None));
+        assert_eq!(shards_from(Some(" 3 "), 2), (3, None));
+        let (n, why) = shards_from(Some("abc"), 2);
+        assert_eq!(n, 2);
+        assert!(why.unwrap().contains("\"abc\" is not a positive number"));
+        let (n, why) = shards_from(Some("0"), 4);
+        assert_eq!(n, 4);
+        assert!(why.is_some());
+        let (n, why) = shards_from(Some("1000"), 2);
+        assert_eq!(n, MAX_SHARDS);
+        assert!(why.unwrap().contains("over 64"));
     }
 }
