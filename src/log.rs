@@ -54,9 +54,15 @@ pub struct RequestLog {
 #[derive(Debug, Clone)]
 pub struct LogId(pub http::HeaderValue);
 
+impl LogId {
+    fn as_str(&self) -> &str {
+        self.0.to_str().unwrap_or("")
+    }
+}
+
 impl std::fmt::Display for LogId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0.to_str().unwrap_or(""))
+        f.write_str(self.as_str())
     }
 }
 
@@ -68,20 +74,26 @@ pub struct LogPath(pub http::Uri);
 
 impl LogPath {
     pub const MAX: usize = 256;
-}
 
-impl std::fmt::Display for LogPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    /// The path as shown, and the ellipsis when it was cut.
+    fn shown(&self) -> (&str, &'static str) {
         let path = self.0.path();
         if path.len() <= LogPath::MAX {
-            return f.write_str(path);
+            return (path, "");
         }
         let mut end = LogPath::MAX;
         while !path.is_char_boundary(end) {
             end -= 1;
         }
-        f.write_str(&path[..end])?;
-        f.write_str("…")
+        (&path[..end], "…")
+    }
+}
+
+impl std::fmt::Display for LogPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (path, cut) = self.shown();
+        f.write_str(path)?;
+        f.write_str(cut)
     }
 }
 
@@ -116,11 +128,34 @@ impl RequestLog {
             return;
         }
         self.logged = true;
-        let ms = |d: Option<Duration>| d.map(millis);
+        self.emit(self.started.elapsed());
+    }
+
+    /// The line, for a request that took `total`. Under the binary's subscriber it is written
+    /// straight into the log's buffer by [`RequestLines`]; anywhere else (colours, inside a
+    /// span, a test's or an embedder's subscriber) it is an ordinary tracing event.
+    fn emit(&self, total: Duration) {
+        if !tracing::enabled!(target: "chutes_proxy::request", tracing::Level::INFO) {
+            return;
+        }
         let bytes_in = self
             .upload
             .as_ref()
             .map_or(0, |u| u.bytes.load(Ordering::Relaxed));
+        // Decided inside, emitted outside: an event dispatched from within `get_default`
+        // would find no subscriber.
+        let written =
+            tracing::dispatcher::get_default(|d| match d.downcast_ref::<RequestLines>() {
+                Some(lines) if d.current_span().id().is_none() => {
+                    lines.write(self, total, bytes_in);
+                    true
+                }
+                _ => false,
+            });
+        if written {
+            return;
+        }
+        let ms = |d: Option<Duration>| d.map(millis);
         tracing::info!(
             target: "chutes_proxy::request",
             request_id = %self.request_id,
@@ -134,7 +169,7 @@ impl RequestLog {
             outcome = self.outcome,
             queue_wait_ms = ms(self.queue_wait),
             upstream_ms = ms(self.upstream_latency),
-            total_ms = millis(self.started.elapsed()),
+            total_ms = millis(total),
             bytes_in,
             bytes_out = self.bytes_out,
             stream_error = self.stream_error.as_deref(),
@@ -154,6 +189,298 @@ fn millis(d: Duration) -> f64 {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// How the log is written (`--log-format`, and whether stderr is a terminal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// Text with colour codes, for a person at a terminal.
+    Coloured,
+    /// Text without them.
+    Plain,
+    /// One JSON object a line.
+    Json,
+}
+
+/// The binary's subscriber: `filter`'s lines in `style`, into `out`. Each line is the bytes
+/// tracing-subscriber's own formatter writes for it (text: `DefaultFields` with ANSI off, or
+/// with colours; JSON: its JSON formatter with flattened fields), for less: see
+/// [`PlainFields`], [`JsonLine`], [`LogTime`] and [`RequestLines`].
+pub fn dispatch<W: std::io::Write + Send + 'static>(
+    style: Style,
+    filter: tracing_subscriber::EnvFilter,
+    out: &crate::logbuf::Batched<W>,
+) -> tracing::Dispatch {
+    let lines = out.clone();
+    dispatch_with(
+        style,
+        filter,
+        out.clone(),
+        Box::new(move |line: &[u8]| lines.write_line(line)),
+        LogTime,
+        true,
+    )
+}
+
+/// [`dispatch`], with the writer, the request lines' output and the timer given, and the
+/// request lines' direct path optional (the tests compare it with tracing's own).
+fn dispatch_with<M, T>(
+    style: Style,
+    filter: tracing_subscriber::EnvFilter,
+    writer: M,
+    request_lines: LineOut,
+    timer: T,
+    direct: bool,
+) -> tracing::Dispatch
+where
+    M: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    T: FormatTime + Clone + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(style == Style::Coloured)
+        .with_target(false)
+        .with_timer(timer.clone());
+    let lines = direct.then(|| RequestLines {
+        json: style == Style::Json,
+        timer: Box::new(timer.clone()),
+        out: request_lines,
+    });
+    match style {
+        Style::Json => {
+            let sub = builder
+                .json()
+                .flatten_event(true)
+                .event_format(JsonLine::with_timer(timer))
+                .finish();
+            tracing::Dispatch::new(sub.with(lines))
+        }
+        Style::Plain => {
+            tracing::Dispatch::new(builder.fmt_fields(PlainFields).finish().with(lines))
+        }
+        // For a person at a terminal: nothing to save there.
+        Style::Coloured => tracing::Dispatch::new(builder.finish()),
+    }
+}
+
+/// The request line written straight into the log's buffer: the bytes the subscriber's own
+/// formatter writes for that event (checked byte for byte by the tests), without tracing's
+/// field machinery, which recorded the line's 17 fields one virtual call and one type check
+/// at a time and was 12% of the proxy's instructions per request (callgrind, BENCHMARKS.md).
+/// A layer that does nothing with events: [`RequestLog`] finds it in the current dispatcher,
+/// after the same filter has said yes.
+pub struct RequestLines {
+    json: bool,
+    timer: Box<dyn FormatTime + Send + Sync>,
+    out: LineOut,
+}
+
+/// Where a whole line goes.
+type LineOut = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RequestLines {}
+
+impl RequestLines {
+    fn write(&self, log: &RequestLog, total: Duration, bytes_in: u64) {
+        thread_local! {
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        let emit = |line: &mut String| {
+            line.clear();
+            let formatted = if self.json {
+                self.json_line(line, log, total, bytes_in)
+            } else {
+                self.text_line(line, log, total, bytes_in)
+            };
+            // As tracing-subscriber does: a line its formatter failed on is not written.
+            if formatted.is_ok() {
+                (self.out)(line.as_bytes());
+            }
+        };
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut line) => {
+                emit(&mut line);
+                // A line is a few hundred bytes; one with a huge error is not kept around.
+                if line.capacity() > 16 * 1024 {
+                    *line = String::new();
+                }
+            }
+            Err(_) => emit(&mut String::new()),
+        });
+    }
+
+    /// `<time>  INFO request request_id=… client=… …`, as `Format<Full>` with
+    /// [`PlainFields`] writes it outside any span.
+    fn text_line(
+        &self,
+        w: &mut String,
+        log: &RequestLog,
+        total: Duration,
+        bytes_in: u64,
+    ) -> std::fmt::Result {
+        let mut digits = [0u8; 20];
+        let mut num = |w: &mut String, name: &str, n: u64| {
+            w.push_str(name);
+            w.push_str(decimal(n, &mut digits));
+        };
+        let ms = |w: &mut String, name: &str, d: Duration| {
+            w.push_str(name);
+            debug_f64(w, millis(d))
+        };
+        self.timer.format_time(&mut Writer::new(w))?;
+        w.push_str("  INFO request request_id=");
+        w.push_str(log.request_id.as_str());
+        w.push_str(" client=");
+        w.push_str(&log.client);
+        if let Some(model) = &log.model {
+            w.push_str(" model=");
+            debug_str(w, model)?;
+        }
+        num(w, " retries=", u64::from(log.retries));
+        w.push_str(" method=");
+        w.push_str(log.method.as_str());
+        let (path, cut) = log.path.shown();
+        w.push_str(" path=");
+        w.push_str(path);
+        w.push_str(cut);
+        num(w, " status=", u64::from(log.status));
+        if let Some(status) = log.upstream_status {
+            num(w, " upstream_status=", u64::from(status));
+        }
+        w.push_str(" outcome=");
+        debug_str(w, log.outcome)?;
+        if let Some(d) = log.queue_wait {
+            ms(w, " queue_wait_ms=", d)?;
+        }
+        if let Some(d) = log.upstream_latency {
+            ms(w, " upstream_ms=", d)?;
+        }
+        ms(w, " total_ms=", total)?;
+        num(w, " bytes_in=", bytes_in);
+        num(w, " bytes_out=", log.bytes_out);
+        if let Some(e) = &log.stream_error {
+            w.push_str(" stream_error=");
+            debug_str(w, e)?;
+        }
+        w.push_str(" stream_error_events=");
+        w.push_str(if log.stream_error_events {
+            "true"
+        } else {
+            "false"
+        });
+        w.push('\n');
+        Ok(())
+    }
+
+    /// `{"timestamp":…,"level":"INFO","message":"request","request_id":…}`, as [`JsonLine`]
+    /// writes it outside any span.
+    fn json_line(
+        &self,
+        w: &mut String,
+        log: &RequestLog,
+        total: Duration,
+        bytes_in: u64,
+    ) -> std::fmt::Result {
+        let mut digits = [0u8; 20];
+        let mut num = |w: &mut String, key: &str, n: u64| {
+            w.push_str(key);
+            w.push_str(decimal(n, &mut digits));
+        };
+        let ms = |w: &mut String, key: &str, d: Duration| {
+            w.push_str(key);
+            json_f64(w, millis(d))
+        };
+        w.push_str("{\"timestamp\":\"");
+        let at = w.len();
+        self.timer.format_time(&mut Writer::new(w))?;
+        if w[at..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            let time = w.split_off(at);
+            JsonEscaped(w).write_str(&time)?;
+        }
+        w.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":");
+        json_str(w, log.request_id.as_str())?;
+        w.push_str(",\"client\":");
+        json_str(w, &log.client)?;
+        if let Some(model) = &log.model {
+            w.push_str(",\"model\":");
+            json_str(w, model)?;
+        }
+        num(w, ",\"retries\":", u64::from(log.retries));
+        w.push_str(",\"method\":");
+        json_str(w, log.method.as_str())?;
+        let (path, cut) = log.path.shown();
+        w.push_str(",\"path\":\"");
+        JsonEscaped(w).write_str(path)?;
+        w.push_str(cut);
+        w.push('"');
+        num(w, ",\"status\":", u64::from(log.status));
+        if let Some(status) = log.upstream_status {
+            num(w, ",\"upstream_status\":", u64::from(status));
+        }
+        w.push_str(",\"outcome\":");
+        json_str(w, log.outcome)?;
+        if let Some(d) = log.queue_wait {
+            ms(w, ",\"queue_wait_ms\":", d)?;
+        }
+        if let Some(d) = log.upstream_latency {
+            ms(w, ",\"upstream_ms\":", d)?;
+        }
+        ms(w, ",\"total_ms\":", total)?;
+        num(w, ",\"bytes_in\":", bytes_in);
+        num(w, ",\"bytes_out\":", log.bytes_out);
+        if let Some(e) = &log.stream_error {
+            w.push_str(",\"stream_error\":");
+            json_str(w, e)?;
+        }
+        w.push_str(",\"stream_error_events\":");
+        w.push_str(if log.stream_error_events {
+            "true"
+        } else {
+            "false"
+        });
+        w.push_str("}\n");
+        Ok(())
+    }
+}
+
+/// A string field's value as the text log writes it: its `Debug`, quoted and escaped, with
+/// printable ASCII that needs no escape written as is.
+fn debug_str<W: std::fmt::Write + ?Sized>(w: &mut W, value: &str) -> std::fmt::Result {
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        w.write_char('"')?;
+        w.write_str(value)?;
+        w.write_char('"')
+    } else {
+        write!(w, "{value:?}")
+    }
+}
+
+/// A float field's value as the text log writes it: its `Debug`.
+fn debug_f64<W: std::fmt::Write + ?Sized>(w: &mut W, value: f64) -> std::fmt::Result {
+    let mut buf = [0u8; 32];
+    match millis_debug(value, &mut buf) {
+        Some(text) => w.write_str(text),
+        None => write!(w, "{value:?}"),
+    }
+}
+
+/// A float field's value as the JSON log writes it: serde_json's, which agrees with `Debug`
+/// on the durations; anything else (NaN is `null`, large and tiny numbers are written
+/// otherwise) is left to it.
+fn json_f64<W: std::fmt::Write + ?Sized>(w: &mut W, value: f64) -> std::fmt::Result {
+    let mut buf = [0u8; 32];
+    match millis_debug(value, &mut buf) {
+        Some(text) => w.write_str(text),
+        None => match serde_json::to_string(&value) {
+            Ok(text) => w.write_str(&text),
+            Err(_) => Err(std::fmt::Error),
+        },
     }
 }
 
@@ -297,14 +624,11 @@ impl Visit for PlainVisitor<'_> {
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        let mut buf = [0u8; 32];
-        match millis_debug(value, &mut buf) {
-            Some(text) if Self::plain(field.name()) => {
-                if self.start(field.name()) {
-                    self.put(text);
-                }
-            }
-            _ => self.record_debug(field, &value),
+        if !Self::plain(field.name()) {
+            return self.record_debug(field, &value);
+        }
+        if self.start(field.name()) {
+            self.result = debug_f64(&mut self.writer, value);
         }
     }
 
@@ -315,20 +639,8 @@ impl Visit for PlainVisitor<'_> {
             }
             return;
         }
-        // `Debug` of a str quotes it and escapes only `"`, backslash, controls and non-ASCII
-        // oddities: printable ASCII without those is written as is.
-        if !value
-            .bytes()
-            .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
-        {
-            return self.record_debug(field, &value);
-        }
         if self.start(field.name()) {
-            self.result = (|| {
-                self.writer.write_char('"')?;
-                self.writer.write_str(value)?;
-                self.writer.write_char('"')
-            })();
+            self.result = debug_str(&mut self.writer, value);
         }
     }
 
@@ -543,16 +855,7 @@ impl Visit for JsonVisitor<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         if self.key(field) {
-            let mut buf = [0u8; 32];
-            // serde_json's float printer agrees with `Debug` on the durations; anything else
-            // (NaN is `null`, large and tiny numbers are written otherwise) is left to it.
-            self.result = match millis_debug(value, &mut buf) {
-                Some(text) => self.writer.write_str(text),
-                None => match serde_json::to_string(&value) {
-                    Ok(text) => self.writer.write_str(&text),
-                    Err(_) => Err(std::fmt::Error),
-                },
-            };
+            self.result = json_f64(&mut self.writer, value);
         }
     }
 
@@ -574,7 +877,7 @@ impl Visit for JsonVisitor<'_> {
 }
 
 /// `s` as a JSON string, quotes included.
-fn json_str(w: &mut Writer<'_>, s: &str) -> std::fmt::Result {
+fn json_str<W: std::fmt::Write + ?Sized>(w: &mut W, s: &str) -> std::fmt::Result {
     w.write_char('"')?;
     JsonEscaped(w).write_str(s)?;
     w.write_char('"')
@@ -583,9 +886,9 @@ fn json_str(w: &mut Writer<'_>, s: &str) -> std::fmt::Result {
 /// Writes what passes through it escaped as serde_json escapes the inside of a string: `"`,
 /// backslash and the control characters below U+0020 (`\n`-style where JSON has a short
 /// form, else `\u00XX` in lowercase hex); everything else as is.
-struct JsonEscaped<'a, 'w>(&'a mut Writer<'w>);
+struct JsonEscaped<'a, W: ?Sized>(&'a mut W);
 
-impl std::fmt::Write for JsonEscaped<'_, '_> {
+impl<W: std::fmt::Write + ?Sized> std::fmt::Write for JsonEscaped<'_, W> {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
         let bytes = s.as_bytes();
         let mut clean = 0;
@@ -793,6 +1096,170 @@ mod tests {
             assert_eq!(o, t);
         }
         assert_eq!(ours, theirs);
+    }
+
+    /// The same instant for every line, so lines can be compared whole.
+    #[derive(Clone)]
+    struct Fixed;
+    impl FormatTime for Fixed {
+        fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+            LogTime::write(Duration::new(1_767_225_600, 42_000), w)
+        }
+    }
+
+    /// Request lines with every field absent and present, and values that need each kind of
+    /// escape in both formats.
+    fn request_logs() -> Vec<(RequestLog, Duration)> {
+        let log = |id: &'static str, client: &str, method: http::Method, path: &str| {
+            let mut l = RequestLog::new(
+                LogId(http::HeaderValue::from_static(id)),
+                client.into(),
+                method,
+                LogPath(path.parse().unwrap()),
+            );
+            // Emitted by hand below, not when dropped.
+            l.logged = true;
+            l
+        };
+        let bare = log("cp-1", "default", http::Method::GET, "/v1/models");
+        let mut full = log(
+            "req \"7\" \\ ~",
+            "team-a",
+            http::Method::POST,
+            "/v1/chat/completions?key=secret",
+        );
+        full.model = Some("m/x \"q\" \\ naïve ✓\t\u{1}".into());
+        full.retries = 3;
+        full.status = 429;
+        full.upstream_status = Some(429);
+        full.outcome = "upstream_429";
+        full.queue_wait = Some(Duration::from_micros(1_500));
+        full.upstream_latency = Some(Duration::from_nanos(441_677));
+        let stats = Arc::new(UploadStats::default());
+        stats.bytes.store(u64::MAX, Ordering::Relaxed);
+        full.upload = Some(stats);
+        full.bytes_out = 1234;
+        full.stream_error = Some("upstream cut \"mid\"\nstream".into());
+        full.stream_error_events = true;
+        let mut long = log(
+            "cp-2",
+            "naïve-client",
+            http::Method::from_bytes(b"PURGE").unwrap(),
+            &format!("/{}é{}", "a".repeat(254), "b".repeat(40)),
+        );
+        long.model = Some("plain/model".into());
+        long.status = 200;
+        long.upstream_status = Some(200);
+        long.outcome = "forwarded";
+        long.queue_wait = Some(Duration::ZERO);
+        vec![
+            (bare, Duration::ZERO),
+            (full, Duration::from_secs(12_345)),
+            // Past the milliseconds' fast path (10^9 ms): the float printers' own digits.
+            (long, Duration::from_secs(2_000_000)),
+        ]
+    }
+
+    /// What `style`'s subscriber writes for `logs`: (its formatter's lines, the request
+    /// lines written directly).
+    fn request_lines(style: Style, filter: &str, direct: bool) -> (String, String) {
+        let (fmt, lines) = (Buf::default(), Buf::default());
+        let (f, l) = (fmt.clone(), lines.clone());
+        let dispatch = dispatch_with(
+            style,
+            tracing_subscriber::EnvFilter::new(filter),
+            move || f.clone(),
+            Box::new(move |line: &[u8]| l.0.lock().unwrap().extend_from_slice(line)),
+            Fixed,
+            direct,
+        );
+        tracing::dispatcher::with_default(&dispatch, || {
+            for (log, total) in request_logs() {
+                log.emit(total);
+            }
+        });
+        let text = |b: Buf| String::from_utf8(b.0.lock().unwrap().clone()).unwrap();
+        (text(fmt), text(lines))
+    }
+
+    #[test]
+    fn request_lines_written_directly_are_what_the_formatters_write() {
+        for style in [Style::Plain, Style::Json] {
+            let (theirs, none) = request_lines(style, "info", false);
+            assert_eq!(none, "");
+            assert_eq!(theirs.lines().count(), 3, "{theirs}");
+            let (nothing, ours) = request_lines(style, "info", true);
+            // Every line took the direct path, and none went through the formatter.
+            assert_eq!(nothing, "", "{style:?}");
+            for (o, t) in ours.lines().zip(theirs.lines()) {
+                assert_eq!(o, t, "{style:?}");
+            }
+            assert_eq!(ours, theirs, "{style:?}");
+        }
+        // Spot checks that the comparison is of real lines.
+        let (text, _) = request_lines(Style::Plain, "info", false);
+        assert!(
+            text.starts_with("2026-01-01T00:00:00.000042Z  INFO request request_id=cp-1 "),
+            "{text}"
+        );
+        assert!(text.contains(" path=/v1/chat/completions "), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        let (json, _) = request_lines(Style::Json, "info", false);
+        for line in json.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["message"], "request");
+        }
+    }
+
+    #[test]
+    fn request_lines_obey_the_filter_and_leave_the_level_hint_alone() {
+        for style in [Style::Plain, Style::Json] {
+            for filter in ["chutes_proxy::request=off", "warn"] {
+                assert_eq!(
+                    request_lines(style, filter, true),
+                    (String::new(), String::new())
+                );
+            }
+            // Other targets' lines still go through the formatter.
+            let (fmt, lines) = (Buf::default(), Buf::default());
+            let (f, l) = (fmt.clone(), lines.clone());
+            let dispatch = dispatch_with(
+                style,
+                tracing_subscriber::EnvFilter::new("info"),
+                move || f.clone(),
+                Box::new(move |line: &[u8]| l.0.lock().unwrap().extend_from_slice(line)),
+                Fixed,
+                true,
+            );
+            tracing::dispatcher::with_default(&dispatch, || {
+                tracing::info!(answered = 1u64, "another line");
+                // Inside a span the line is the formatter's, which writes the span too.
+                let span = tracing::info_span!("outer", id = 7u64);
+                let _in = span.enter();
+                let (log, total) = request_logs().swap_remove(0);
+                log.emit(total);
+            });
+            let fmt = String::from_utf8(fmt.0.lock().unwrap().clone()).unwrap();
+            assert_eq!(fmt.lines().count(), 2, "{fmt}");
+            assert!(fmt.contains("another line"), "{fmt}");
+            assert!(fmt.contains("outer"), "{fmt}");
+            assert!(lines.0.lock().unwrap().is_empty());
+        }
+        // The layer adds no level of its own: `debug!` stays as cheap as without it (the
+        // global level filter is the subscriber's hint).
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let layered = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .finish()
+            .with(Some(RequestLines {
+                json: false,
+                timer: Box::new(Fixed),
+                out: Box::new(|_: &[u8]| ()),
+            }));
+        assert_eq!(
+            tracing::Subscriber::max_level_hint(&layered),
+            Some(tracing::level_filters::LevelFilter::INFO)
+        );
     }
 
     /// Numbers, flags, strings that need escaping and the rounded milliseconds take the fast

@@ -91,6 +91,11 @@ impl<W: Write + Send + 'static> Batched<W> {
         }
     }
 
+    /// Append one whole line (the request line written without tracing: `log::RequestLines`).
+    pub fn write_line(&self, line: &[u8]) {
+        self.shared.append(line);
+    }
+
     /// Write out what is left and from now on write every line at once; the writer thread
     /// ends.
     pub fn finish(&self) {

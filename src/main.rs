@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use chutes_proxy::clock::WallClock;
 use chutes_proxy::config::{Config, Overrides, ProcessEnv};
+use chutes_proxy::log::Style;
 use chutes_proxy::logbuf::Batched;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 #[derive(Parser, Debug)]
 #[command(name = "chutes-proxy", version, about = "Rate-limiting reverse proxy for one Chutes account", long_about = None)]
@@ -88,24 +90,12 @@ fn init_logging(format: LogFormat) -> LogGuard {
         for_panics.flush();
         previous(info);
     }));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(batched.clone())
-        .with_ansi(ansi)
-        .with_target(false)
-        // The same timestamps as the default timer, the date formatted once a second.
-        .with_timer(chutes_proxy::log::LogTime);
-    match format {
-        // The same lines as tracing-subscriber's JSON formatter, for less (log::JsonLine).
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .event_format(chutes_proxy::log::JsonLine::new())
-            .init(),
-        // Without colours, a formatter that writes the same bytes for less (log::PlainFields).
-        LogFormat::Text if !ansi => builder.fmt_fields(chutes_proxy::log::PlainFields).init(),
-        LogFormat::Text => builder.init(),
-    }
+    let style = match format {
+        LogFormat::Json => Style::Json,
+        LogFormat::Text if ansi => Style::Coloured,
+        LogFormat::Text => Style::Plain,
+    };
+    chutes_proxy::log::dispatch(style, filter, &batched).init();
     LogGuard(batched)
 }
 

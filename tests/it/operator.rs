@@ -381,3 +381,107 @@ async fn startup_fields_are_json_fields_and_a_missing_key_is_warned_about() {
         "{warn}"
     );
 }
+
+/// Issue 15: the binary writes its request line itself (log::RequestLines), not through
+/// tracing's formatter. Each format's line must carry the request's fields, and a filter that
+/// turns the request target off must still turn it off.
+#[tokio::test]
+async fn the_binary_writes_one_request_line_per_request_in_either_format() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let mock = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[upstream]\nurl = \"{}\"\n\
+             [state]\npath = \"\"\n",
+            mock.url()
+        ),
+    )
+    .unwrap();
+    for (format, filter) in [
+        ("json", "info"),
+        ("text", "info"),
+        ("text", "info,chutes_proxy::request=off"),
+    ] {
+        let mut c = cli(dir.path());
+        c.args(["--config", "proxy.toml", "--log-format", format])
+            .env("CHUTES_API_KEY", TEST_KEY)
+            .env("RUST_LOG", filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        // The startup line names the address the proxy bound.
+        let mut first = String::new();
+        let base = loop {
+            first.clear();
+            let n = within("the startup line", stderr.read_line(&mut first))
+                .await
+                .unwrap();
+            assert_ne!(n, 0, "stderr closed before the startup line");
+            if let Some(at) = first.find("http://127.0.0.1:") {
+                break first[at..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect::<String>();
+            }
+        };
+        for path in ["/v1/chat/completions?k=secret", "/v1/models"] {
+            let req = http::Request::post(format!("{base}{path}"))
+                .header("content-type", "application/json")
+                .header("x-request-id", "line-check-1")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"model":"unsloth/gemma-3-4b-it","messages":[]}"#,
+                )))
+                .unwrap();
+            assert_eq!(send(&client(), req).await.status, 200, "{format} {path}");
+        }
+        // SIGTERM: the proxy writes out every buffered line before it exits.
+        let rc = unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let mut rest = String::new();
+        within("the rest of stderr", stderr.read_to_string(&mut rest))
+            .await
+            .unwrap();
+        within("the exit", child.wait()).await.unwrap();
+        let lines: Vec<&str> = rest
+            .lines()
+            .filter(|l| l.contains("line-check-1"))
+            .collect();
+        if filter.contains("=off") {
+            assert!(lines.is_empty(), "{lines:?}");
+            assert!(rest.contains("stopped"), "{rest}");
+            continue;
+        }
+        assert_eq!(lines.len(), 2, "{rest}");
+        let line = lines[0];
+        assert!(!line.contains("secret"), "{line}");
+        if format == "json" {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(v["level"], "INFO", "{line}");
+            assert_eq!(v["message"], "request", "{line}");
+            assert_eq!(v["request_id"], "line-check-1", "{line}");
+            assert_eq!(v["model"], "unsloth/gemma-3-4b-it", "{line}");
+            assert_eq!(v["method"], "POST", "{line}");
+            assert_eq!(v["path"], "/v1/chat/completions", "{line}");
+            assert_eq!(v["status"], 200, "{line}");
+            assert_eq!(v["upstream_status"], 200, "{line}");
+            assert_eq!(v["outcome"], "forwarded", "{line}");
+            assert!(v["total_ms"].is_number(), "{line}");
+            assert!(v["bytes_in"].as_u64().unwrap() > 0, "{line}");
+            assert!(v["bytes_out"].as_u64().unwrap() > 0, "{line}");
+        } else {
+            for field in [
+                "Z  INFO request request_id=line-check-1 client=",
+                " model=\"unsloth/gemma-3-4b-it\" ",
+                " method=POST path=/v1/chat/completions status=200 upstream_status=200 ",
+                " outcome=\"forwarded\" ",
+                " total_ms=",
+                " stream_error_events=false",
+            ] {
+                assert!(line.contains(field), "{field} not in {line}");
+            }
+        }
+    }
+}
