@@ -13,9 +13,14 @@
 //! the client is not charged for service it never got. Choosing the next client and counting
 //! who is ahead of a newcomer are O(clients), and clients are the bounded configured set.
 //!
+//! A client's FIFO is a map ordered by waiter id (ids only grow, so id order is arrival
+//! order): arriving, being served and leaving from anywhere in it are O(log n). A `VecDeque`
+//! made leaving from the middle O(n): 10,000 waiters hanging up in random order cost 1.8 µs
+//! each under the lock, against 77 ns each for 10 (BENCHMARKS.md).
+//!
 //! The queue only orders; it knows nothing about tokens, time or responses. Depth is exact.
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
@@ -40,7 +45,8 @@ struct ClientQueue<T> {
     cost: u64,
     /// Virtual start of the head waiter; while the queue is empty, where the client left off.
     head_tag: u64,
-    waiters: VecDeque<Waiter<T>>,
+    /// By id, which is arrival order.
+    waiters: BTreeMap<u64, Waiter<T>>,
 }
 
 impl<T> ClientQueue<T> {
@@ -63,8 +69,10 @@ impl<T> ClientQueue<T> {
 pub struct FairQueue<T> {
     clients: Vec<ClientQueue<T>>,
     /// Requests retried after an upstream 429: served before everyone else (the first of
-    /// them is the probe when the cooldown ends), FIFO among themselves.
-    urgent: VecDeque<Waiter<T>>,
+    /// them is the probe when the cooldown ends), FIFO among themselves (by id).
+    urgent: BTreeMap<u64, Waiter<T>>,
+    /// How many of `urgent` each client has, by the client's row.
+    urgent_of: Vec<usize>,
     vtime: u64,
     len: usize,
     next_id: u64,
@@ -80,10 +88,11 @@ impl<T> FairQueue<T> {
                     id,
                     cost: SCALE / u64::from(c.weight.max(1)),
                     head_tag: 0,
-                    waiters: VecDeque::new(),
+                    waiters: BTreeMap::new(),
                 })
                 .collect(),
-            urgent: VecDeque::new(),
+            urgent: BTreeMap::new(),
+            urgent_of: vec![0; clients.ids().count()],
             vtime: 0,
             len: 0,
             next_id: 0,
@@ -127,7 +136,7 @@ impl<T> FairQueue<T> {
         self.clients
             .get(client.index())
             .map_or(0, |c| c.waiters.len())
-            + self.urgent.iter().filter(|w| w.client == client).count()
+            + self.urgent_of.get(client.index()).copied().unwrap_or(0)
     }
 
     /// Queue a retried request ahead of everyone (see `urgent`).
@@ -140,7 +149,10 @@ impl<T> FairQueue<T> {
     ) -> u64 {
         let w = self.waiter(client, deadline, now, payload);
         let id = w.id;
-        self.urgent.push_back(w);
+        if let Some(n) = self.urgent_of.get_mut(client.index()) {
+            *n += 1;
+        }
+        self.urgent.insert(id, w);
         id
     }
 
@@ -152,7 +164,7 @@ impl<T> FairQueue<T> {
         if c.waiters.is_empty() {
             c.head_tag = vtime.max(c.head_tag);
         }
-        c.waiters.push_back(w);
+        c.waiters.insert(id, w);
         id
     }
 
@@ -192,7 +204,7 @@ impl<T> FairQueue<T> {
     pub fn pop(&mut self) -> Option<Waiter<T>> {
         let i = self.next_client()?;
         let c = &mut self.clients[i];
-        let w = c.waiters.pop_front()?;
+        let (_, w) = c.waiters.pop_first()?;
         self.vtime = self.vtime.max(c.head_tag);
         c.head_tag = c.head_tag.saturating_add(c.cost);
         self.len -= 1;
@@ -211,7 +223,7 @@ impl<T> FairQueue<T> {
         mut ok: impl FnMut(&Waiter<T>) -> bool,
         scan: usize,
     ) -> Option<(ClientId, u64)> {
-        if let Some(w) = self.urgent.iter().find(|w| client_ok(w.client) && ok(w)) {
+        if let Some(w) = self.urgent.values().find(|w| client_ok(w.client) && ok(w)) {
             return Some((w.client, w.id));
         }
         let mut order: Vec<(u64, usize)> = self
@@ -227,7 +239,7 @@ impl<T> FairQueue<T> {
             if !client_ok(c.id) {
                 continue;
             }
-            if let Some(w) = c.waiters.iter().take(scan).find(|w| ok(w)) {
+            if let Some(w) = c.waiters.values().take(scan).find(|w| ok(w)) {
                 return Some((c.id, w.id));
             }
         }
@@ -245,11 +257,11 @@ impl<T> FairQueue<T> {
     pub fn ranks(&self) -> Vec<(ClientId, u64, usize)> {
         let mut out = Vec::with_capacity(self.len);
         let urgent = self.urgent.len();
-        for (i, w) in self.urgent.iter().enumerate() {
+        for (i, w) in self.urgent.values().enumerate() {
             out.push((w.client, w.id, i));
         }
         for (i, c) in self.clients.iter().enumerate() {
-            for (pos, w) in c.waiters.iter().enumerate() {
+            for (pos, w) in c.waiters.values().enumerate() {
                 let tag = c.tag_at(pos);
                 let ahead: usize = self
                     .clients
@@ -291,8 +303,7 @@ impl<T> FairQueue<T> {
             return Some(w);
         }
         let c = self.clients.get_mut(client.index())?;
-        let pos = c.waiters.binary_search_by_key(&id, |w| w.id).ok()?;
-        let w = c.waiters.remove(pos)?;
+        let w = c.waiters.remove(&id)?;
         if charge {
             self.vtime = self.vtime.max(c.head_tag);
             c.head_tag = c.head_tag.saturating_add(c.cost);
@@ -304,8 +315,10 @@ impl<T> FairQueue<T> {
 
     /// Take retried waiter `id` out of the urgent line, if it is there.
     fn take_urgent(&mut self, id: u64) -> Option<Waiter<T>> {
-        let pos = self.urgent.iter().position(|w| w.id == id)?;
-        let w = self.urgent.remove(pos)?;
+        let w = self.urgent.remove(&id)?;
+        if let Some(n) = self.urgent_of.get_mut(w.client.index()) {
+            *n = n.saturating_sub(1);
+        }
         self.len -= 1;
         self.after_removal();
         Some(w)
@@ -325,27 +338,32 @@ impl<T> FairQueue<T> {
     /// longer than they can wait).
     pub fn drain_where(&mut self, mut pred: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut out = Vec::new();
-        if self.urgent.iter().any(&mut pred) {
-            for w in std::mem::take(&mut self.urgent) {
+        // Rebuilt from what stays, in order: a map built from sorted entries is built in O(n).
+        let mut split = |map: &mut BTreeMap<u64, Waiter<T>>, out: &mut Vec<Waiter<T>>| {
+            if !map.values().any(&mut pred) {
+                return;
+            }
+            let mut keep = Vec::with_capacity(map.len());
+            for (id, w) in std::mem::take(map) {
                 if pred(&w) {
                     out.push(w);
                 } else {
-                    self.urgent.push_back(w);
+                    keep.push((id, w));
                 }
+            }
+            *map = keep.into_iter().collect();
+        };
+        split(&mut self.urgent, &mut out);
+        for n in &mut self.urgent_of {
+            *n = 0;
+        }
+        for w in self.urgent.values() {
+            if let Some(n) = self.urgent_of.get_mut(w.client.index()) {
+                *n += 1;
             }
         }
         for c in &mut self.clients {
-            if !c.waiters.iter().any(&mut pred) {
-                continue;
-            }
-            let old = std::mem::take(&mut c.waiters);
-            for w in old {
-                if pred(&w) {
-                    out.push(w);
-                } else {
-                    c.waiters.push_back(w);
-                }
-            }
+            split(&mut c.waiters, &mut out);
         }
         self.len -= out.len();
         self.after_removal();
@@ -356,8 +374,8 @@ impl<T> FairQueue<T> {
     pub fn oldest(&self) -> Option<Instant> {
         self.clients
             .iter()
-            .filter_map(|c| c.waiters.front().map(|w| w.enqueued))
-            .chain(self.urgent.iter().map(|w| w.enqueued))
+            .filter_map(|c| c.waiters.first_key_value().map(|(_, w)| w.enqueued))
+            .chain(self.urgent.values().map(|w| w.enqueued))
             .min()
     }
 }
@@ -444,7 +462,7 @@ mod tests {
                 q.push(c(2), now, now, ());
             }
             if round % 2 == 0 {
-                let oldest = q.clients[1].waiters.front().map(|w| w.id).unwrap();
+                let oldest = *q.clients[1].waiters.first_key_value().unwrap().0;
                 q.remove(c(1), oldest);
             }
             served[q.pop().unwrap().client.index()] += 1;
@@ -477,6 +495,73 @@ mod tests {
         let served: Vec<_> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
         assert_eq!(served, vec![ids[0], ids[1], ids[3], ids[4]]);
         assert!(q.is_empty());
+    }
+
+    /// Random arrivals, retries, departures from anywhere, services and drains, against a
+    /// plain list of who is queued: depth, each client's count (retries included) and each
+    /// client's order stay exact.
+    #[tokio::test(start_paused = true)]
+    async fn random_leaving_keeps_every_count_and_order() {
+        let mut q = q(&[1, 2, 1]);
+        let now = Instant::now();
+        // (id, client, urgent), in arrival order.
+        let mut model: Vec<(u64, usize, bool)> = Vec::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for step in 0..20_000 {
+            match rand(10) {
+                0..=3 => {
+                    let cl = rand(3);
+                    model.push((q.push(c(cl), now, now, ()), cl, false));
+                }
+                4 => {
+                    let cl = rand(3);
+                    model.push((q.push_urgent(c(cl), now, now, ()), cl, true));
+                }
+                5..=7 if !model.is_empty() => {
+                    let (id, cl, _) = model.remove(rand(model.len()));
+                    assert_eq!(q.remove(c(cl), id).map(|w| w.id), Some(id), "{step}");
+                    assert!(q.remove(c(cl), id).is_none());
+                }
+                8 => {
+                    if let Some(w) = q.pop() {
+                        let at = model.iter().position(|m| m.0 == w.id).unwrap();
+                        // The head of its client's line.
+                        assert!(model[..at].iter().all(|m| m.1 != w.client.index() || m.2));
+                        model.remove(at);
+                    }
+                }
+                9 if step % 50 == 0 => {
+                    let cl = rand(3);
+                    let gone = q.drain_where(|w| w.client == c(cl) && w.id % 2 == 0);
+                    assert!(gone.iter().all(|w| w.client == c(cl) && w.id % 2 == 0));
+                    let before = model.len();
+                    model.retain(|m| !(m.1 == cl && m.0 % 2 == 0));
+                    assert_eq!(before - model.len(), gone.len());
+                }
+                _ => {}
+            }
+            assert_eq!(q.len(), model.len(), "{step}");
+            for cl in 0..3 {
+                let want = model.iter().filter(|m| m.1 == cl).count();
+                assert_eq!(q.client_len(c(cl)), want, "{step}");
+                let ids: Vec<u64> = q.clients[cl].waiters.values().map(|w| w.id).collect();
+                let want: Vec<u64> = model
+                    .iter()
+                    .filter(|m| m.1 == cl && !m.2)
+                    .map(|m| m.0)
+                    .collect();
+                assert_eq!(ids, want, "{step}");
+            }
+            let urgent: Vec<u64> = q.urgent.values().map(|w| w.id).collect();
+            let want: Vec<u64> = model.iter().filter(|m| m.2).map(|m| m.0).collect();
+            assert_eq!(urgent, want, "{step}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
