@@ -62,10 +62,53 @@ pub struct UploadStats {
 pub struct RequestBody {
     inner: Upload,
     limit: u64,
-    idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: IdleTimer,
     stats: Arc<UploadStats>,
     done: bool,
+}
+
+/// A deadline `idle` after the last progress, whose timer is only made when a poll finds
+/// nothing ready: a body that is ready whenever it is asked (a buffered one, a small answer
+/// read with its head) never allocates one. Two to three allocations fewer per JSON request.
+struct IdleTimer {
+    idle: Duration,
+    since: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration) -> Self {
+        IdleTimer {
+            idle,
+            since: Instant::now(),
+            sleep: None,
+        }
+    }
+
+    /// Data came: the deadline is `idle` from now.
+    fn progress(&mut self) {
+        self.since = Instant::now();
+        let deadline = self.deadline();
+        if let Some(sleep) = &mut self.sleep {
+            sleep.as_mut().reset(deadline);
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        // `Duration::MAX` (never) must not overflow: a century is never enough.
+        self.since
+            .checked_add(self.idle)
+            .unwrap_or_else(|| self.since + Duration::from_secs(100 * 365 * 86_400))
+    }
+
+    /// Nothing was ready: ready once `idle` has passed since the last progress.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let deadline = self.deadline();
+        self.sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+            .as_mut()
+            .poll(cx)
+    }
 }
 
 /// Where a request body comes from: streamed from the client, or read whole before
@@ -80,8 +123,7 @@ impl RequestBody {
         RequestBody {
             inner: Upload::Stream(inner),
             limit,
-            idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: IdleTimer::new(idle),
             stats,
             done: false,
         }
@@ -93,8 +135,7 @@ impl RequestBody {
         RequestBody {
             inner: Upload::Buffered((!bytes.is_empty()).then_some(bytes)),
             limit: u64::MAX,
-            idle: Duration::MAX,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            timer: IdleTimer::new(Duration::MAX),
             stats,
             done: false,
         }
@@ -134,8 +175,7 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
                     }
                 }
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.timer.progress();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -147,10 +187,10 @@ impl Body for RequestBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                ready!(this.timer.poll_expired(cx));
                 this.done = true;
                 this.stats.stalled.store(true, Ordering::Relaxed);
-                Poll::Ready(Some(Err(BodyError::Idle(this.idle))))
+                Poll::Ready(Some(Err(BodyError::Idle(this.timer.idle))))
             }
         }
     }
@@ -185,8 +225,7 @@ enum Kind {
 
 struct Streaming {
     inner: UpstreamBody,
-    idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: IdleTimer,
     sse: Option<SseErrorRewriter>,
     /// Held until the stream ends; dropping it frees the concurrency slot.
     permit: Option<Permit>,
@@ -224,8 +263,7 @@ impl ResponseBody {
         ResponseBody {
             kind: Kind::Stream(Box::new(Streaming {
                 inner,
-                idle,
-                timer: Box::pin(tokio::time::sleep(idle)),
+                timer: IdleTimer::new(idle),
                 sse: sse.then(SseErrorRewriter::new),
                 permit: Some(permit),
                 log,
@@ -296,8 +334,7 @@ impl Body for ResponseBody {
         loop {
             match Pin::new(&mut s.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = Instant::now() + s.idle;
-                    s.timer.as_mut().reset(deadline);
+                    s.timer.progress();
                     let frame = match frame.into_data() {
                         Ok(data) => {
                             let data = match &mut s.sse {
@@ -332,10 +369,10 @@ impl Body for ResponseBody {
                     return Poll::Ready(tail.map(|t| Ok(Frame::data(t))));
                 }
                 Poll::Pending => {
-                    ready!(s.timer.as_mut().poll(cx));
+                    ready!(s.timer.poll_expired(cx));
                     let why = format!(
                         "no data from the upstream for {:.1}s (upstream.idle_timeout)",
-                        s.idle.as_secs_f64()
+                        s.timer.idle.as_secs_f64()
                     );
                     return s.fail(why);
                 }
@@ -374,5 +411,38 @@ impl Drop for Streaming {
             };
             self.finish(why);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The idle deadline is the same as an eagerly armed timer's: `idle` after the last
+    /// progress. The timer is made only when a poll finds nothing ready.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_is_made_only_when_needed_and_keeps_its_deadline() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut t = IdleTimer::new(Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        t.progress();
+        assert!(t.sleep.is_none(), "made without a pending poll");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(t.poll_expired(&mut cx).is_pending());
+        assert!(t.sleep.is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(t.poll_expired(&mut cx).is_ready());
+        // Progress after it was made moves it.
+        t.progress();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(t.poll_expired(&mut cx).is_pending());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(t.poll_expired(&mut cx).is_ready());
+        // Never: no overflow, and not ready a year on.
+        let mut never = IdleTimer::new(Duration::MAX);
+        never.progress();
+        assert!(never.poll_expired(&mut cx).is_pending());
+        tokio::time::advance(Duration::from_secs(86_400 * 365)).await;
+        assert!(never.poll_expired(&mut cx).is_pending());
     }
 }

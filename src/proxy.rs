@@ -833,12 +833,17 @@ fn reads_body(parts: &http::request::Parts) -> bool {
     match parts.headers.get(CONTENT_TYPE) {
         // No type: an upload of raw bytes, not an API call; it streams.
         None => false,
+        // Compared without case and without a lower-cased copy.
         Some(v) => {
-            let ct = v.to_str().unwrap_or("").trim_start().to_ascii_lowercase();
-            ct.starts_with("application/json")
-                || ct.contains("+json")
-                || ct.starts_with("application/x-www-form-urlencoded")
-                || ct.starts_with("text/plain")
+            let Ok(ct) = v.to_str() else {
+                return false;
+            };
+            let ct = ct.trim_start().as_bytes();
+            let starts = |p: &[u8]| ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+            starts(b"application/json")
+                || ct.windows(5).any(|w| w.eq_ignore_ascii_case(b"+json"))
+                || starts(b"application/x-www-form-urlencoded")
+                || starts(b"text/plain")
         }
     }
 }
@@ -937,7 +942,39 @@ fn push_base36(out: &mut Vec<u8>, mut n: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::push_base36;
+    use super::{push_base36, reads_body};
+
+    /// Which requests have their body read before admission (to learn the model): API calls
+    /// by their content type, in any case, never a GET or an untyped upload.
+    #[test]
+    fn which_bodies_are_read_first() {
+        let parts = |method: &str, ct: Option<&[u8]>| {
+            let mut b = http::Request::builder().method(method).uri("/v1/x");
+            if let Some(ct) = ct {
+                b = b.header("content-type", http::HeaderValue::from_bytes(ct).unwrap());
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        for (method, ct, want) in [
+            ("POST", Some(&b"application/json"[..]), true),
+            ("POST", Some(b"Application/JSON; charset=utf-8"), true),
+            ("PUT", Some(b"  application/json"), true),
+            ("POST", Some(b"application/vnd.api+JSON"), true),
+            ("POST", Some(b"application/x-www-form-urlencoded"), true),
+            ("POST", Some(b"TEXT/PLAIN"), true),
+            ("POST", Some(b"multipart/form-data; boundary=x"), false),
+            ("POST", Some(b"application/octet-stream"), false),
+            ("POST", Some(b"json"), false),
+            ("POST", Some(b"application/js"), false),
+            // Not visible ASCII: not a type the proxy reads.
+            ("POST", Some(b"application/json\xff"), false),
+            ("POST", None, false),
+            ("GET", Some(b"application/json"), false),
+            ("DELETE", Some(b"application/json"), false),
+        ] {
+            assert_eq!(reads_body(&parts(method, ct)), want, "{method} {ct:?}");
+        }
+    }
 
     #[test]
     fn base36_ids() {
