@@ -321,56 +321,9 @@ impl RequestLines {
         total: Duration,
         bytes_in: u64,
     ) -> std::fmt::Result {
-        let mut digits = [0u8; 20];
-        let mut num = |w: &mut String, name: &str, n: u64| {
-            w.push_str(name);
-            w.push_str(decimal(n, &mut digits));
-        };
-        let ms = |w: &mut String, name: &str, d: Duration| {
-            w.push_str(name);
-            debug_f64(w, millis(d))
-        };
         self.timer.format_time(&mut Writer::new(w))?;
-        w.push_str("  INFO request request_id=");
-        w.push_str(log.request_id.as_str());
-        w.push_str(" client=");
-        w.push_str(&log.client);
-        if let Some(model) = &log.model {
-            w.push_str(" model=");
-            debug_str(w, model)?;
-        }
-        num(w, " retries=", u64::from(log.retries));
-        w.push_str(" method=");
-        w.push_str(log.method.as_str());
-        let (path, cut) = log.path.shown();
-        w.push_str(" path=");
-        w.push_str(path);
-        w.push_str(cut);
-        num(w, " status=", u64::from(log.status));
-        if let Some(status) = log.upstream_status {
-            num(w, " upstream_status=", u64::from(status));
-        }
-        w.push_str(" outcome=");
-        debug_str(w, log.outcome)?;
-        if let Some(d) = log.queue_wait {
-            ms(w, " queue_wait_ms=", d)?;
-        }
-        if let Some(d) = log.upstream_latency {
-            ms(w, " upstream_ms=", d)?;
-        }
-        ms(w, " total_ms=", total)?;
-        num(w, " bytes_in=", bytes_in);
-        num(w, " bytes_out=", log.bytes_out);
-        if let Some(e) = &log.stream_error {
-            w.push_str(" stream_error=");
-            debug_str(w, e)?;
-        }
-        w.push_str(" stream_error_events=");
-        w.push_str(if log.stream_error_events {
-            "true"
-        } else {
-            "false"
-        });
+        w.push_str("  INFO request");
+        fields::<Text>(w, log, total, bytes_in)?;
         w.push('\n');
         Ok(())
     }
@@ -384,15 +337,6 @@ impl RequestLines {
         total: Duration,
         bytes_in: u64,
     ) -> std::fmt::Result {
-        let mut digits = [0u8; 20];
-        let mut num = |w: &mut String, key: &str, n: u64| {
-            w.push_str(key);
-            w.push_str(decimal(n, &mut digits));
-        };
-        let ms = |w: &mut String, key: &str, d: Duration| {
-            w.push_str(key);
-            json_f64(w, millis(d))
-        };
         w.push_str("{\"timestamp\":\"");
         let at = w.len();
         self.timer.format_time(&mut Writer::new(w))?;
@@ -400,49 +344,139 @@ impl RequestLines {
             let time = w.split_off(at);
             JsonEscaped(w).write_str(&time)?;
         }
-        w.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":");
-        json_str(w, log.request_id.as_str())?;
-        w.push_str(",\"client\":");
-        json_str(w, &log.client)?;
-        if let Some(model) = &log.model {
-            w.push_str(",\"model\":");
-            json_str(w, model)?;
-        }
-        num(w, ",\"retries\":", u64::from(log.retries));
-        w.push_str(",\"method\":");
-        json_str(w, log.method.as_str())?;
-        let (path, cut) = log.path.shown();
-        w.push_str(",\"path\":\"");
-        JsonEscaped(w).write_str(path)?;
-        w.push_str(cut);
-        w.push('"');
-        num(w, ",\"status\":", u64::from(log.status));
-        if let Some(status) = log.upstream_status {
-            num(w, ",\"upstream_status\":", u64::from(status));
-        }
-        w.push_str(",\"outcome\":");
-        json_str(w, log.outcome)?;
-        if let Some(d) = log.queue_wait {
-            ms(w, ",\"queue_wait_ms\":", d)?;
-        }
-        if let Some(d) = log.upstream_latency {
-            ms(w, ",\"upstream_ms\":", d)?;
-        }
-        ms(w, ",\"total_ms\":", total)?;
-        num(w, ",\"bytes_in\":", bytes_in);
-        num(w, ",\"bytes_out\":", log.bytes_out);
-        if let Some(e) = &log.stream_error {
-            w.push_str(",\"stream_error\":");
-            json_str(w, e)?;
-        }
-        w.push_str(",\"stream_error_events\":");
-        w.push_str(if log.stream_error_events {
-            "true"
-        } else {
-            "false"
-        });
+        w.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
+        fields::<Json>(w, log, total, bytes_in)?;
         w.push_str("}\n");
         Ok(())
+    }
+}
+
+/// A field's key in both syntaxes, each one literal (one push per key).
+struct Key {
+    text: &'static str,
+    json: &'static str,
+}
+
+macro_rules! key {
+    ($name:literal) => {
+        &Key {
+            text: concat!(" ", $name, "="),
+            json: concat!(",\"", $name, "\":"),
+        }
+    };
+}
+
+/// The request line's fields, in the order of `RequestLog::emit`'s event, in either syntax.
+fn fields<S: Syntax>(
+    w: &mut String,
+    log: &RequestLog,
+    total: Duration,
+    bytes_in: u64,
+) -> std::fmt::Result {
+    S::display(w, key!("request_id"), log.request_id.as_str(), "")?;
+    S::display(w, key!("client"), &log.client, "")?;
+    if let Some(model) = &log.model {
+        S::string(w, key!("model"), model)?;
+    }
+    S::number(w, key!("retries"), u64::from(log.retries));
+    S::display(w, key!("method"), log.method.as_str(), "")?;
+    let (path, cut) = log.path.shown();
+    S::display(w, key!("path"), path, cut)?;
+    S::number(w, key!("status"), u64::from(log.status));
+    if let Some(status) = log.upstream_status {
+        S::number(w, key!("upstream_status"), u64::from(status));
+    }
+    S::string(w, key!("outcome"), log.outcome)?;
+    if let Some(d) = log.queue_wait {
+        S::millis(w, key!("queue_wait_ms"), d)?;
+    }
+    if let Some(d) = log.upstream_latency {
+        S::millis(w, key!("upstream_ms"), d)?;
+    }
+    S::millis(w, key!("total_ms"), total)?;
+    S::number(w, key!("bytes_in"), bytes_in);
+    S::number(w, key!("bytes_out"), log.bytes_out);
+    if let Some(e) = &log.stream_error {
+        S::string(w, key!("stream_error"), e)?;
+    }
+    S::key(w, key!("stream_error_events"));
+    w.push_str(if log.stream_error_events {
+        "true"
+    } else {
+        "false"
+    });
+    Ok(())
+}
+
+/// How a field is written: its key, then its value by kind, as the subscriber's formatter
+/// writes that kind (a `%` value, a `&str`, an integer, [`millis`]).
+trait Syntax {
+    fn key(w: &mut String, name: &Key);
+
+    /// A `Display` value, shown as `value` then `cut` (the path's ellipsis).
+    fn display(w: &mut String, name: &Key, value: &str, cut: &str) -> std::fmt::Result;
+
+    fn string(w: &mut String, name: &Key, value: &str) -> std::fmt::Result;
+
+    fn number(w: &mut String, name: &Key, n: u64) {
+        Self::key(w, name);
+        w.push_str(decimal(n, &mut [0u8; 20]));
+    }
+
+    fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result;
+}
+
+/// ` name=value`: `Display` values as they are, strings by their `Debug`.
+struct Text;
+
+impl Syntax for Text {
+    fn key(w: &mut String, name: &Key) {
+        w.push_str(name.text);
+    }
+
+    fn display(w: &mut String, name: &Key, value: &str, cut: &str) -> std::fmt::Result {
+        Self::key(w, name);
+        w.push_str(value);
+        w.push_str(cut);
+        Ok(())
+    }
+
+    fn string(w: &mut String, name: &Key, value: &str) -> std::fmt::Result {
+        Self::key(w, name);
+        debug_str(w, value)
+    }
+
+    fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result {
+        Self::key(w, name);
+        debug_f64(w, millis(d))
+    }
+}
+
+/// `,"name":value`: `Display` values and strings as JSON strings.
+struct Json;
+
+impl Syntax for Json {
+    fn key(w: &mut String, name: &Key) {
+        w.push_str(name.json);
+    }
+
+    fn display(w: &mut String, name: &Key, value: &str, cut: &str) -> std::fmt::Result {
+        Self::key(w, name);
+        w.push('"');
+        JsonEscaped(&mut *w).write_str(value)?;
+        w.push_str(cut);
+        w.push('"');
+        Ok(())
+    }
+
+    fn string(w: &mut String, name: &Key, value: &str) -> std::fmt::Result {
+        Self::key(w, name);
+        json_str(w, value)
+    }
+
+    fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result {
+        Self::key(w, name);
+        json_f64(w, millis(d))
     }
 }
 
