@@ -95,7 +95,7 @@ impl IdleTimer {
     }
 
     fn deadline(&self) -> Instant {
-        // `Duration::MAX` (never) must not overflow: a century is never enough.
+        // `Duration::MAX` (never) must not overflow: a century stands in for never.
         self.since
             .checked_add(self.idle)
             .unwrap_or_else(|| self.since + Duration::from_secs(100 * 365 * 86_400))

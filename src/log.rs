@@ -5,9 +5,11 @@
 //! Never logged: the query string (it may carry user data), any header value, the API key or a
 //! client token.
 //!
-//! Also here, each cheaper than tracing-subscriber's own and writing the same bytes:
-//! [`PlainFields`], the field formatter of the text log when it has no colours; [`JsonLine`],
-//! the JSON log's line; [`LogTime`], the timestamp of every line.
+//! Also here: the binary's subscriber ([`dispatch`], in a [`Style`]), and writers each cheaper
+//! than tracing-subscriber's own and writing the same bytes: [`RequestLines`], the request
+//! line itself, without tracing's field machinery; [`PlainFields`], the field formatter of the
+//! text log when it has no colours; [`JsonLine`], the JSON log's line; [`LogTime`], the
+//! timestamp of every line.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -135,7 +137,30 @@ impl RequestLog {
     /// straight into the log's buffer by [`RequestLines`]; anywhere else (colours, inside a
     /// span, a test's or an embedder's subscriber) it is an ordinary tracing event.
     fn emit(&self, total: Duration) {
-        if !tracing::enabled!(target: "chutes_proxy::request", tracing::Level::INFO) {
+        // Asked as the event below would be, with its field names: a `RUST_LOG` directive
+        // that names fields (`chutes_proxy::request[{client}]=info`) matches only events that
+        // have them.
+        if !tracing::event_enabled!(
+            target: "chutes_proxy::request",
+            tracing::Level::INFO,
+            message,
+            request_id,
+            client,
+            model,
+            retries,
+            method,
+            path,
+            status,
+            upstream_status,
+            outcome,
+            queue_wait_ms,
+            upstream_ms,
+            total_ms,
+            bytes_in,
+            bytes_out,
+            stream_error,
+            stream_error_events
+        ) {
             return;
         }
         let bytes_in = self
@@ -295,7 +320,8 @@ impl RequestLines {
             } else {
                 self.text_line(line, log, total, bytes_in)
             };
-            // As tracing-subscriber does: a line its formatter failed on is not written.
+            // As tracing-subscriber does: a line its formatter failed on is not written (a
+            // failing timer is not a failure in text: see `text_line`).
             if formatted.is_ok() {
                 (self.out)(line.as_bytes());
             }
@@ -321,7 +347,10 @@ impl RequestLines {
         total: Duration,
         bytes_in: u64,
     ) -> std::fmt::Result {
-        self.timer.format_time(&mut Writer::new(w))?;
+        // As `Format<Full>` does: a timer that fails leaves a mark, not a lost line.
+        if self.timer.format_time(&mut Writer::new(w)).is_err() {
+            w.push_str("<unknown time>");
+        }
         w.push_str("  INFO request");
         fields::<Text>(w, log, total, bytes_in)?;
         w.push('\n');
@@ -772,7 +801,7 @@ impl VisitFmt for PlainVisitor<'_> {
 }
 
 /// The JSON log (`--log-format json`): the bytes of tracing-subscriber's JSON formatter as
-/// `main.rs` sets it up (flattened fields, no target), written straight into the line's
+/// [`dispatch`] sets it up (flattened fields, no target), written straight into the line's
 /// buffer. Its own goes through `serde_json`'s serializer a few bytes at a time, each checked
 /// as UTF-8 on the way, and was over a quarter of the proxy's instructions per request with
 /// that format (callgrind, BENCHMARKS.md). An event inside a span (the proxy opens none; a
@@ -780,18 +809,6 @@ impl VisitFmt for PlainVisitor<'_> {
 pub struct JsonLine<T = LogTime> {
     timer: T,
     spans: tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json, T>,
-}
-
-impl JsonLine {
-    pub fn new() -> Self {
-        JsonLine::with_timer(LogTime)
-    }
-}
-
-impl Default for JsonLine {
-    fn default() -> Self {
-        JsonLine::new()
-    }
 }
 
 impl<T: FormatTime + Clone> JsonLine<T> {
@@ -1051,19 +1068,11 @@ mod tests {
         assert_eq!(ours, theirs);
     }
 
-    /// The same bytes as tracing-subscriber's JSON formatter set up as `main.rs` sets it up,
+    /// The same bytes as tracing-subscriber's JSON formatter set up as `dispatch` sets it up,
     /// for the request line's kinds of field, strings that need every kind of escape, the
     /// numbers serde_json writes its own way, and events inside spans.
     #[test]
     fn json_lines_are_what_the_json_formatter_writes() {
-        /// The same instant for both, so the lines can be compared whole.
-        #[derive(Clone)]
-        struct Fixed;
-        impl FormatTime for Fixed {
-            fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-                LogTime::write(Duration::new(1_767_225_600, 42_000), w)
-            }
-        }
         fn emit() {
             let err = std::io::Error::other("boom \"quoted\"");
             let none: Option<&str> = None;
@@ -1248,11 +1257,22 @@ mod tests {
     #[test]
     fn request_lines_obey_the_filter_and_leave_the_level_hint_alone() {
         for style in [Style::Plain, Style::Json] {
-            for filter in ["chutes_proxy::request=off", "warn"] {
-                assert_eq!(
-                    request_lines(style, filter, true),
-                    (String::new(), String::new())
-                );
+            // Whatever the event would have written, the direct path writes, and nothing more:
+            // directives by target and level, and directives naming a field the line has
+            // (`outcome`) or one it has not (`bogus`, which such a directive then ignores).
+            for (filter, lines) in [
+                ("chutes_proxy::request=off", 0),
+                ("warn", 0),
+                ("info,chutes_proxy::request[{bogus}]=off", 3),
+                ("warn,chutes_proxy::request[{bogus}]=info", 0),
+                ("warn,chutes_proxy::request[{outcome}]=info", 3),
+                ("info,chutes_proxy::request[{outcome}]=warn", 0),
+            ] {
+                let (theirs, _) = request_lines(style, filter, false);
+                assert_eq!(theirs.lines().count(), lines, "{filter}: {theirs}");
+                let (formatter, ours) = request_lines(style, filter, true);
+                assert_eq!(formatter, "", "{filter}");
+                assert_eq!(ours, theirs, "{filter}");
             }
             // Other targets' lines still go through the formatter.
             let (fmt, lines) = (Buf::default(), Buf::default());

@@ -15,8 +15,9 @@
 //!
 //! A client's FIFO is a map ordered by waiter id (ids only grow, so id order is arrival
 //! order): arriving, being served and leaving from anywhere in it are O(log n). A `VecDeque`
-//! made leaving from the middle O(n): 10,000 waiters hanging up in random order cost 1.8 µs
-//! each under the lock, against 77 ns each for 10 (BENCHMARKS.md).
+//! made leaving from the middle O(n): 10,000 waiters hanging up in random order cost 1.8–2.0 µs
+//! each under the lock; with the map, 0.57–0.65 µs (115–126 ns at 10, where the deque's 76–98
+//! ns was cheaper; BENCHMARKS.md, fifth session).
 //!
 //! The queue only orders; it knows nothing about tokens, time or responses. Depth is exact.
 
