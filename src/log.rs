@@ -172,8 +172,7 @@ impl RequestLog {
         let written =
             tracing::dispatcher::get_default(|d| match d.downcast_ref::<RequestLines>() {
                 Some(lines) if d.current_span().id().is_none() => {
-                    lines.write(self, total, bytes_in);
-                    true
+                    lines.write(self, total, bytes_in)
                 }
                 _ => false,
             });
@@ -309,7 +308,9 @@ type LineOut = Box<dyn Fn(&[u8]) + Send + Sync>;
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RequestLines {}
 
 impl RequestLines {
-    fn write(&self, log: &RequestLog, total: Duration, bytes_in: u64) {
+    /// Whether the line was written. One that could not be formatted (only a failing timer
+    /// can make it fail) is left to the event, so the formatter reports it its own way.
+    fn write(&self, log: &RequestLog, total: Duration, bytes_in: u64) -> bool {
         thread_local! {
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
@@ -320,22 +321,22 @@ impl RequestLines {
             } else {
                 self.text_line(line, log, total, bytes_in)
             };
-            // As tracing-subscriber does: a line its formatter failed on is not written (a
-            // failing timer is not a failure in text: see `text_line`).
             if formatted.is_ok() {
                 (self.out)(line.as_bytes());
             }
+            formatted.is_ok()
         };
         LINE.with(|cell| match cell.try_borrow_mut() {
             Ok(mut line) => {
-                emit(&mut line);
+                let written = emit(&mut line);
                 // A line is a few hundred bytes; one with a huge error is not kept around.
                 if line.capacity() > 16 * 1024 {
                     *line = String::new();
                 }
+                written
             }
             Err(_) => emit(&mut String::new()),
-        });
+        })
     }
 
     /// `<time>  INFO request request_id=… client=… …`, as `Format<Full>` with
@@ -1206,6 +1207,15 @@ mod tests {
     /// What `style`'s subscriber writes for `logs`: (its formatter's lines, the request
     /// lines written directly).
     fn request_lines(style: Style, filter: &str, direct: bool) -> (String, String) {
+        request_lines_timed(style, filter, direct, Fixed)
+    }
+
+    fn request_lines_timed<T: FormatTime + Clone + Send + Sync + 'static>(
+        style: Style,
+        filter: &str,
+        direct: bool,
+        timer: T,
+    ) -> (String, String) {
         let (fmt, lines) = (Buf::default(), Buf::default());
         let (f, l) = (fmt.clone(), lines.clone());
         let dispatch = dispatch_with(
@@ -1213,7 +1223,7 @@ mod tests {
             tracing_subscriber::EnvFilter::new(filter),
             move || f.clone(),
             Box::new(move |line: &[u8]| l.0.lock().unwrap().extend_from_slice(line)),
-            Fixed,
+            timer,
             direct,
         );
         tracing::dispatcher::with_default(&dispatch, || {
@@ -1223,6 +1233,34 @@ mod tests {
         });
         let text = |b: Buf| String::from_utf8(b.0.lock().unwrap().clone()).unwrap();
         (text(fmt), text(lines))
+    }
+
+    /// A timer that fails: the text line is kept with a mark; the JSON line fails, and the
+    /// event is left to the formatter, which reports it its own way. Either way, what comes
+    /// out is what the event alone would have written.
+    #[test]
+    fn a_failing_timer_is_handled_as_the_formatters_handle_it() {
+        #[derive(Clone)]
+        struct Broken;
+        impl FormatTime for Broken {
+            fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+                w.write_str("half")?;
+                Err(std::fmt::Error)
+            }
+        }
+        for style in [Style::Plain, Style::Json] {
+            let (theirs, _) = request_lines_timed(style, "info", false, Broken);
+            assert_eq!(theirs.lines().count(), 3, "{style:?}: {theirs}");
+            let (formatter, ours) = request_lines_timed(style, "info", true, Broken);
+            assert_eq!(format!("{formatter}{ours}"), theirs, "{style:?}");
+            // Text: written directly; JSON: left to the formatter.
+            assert_eq!(ours.is_empty(), style == Style::Json, "{style:?}");
+        }
+        let (_, text) = request_lines_timed(Style::Plain, "info", true, Broken);
+        assert!(
+            text.starts_with("half<unknown time>  INFO request "),
+            "{text}"
+        );
     }
 
     #[test]
