@@ -387,7 +387,6 @@ async fn startup_fields_are_json_fields_and_a_missing_key_is_warned_about() {
 /// turns the request target off must still turn it off.
 #[tokio::test]
 async fn the_binary_writes_one_request_line_per_request_in_either_format() {
-    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
     let mock = MockUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -410,23 +409,9 @@ async fn the_binary_writes_one_request_line_per_request_in_either_format() {
             .env("RUST_LOG", filter)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
-        // The startup line names the address the proxy bound.
-        let mut first = String::new();
-        let base = loop {
-            first.clear();
-            let n = within("the startup line", stderr.read_line(&mut first))
-                .await
-                .unwrap();
-            assert_ne!(n, 0, "stderr closed before the startup line");
-            if let Some(at) = first.find("http://127.0.0.1:") {
-                break first[at..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect::<String>();
-            }
-        };
+        let mut child = c.as_std_mut().spawn().expect("start chutes-proxy");
+        let (startup, stderr) = wait_for_startup(&mut child).await;
+        let base = address_after(&startup, "listening on ").expect("proxy address");
         for path in ["/v1/chat/completions?k=secret", "/v1/models"] {
             let req = http::Request::post(format!("{base}{path}"))
                 .header("content-type", "application/json")
@@ -438,13 +423,15 @@ async fn the_binary_writes_one_request_line_per_request_in_either_format() {
             assert_eq!(send(&client(), req).await.status, 200, "{format} {path}");
         }
         // SIGTERM: the proxy writes out every buffered line before it exits.
-        let rc = unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0);
-        let mut rest = String::new();
-        within("the rest of stderr", stderr.read_to_string(&mut rest))
+        let exit = tokio::task::spawn_blocking(move || child.wait())
             .await
+            .unwrap()
             .unwrap();
-        within("the exit", child.wait()).await.unwrap();
+        let rest = stderr.join().unwrap();
+        assert!(exit.success(), "exit {exit:?}; stderr:\n{rest}");
         let lines: Vec<&str> = rest
             .lines()
             .filter(|l| l.contains("line-check-1"))

@@ -6,6 +6,7 @@
 //! Not every test module uses every helper, hence the `allow`s: an unused helper is not a bug.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod chutes;
 pub mod mock;
 pub mod proxy;
@@ -14,6 +15,8 @@ pub mod redis;
 // Re-exports a given test binary does not use would otherwise warn.
 #[allow(unused_imports)]
 pub use self::redis::{redis_available, RedisServer};
+#[allow(unused_imports)]
+pub use binary::{address_after, collect_stderr, wait_for_startup};
 #[allow(unused_imports)]
 pub use mock::{
     closed_port_url, raw_upstream, read_request_head, sse_data, within, Gate, MockUpstream,
