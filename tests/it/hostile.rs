@@ -101,17 +101,8 @@ async fn alive_reloaded_and_stopped(
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
     );
-    // SAFETY: kill(2) on our own child's pid with a valid signal number.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, log) = terminate(child, stderr).await;
     assert!(status.success(), "{status:?}");
-    let log = stderr.join().unwrap();
     assert!(log.contains("configuration reloaded"), "{log}");
     // The last line logged before exit is out: batched lines are written at the end of main.
     let last = log.lines().rfind(|l| !l.trim().is_empty());
@@ -1053,14 +1044,7 @@ async fn the_key_is_never_in_responses_status_metrics_or_trace_logs() {
         .all(|r| r.header("authorization") == Some(&*format!("Bearer {TEST_KEY}"))));
 
     // SIGTERM, so the shutdown path (state save) logs too.
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let log = stderr.join().unwrap();
+    let (exit, log) = terminate(child, stderr).await;
     assert!(exit.success(), "exit {exit:?}; stderr:\n{log}");
     assert!(log.contains("TRACE"), "trace logging was not on:\n{log}");
     assert!(log.contains("upstream 429"), "{log}");

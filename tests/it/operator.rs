@@ -423,14 +423,7 @@ async fn the_binary_writes_one_request_line_per_request_in_either_format() {
             assert_eq!(send(&client(), req).await.status, 200, "{format} {path}");
         }
         // SIGTERM: the proxy writes out every buffered line before it exits.
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let exit = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .unwrap()
-            .unwrap();
-        let rest = stderr.join().unwrap();
+        let (exit, rest) = terminate(child, stderr).await;
         assert!(exit.success(), "exit {exit:?}; stderr:\n{rest}");
         let lines: Vec<&str> = rest
             .lines()

@@ -65,3 +65,19 @@ pub fn address_after(line: &str, marker: &str) -> Option<String> {
         .unwrap_or(rest.len());
     Some(rest[..end].to_string())
 }
+
+/// SIGTERM the child, wait for it to exit, and return how it exited with everything it wrote
+/// to stderr (the collector ends when the pipe closes).
+pub async fn terminate(
+    mut child: std::process::Child,
+    stderr: std::thread::JoinHandle<String>,
+) -> (std::process::ExitStatus, String) {
+    // SAFETY: kill(2) on our own child's pid with a valid signal number.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM)");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    (status, stderr.join().unwrap())
+}

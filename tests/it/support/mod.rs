@@ -16,7 +16,7 @@ pub mod redis;
 #[allow(unused_imports)]
 pub use self::redis::{redis_available, RedisServer};
 #[allow(unused_imports)]
-pub use binary::{address_after, collect_stderr, wait_for_startup};
+pub use binary::{address_after, collect_stderr, terminate, wait_for_startup};
 #[allow(unused_imports)]
 pub use mock::{
     closed_port_url, raw_upstream, read_request_head, sse_data, within, Gate, MockUpstream,
