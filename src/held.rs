@@ -2,7 +2,8 @@
 //! their requests wait. Without a bound of their own they could reach `queue.max_depth` ×
 //! `server.max_request_body` (4 GB with the defaults); `queue.max_body_bytes` bounds them
 //! together. A request whose body does not fit is shed at once as `queue_full`, like one that
-//! finds the queue's depth reached: nothing of it was sent or counted.
+//! finds the queue's depth reached: nothing of it was sent or counted. A request waiting again
+//! for a retry holds the body it kept in the same bound; a retry that does not fit is not made.
 //!
 //! One atomic, no lock: each request holds a [`Hold`] that grows as its body is read and gives
 //! every byte back when it is dropped (admitted, shed, or its client gone).

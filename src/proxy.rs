@@ -470,6 +470,14 @@ impl Pipeline {
                         Some(cause) if !gone => cause,
                         _ => return self.own(read.rejection),
                     };
+                    // Waiting again, the kept body is held with the bodies of the requests
+                    // waiting for their first admission, within `queue.max_body_bytes`. One
+                    // that does not fit beside them is not retried: the client gets the 429.
+                    let mut hold = proxy.metrics.held_bodies.hold();
+                    let kept = replay.as_ref().map_or(0, |b| b.len() as u64);
+                    if !hold.grow_to(kept) {
+                        return self.own(read.rejection);
+                    }
                     // Back to the front of the queue: the cooldown's probe when it ends.
                     proxy.metrics.retried(cause);
                     self.log.retries += 1;
@@ -500,6 +508,7 @@ impl Pipeline {
                             Err(r) => return self.own(r),
                         },
                     };
+                    drop(hold);
                     continue;
                 }
                 402 => return self.upstream_402(resp, permit).await,

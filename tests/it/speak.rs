@@ -180,6 +180,98 @@ async fn bodies_over_the_retry_limit_are_not_retried() {
     proxy.stop().await.unwrap();
 }
 
+/// A request waiting for its retry keeps its body, and that body counts against
+/// `queue.max_body_bytes` with the bodies of requests waiting for their first turn: a body
+/// that does not fit beside it is shed as `queue_full`, and a retry whose body does not fit
+/// beside the waiting ones is not made (its client gets the 429).
+#[tokio::test]
+async fn a_body_kept_for_a_retry_counts_against_the_waiting_bodies_bound() {
+    let mock = MockUpstream::start().await;
+    mock.push(Reply::json(429, CAPACITY));
+    let gate = Gate::new();
+    mock.push(Reply::json(429, CAPACITY).gated(gate.clone()));
+    let proxy = Start::new(
+        &mock.url(),
+        &format!(
+            "{FAST}\n[cooldown]\nmodel_initial = \"60s\"\n[queue]\nmax_wait = \"120s\"\nmax_body_bytes = \"1000B\"\n"
+        ),
+    )
+    .start()
+    .await;
+    let c = client();
+    let body = |model: &str, len: usize| {
+        let head = format!(r#"{{"model":"{model}","pad":""#);
+        let tail = r#""}"#;
+        let pad = "x".repeat(len - head.len() - tail.len());
+        format!("{head}{pad}{tail}")
+    };
+    let raw = |b: String| async move {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            b.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut s, (head + &b).as_bytes())
+            .await
+            .unwrap();
+        s
+    };
+    let post = |b: String| {
+        req("POST", &proxy.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(b)))
+            .unwrap()
+    };
+    // The first answer is a capacity 429: the request waits out its model's cooldown to be
+    // sent again, its 400 bytes kept.
+    let retrying = raw(body("m", 400)).await;
+    let s = status_until(&c, &proxy, "the retry waiting", |s| {
+        s["queue"]["depth"] == 1
+    })
+    .await;
+    assert_eq!(s["queue"]["body_bytes"], 400, "{s}");
+
+    // Another model's request: 700 bytes more do not fit beside the kept body.
+    let shed = send(&c, post(body("n", 700))).await;
+    assert_eq!(shed.status, 429, "{}", shed.text());
+    assert_eq!(shed.json()["error"]["proxy"]["reason"], "queue_full");
+    assert_eq!(mock.count(), 1, "the shed request was not sent");
+
+    // 400 bytes fit (800): admitted and sent; its answer, a 429 too, is held back until a
+    // third body waits for the cooling model (300 bytes: 700 held). The second request's
+    // retry would need 400 beside them: not made.
+    let second = tokio::spawn({
+        let c = c.clone();
+        let r = post(body("n", 400));
+        async move { send(&c, r).await }
+    });
+    mock.wait_for_requests(2).await;
+    let third = raw(body("m", 300)).await;
+    status_until(&c, &proxy, "the third body waiting", |s| {
+        s["queue"]["depth"] == 2 && s["queue"]["body_bytes"] == 700
+    })
+    .await;
+    gate.open();
+    let got = within("the second answer", second).await.unwrap();
+    assert_eq!(got.status, 429, "{}", got.text());
+    assert_eq!(got.json()["error"]["proxy"]["reason"], "upstream_capacity");
+    assert_eq!(got.header("x-proxy-retries"), None);
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["queue"]["body_bytes"], 700, "{s}");
+    assert_eq!(s["retries"]["model"], 1, "{s}");
+
+    // The waiting clients leave: their bodies are given back, and a body fits again (a
+    // third model's: both others are cooling).
+    drop((retrying, third));
+    status_until(&c, &proxy, "the bodies given back", |s| {
+        s["queue"]["depth"] == 0 && s["queue"]["body_bytes"] == 0
+    })
+    .await;
+    let got = send(&c, post(body("o", 700))).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    proxy.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_usage_cap_402_closes_the_gate_until_the_next_window() {
     let mock = MockUpstream::start().await;
