@@ -433,17 +433,21 @@ where
     /// Wait for this shard's connections to end, at most `grace`.
     async fn drain(self, grace: Duration) {
         let name = self.name;
-        tracing::info!(
-            listener = name,
-            grace_s = grace.as_secs_f64(),
-            "stopped accepting; draining connections"
-        );
+        // Said once per listener, by the shard that accepts (the others drain with it).
+        if self.me == 0 {
+            tracing::info!(
+                listener = name,
+                grace_s = grace.as_secs_f64(),
+                "stopped accepting; draining connections"
+            );
+        }
         if tokio::time::timeout(grace, self.graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!(
                 listener = name,
+                shard = self.me,
                 "shutdown grace period over; closing remaining connections"
             );
         }

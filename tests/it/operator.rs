@@ -407,6 +407,8 @@ async fn the_binary_writes_one_request_line_per_request_in_either_format() {
         c.args(["--config", "proxy.toml", "--log-format", format])
             .env("CHUTES_API_KEY", TEST_KEY)
             .env("RUST_LOG", filter)
+            // Three shards drain the listener: the stop is still said once.
+            .env("TOKIO_WORKER_THREADS", "3")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = c.as_std_mut().spawn().expect("start chutes-proxy");
@@ -425,6 +427,12 @@ async fn the_binary_writes_one_request_line_per_request_in_either_format() {
         // SIGTERM: the proxy writes out every buffered line before it exits.
         let (exit, rest) = terminate(child, stderr).await;
         assert!(exit.success(), "exit {exit:?}; stderr:\n{rest}");
+        assert_eq!(
+            rest.matches("stopped accepting; draining connections")
+                .count(),
+            1,
+            "{rest}"
+        );
         let lines: Vec<&str> = rest
             .lines()
             .filter(|l| l.contains("line-check-1"))
