@@ -12,8 +12,10 @@
 //! An HTTP/2 connection (chosen by ALPN on TLS) is shared by every exchange; it runs in a
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
 //! client's side takes what has arrived in one poll there too. It is let go after the idle
-//! timeout unused, pings while streams are open, and once ALPN has chosen HTTP/2 a new one is
-//! dialled by one exchange at a time while the others wait for it.
+//! timeout unused and pings while streams are open. While ALPN may choose HTTP/2 (over TLS
+//! before the first dial has ended, and once it has chosen it) a new connection is dialled by
+//! one exchange at a time while the others wait for it: a cold start's burst makes one TLS
+//! handshake. When ALPN chooses HTTP/1.1, the exchanges that waited dial their own.
 //!
 //! Idle HTTP/1.1 connections are nobody's to drive. A connection is looked at when it is taken
 //! (one poll: a close or stray bytes from the upstream end it there), and a sweeper drops
@@ -73,11 +75,21 @@ pub struct Pool {
 struct Home {
     state: Mutex<State>,
     idle_timeout: Duration,
-    /// Held while an HTTP/2 connection is dialled (see `State::h2_seen`).
+    /// Held while a connection that may be HTTP/2 is dialled (see `State::speaks`).
     dialing: tokio::sync::Mutex<()>,
 }
 
-#[derive(Default)]
+/// What the upstream speaks, as far as this shard has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    /// Over TLS, before any dial has finished: ALPN may choose HTTP/2.
+    Unknown,
+    /// Plain HTTP (no ALPN), or ALPN chose HTTP/1.1 last time.
+    Http1,
+    /// ALPN chose HTTP/2 last time.
+    Http2,
+}
+
 struct State {
     /// Oldest first; a checkout takes the newest, so the rest can age out.
     idle: VecDeque<Idle>,
@@ -86,9 +98,11 @@ struct State {
     /// one (its streams in flight carry on), so a load balancer's idle cut-off never meets a
     /// request on it.
     shared: Option<(http2::SendRequest<RequestBody>, Instant)>,
-    /// ALPN chose HTTP/2 here before: a new connection is dialled by one exchange at a time,
-    /// and the others wait for it instead of each dialling its own.
-    h2_seen: bool,
+    /// What the upstream spoke on this shard's last dial. While it may be HTTP/2 (over TLS
+    /// before the first dial ends, or ALPN chose it last time) a new connection is dialled
+    /// by one exchange at a time, and the others wait for it instead of each dialling its
+    /// own: a cold start's burst makes one TLS handshake, not one per request.
+    speaks: Speaks,
     sweeping: bool,
 }
 
@@ -182,7 +196,16 @@ impl Pool {
             homes: (0..shards.max(1))
                 .map(|_| {
                     Arc::new(Home {
-                        state: Mutex::new(State::default()),
+                        state: Mutex::new(State {
+                            idle: VecDeque::new(),
+                            shared: None,
+                            speaks: if base.scheme == Scheme::HTTPS {
+                                Speaks::Unknown
+                            } else {
+                                Speaks::Http1
+                            },
+                            sweeping: false,
+                        }),
                         idle_timeout,
                         dialing: tokio::sync::Mutex::new(()),
                     })
@@ -274,7 +297,7 @@ impl Pool {
                 if let Some(send) = st.take_shared(home.idle_timeout) {
                     return Ok(Checked::H2 { send, reused: true });
                 }
-                if st.h2_seen {
+                if st.speaks == Speaks::Http2 {
                     break;
                 }
                 let expired = st.expire(Instant::now(), home.idle_timeout);
@@ -292,11 +315,20 @@ impl Pool {
                 return Ok(Checked::H1(lease));
             }
         }
-        if home.lock().h2_seen {
+        if home.lock().speaks != Speaks::Http1 {
             // One dial at a time; whoever waited takes the connection it made.
-            let _one = home.dialing.lock().await;
-            if let Some(send) = home.lock().take_shared(home.idle_timeout) {
-                return Ok(Checked::H2 { send, reused: true });
+            let one = home.dialing.lock().await;
+            let speaks = {
+                let mut st = home.lock();
+                if let Some(send) = st.take_shared(home.idle_timeout) {
+                    return Ok(Checked::H2 { send, reused: true });
+                }
+                st.speaks
+            };
+            if speaks == Speaks::Http1 {
+                // The dial waited for chose HTTP/1.1: nothing to share, so each exchange
+                // dials its own, side by side.
+                drop(one);
             }
             return Box::pin(self.connect()).await;
         }
@@ -317,7 +349,7 @@ impl Pool {
                 }
             });
             let mut st = self.home().lock();
-            st.h2_seen = true;
+            st.speaks = Speaks::Http2;
             if st.shared.as_ref().is_none_or(|(s, _)| s.is_closed()) {
                 st.shared = Some((send.clone(), Instant::now()));
             }
@@ -326,6 +358,9 @@ impl Pool {
                 reused: false,
             });
         }
+        // No ALPN (plain HTTP), or it chose HTTP/1.1: idle connections are used again, and
+        // dials no longer wait for each other.
+        self.home().lock().speaks = Speaks::Http1;
         let (send, conn) = self.h1.handshake(io).await?;
         Ok(Checked::H1(Lease {
             send,
@@ -785,11 +820,17 @@ mod tests {
         );
     }
 
-    /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. One connection then carries
-    /// every exchange, concurrent ones included, and stays shared for the next; when the
-    /// upstream closes it, the burst that follows waits for one new dial.
-    #[tokio::test]
-    async fn over_tls_alpn_h2_one_connection_carries_every_exchange_and_one_dial_replaces_it() {
+    /// A TLS upstream offering `alpn` on loopback, answering "{version} {path}" in whichever
+    /// protocol ALPN chose, and a one-shard pool for it. Also: the connections it accepted,
+    /// and a notify that makes each HTTP/2 connection send a GOAWAY (an upstream restarting).
+    async fn tls_upstream(
+        alpn: &[&[u8]],
+    ) -> (
+        std::net::SocketAddr,
+        Arc<AtomicUsize>,
+        Arc<tokio::sync::Notify>,
+        Pool,
+    ) {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
         let cert = CertificateDer::from(
             include_bytes!("../tests/it/fixtures/self_signed_cert.der").to_vec(),
@@ -804,7 +845,7 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(vec![cert.clone()], key)
             .unwrap();
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -821,14 +862,20 @@ mod tests {
                     let Ok(tls) = acceptor.accept(stream).await else {
                         return;
                     };
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         let line = format!("{:?} {}", req.version(), req.uri().path());
                         Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(line))))
                     });
+                    if !h2 {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                        return;
+                    }
                     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), svc);
                     let mut conn = pin!(conn);
-                    // A GOAWAY when the test says so (an upstream restarting).
                     tokio::select! {
                         _ = conn.as_mut() => {}
                         _ = going.notified() => {
@@ -841,7 +888,7 @@ mod tests {
         });
 
         // The fixture is self-signed (a CA certificate, which webpki refuses as a server's):
-        // this test trusts exactly that certificate, with the signatures still checked.
+        // these tests trust exactly that certificate, with the signatures still checked.
         let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -866,20 +913,47 @@ mod tests {
         )
         .unwrap();
         let pool = Pool::new(https, &cfg.upstream.url, Duration::from_secs(50), 1).unwrap();
-        let https_request = |path: &str| {
-            let mut req = request(addr, path, "");
-            *req.uri_mut() = format!("https://{addr}{path}").parse().unwrap();
-            req
-        };
-        let first = pool.send(https_request("/first")).await.unwrap();
-        assert_eq!(text(first).await, "HTTP/2.0 /first");
+        (addr, accepted, goaway, pool)
+    }
+
+    fn https_request(addr: std::net::SocketAddr, path: &str) -> Request<RequestBody> {
+        let mut req = request(addr, path, "");
+        *req.uri_mut() = format!("https://{addr}{path}").parse().unwrap();
+        req
+    }
+
+    /// Four exchanges at once through `pool`: their answers' texts.
+    async fn burst(pool: &Pool, addr: std::net::SocketAddr, prefix: &str) -> Vec<String> {
         let answers = futures_util::future::join_all(
-            (0..4).map(|i| pool.send(https_request(&format!("/c{i}")))),
+            (0..4).map(|i| pool.send(https_request(addr, &format!("/{prefix}{i}")))),
         )
         .await;
-        for (i, a) in answers.into_iter().enumerate() {
-            assert_eq!(text(a.unwrap()).await, format!("HTTP/2.0 /c{i}"));
+        let mut texts = Vec::new();
+        for a in answers {
+            texts.push(text(a.unwrap()).await);
         }
+        texts
+    }
+
+    /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. A cold start's burst dials
+    /// once; that connection then carries every exchange, concurrent ones included, and stays
+    /// shared for the next; when the upstream closes it, the burst that follows waits for one
+    /// new dial.
+    #[tokio::test]
+    async fn over_tls_alpn_h2_one_connection_carries_every_exchange_and_one_dial_replaces_it() {
+        let (addr, accepted, goaway, pool) = tls_upstream(&[b"h2", b"http/1.1"]).await;
+        let want = |p: &str| {
+            (0..4)
+                .map(|i| format!("HTTP/2.0 /{p}{i}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one dial for the cold burst"
+        );
+        assert_eq!(burst(&pool, addr, "c").await, want("c"));
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "one shared connection");
         assert_eq!(pool.idle(), 0, "HTTP/2 is shared, never parked as idle");
 
@@ -898,14 +972,29 @@ mod tests {
         })
         .await
         .expect("the closed connection was never noticed");
-        let answers = futures_util::future::join_all(
-            (0..4).map(|i| pool.send(https_request(&format!("/d{i}")))),
-        )
-        .await;
-        for (i, a) in answers.into_iter().enumerate() {
-            assert_eq!(text(a.unwrap()).await, format!("HTTP/2.0 /d{i}"));
-        }
+        assert_eq!(burst(&pool, addr, "d").await, want("d"));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "one dial for the burst");
+    }
+
+    /// Over TLS where ALPN picks HTTP/1.1: the cold burst's exchanges wait for the first dial
+    /// only to learn that, then each has a connection of its own, and they are used again.
+    #[tokio::test]
+    async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
+        let (addr, accepted, _, pool) = tls_upstream(&[b"http/1.1"]).await;
+        let want = |p: &str| {
+            (0..4)
+                .map(|i| format!("HTTP/1.1 /{p}{i}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle(), 4, "each went back once its body was read");
+        assert_eq!(burst(&pool, addr, "again").await, want("again"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            4,
+            "the idle ones carried it"
+        );
     }
 
     /// Trusts one certificate, byte for byte, and checks handshake signatures against it.
