@@ -806,20 +806,26 @@ fn key_at(text: &str, line_start: usize, line: &str) -> Option<String> {
     })
 }
 
-/// A duration in the config's own syntax, for `--check` output.
+/// A duration in the config's own syntax, for `--check` output: the largest unit it is a
+/// whole number of (`h`, `m`, `s`, `ms`, `us`, `ns`), so it reads back as exactly itself.
 pub fn fmt_dur(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        "0s".into()
-    } else if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
     }
+    const UNITS: [(u128, &str); 5] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+        (1_000, "us"),
+    ];
+    for (unit, name) in UNITS {
+        if ns.is_multiple_of(unit) {
+            return format!("{}{name}", ns / unit);
+        }
+    }
+    format!("{ns}ns")
 }
 
 fn apply_overrides(table: &mut Table, o: &Overrides) {
@@ -1764,6 +1770,32 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_toml(text, &Overrides::default(), &env_none)
+    }
+
+    #[test]
+    fn durations_are_written_in_their_largest_whole_unit_and_read_back_exactly() {
+        let cases: &[(Duration, &str)] = &[
+            (Duration::ZERO, "0s"),
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(120), "2m"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::from_micros(1500), "1500us"),
+            (Duration::from_micros(500), "500us"),
+            (Duration::from_nanos(1), "1ns"),
+            (Duration::from_nanos(1_000_000_001), "1000000001ns"),
+            (Duration::MAX, "18446744073709551615999999999ns"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(fmt_dur(*d), *want, "{d:?}");
+        }
+        for d in cases.iter().map(|c| c.0).chain([
+            Duration::from_nanos(123_456_789),
+            Duration::from_secs(86_400 * 365),
+            Duration::new(59, 999_999_999),
+        ]) {
+            assert_eq!(crate::units::parse_duration(&fmt_dur(d)), Ok(d), "{d:?}");
+        }
     }
 
     fn keys(e: ConfigErrors) -> Vec<String> {
