@@ -13,9 +13,10 @@
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
 //! client's side takes what has arrived in one poll there too. It is let go after the idle
 //! timeout unused and pings while streams are open. While ALPN may choose HTTP/2 (over TLS
-//! before the first dial has ended, and once it has chosen it) a new connection is dialled by
-//! one exchange at a time while the others wait for it: a cold start's burst makes one TLS
-//! handshake. When ALPN chooses HTTP/1.1, the exchanges that waited dial their own.
+//! until a dial has got through, and while it chooses it) a new connection is dialled by one
+//! exchange at a time while the others wait for it: a cold start's burst makes one TLS
+//! handshake. When ALPN chooses HTTP/1.1, the exchanges that waited dial their own. A dial
+//! (TCP, TLS, the handshake) takes at most `upstream.connect_timeout`.
 //!
 //! Idle HTTP/1.1 connections are nobody's to drive. A connection is looked at when it is taken
 //! (one poll: a close or stray bytes from the upstream end it there), and a sweeper drops
@@ -66,6 +67,9 @@ pub struct Pool {
     host: HeaderValue,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
+    /// `upstream.connect_timeout`, for a whole dial: TCP, TLS and the HTTP handshake (the
+    /// connector's own timeout bounds the TCP connect alone).
+    connect_timeout: Duration,
     /// One per server shard ([`crate::server::shard`]): a connection is registered with the
     /// runtime that dialled it, and is only ever driven there.
     homes: Box<[Arc<Home>]>,
@@ -82,11 +86,12 @@ struct Home {
 /// What the upstream speaks, as far as this shard has seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Speaks {
-    /// Over TLS, before any dial has finished: ALPN may choose HTTP/2.
+    /// Over TLS, until a dial has got as far as ALPN's choice (a failed one changes
+    /// nothing): it may be HTTP/2.
     Unknown,
-    /// Plain HTTP (no ALPN), or ALPN chose HTTP/1.1 last time.
+    /// Plain HTTP (no ALPN), or ALPN chose HTTP/1.1 on the last dial that got that far.
     Http1,
-    /// ALPN chose HTTP/2 last time.
+    /// ALPN chose HTTP/2 on the last dial that got that far (and its handshake worked).
     Http2,
 }
 
@@ -98,11 +103,16 @@ struct State {
     /// one (its streams in flight carry on), so a load balancer's idle cut-off never meets a
     /// request on it.
     shared: Option<(http2::SendRequest<RequestBody>, Instant)>,
-    /// What the upstream spoke on this shard's last dial. While it may be HTTP/2 (over TLS
-    /// before the first dial ends, or ALPN chose it last time) a new connection is dialled
-    /// by one exchange at a time, and the others wait for it instead of each dialling its
-    /// own: a cold start's burst makes one TLS handshake, not one per request.
+    /// What the upstream spoke on this shard's last dial that got through. While it may be
+    /// HTTP/2 (over TLS before any dial has, or ALPN chose it last time) a new connection is
+    /// dialled by one exchange at a time, and the others wait for it instead of each dialling
+    /// its own: a cold start's burst makes one TLS handshake, not one per request. A dial
+    /// takes at most `connect_timeout`, so that is the longest anyone waits for another's.
     speaks: Speaks,
+    /// The last dial failed (or ran out of `connect_timeout`): the exchanges that waited for
+    /// it dial side by side, each its own, until one gets through. Waiting for each other's
+    /// failures would end the k-th after k dials.
+    dial_failed: bool,
     sweeping: bool,
 }
 
@@ -162,6 +172,7 @@ impl Pool {
         connector: HttpsConnector<HttpConnector>,
         base: &UpstreamUrl,
         idle_timeout: Duration,
+        connect_timeout: Duration,
         shards: usize,
     ) -> Result<Pool, String> {
         let dial = Uri::builder()
@@ -193,6 +204,7 @@ impl Pool {
             host,
             h1: http1::Builder::new(),
             h2,
+            connect_timeout,
             homes: (0..shards.max(1))
                 .map(|_| {
                     Arc::new(Home {
@@ -204,6 +216,7 @@ impl Pool {
                             } else {
                                 Speaks::Http1
                             },
+                            dial_failed: false,
                             sweeping: false,
                         }),
                         idle_timeout,
@@ -318,16 +331,16 @@ impl Pool {
         if home.lock().speaks != Speaks::Http1 {
             // One dial at a time; whoever waited takes the connection it made.
             let one = home.dialing.lock().await;
-            let speaks = {
+            let alone = {
                 let mut st = home.lock();
                 if let Some(send) = st.take_shared(home.idle_timeout) {
                     return Ok(Checked::H2 { send, reused: true });
                 }
-                st.speaks
+                st.speaks == Speaks::Http1 || st.dial_failed
             };
-            if speaks == Speaks::Http1 {
-                // The dial waited for chose HTTP/1.1: nothing to share, so each exchange
-                // dials its own, side by side.
+            if alone {
+                // The dial waited for chose HTTP/1.1 (nothing to share) or failed: each
+                // exchange dials its own, side by side.
                 drop(one);
             }
             return Box::pin(self.connect()).await;
@@ -337,7 +350,23 @@ impl Pool {
         Box::pin(self.connect()).await
     }
 
+    /// Dial a new connection: TCP, TLS and the HTTP handshake, within `connect_timeout`
+    /// together. A TLS handshake the upstream never finishes is a connect failure, as one
+    /// that fails is, and it does not keep the exchanges waiting for this dial any longer.
     async fn connect(&self) -> Result<Checked, BoxError> {
+        let done = match tokio::time::timeout(self.connect_timeout, self.dial()).await {
+            Ok(done) => done,
+            Err(_) => Err(format!(
+                "no connection within upstream.connect_timeout ({})",
+                crate::config::fmt_dur(self.connect_timeout)
+            )
+            .into()),
+        };
+        self.home().lock().dial_failed = done.is_err();
+        done
+    }
+
+    async fn dial(&self) -> Result<Checked, BoxError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx)).await?;
         let io = connector.call(self.dial.clone()).await?;
@@ -625,7 +654,7 @@ mod tests {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        Pool::new(https, &cfg.upstream.url, idle_timeout, 1).unwrap()
+        Pool::new(https, &cfg.upstream.url, idle_timeout, CONNECT, 1).unwrap()
     }
 
     fn request(addr: std::net::SocketAddr, path: &str, body: &'static str) -> Request<RequestBody> {
@@ -820,43 +849,103 @@ mod tests {
         );
     }
 
-    /// A TLS upstream offering `alpn` on loopback, answering "{version} {path}" in whichever
-    /// protocol ALPN chose, and a one-shard pool for it. Also: the connections it accepted,
-    /// and a notify that makes each HTTP/2 connection send a GOAWAY (an upstream restarting).
+    const CONNECT: Duration = Duration::from_secs(5);
+
+    fn test_certificate() -> (
+        rustls::pki_types::CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        (
+            CertificateDer::from(
+                include_bytes!("../tests/it/fixtures/self_signed_cert.der").to_vec(),
+            ),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                include_bytes!("../tests/it/fixtures/self_signed_key.der").to_vec(),
+            )),
+        )
+    }
+
+    /// A one-shard pool for `https://{addr}/` that trusts the test certificate.
+    fn tls_pool(addr: std::net::SocketAddr) -> Pool {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        // The fixture is self-signed (a CA certificate, which webpki refuses as a server's):
+        // these tests trust exactly that certificate, with the signatures still checked.
+        let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ThisCertificate {
+                cert: test_certificate().0,
+                provider,
+            }))
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(client)
+            .https_only()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let url = format!("[upstream]\nurl = \"https://{addr}/\"\n");
+        let cfg = crate::config::Config::from_toml(
+            &url,
+            &crate::config::Overrides::default(),
+            &|_: &str| None,
+        )
+        .unwrap();
+        Pool::new(
+            https,
+            &cfg.upstream.url,
+            Duration::from_secs(50),
+            CONNECT,
+            1,
+        )
+        .unwrap()
+    }
+
+    /// A TLS upstream on loopback, answering "{version} {path}" in whichever protocol ALPN
+    /// chose. It offers h2 and http/1.1, or http/1.1 alone while the returned flag is set.
+    /// Also: the connections it accepted, a notify that makes each HTTP/2 connection send a
+    /// GOAWAY (an upstream restarting), and a pool for it.
     async fn tls_upstream(
-        alpn: &[&[u8]],
+        h1_only: bool,
     ) -> (
         std::net::SocketAddr,
         Arc<AtomicUsize>,
         Arc<tokio::sync::Notify>,
+        Arc<std::sync::atomic::AtomicBool>,
         Pool,
     ) {
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-        let cert = CertificateDer::from(
-            include_bytes!("../tests/it/fixtures/self_signed_cert.der").to_vec(),
-        );
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            include_bytes!("../tests/it/fixtures/self_signed_key.der").to_vec(),
-        ));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .unwrap();
-        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let acceptor = |alpn: &[&[u8]]| {
+            let (cert, key) = test_certificate();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut server = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap();
+            server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            tokio_rustls::TlsAcceptor::from(Arc::new(server))
+        };
+        let (both, http1) = (acceptor(&[b"h2", b"http/1.1"]), acceptor(&[b"http/1.1"]));
+        let only_h1 = Arc::new(std::sync::atomic::AtomicBool::new(h1_only));
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
         let goaway = Arc::new(tokio::sync::Notify::new());
         let going = Arc::clone(&goaway);
+        let h1 = Arc::clone(&only_h1);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let acceptor = acceptor.clone();
+                let acceptor = if h1.load(Ordering::SeqCst) {
+                    http1.clone()
+                } else {
+                    both.clone()
+                };
                 let going = Arc::clone(&going);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else {
@@ -886,34 +975,24 @@ mod tests {
                 });
             }
         });
+        (addr, accepted, goaway, only_h1, tls_pool(addr))
+    }
 
-        // The fixture is self-signed (a CA certificate, which webpki refuses as a server's):
-        // these tests trust exactly that certificate, with the signatures still checked.
-        let client = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ThisCertificate {
-                cert: cert.into_owned(),
-                provider,
-            }))
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(client)
-            .https_only()
-            .enable_all_versions()
-            .wrap_connector(http);
-        let url = format!("[upstream]\nurl = \"https://{addr}/\"\n");
-        let cfg = crate::config::Config::from_toml(
-            &url,
-            &crate::config::Overrides::default(),
-            &|_: &str| None,
-        )
-        .unwrap();
-        let pool = Pool::new(https, &cfg.upstream.url, Duration::from_secs(50), 1).unwrap();
-        (addr, accepted, goaway, pool)
+    /// Until the pool's shared HTTP/2 connection is gone or closed (after a GOAWAY).
+    async fn shared_closed(pool: &Pool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !pool
+                .home()
+                .lock()
+                .shared
+                .as_ref()
+                .is_none_or(|(s, _)| s.is_closed())
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the closed connection was never noticed");
     }
 
     fn https_request(addr: std::net::SocketAddr, path: &str) -> Request<RequestBody> {
@@ -941,7 +1020,7 @@ mod tests {
     /// new dial.
     #[tokio::test]
     async fn over_tls_alpn_h2_one_connection_carries_every_exchange_and_one_dial_replaces_it() {
-        let (addr, accepted, goaway, pool) = tls_upstream(&[b"h2", b"http/1.1"]).await;
+        let (addr, accepted, goaway, _, pool) = tls_upstream(false).await;
         let want = |p: &str| {
             (0..4)
                 .map(|i| format!("HTTP/2.0 /{p}{i}"))
@@ -959,19 +1038,7 @@ mod tests {
 
         // The upstream closes it: the next burst dials one new connection, not one each.
         goaway.notify_waiters();
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !pool
-                .home()
-                .lock()
-                .shared
-                .as_ref()
-                .is_none_or(|(s, _)| s.is_closed())
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the closed connection was never noticed");
+        shared_closed(&pool).await;
         assert_eq!(burst(&pool, addr, "d").await, want("d"));
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "one dial for the burst");
     }
@@ -980,7 +1047,7 @@ mod tests {
     /// only to learn that, then each has a connection of its own, and they are used again.
     #[tokio::test]
     async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
-        let (addr, accepted, _, pool) = tls_upstream(&[b"http/1.1"]).await;
+        let (addr, accepted, _, _, pool) = tls_upstream(true).await;
         let want = |p: &str| {
             (0..4)
                 .map(|i| format!("HTTP/1.1 /{p}{i}"))
@@ -994,6 +1061,75 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             4,
             "the idle ones carried it"
+        );
+    }
+
+    /// An upstream that spoke HTTP/2 and, after a restart, offers HTTP/1.1 alone: the pool
+    /// follows it. The burst after the switch has a connection each, and the next burst is
+    /// carried by those idle connections instead of new dials one at a time.
+    #[tokio::test]
+    async fn an_upstream_that_turns_from_h2_to_http1_has_its_idle_connections_used() {
+        let (addr, accepted, goaway, only_h1, pool) = tls_upstream(false).await;
+        assert_eq!(
+            burst(&pool, addr, "h2").await,
+            (0..4)
+                .map(|i| format!("HTTP/2.0 /h2{i}"))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        only_h1.store(true, Ordering::SeqCst);
+        goaway.notify_waiters();
+        shared_closed(&pool).await;
+        let want = |p: &str| {
+            (0..4)
+                .map(|i| format!("HTTP/1.1 /{p}{i}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(burst(&pool, addr, "a").await, want("a"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 5, "one connection each");
+        assert_eq!(pool.idle(), 4);
+        assert_eq!(burst(&pool, addr, "b").await, want("b"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            5,
+            "the idle ones carried it"
+        );
+    }
+
+    /// A TLS handshake the upstream never answers fails the dial at `connect_timeout` (it
+    /// used to wait for the exchange's first-byte timeout). The exchanges that waited for
+    /// that dial then dial side by side: a cold burst of three against it is over at twice
+    /// `connect_timeout`, not three times.
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_handshake_that_never_ends_fails_at_connect_timeout() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts, and never answers the ClientHello.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let pool = tls_pool(addr);
+        let started = tokio::time::Instant::now();
+        let burst = futures_util::future::join_all(
+            (0..3).map(|i| pool.send(https_request(addr, &format!("/{i}")))),
+        );
+        let answers = tokio::time::timeout(Duration::from_secs(60), burst)
+            .await
+            .expect("the dials were not bounded");
+        let took = started.elapsed();
+        for a in answers {
+            let e = a.err().expect("no connection can be made");
+            assert!(
+                e.to_string().contains("upstream.connect_timeout (5s)"),
+                "{e}"
+            );
+        }
+        assert!(
+            took >= 2 * CONNECT && took < 3 * CONNECT,
+            "the burst took {took:?}"
         );
     }
 

@@ -81,7 +81,13 @@ impl Upstream {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let pool = Pool::new(https, &cfg.url, POOL_IDLE_TIMEOUT, shards)?;
+        let pool = Pool::new(
+            https,
+            &cfg.url,
+            POOL_IDLE_TIMEOUT,
+            cfg.connect_timeout,
+            shards,
+        )?;
         let auth = match &cfg.api_key {
             Some(key) => {
                 let mut v = HeaderValue::from_str(&format!("{}{}", cfg.auth_prefix, key.expose()))
