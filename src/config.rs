@@ -809,10 +809,6 @@ fn key_at(text: &str, line_start: usize, line: &str) -> Option<String> {
 /// A duration in the config's own syntax, for `--check` output: the largest unit it is a
 /// whole number of (`h`, `m`, `s`, `ms`, `us`, `ns`), so it reads back as exactly itself.
 pub fn fmt_dur(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns == 0 {
-        return "0s".into();
-    }
     const UNITS: [(u128, &str); 5] = [
         (3_600_000_000_000, "h"),
         (60_000_000_000, "m"),
@@ -820,6 +816,10 @@ pub fn fmt_dur(d: Duration) -> String {
         (1_000_000, "ms"),
         (1_000, "us"),
     ];
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
     for (unit, name) in UNITS {
         if ns.is_multiple_of(unit) {
             return format!("{}{name}", ns / unit);

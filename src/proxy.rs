@@ -476,6 +476,12 @@ impl Pipeline {
                     let mut hold = proxy.metrics.held_bodies.hold();
                     let kept = replay.as_ref().map_or(0, |b| b.len() as u64);
                     if !hold.grow_to(kept) {
+                        tracing::info!(
+                            request_id = %self.log.request_id,
+                            body_bytes = kept,
+                            "upstream 429: not retried, its kept body does not fit beside the \
+                             waiting ones (queue.max_body_bytes)"
+                        );
                         return self.own(read.rejection);
                     }
                     // Back to the front of the queue: the cooldown's probe when it ends.

@@ -277,8 +277,8 @@ pub struct Last429 {
 pub struct Queue {
     pub depth: u64,
     pub oldest_wait_seconds: Option<f64>,
-    /// Bytes of request bodies read before admission that waiting requests hold, and the
-    /// bound on them (`queue.max_body_bytes`).
+    /// Bytes of request bodies read before admission that waiting requests hold (a retry's
+    /// kept body too), and the bound on them (`queue.max_body_bytes`).
     pub body_bytes: u64,
     pub max_body_bytes: u64,
 }
