@@ -15,8 +15,9 @@
 //! timeout unused and pings while streams are open. While ALPN may choose HTTP/2 (over TLS
 //! until a dial has got through, and while it chooses it) a new connection is dialled by one
 //! exchange at a time while the others wait for it: a cold start's burst makes one TLS
-//! handshake. When ALPN chooses HTTP/1.1, the exchanges that waited dial their own. A dial
-//! (TCP, TLS, the handshake) takes at most `upstream.connect_timeout`.
+//! handshake. When ALPN chooses HTTP/1.1, or the dial fails, the exchanges that waited dial
+//! their own, side by side. A dial (DNS, TCP, TLS, the handshake) takes at most
+//! `upstream.connect_timeout`.
 //!
 //! Idle HTTP/1.1 connections are nobody's to drive. A connection is looked at when it is taken
 //! (one poll: a close or stray bytes from the upstream end it there), and a sweeper drops
@@ -67,8 +68,8 @@ pub struct Pool {
     host: HeaderValue,
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// `upstream.connect_timeout`, for a whole dial: TCP, TLS and the HTTP handshake (the
-    /// connector's own timeout bounds the TCP connect alone).
+    /// `upstream.connect_timeout`, for a whole dial: DNS, TCP, TLS and the HTTP handshake
+    /// (the connector's own timeout bounds the TCP connect alone).
     connect_timeout: Duration,
     /// One per server shard ([`crate::server::shard`]): a connection is registered with the
     /// runtime that dialled it, and is only ever driven there.
@@ -350,7 +351,7 @@ impl Pool {
         Box::pin(self.connect()).await
     }
 
-    /// Dial a new connection: TCP, TLS and the HTTP handshake, within `connect_timeout`
+    /// Dial a new connection: DNS, TCP, TLS and the HTTP handshake, within `connect_timeout`
     /// together. A TLS handshake the upstream never finishes is a connect failure, as one
     /// that fails is, and it does not keep the exchanges waiting for this dial any longer.
     async fn connect(&self) -> Result<Checked, BoxError> {
@@ -362,7 +363,14 @@ impl Pool {
             )
             .into()),
         };
-        self.home().lock().dial_failed = done.is_err();
+        let mut st = self.home().lock();
+        match &done {
+            Ok(_) => st.dial_failed = false,
+            // Only when nothing got through meanwhile: a failure that finishes after a dial
+            // beside it made the shared connection says nothing about the next burst.
+            Err(_) => st.dial_failed = st.shared.as_ref().is_none_or(|(s, _)| s.is_closed()),
+        }
+        drop(st);
         done
     }
 

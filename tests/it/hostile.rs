@@ -769,7 +769,7 @@ async fn self_signed_tls_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<String
 }
 
 #[tokio::test]
-async fn a_self_signed_or_garbage_tls_upstream_is_a_502_and_a_stalled_handshake_a_504() {
+async fn a_self_signed_garbage_or_stalled_tls_upstream_is_a_502_or_its_timeout() {
     let c = client();
 
     let (addr, outcomes) = self_signed_tls_server().await;
@@ -813,7 +813,8 @@ async fn a_self_signed_or_garbage_tls_upstream_is_a_502_and_a_stalled_handshake_
     wait_settled(&c, &proxy).await;
     proxy.stop().await.unwrap();
 
-    // Accepts, reads the ClientHello and never answers: only the first-byte timeout ends it.
+    // Accepts, reads the ClientHello and never answers: the dial ends at connect_timeout
+    // (a connect failure, 502), or at first_byte_timeout if that is shorter (504).
     let silent = raw_upstream(|mut conn| async move {
         let mut buf = [0u8; 1024];
         while let Ok(n) = conn.read(&mut buf).await {
@@ -833,6 +834,20 @@ async fn a_self_signed_or_garbage_tls_upstream_is_a_502_and_a_stalled_handshake_
         &get(&c, &proxy.url("/v1/models")).await,
         504,
         "upstream_timeout",
+    );
+    wait_settled(&c, &proxy).await;
+    proxy.stop().await.unwrap();
+    let proxy = Start::new(
+        &format!("https://{}", silent.addr()),
+        &format!("connect_timeout = \"500ms\"\n{NO_LIMITS}"),
+    )
+    .start()
+    .await;
+    // The first-byte timeout is 120 s here: only the dial's own bound answers in time.
+    assert_own(
+        &get(&c, &proxy.url("/v1/models")).await,
+        502,
+        "upstream_unavailable",
     );
     wait_settled(&c, &proxy).await;
     proxy.stop().await.unwrap();
