@@ -67,47 +67,52 @@ pub struct RequestBody {
     done: bool,
 }
 
-/// A deadline `idle` after the last progress, whose timer is only made when a poll finds
-/// nothing ready: a body that is ready whenever it is asked (a buffered one, a small answer
-/// read with its head) never allocates one. Two to three allocations fewer per JSON request.
+/// A deadline `idle` after the first poll that found nothing ready since the last progress:
+/// how long the other side has been silent while the proxy was asking it for more. Time the
+/// consumer was not asking (a client slow to read a stream, an upstream slow to take an
+/// upload) does not count against the side it was not asking. The clock is read and the timer
+/// made only then, so a body that is ready whenever it is asked (a buffered one, a small
+/// answer read with its head) never reads the clock or allocates a timer.
 struct IdleTimer {
     idle: Duration,
-    since: Instant,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// A poll has found nothing ready since the last progress: the deadline is set.
+    waiting: bool,
 }
 
 impl IdleTimer {
     fn new(idle: Duration) -> Self {
         IdleTimer {
             idle,
-            since: Instant::now(),
             sleep: None,
+            waiting: false,
         }
     }
 
-    /// Data came: the deadline is `idle` from now.
+    /// Data came: the next wait is counted from the poll that finds nothing.
     fn progress(&mut self) {
-        self.since = Instant::now();
-        let deadline = self.deadline();
-        if let Some(sleep) = &mut self.sleep {
-            sleep.as_mut().reset(deadline);
-        }
+        self.waiting = false;
     }
 
-    fn deadline(&self) -> Instant {
-        // `Duration::MAX` (never) must not overflow: a century stands in for never.
-        self.since
-            .checked_add(self.idle)
-            .unwrap_or_else(|| self.since + Duration::from_secs(100 * 365 * 86_400))
-    }
-
-    /// Nothing was ready: ready once `idle` has passed since the last progress.
+    /// Nothing was ready: ready once `idle` has passed since the first such poll.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline();
-        self.sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
-            .as_mut()
-            .poll(cx)
+        if !self.waiting {
+            self.waiting = true;
+            let now = Instant::now();
+            // `Duration::MAX` (never) must not overflow: a century stands in for never.
+            let deadline = now
+                .checked_add(self.idle)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            // Set just above whenever it was not already.
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -418,22 +423,33 @@ impl Drop for Streaming {
 mod tests {
     use super::*;
 
-    /// The idle deadline is the same as an eagerly armed timer's: `idle` after the last
-    /// progress. The timer is made only when a poll finds nothing ready.
+    /// The idle deadline is `idle` after the first poll that found nothing since the last
+    /// progress: time nobody asked does not count, a second empty poll does not move it, and
+    /// progress starts the next wait afresh. The timer is made only when a poll finds nothing.
     #[tokio::test(start_paused = true)]
-    async fn the_idle_timer_is_made_only_when_needed_and_keeps_its_deadline() {
+    async fn the_idle_timer_counts_from_the_first_empty_poll_after_progress() {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut t = IdleTimer::new(Duration::from_secs(10));
         tokio::time::advance(Duration::from_secs(4)).await;
         t.progress();
         assert!(t.sleep.is_none(), "made without a pending poll");
-        tokio::time::advance(Duration::from_secs(9)).await;
+        // Nobody asked for 30 s (the consumer was busy): not counted.
+        tokio::time::advance(Duration::from_secs(30)).await;
         assert!(t.poll_expired(&mut cx).is_pending());
         assert!(t.sleep.is_some());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(
+            t.poll_expired(&mut cx).is_pending(),
+            "a second empty poll keeps the deadline"
+        );
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(t.poll_expired(&mut cx).is_pending());
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(t.poll_expired(&mut cx).is_ready());
-        // Progress after it was made moves it.
+        // Progress after it was made: the next wait starts at the next empty poll.
         t.progress();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(t.poll_expired(&mut cx).is_pending());
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(t.poll_expired(&mut cx).is_pending());
         tokio::time::advance(Duration::from_secs(1)).await;
