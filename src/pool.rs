@@ -497,6 +497,8 @@ impl State {
     /// The shared HTTP/2 connection for one more exchange, if it is open and was used within
     /// the idle timeout (else it is let go).
     fn take_shared(&mut self, idle_timeout: Duration) -> Option<http2::SendRequest<RequestBody>> {
+        // Over HTTP/1.1 there is none: no clock read for it.
+        self.shared.as_ref()?;
         let now = Instant::now();
         match &mut self.shared {
             Some((send, used))
