@@ -1109,7 +1109,9 @@ mod tests {
     /// A TLS handshake the upstream never answers fails the dial at `connect_timeout` (it
     /// used to wait for the exchange's first-byte timeout). The exchanges that waited for
     /// that dial then dial side by side: a cold burst of three against it is over at twice
-    /// `connect_timeout`, not three times.
+    /// `connect_timeout`, not three times. Paused time with real sockets: the dial's timeout is
+    /// the only timer that can fire, and if auto-advance fires it before the loopback connect
+    /// is done, the stall is TCP's instead of TLS's: the same failure, at the same time.
     #[tokio::test(start_paused = true)]
     async fn a_tls_handshake_that_never_ends_fails_at_connect_timeout() {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
