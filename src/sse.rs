@@ -75,46 +75,64 @@ enum Piece {
 }
 
 struct Output {
-    pieces: Vec<Piece>,
+    /// The first piece. Nearly every chunk is one run of its own input, passed through whole,
+    /// and is answered without allocating a list for it.
+    first: Option<Piece>,
+    rest: Vec<Piece>,
 }
 
 impl Output {
+    fn new() -> Output {
+        Output {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, piece: Piece) {
+        if self.first.is_none() {
+            self.first = Some(piece);
+        } else {
+            self.rest.push(piece);
+        }
+    }
+
     /// Adds input bytes `start..end`, extending the previous range when contiguous.
     fn input(&mut self, start: usize, end: usize) {
         if start >= end {
             return;
         }
-        if let Some(Piece::Input(last)) = self.pieces.last_mut() {
+        if let Some(Piece::Input(last)) = self.rest.last_mut().or(self.first.as_mut()) {
             if last.end == start {
                 last.end = end;
                 return;
             }
         }
-        self.pieces.push(Piece::Input(start..end));
+        self.push(Piece::Input(start..end));
     }
 
     fn owned(&mut self, bytes: Vec<u8>) {
         if !bytes.is_empty() {
-            self.pieces.push(Piece::Owned(bytes));
+            self.push(Piece::Owned(bytes));
         }
     }
 
     fn into_bytes(self, chunk: Bytes) -> Bytes {
-        match self.pieces.as_slice() {
-            [] if chunk.is_empty() => chunk,
-            [] => Bytes::new(),
-            [Piece::Input(r)] if r.start == 0 && r.end == chunk.len() => chunk,
-            [Piece::Input(r)] => chunk.slice(r.clone()),
-            pieces => {
-                let len = pieces
-                    .iter()
+        match (&self.first, self.rest.is_empty()) {
+            (None, _) if chunk.is_empty() => chunk,
+            (None, _) => Bytes::new(),
+            (Some(Piece::Input(r)), true) if r.start == 0 && r.end == chunk.len() => chunk,
+            (Some(Piece::Input(r)), true) => chunk.slice(r.clone()),
+            _ => {
+                let pieces = || self.first.iter().chain(&self.rest);
+                let len = pieces()
                     .map(|p| match p {
                         Piece::Input(r) => r.len(),
                         Piece::Owned(v) => v.len(),
                     })
                     .fold(0usize, usize::saturating_add);
                 let mut out = BytesMut::with_capacity(len);
-                for piece in pieces {
+                for piece in pieces() {
                     match piece {
                         Piece::Input(r) => {
                             out.extend_from_slice(chunk.get(r.clone()).unwrap_or_default())
@@ -191,7 +209,7 @@ impl SseErrorRewriter {
     /// object with an "error" key, or unchanged otherwise. A held line longer than 64 KiB
     /// is emitted unchanged and the rest of it passes through.
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        let mut out = Output { pieces: Vec::new() };
+        let mut out = Output::new();
         let input: &[u8] = &chunk;
         let mut i = 0;
         while let Some(&b) = input.get(i) {
@@ -227,7 +245,7 @@ impl SseErrorRewriter {
                 State::Passing | State::GaveUp => {
                     // Pass the whole run up to and including the end of line at once.
                     let rest = input.get(i..).unwrap_or_default();
-                    match rest.iter().position(|&c| c == b'\n' || c == b'\r') {
+                    match memchr::memchr2(b'\n', b'\r', rest) {
                         Some(pos) => {
                             let end = i + pos + 1;
                             out.input(i, end);
