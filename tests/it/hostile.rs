@@ -824,33 +824,22 @@ async fn a_self_signed_garbage_or_stalled_tls_upstream_is_a_502_or_its_timeout()
         }
     })
     .await;
-    let proxy = Start::new(
-        &format!("https://{}", silent.addr()),
-        &format!("first_byte_timeout = \"500ms\"\n{NO_LIMITS}"),
-    )
-    .start()
-    .await;
-    assert_own(
-        &get(&c, &proxy.url("/v1/models")).await,
-        504,
-        "upstream_timeout",
-    );
-    wait_settled(&c, &proxy).await;
-    proxy.stop().await.unwrap();
-    let proxy = Start::new(
-        &format!("https://{}", silent.addr()),
-        &format!("connect_timeout = \"500ms\"\n{NO_LIMITS}"),
-    )
-    .start()
-    .await;
-    // The first-byte timeout is 120 s here: only the dial's own bound answers in time.
-    assert_own(
-        &get(&c, &proxy.url("/v1/models")).await,
-        502,
-        "upstream_unavailable",
-    );
-    wait_settled(&c, &proxy).await;
-    proxy.stop().await.unwrap();
+    // With the first-byte timeout at 120 s (the default), only the dial's own bound answers in
+    // time.
+    for (setting, status, code) in [
+        ("first_byte_timeout = \"500ms\"", 504, "upstream_timeout"),
+        ("connect_timeout = \"500ms\"", 502, "upstream_unavailable"),
+    ] {
+        let proxy = Start::new(
+            &format!("https://{}", silent.addr()),
+            &format!("{setting}\n{NO_LIMITS}"),
+        )
+        .start()
+        .await;
+        assert_own(&get(&c, &proxy.url("/v1/models")).await, status, code);
+        wait_settled(&c, &proxy).await;
+        proxy.stop().await.unwrap();
+    }
 }
 
 // ----- security: the destination --------------------------------------------------------------
