@@ -9,7 +9,8 @@
 # `valgrind --tool=callgrind` in front of it; `wrk -t1 -c4 -d${CG_SECS:-15}s` sends the bench's
 # JSON request through it; the proxy is stopped with SIGINT and its total instructions are
 # divided by the requests wrk saw answered. Start-up and shutdown are under 1% of the total.
-# Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info),
+# Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info), CG_TOML (config appended, e.g.
+# $'[retry]\nmax_attempts = 0'),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
 #
 # AB_MODE=cpu measures the same workload without valgrind: for each of AB_CONNS (default
@@ -61,6 +62,7 @@ burst = 1000000
 max_concurrent = 1024
 [state]
 path = ""
+${CG_TOML:-}
 EOF
 
 start_proxy() { # bin listen [wrapper...]: the proxy on `listen`, in the background

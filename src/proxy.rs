@@ -427,7 +427,13 @@ impl Pipeline {
             let mut up = Request::new(body);
             *up.method_mut() = parts.method.clone();
             *up.uri_mut() = uri.clone();
-            *up.headers_mut() = parts.headers.clone();
+            // Only an attempt a retry may follow keeps the headers for it: one that no
+            // retry can follow (no body kept) takes them.
+            *up.headers_mut() = if replay.is_some() {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
             // The upstream connection picks its own version (ALPN); the client's is irrelevant.
             permit.mark_sent();
             let sent_at = Instant::now();
