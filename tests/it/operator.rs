@@ -14,6 +14,20 @@ use serde_json::Value;
 
 use crate::support::*;
 
+/// A temporary directory holding `proxy.toml`: the proxy on an ephemeral port, the admin
+/// listener at `admin` ("" for none), `upstream`, and `rest` (more sections) after them.
+fn config_dir(admin: &str, upstream: &str, rest: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"{admin}\"\n[upstream]\nurl = \"{upstream}\"\n{rest}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
 /// The built binary in `dir`, with a clean environment for its own variables.
 fn cli(dir: &std::path::Path) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_chutes-proxy"));
@@ -322,16 +336,11 @@ async fn check_refuses_what_cannot_work_and_prints_a_config_that_loads_back() {
 #[tokio::test]
 async fn startup_fields_are_json_fields_and_a_missing_key_is_warned_about() {
     let mock = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("proxy.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[upstream]\nurl = \"{}\"\n\
-             [limits]\nrequests_per_minute = 77\n[state]\npath = \"rel-state.json\"\n",
-            mock.url()
-        ),
-    )
-    .unwrap();
+    let dir = config_dir(
+        "",
+        &mock.url(),
+        "[limits]\nrequests_per_minute = 77\n[state]\npath = \"rel-state.json\"\n",
+    );
     let mut c = cli(dir.path());
     c.args(["--config", "proxy.toml", "--log-format", "json"])
         .stdout(Stdio::null())
@@ -387,16 +396,7 @@ async fn startup_fields_are_json_fields_and_a_missing_key_is_warned_about() {
 #[tokio::test]
 async fn the_stop_is_said_once_per_listener_however_many_shards() {
     let mock = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("proxy.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n\
-             [state]\npath = \"\"\n",
-            mock.url()
-        ),
-    )
-    .unwrap();
+    let dir = config_dir("127.0.0.1:0", &mock.url(), "[state]\npath = \"\"\n");
     let mut c = cli(dir.path());
     c.args(["--config", "proxy.toml", "--log-format", "json"])
         .env("CHUTES_API_KEY", TEST_KEY)
@@ -427,16 +427,7 @@ async fn the_stop_is_said_once_per_listener_however_many_shards() {
 #[tokio::test]
 async fn the_binary_writes_one_request_line_per_request_in_either_format() {
     let mock = MockUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("proxy.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"\"\n[upstream]\nurl = \"{}\"\n\
-             [state]\npath = \"\"\n",
-            mock.url()
-        ),
-    )
-    .unwrap();
+    let dir = config_dir("", &mock.url(), "[state]\npath = \"\"\n");
     for (format, filter) in [
         ("json", "info"),
         ("text", "info"),
