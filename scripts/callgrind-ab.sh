@@ -11,6 +11,7 @@
 # divided by the requests wrk saw answered. Start-up and shutdown are under 1% of the total.
 # Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info), CG_TOML (config appended, e.g.
 # $'[retry]\nmax_attempts = 0'),
+# CG_CHUTES=1 (the upstream's answers carry Chutes' X-Chutes-Quota-* and X-Chutes-RL-* headers),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
 #
 # AB_MODE=cpu measures the same workload without valgrind: for each of AB_CONNS (default
@@ -30,6 +31,11 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 up=$(port)
 reply='{"id":"chatcmpl-bench","object":"chat.completion","created":1767225600,"model":"bench/model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there, how are you?"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}'
 mkdir -p "$work/nginx"
+chutes_headers=""
+if [[ ${CG_CHUTES:-0} == 1 ]]; then
+    chutes_headers="add_header X-Chutes-Quota-Total 5000; add_header X-Chutes-Quota-Used 812; \
+add_header X-Chutes-Quota-Remaining 4188; add_header X-Chutes-RL-User inf; add_header X-Chutes-RL-Chute inf;"
+fi
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 pid $work/nginx.pid;
@@ -42,7 +48,7 @@ http {
     keepalive_requests 1000000;
     server {
         listen 127.0.0.1:$up;
-        location / { default_type application/json; return 200 '$reply'; }
+        location / { default_type application/json; $chutes_headers return 200 '$reply'; }
     }
 }
 EOF

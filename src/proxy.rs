@@ -457,12 +457,16 @@ impl Pipeline {
             // rewritten.
             self.log.upstream_status = Some(status.as_u16());
             proxy.metrics.upstream_status(status.as_u16());
-            let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
-            permit.observe(&Observed {
-                quota: signals::chutes_quota(resp.headers()),
-                rl_user,
-                rl_chute,
-            });
+            // One pass over the answer's header names says which readers can find anything.
+            let carried = signals::Carried::of(resp.headers());
+            if carried.chutes() {
+                let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
+                permit.observe(&Observed {
+                    quota: signals::chutes_quota(resp.headers()),
+                    rl_user,
+                    rl_chute,
+                });
+            }
             match status.as_u16() {
                 429 => {
                     let read = self.upstream_429(resp, &mut permit).await;
@@ -525,7 +529,7 @@ impl Pipeline {
                 }
                 402 => return self.upstream_402(resp, permit).await,
                 _ => {
-                    let exhausted = if status.is_success() {
+                    let exhausted = if status.is_success() && carried.exhaustion() {
                         signals::exhausted_hint(resp.headers(), self.unix_now())
                     } else {
                         None

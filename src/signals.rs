@@ -643,6 +643,43 @@ pub fn advertised_rates(headers: &HeaderMap) -> (Option<AdvertisedRate>, Option<
     (rate(&CHUTES_RL_USER), rate(&CHUTES_RL_CHUTE))
 }
 
+/// Which signal families an upstream answer's headers carry, from one pass over their names.
+///
+/// Every answer is read for Chutes' quota and rate headers and, on a success, for the
+/// exhaustion family: eight hashed lookups, most of them for names the answer does not
+/// have. One walk over the names (a response has a handful) says which readers can find
+/// anything; a reader whose names are all absent returns nothing, so skipping it changes no
+/// result (test `a_reader_skipped_by_the_scan_would_have_found_nothing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carried {
+    chutes: bool,
+    exhaustion: bool,
+}
+
+impl Carried {
+    pub fn of(headers: &HeaderMap) -> Carried {
+        let mut carried = Carried::default();
+        for name in headers.keys() {
+            let name = name.as_str();
+            carried.chutes |= name.starts_with("x-chutes-");
+            carried.exhaustion |=
+                name == RATELIMIT.as_str() || REMAINING_HEADERS.iter().any(|n| n.as_str() == name);
+        }
+        carried
+    }
+
+    /// Any `X-Chutes-*` header: [`chutes_quota`] and [`advertised_rates`] may find something.
+    pub fn chutes(self) -> bool {
+        self.chutes
+    }
+
+    /// A remaining-count header or the `RateLimit` field: [`exhausted_hint`] may find
+    /// something (without one, it never reads the reset headers).
+    pub fn exhaustion(self) -> bool {
+        self.exhaustion
+    }
+}
+
 /// The next fixed 4-hour UTC window boundary (00:00, 04:00, ... 20:00) strictly after
 /// `now_unix` (exact for any time a clock can show; past about 2^52 s the float spacing
 /// exceeds 4 hours and the result is merely not before `now_unix`). Non-finite in,
@@ -1889,5 +1926,102 @@ mod tests {
                 let _ = quota_exceeded(value);
             }
         }
+    }
+
+    /// Gating by [`Carried`] never changes a reader's answer: random answers drawn from every
+    /// name the readers know, near misses of them, and other headers, with values each
+    /// reader accepts or refuses, read with and without the scan.
+    #[test]
+    fn a_reader_skipped_by_the_scan_would_have_found_nothing() {
+        let names = [
+            "x-chutes-quota-total",
+            "x-chutes-quota-used",
+            "x-chutes-quota-remaining",
+            "x-chutes-rl-user",
+            "x-chutes-rl-chute",
+            "x-chutes-other",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-remaining",
+            "x-ratelimit-remaining-tokens",
+            "ratelimit-remaining",
+            "ratelimit",
+            "ratelimit-policy",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-reset",
+            "x-ratelimit-reset-tokens",
+            "ratelimit-reset",
+            "retry-after",
+            "content-type",
+            "x-chute",
+        ];
+        let values: [&[u8]; 9] = [
+            b"0",
+            b"0.0",
+            b"12",
+            b"812.0",
+            b"inf",
+            b"1757721660",
+            b"6m0s",
+            b"\"minute\";r=0;t=12",
+            b"garbage",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut chutes_skipped, mut exhaustion_skipped) = (0, 0);
+        for _ in 0..20_000 {
+            let count = next(6);
+            let pairs: Vec<(&str, &[u8])> = (0..count)
+                .map(|_| (names[next(names.len())], values[next(values.len())]))
+                .collect();
+            let map = headers(&pairs);
+            let carried = Carried::of(&map);
+            if !carried.chutes() {
+                chutes_skipped += 1;
+                assert_eq!(chutes_quota(&map), None, "{pairs:?}");
+                assert_eq!(advertised_rates(&map), (None, None), "{pairs:?}");
+            }
+            if !carried.exhaustion() {
+                exhaustion_skipped += 1;
+                assert_eq!(exhausted_hint(&map, NOW), None, "{pairs:?}");
+            }
+        }
+        // Both gates were closed often enough to mean something, and open the rest of the
+        // time (the readers' own tables check what they find then).
+        assert!(
+            chutes_skipped > 1_000 && chutes_skipped < 19_000,
+            "{chutes_skipped}"
+        );
+        assert!(
+            exhaustion_skipped > 1_000 && exhaustion_skipped < 19_000,
+            "{exhaustion_skipped}"
+        );
+    }
+
+    #[test]
+    fn the_scan_sees_each_family_by_any_of_its_names() {
+        for name in [
+            "x-chutes-quota-total",
+            "x-chutes-rl-user",
+            "x-chutes-rl-chute",
+        ] {
+            let c = Carried::of(&headers(&[("content-type", b"x"), (name, b"1")]));
+            assert!(c.chutes() && !c.exhaustion(), "{name}");
+        }
+        let ratelimit = RATELIMIT;
+        for name in REMAINING_HEADERS.iter().chain(std::iter::once(&ratelimit)) {
+            let c = Carried::of(&headers(&[(name.as_str(), b"0")]));
+            assert!(c.exhaustion() && !c.chutes(), "{name}");
+        }
+        let none = Carried::of(&headers(&[
+            ("x-ratelimit-reset", b"5"),
+            ("ratelimit-policy", b"x"),
+            ("x-chute", b"y"),
+        ]));
+        assert_eq!(none, Carried::default());
     }
 }
