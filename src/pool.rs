@@ -110,9 +110,9 @@ struct State {
     /// its own: a cold start's burst makes one TLS handshake, not one per request. A dial
     /// takes at most `connect_timeout`, so that is the longest anyone waits for another's.
     speaks: Speaks,
-    /// The last dial failed (or ran out of `connect_timeout`): the exchanges that waited for
-    /// it dial side by side, each its own, until one gets through. Waiting for each other's
-    /// failures would end the k-th after k dials.
+    /// The last dial failed (ran out of `connect_timeout`, or was given up by its exchange):
+    /// the exchanges that waited for it dial side by side, each its own, until one gets
+    /// through. Waiting for each other's failures would end the k-th after k dials.
     dial_failed: bool,
     sweeping: bool,
 }
@@ -120,6 +120,22 @@ struct State {
 struct Idle {
     lease: Lease,
     since: Instant,
+}
+
+/// Records how a dial ended in its shard's `dial_failed` when dropped: when the dial returns,
+/// or when the exchange dialling is dropped in the middle of it.
+struct DialOutcome<'a> {
+    home: &'a Home,
+    got_through: bool,
+}
+
+impl Drop for DialOutcome<'_> {
+    fn drop(&mut self) {
+        let mut st = self.home.lock();
+        // A failure counts only when nothing got through meanwhile: one that finishes after a
+        // dial beside it made the shared connection says nothing about the next burst.
+        st.dial_failed = !self.got_through && st.shared.as_ref().is_none_or(|(s, _)| s.is_closed());
+    }
 }
 
 /// An HTTP/1.1 connection held by one exchange, which drives it.
@@ -354,7 +370,15 @@ impl Pool {
     /// Dial a new connection: DNS, TCP, TLS and the HTTP handshake, within `connect_timeout`
     /// together. A TLS handshake the upstream never finishes is a connect failure, as one
     /// that fails is, and it does not keep the exchanges waiting for this dial any longer.
+    ///
+    /// A dial given up before it ends (its exchange's own deadline came first, when
+    /// `first_byte_timeout` is the shorter) did not get through either: the exchanges that
+    /// waited for it dial side by side, as after a failure.
     async fn connect(&self) -> Result<Checked, BoxError> {
+        let mut outcome = DialOutcome {
+            home: self.home(),
+            got_through: false,
+        };
         let done = match tokio::time::timeout(self.connect_timeout, self.dial()).await {
             Ok(done) => done,
             Err(_) => Err(format!(
@@ -363,14 +387,7 @@ impl Pool {
             )
             .into()),
         };
-        let mut st = self.home().lock();
-        match &done {
-            Ok(_) => st.dial_failed = false,
-            // Only when nothing got through meanwhile: a failure that finishes after a dial
-            // beside it made the shared connection says nothing about the next burst.
-            Err(_) => st.dial_failed = st.shared.as_ref().is_none_or(|(s, _)| s.is_closed()),
-        }
-        drop(st);
+        outcome.got_through = done.is_ok();
         done
     }
 
@@ -1112,6 +1129,48 @@ mod tests {
     /// `connect_timeout`, not three times. Paused time with real sockets: the dial's timeout is
     /// the only timer that can fire, and if auto-advance fires it before the loopback connect
     /// is done, the stall is TCP's instead of TLS's: the same failure, at the same time.
+    /// A dial its exchange gives up on (the proxy's `first_byte_timeout` shorter than
+    /// `connect_timeout`) counts as failed: the two exchanges that waited for it dial side by
+    /// side and are over at one second plus one `connect_timeout`. Counted as nothing, the
+    /// next waiter dialled alone and the last waited for its failure too: one second plus
+    /// two (tried). Paused time with real sockets, as in the test above.
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_given_up_by_its_exchange_lets_the_waiters_dial_side_by_side() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let pool = tls_pool(addr);
+        let started = tokio::time::Instant::now();
+        let impatient = async {
+            let first = pool.send(https_request(addr, "/0"));
+            assert!(tokio::time::timeout(Duration::from_secs(1), first)
+                .await
+                .is_err());
+        };
+        let waiters = futures_util::future::join_all(
+            (1..3).map(|i| pool.send(https_request(addr, &format!("/{i}")))),
+        );
+        let burst = futures_util::future::join(impatient, waiters);
+        let ((), answers) = tokio::time::timeout(Duration::from_secs(60), burst)
+            .await
+            .expect("the dials were not bounded");
+        let took = started.elapsed();
+        for a in answers {
+            let e = a.err().expect("no connection can be made");
+            assert!(e.to_string().contains("upstream.connect_timeout"), "{e}");
+        }
+        let one = Duration::from_secs(1);
+        assert!(
+            took >= one + CONNECT && took < one + 2 * CONNECT,
+            "the waiters took {took:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_tls_handshake_that_never_ends_fails_at_connect_timeout() {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
