@@ -187,7 +187,7 @@ pub async fn run_sharded(
     let hup = hangup_signal();
     let main_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
-    announce(&config, main_addr, admin_addr);
+    announce(&config, main_addr, admin_addr, shards);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let hangup = tokio::spawn(reload_on_hangup(
@@ -341,7 +341,7 @@ fn restore(config: &Config, settings: &Settings, wall: WallClock) -> Persisted {
 /// field, so `--log-format json` carries it as JSON (text shows them as `key=value` after the
 /// message); the message repeats the addresses for people and for the scripts that read them
 /// from it (`scripts/kill9.sh`, `scripts/soak.sh`).
-fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
+fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>, shards: usize) {
     let l = &config.limits;
     let admin = admin.map_or("disabled".to_string(), |a| format!("http://{a}"));
     // Absolute, so an operator knows which file it is whatever the working directory was.
@@ -364,6 +364,7 @@ fn announce(config: &Config, main: SocketAddr, admin: Option<SocketAddr>) {
         version = env!("CARGO_PKG_VERSION"),
         listen = %format_args!("http://{main}"),
         admin = %admin,
+        shards,
         upstream = %config.upstream.url,
         requests_per_minute = l.requests_per_minute.get(),
         burst = l.burst.get(),

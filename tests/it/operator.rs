@@ -405,7 +405,10 @@ async fn the_stop_is_said_once_per_listener_however_many_shards() {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let mut child = c.as_std_mut().spawn().expect("start chutes-proxy");
-    let (_, stderr) = wait_for_startup(&mut child).await;
+    let (startup, stderr) = wait_for_startup(&mut child).await;
+    // Three shards did start: each would have said the stop if each said it.
+    let started: serde_json::Value = serde_json::from_str(&startup).expect("a JSON startup line");
+    assert_eq!(started["shards"], 3, "{startup}");
     let (exit, rest) = terminate(child, stderr).await;
     assert!(exit.success(), "exit {exit:?}; stderr:\n{rest}");
     let said: Vec<serde_json::Value> = rest
