@@ -114,18 +114,21 @@ impl Upstream {
     /// the request target or `Host` said, with the configured path prefix in front of the
     /// request's path and query.
     pub fn target(&self, uri: &Uri) -> Result<Uri, String> {
-        let pq = uri
-            .path_and_query()
-            .map(PathAndQuery::as_str)
-            .unwrap_or("/");
         // An authority-form or asterisk-form target has no path to forward.
-        let pq = if pq.starts_with('/') { pq } else { "/" };
-        let full = if self.base.path_prefix.is_empty() {
-            PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(pq.as_bytes()))
-        } else {
-            PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, pq))
-        }
-        .map_err(|e| format!("invalid request path: {e}"))?;
+        let own = uri
+            .path_and_query()
+            .filter(|pq| pq.as_str().starts_with('/'));
+        let full = match own {
+            // The request's own, already checked when its head was parsed: shared, not
+            // copied and checked again.
+            Some(pq) if self.base.path_prefix.is_empty() => pq.clone(),
+            None if self.base.path_prefix.is_empty() => PathAndQuery::from_static("/"),
+            _ => {
+                let pq = own.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, pq))
+                    .map_err(|e| format!("invalid request path: {e}"))?
+            }
+        };
         Uri::builder()
             .scheme(self.base.scheme.clone())
             .authority(self.base.authority.clone())
@@ -293,6 +296,26 @@ mod tests {
             ("https://evil.example:443/", "http://127.0.0.1:9/prefix/"),
             ("*", "http://127.0.0.1:9/prefix/"),
             ("evil.example:443", "http://127.0.0.1:9/prefix/"),
+        ] {
+            let uri: Uri = given.parse().unwrap();
+            assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
+        }
+        // Without a prefix the request's own path and query are forwarded as they are.
+        let u = upstream("https://llm.chutes.ai", None);
+        for (given, want) in [
+            (
+                "/v1/models?x=1&y=%20",
+                "https://llm.chutes.ai/v1/models?x=1&y=%20",
+            ),
+            ("/", "https://llm.chutes.ai/"),
+            (
+                "/v1/chat/completions",
+                "https://llm.chutes.ai/v1/chat/completions",
+            ),
+            ("http://evil.example/v1/x?q", "https://llm.chutes.ai/v1/x?q"),
+            ("https://evil.example:443", "https://llm.chutes.ai/"),
+            ("*", "https://llm.chutes.ai/"),
+            ("evil.example:443", "https://llm.chutes.ai/"),
         ] {
             let uri: Uri = given.parse().unwrap();
             assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
