@@ -1123,19 +1123,8 @@ mod tests {
         );
     }
 
-    /// A TLS handshake the upstream never answers fails the dial at `connect_timeout` (it
-    /// used to wait for the exchange's first-byte timeout). The exchanges that waited for
-    /// that dial then dial side by side: a cold burst of three against it is over at twice
-    /// `connect_timeout`, not three times. Paused time with real sockets: the dial's timeout is
-    /// the only timer that can fire, and if auto-advance fires it before the loopback connect
-    /// is done, the stall is TCP's instead of TLS's: the same failure, at the same time.
-    /// A dial its exchange gives up on (the proxy's `first_byte_timeout` shorter than
-    /// `connect_timeout`) counts as failed: the two exchanges that waited for it dial side by
-    /// side and are over at one second plus one `connect_timeout`. Counted as nothing, the
-    /// next waiter dialled alone and the last waited for its failure too: one second plus
-    /// two (tried). Paused time with real sockets, as in the test above.
-    #[tokio::test(start_paused = true)]
-    async fn a_dial_given_up_by_its_exchange_lets_the_waiters_dial_side_by_side() {
+    /// A server that accepts connections and never answers: a TLS ClientHello waits forever.
+    async fn silent_server() -> std::net::SocketAddr {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1144,6 +1133,18 @@ mod tests {
                 held.push(stream);
             }
         });
+        addr
+    }
+
+    /// A dial its exchange gives up on (the proxy's `first_byte_timeout` shorter than
+    /// `connect_timeout`) counts as failed: the two exchanges that waited for it dial side by
+    /// side and are over at one second plus one `connect_timeout`. Counted as nothing, the
+    /// next waiter dialled alone and the last waited for its failure too: one second plus
+    /// two (tried). Paused time with real sockets, as in
+    /// `a_tls_handshake_that_never_ends_fails_at_connect_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_given_up_by_its_exchange_lets_the_waiters_dial_side_by_side() {
+        let addr = silent_server().await;
         let pool = tls_pool(addr);
         let started = tokio::time::Instant::now();
         let impatient = async {
@@ -1171,17 +1172,15 @@ mod tests {
         );
     }
 
+    /// A TLS handshake the upstream never answers fails the dial at `connect_timeout` (it
+    /// used to wait for the exchange's first-byte timeout). The exchanges that waited for
+    /// that dial then dial side by side: a cold burst of three against it is over at twice
+    /// `connect_timeout`, not three times. Paused time with real sockets: the dial's timeout is
+    /// the only timer that can fire, and if auto-advance fires it before the loopback connect
+    /// is done, the stall is TCP's instead of TLS's: the same failure, at the same time.
     #[tokio::test(start_paused = true)]
     async fn a_tls_handshake_that_never_ends_fails_at_connect_timeout() {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        // Accepts, and never answers the ClientHello.
-        tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                held.push(stream);
-            }
-        });
+        let addr = silent_server().await;
         let pool = tls_pool(addr);
         let started = tokio::time::Instant::now();
         let burst = futures_util::future::join_all(
