@@ -120,9 +120,10 @@ impl Upstream {
             .filter(|pq| pq.as_str().starts_with('/'));
         let full = match own {
             // The request's own, already checked when its head was parsed: shared, not
-            // copied and checked again.
-            Some(pq) if self.base.path_prefix.is_empty() => pq.clone(),
-            None if self.base.path_prefix.is_empty() => PathAndQuery::from_static("/"),
+            // copied and checked again. Not a bare "/": that is also how an empty path reads
+            // (`http://host#f`), whose bytes would write an empty HTTP/1.1 request target.
+            Some(pq) if self.base.path_prefix.is_empty() && pq.as_str() != "/" => pq.clone(),
+            _ if self.base.path_prefix.is_empty() => PathAndQuery::from_static("/"),
             _ => {
                 let pq = own.map_or("/", PathAndQuery::as_str);
                 PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, pq))
@@ -316,9 +317,18 @@ mod tests {
             ("https://evil.example:443", "https://llm.chutes.ai/"),
             ("*", "https://llm.chutes.ai/"),
             ("evil.example:443", "https://llm.chutes.ai/"),
+            ("http://evil.example#f", "https://llm.chutes.ai/"),
         ] {
             let uri: Uri = given.parse().unwrap();
-            assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
+            let target = u.target(&uri).unwrap();
+            assert_eq!(target.to_string(), want, "{given}");
+            // What an HTTP/1.1 request line carries (pool.rs): never an empty target.
+            let origin = Uri::from(target.path_and_query().unwrap().clone());
+            assert_eq!(
+                origin.to_string(),
+                &want["https://llm.chutes.ai".len()..],
+                "{given}"
+            );
         }
     }
 
