@@ -373,7 +373,9 @@ impl Pool {
     ///
     /// A dial given up before it ends (its exchange's own deadline came first, when
     /// `first_byte_timeout` is the shorter) did not get through either: the exchanges that
-    /// waited for it dial side by side, as after a failure.
+    /// waited for it dial side by side, as after a failure. A client leaving does not give a
+    /// dial up: its exchange is detached and carries on (`proxy::Detachable`); only the
+    /// exchange's timeout or the runtime's end drops it.
     async fn connect(&self) -> Result<Checked, BoxError> {
         let mut outcome = DialOutcome {
             home: self.home(),

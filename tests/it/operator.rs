@@ -406,7 +406,8 @@ async fn the_stop_is_said_once_per_listener_however_many_shards() {
         .stderr(Stdio::piped());
     let mut child = c.as_std_mut().spawn().expect("start chutes-proxy");
     let (startup, stderr) = wait_for_startup(&mut child).await;
-    // Three shards did start: each would have said the stop if each said it.
+    // The proxy resolved TOKIO_WORKER_THREADS=3 to three shards: with one, the test below
+    // would pass whatever each shard said.
     let started: serde_json::Value = serde_json::from_str(&startup).expect("a JSON startup line");
     assert_eq!(started["shards"], 3, "{startup}");
     let (exit, rest) = terminate(child, stderr).await;
