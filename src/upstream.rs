@@ -114,21 +114,27 @@ impl Upstream {
     /// the request target or `Host` said, with the configured path prefix in front of the
     /// request's path and query.
     pub fn target(&self, uri: &Uri) -> Result<Uri, String> {
-        // An authority-form or asterisk-form target has no path to forward.
-        let own = uri
-            .path_and_query()
-            .filter(|pq| pq.as_str().starts_with('/'));
+        let own = uri.path_and_query();
+        let pq = own.map_or("", PathAndQuery::as_str);
+        // What goes before the request's own path and query, and that path and query: an
+        // authority-form or asterisk-form target has none to forward; an absolute-form one
+        // with an empty path and a query (`http://host?q`) forwards `/?q`.
+        let (slash, rest) = match pq.as_bytes().first() {
+            Some(b'/') => ("", pq),
+            Some(b'?') => ("/", pq),
+            _ => ("/", ""),
+        };
+        let prefix = &self.base.path_prefix;
         let full = match own {
             // The request's own, already checked when its head was parsed: shared, not
             // copied and checked again. Not a bare "/": that is also how an empty path reads
             // (`http://host#f`), whose bytes would write an empty HTTP/1.1 request target.
-            Some(pq) if self.base.path_prefix.is_empty() && pq.as_str() != "/" => pq.clone(),
-            _ if self.base.path_prefix.is_empty() => PathAndQuery::from_static("/"),
-            _ => {
-                let pq = own.map_or("/", PathAndQuery::as_str);
-                PathAndQuery::try_from(format!("{}{}", self.base.path_prefix, pq))
-                    .map_err(|e| format!("invalid request path: {e}"))?
+            Some(own) if prefix.is_empty() && slash.is_empty() && rest != "/" => own.clone(),
+            _ if prefix.is_empty() && (rest.is_empty() || rest == "/") => {
+                PathAndQuery::from_static("/")
             }
+            _ => PathAndQuery::try_from(format!("{prefix}{slash}{rest}"))
+                .map_err(|e| format!("invalid request path: {e}"))?,
         };
         Uri::builder()
             .scheme(self.base.scheme.clone())
@@ -297,6 +303,7 @@ mod tests {
             ("https://evil.example:443/", "http://127.0.0.1:9/prefix/"),
             ("*", "http://127.0.0.1:9/prefix/"),
             ("evil.example:443", "http://127.0.0.1:9/prefix/"),
+            ("http://evil.example?q=1", "http://127.0.0.1:9/prefix/?q=1"),
         ] {
             let uri: Uri = given.parse().unwrap();
             assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
@@ -318,6 +325,7 @@ mod tests {
             ("*", "https://llm.chutes.ai/"),
             ("evil.example:443", "https://llm.chutes.ai/"),
             ("http://evil.example#f", "https://llm.chutes.ai/"),
+            ("http://evil.example?q=1", "https://llm.chutes.ai/?q=1"),
         ] {
             let uri: Uri = given.parse().unwrap();
             let target = u.target(&uri).unwrap();
