@@ -5,12 +5,14 @@
 //! The input's first 8 bytes are a "now" (any f64 bit pattern, NaN and infinities
 //! included); the rest is decoded like the `headers` target: one byte picks the name, one
 //! byte is the value's length, then the value. Never panics; figures stay within their
-//! documented bounds; a window boundary is on the 4-hour grid and after `now`.
+//! documented bounds; a window boundary is on the 4-hour grid and after `now`; when
+//! `signals::Carried` finds no Chutes header (the proxy then skips the readers), they find
+//! nothing.
 #![no_main]
 
 use chutes_proxy::signals::{
-    advertised_rates, chutes_quota, next_usage_window_unix, AdvertisedRate, MAX_ADVERTISED_RPM,
-    MAX_QUOTA_FIGURE, USAGE_WINDOW_SECS,
+    advertised_rates, chutes_quota, next_usage_window_unix, AdvertisedRate, Carried,
+    MAX_ADVERTISED_RPM, MAX_QUOTA_FIGURE, USAGE_WINDOW_SECS,
 };
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
@@ -41,7 +43,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(next >= now, "{next} before {now}");
         // Where floats still resolve seconds, the answer is exact.
         if now.abs() < 1e15 {
-            assert!(next > now && next - now <= USAGE_WINDOW_SECS, "{now} -> {next}");
+            assert!(
+                next > now && next - now <= USAGE_WINDOW_SECS,
+                "{now} -> {next}"
+            );
             assert_eq!(next % USAGE_WINDOW_SECS, 0.0, "{now} -> {next}");
         }
     }
@@ -57,10 +62,18 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Some(q) = chutes_quota(&headers) {
-        assert!(q.total <= MAX_QUOTA_FIGURE && q.used <= MAX_QUOTA_FIGURE, "{q:?}");
+        assert!(
+            q.total <= MAX_QUOTA_FIGURE && q.used <= MAX_QUOTA_FIGURE,
+            "{q:?}"
+        );
         assert!(q.remaining.is_none_or(|r| r <= MAX_QUOTA_FIGURE), "{q:?}");
     }
     let (user, chute) = advertised_rates(&headers);
     check_rate(user);
     check_rate(chute);
+    // The proxy skips both readers when the scan finds no Chutes header: they must have
+    // found nothing then.
+    if !Carried::of(&headers).chutes() {
+        assert!(chutes_quota(&headers).is_none() && user.is_none() && chute.is_none());
+    }
 });

@@ -5,12 +5,14 @@
 //! header value (which is what hyper hands the proxy), and a "now" that is sometimes absurd
 //! (NaN, infinite, negative). `cooldown_hint`, `exhausted_hint` and `rate_limit_headers` must
 //! never panic, and their documented bounds must hold: no delay beyond `u32::MAX` seconds, at
-//! most 16 logged headers, logged values cut to 200 characters.
+//! most 16 logged headers, logged values cut to 200 characters. When `signals::Carried`
+//! says the exhaustion family is absent (the proxy then skips the reader), the reader finds
+//! nothing.
 #![no_main]
 
 use std::time::Duration;
 
-use chutes_proxy::signals::{cooldown_hint, exhausted_hint, rate_limit_headers, Hint};
+use chutes_proxy::signals::{cooldown_hint, exhausted_hint, rate_limit_headers, Carried, Hint};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
@@ -72,8 +74,14 @@ fuzz_target!(|data: &[u8]| {
         }
         None => {}
     }
-    if let Some(d) = exhausted_hint(&headers, now) {
+    let exhausted = exhausted_hint(&headers, now);
+    if let Some(d) = exhausted {
         assert!(d <= MAX_SECS, "exhausted hint {d:?} beyond u32::MAX s");
+    }
+    // The proxy skips the reader when the scan finds none of its names: it must have found
+    // nothing then.
+    if !Carried::of(&headers).exhaustion() {
+        assert_eq!(exhausted, None, "skipped, yet the reader found something");
     }
     let logged = rate_limit_headers(&headers);
     assert!(logged.len() <= 16);
