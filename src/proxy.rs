@@ -460,9 +460,9 @@ impl Pipeline {
             // One pass over the answer's header names says which readers can find anything.
             let carried = signals::Carried::of(resp.headers());
             if carried.chutes() {
-                let (rl_user, rl_chute) = signals::advertised_rates(resp.headers());
+                let (rl_user, rl_chute) = carried.advertised_rates();
                 permit.observe(&Observed {
-                    quota: signals::chutes_quota(resp.headers()),
+                    quota: carried.chutes_quota(),
                     rl_user,
                     rl_chute,
                 });

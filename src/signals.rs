@@ -14,7 +14,7 @@
 //! header values produce `Hint::Unparseable` or `None`, and every delay saturates at
 //! `u32::MAX` seconds instead of overflowing.
 
-use http::header::{HeaderName, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use http::HeaderMap;
 use serde_json::Value;
 use std::time::{Duration, UNIX_EPOCH};
@@ -590,10 +590,9 @@ fn count(s: &str, max: u64) -> Option<u64> {
     int.parse::<u64>().ok().filter(|n| *n <= max)
 }
 
-/// One header's value as text; a repeated header is read at its first value, and a value
-/// that is not visible ASCII is malformed.
-fn header_text<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
-    headers.get(name)?.to_str().ok()
+/// One header's value as text; a value that is not visible ASCII is malformed.
+fn header_text(value: Option<&HeaderValue>) -> Option<&str> {
+    value?.to_str().ok()
 }
 
 /// Chutes' quota snapshot headers (taken before the call): X-Chutes-Quota-Total, -Used,
@@ -610,12 +609,7 @@ pub struct ChutesQuota {
 /// Remaining is optional and ignored (None) if malformed. `Total: 0` is returned as is:
 /// whether it gates anything (it does not: the account pays as it goes) is the caller's.
 pub fn chutes_quota(headers: &HeaderMap) -> Option<ChutesQuota> {
-    let figure = |name| header_text(headers, name).and_then(|v| count(v, MAX_QUOTA_FIGURE));
-    Some(ChutesQuota {
-        total: figure(&CHUTES_QUOTA_TOTAL)?,
-        used: figure(&CHUTES_QUOTA_USED)?,
-        remaining: figure(&CHUTES_QUOTA_REMAINING),
-    })
+    Carried::of(headers).chutes_quota()
 }
 
 /// A rate limit the upstream says is in force.
@@ -639,46 +633,87 @@ fn advertised_rate(value: &str) -> Option<AdvertisedRate> {
 /// each None when absent or malformed (0, negative, text, above [`MAX_ADVERTISED_RPM`]).
 /// "60.0" reads as 60, like the quota figures.
 pub fn advertised_rates(headers: &HeaderMap) -> (Option<AdvertisedRate>, Option<AdvertisedRate>) {
-    let rate = |name| header_text(headers, name).and_then(advertised_rate);
-    (rate(&CHUTES_RL_USER), rate(&CHUTES_RL_CHUTE))
+    Carried::of(headers).advertised_rates()
 }
 
-/// Which signal families an upstream answer's headers carry, from one pass over their names.
+/// What an upstream answer's headers carry for the signal readers, from one pass over them.
 ///
 /// Every answer is read for Chutes' quota and rate headers and, on a success, for the
 /// exhaustion family: seven hashed lookups for an answer with none of them, nine with all of
-/// Chutes'. One walk over the names (a response has a handful) says which readers can find
-/// anything; a reader whose names are all absent returns nothing, so skipping it changes no
-/// result (test `a_reader_skipped_by_the_scan_would_have_found_nothing`).
+/// Chutes'. One walk over the headers (an answer has a handful) keeps the first value of each
+/// of Chutes' five, which [`Carried::chutes_quota`] and [`Carried::advertised_rates`] read
+/// instead of looking them up, and says whether [`exhausted_hint`] can find anything. That
+/// reader, whose names are all absent otherwise, returns nothing then, so skipping it changes
+/// no result (test `a_reader_skipped_by_the_scan_would_have_found_nothing`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Carried {
+pub struct Carried<'a> {
+    quota_total: Option<&'a HeaderValue>,
+    quota_used: Option<&'a HeaderValue>,
+    quota_remaining: Option<&'a HeaderValue>,
+    rl_user: Option<&'a HeaderValue>,
+    rl_chute: Option<&'a HeaderValue>,
     chutes: bool,
     exhaustion: bool,
 }
 
-impl Carried {
-    /// The families `headers` carry. A reader that starts looking at a name outside
-    /// `x-chutes-*`, [`REMAINING_HEADERS`] and [`RATELIMIT`] must be taught here too.
-    pub fn of(headers: &HeaderMap) -> Carried {
+impl<'a> Carried<'a> {
+    /// What `headers` carry. A repeated header is read at its first value, as
+    /// `HeaderMap::get` would. A reader that starts looking at a name outside `x-chutes-*`,
+    /// [`REMAINING_HEADERS`] and [`RATELIMIT`] must be taught here too.
+    pub fn of(headers: &'a HeaderMap) -> Carried<'a> {
         let mut carried = Carried::default();
-        for name in headers.keys() {
+        for (name, value) in headers {
             let name = name.as_str();
-            carried.chutes |= name.starts_with("x-chutes-");
-            carried.exhaustion |=
-                name == RATELIMIT.as_str() || REMAINING_HEADERS.iter().any(|n| n.as_str() == name);
+            if name.starts_with("x-chutes-") {
+                carried.chutes = true;
+                let slot = if name == CHUTES_QUOTA_TOTAL.as_str() {
+                    &mut carried.quota_total
+                } else if name == CHUTES_QUOTA_USED.as_str() {
+                    &mut carried.quota_used
+                } else if name == CHUTES_QUOTA_REMAINING.as_str() {
+                    &mut carried.quota_remaining
+                } else if name == CHUTES_RL_USER.as_str() {
+                    &mut carried.rl_user
+                } else if name == CHUTES_RL_CHUTE.as_str() {
+                    &mut carried.rl_chute
+                } else {
+                    continue;
+                };
+                slot.get_or_insert(value);
+            } else {
+                carried.exhaustion |= name == RATELIMIT.as_str()
+                    || REMAINING_HEADERS.iter().any(|n| n.as_str() == name);
+            }
         }
         carried
     }
 
-    /// Any `X-Chutes-*` header: [`chutes_quota`] and [`advertised_rates`] may find something.
-    pub fn chutes(self) -> bool {
+    /// Any `X-Chutes-*` header: [`Carried::chutes_quota`] and [`Carried::advertised_rates`]
+    /// may find something.
+    pub fn chutes(&self) -> bool {
         self.chutes
     }
 
     /// A remaining-count header or the `RateLimit` field: [`exhausted_hint`] may find
     /// something (without one, it never reads the reset headers).
-    pub fn exhaustion(self) -> bool {
+    pub fn exhaustion(&self) -> bool {
         self.exhaustion
+    }
+
+    /// [`chutes_quota`], from the values this walk kept.
+    pub fn chutes_quota(&self) -> Option<ChutesQuota> {
+        let figure = |v| header_text(v).and_then(|v| count(v, MAX_QUOTA_FIGURE));
+        Some(ChutesQuota {
+            total: figure(self.quota_total)?,
+            used: figure(self.quota_used)?,
+            remaining: figure(self.quota_remaining),
+        })
+    }
+
+    /// [`advertised_rates`], from the values this walk kept.
+    pub fn advertised_rates(&self) -> (Option<AdvertisedRate>, Option<AdvertisedRate>) {
+        let rate = |v| header_text(v).and_then(advertised_rate);
+        (rate(self.rl_user), rate(self.rl_chute))
     }
 }
 
@@ -1981,12 +2016,26 @@ mod tests {
         };
         let (mut chutes_skipped, mut exhaustion_skipped) = (0, 0);
         for _ in 0..20_000 {
-            let count = next(6);
-            let pairs: Vec<(&str, &[u8])> = (0..count)
+            let len = next(6);
+            let pairs: Vec<(&str, &[u8])> = (0..len)
                 .map(|_| (names[next(names.len())], values[next(values.len())]))
                 .collect();
             let map = headers(&pairs);
             let carried = Carried::of(&map);
+            // The walk keeps what a lookup by name would find: each one's first value.
+            let looked_up = |name: &HeaderName| header_text(map.get(name));
+            let quota = (|| {
+                let figure = |n| looked_up(n).and_then(|v| count(v, MAX_QUOTA_FIGURE));
+                Some(ChutesQuota {
+                    total: figure(&CHUTES_QUOTA_TOTAL)?,
+                    used: figure(&CHUTES_QUOTA_USED)?,
+                    remaining: figure(&CHUTES_QUOTA_REMAINING),
+                })
+            })();
+            assert_eq!(carried.chutes_quota(), quota, "{pairs:?}");
+            let rate = |n| looked_up(n).and_then(advertised_rate);
+            let rates = (rate(&CHUTES_RL_USER), rate(&CHUTES_RL_CHUTE));
+            assert_eq!(carried.advertised_rates(), rates, "{pairs:?}");
             if !carried.chutes() {
                 chutes_skipped += 1;
                 assert_eq!(chutes_quota(&map), None, "{pairs:?}");
@@ -2016,19 +2065,21 @@ mod tests {
             "x-chutes-rl-user",
             "x-chutes-rl-chute",
         ] {
-            let c = Carried::of(&headers(&[("content-type", b"x"), (name, b"1")]));
+            let map = headers(&[("content-type", b"x"), (name, b"1")]);
+            let c = Carried::of(&map);
             assert!(c.chutes() && !c.exhaustion(), "{name}");
         }
         let ratelimit = RATELIMIT;
         for name in REMAINING_HEADERS.iter().chain(std::iter::once(&ratelimit)) {
-            let c = Carried::of(&headers(&[(name.as_str(), b"0")]));
+            let map = headers(&[(name.as_str(), b"0")]);
+            let c = Carried::of(&map);
             assert!(c.exhaustion() && !c.chutes(), "{name}");
         }
-        let none = Carried::of(&headers(&[
+        let map = headers(&[
             ("x-ratelimit-reset", b"5"),
             ("ratelimit-policy", b"x"),
             ("x-chute", b"y"),
-        ]));
-        assert_eq!(none, Carried::default());
+        ]);
+        assert_eq!(Carried::of(&map), Carried::default());
     }
 }
