@@ -457,7 +457,8 @@ impl Pipeline {
             // rewritten.
             self.log.upstream_status = Some(status.as_u16());
             proxy.metrics.upstream_status(status.as_u16());
-            // One pass over the answer's header names says which readers can find anything.
+            // One pass over the answer's headers says which readers can find anything, and
+            // keeps Chutes' values for theirs.
             let carried = signals::Carried::of(resp.headers());
             if carried.chutes() {
                 let (rl_user, rl_chute) = carried.advertised_rates();

@@ -5,9 +5,9 @@
 //! The input's first 8 bytes are a "now" (any f64 bit pattern, NaN and infinities
 //! included); the rest is decoded like the `headers` target: one byte picks the name, one
 //! byte is the value's length, then the value. Never panics; figures stay within their
-//! documented bounds; a window boundary is on the 4-hour grid and after `now`; when
-//! `signals::Carried` finds no Chutes header (the proxy then skips the readers), they find
-//! nothing.
+//! documented bounds; a window boundary is on the 4-hour grid and after `now`; the readers
+//! (which take each header's first value from one walk, `signals::Carried`) find in a
+//! repeated header what they find in its first value alone.
 #![no_main]
 
 use chutes_proxy::signals::{
@@ -71,8 +71,17 @@ fuzz_target!(|data: &[u8]| {
     let (user, chute) = advertised_rates(&headers);
     check_rate(user);
     check_rate(chute);
-    // The proxy skips both readers when the scan finds no Chutes header: they must have
-    // found nothing then.
+    // The readers take each header's first value from one walk (`Carried`): what they find
+    // must be what they find in a map of each name's first value alone.
+    let mut firsts = HeaderMap::new();
+    for name in headers.keys() {
+        if let Some(v) = headers.get(name) {
+            firsts.insert(name.clone(), v.clone());
+        }
+    }
+    assert_eq!(chutes_quota(&headers), chutes_quota(&firsts));
+    assert_eq!((user, chute), advertised_rates(&firsts));
+    // The proxy skips both when the walk finds no Chutes header.
     if !Carried::of(&headers).chutes() {
         assert!(chutes_quota(&headers).is_none() && user.is_none() && chute.is_none());
     }
