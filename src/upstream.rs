@@ -304,9 +304,18 @@ mod tests {
             ("*", "http://127.0.0.1:9/prefix/"),
             ("evil.example:443", "http://127.0.0.1:9/prefix/"),
             ("http://evil.example?q=1", "http://127.0.0.1:9/prefix/?q=1"),
+            ("http://evil.example#f", "http://127.0.0.1:9/prefix/"),
+            ("https://evil.example:443", "http://127.0.0.1:9/prefix/"),
         ] {
             let uri: Uri = given.parse().unwrap();
-            assert_eq!(u.target(&uri).unwrap().to_string(), want, "{given}");
+            let target = u.target(&uri).unwrap();
+            assert_eq!(target.to_string(), want, "{given}");
+            let origin = Uri::from(target.path_and_query().unwrap().clone());
+            assert_eq!(
+                origin.to_string(),
+                &want["http://127.0.0.1:9".len()..],
+                "{given}"
+            );
         }
         // Without a prefix the request's own path and query are forwarded as they are.
         let u = upstream("https://llm.chutes.ai", None);
