@@ -296,56 +296,48 @@ mod tests {
 
     #[tokio::test]
     async fn target_is_always_the_configured_upstream() {
-        let u = upstream("http://127.0.0.1:9/prefix", None);
-        for (given, want) in [
-            ("/v1/models?x=1", "http://127.0.0.1:9/prefix/v1/models?x=1"),
-            ("http://evil.example/v1/x", "http://127.0.0.1:9/prefix/v1/x"),
-            ("https://evil.example:443/", "http://127.0.0.1:9/prefix/"),
-            ("*", "http://127.0.0.1:9/prefix/"),
-            ("evil.example:443", "http://127.0.0.1:9/prefix/"),
-            ("http://evil.example?q=1", "http://127.0.0.1:9/prefix/?q=1"),
-            ("http://evil.example#f", "http://127.0.0.1:9/prefix/"),
-            ("https://evil.example:443", "http://127.0.0.1:9/prefix/"),
-        ] {
-            let uri: Uri = given.parse().unwrap();
-            let target = u.target(&uri).unwrap();
-            assert_eq!(target.to_string(), want, "{given}");
-            let origin = Uri::from(target.path_and_query().unwrap().clone());
-            assert_eq!(
-                origin.to_string(),
-                &want["http://127.0.0.1:9".len()..],
-                "{given}"
-            );
-        }
-        // Without a prefix the request's own path and query are forwarded as they are.
-        let u = upstream("https://llm.chutes.ai", None);
-        for (given, want) in [
+        // (upstream URL, [(request target, upstream URI)]): with a path prefix, and without
+        // one, where the request's own path and query are forwarded as they are.
+        let tables: [(&str, &[(&str, &str)]); 2] = [
             (
-                "/v1/models?x=1&y=%20",
-                "https://llm.chutes.ai/v1/models?x=1&y=%20",
+                "http://127.0.0.1:9/prefix",
+                &[
+                    ("/v1/models?x=1", "/prefix/v1/models?x=1"),
+                    ("http://evil.example/v1/x", "/prefix/v1/x"),
+                    ("https://evil.example:443/", "/prefix/"),
+                    ("*", "/prefix/"),
+                    ("evil.example:443", "/prefix/"),
+                    ("http://evil.example?q=1", "/prefix/?q=1"),
+                    ("http://evil.example#f", "/prefix/"),
+                    ("https://evil.example:443", "/prefix/"),
+                ],
             ),
-            ("/", "https://llm.chutes.ai/"),
             (
-                "/v1/chat/completions",
-                "https://llm.chutes.ai/v1/chat/completions",
+                "https://llm.chutes.ai",
+                &[
+                    ("/v1/models?x=1&y=%20", "/v1/models?x=1&y=%20"),
+                    ("/", "/"),
+                    ("/v1/chat/completions", "/v1/chat/completions"),
+                    ("http://evil.example/v1/x?q", "/v1/x?q"),
+                    ("https://evil.example:443", "/"),
+                    ("*", "/"),
+                    ("evil.example:443", "/"),
+                    ("http://evil.example#f", "/"),
+                    ("http://evil.example?q=1", "/?q=1"),
+                ],
             ),
-            ("http://evil.example/v1/x?q", "https://llm.chutes.ai/v1/x?q"),
-            ("https://evil.example:443", "https://llm.chutes.ai/"),
-            ("*", "https://llm.chutes.ai/"),
-            ("evil.example:443", "https://llm.chutes.ai/"),
-            ("http://evil.example#f", "https://llm.chutes.ai/"),
-            ("http://evil.example?q=1", "https://llm.chutes.ai/?q=1"),
-        ] {
-            let uri: Uri = given.parse().unwrap();
-            let target = u.target(&uri).unwrap();
-            assert_eq!(target.to_string(), want, "{given}");
-            // What an HTTP/1.1 request line carries (pool.rs): never an empty target.
-            let origin = Uri::from(target.path_and_query().unwrap().clone());
-            assert_eq!(
-                origin.to_string(),
-                &want["https://llm.chutes.ai".len()..],
-                "{given}"
-            );
+        ];
+        for (base, cases) in tables {
+            let u = upstream(base, None);
+            let origin = base.trim_end_matches("/prefix");
+            for (given, want) in cases {
+                let uri: Uri = given.parse().unwrap();
+                let target = u.target(&uri).unwrap();
+                assert_eq!(target.to_string(), format!("{origin}{want}"), "{given}");
+                // What an HTTP/1.1 request line carries (pool.rs): never an empty target.
+                let line = Uri::from(target.path_and_query().unwrap().clone());
+                assert_eq!(line.to_string(), *want, "{given}");
+            }
         }
     }
 
