@@ -296,8 +296,8 @@ mod tests {
 
     #[tokio::test]
     async fn target_is_always_the_configured_upstream() {
-        // (upstream URL, [(request target, upstream URI)]): with a path prefix, and without
-        // one, where the request's own path and query are forwarded as they are.
+        // (upstream URL, [(request target, the upstream path and query)]): with a path prefix,
+        // and without one, where the request's own path and query are forwarded as they are.
         let tables: [(&str, &[(&str, &str)]); 2] = [
             (
                 "http://127.0.0.1:9/prefix",
