@@ -47,6 +47,8 @@ pub mod sse;
 pub mod state;
 pub mod status;
 pub mod status_cmd;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod units;
 pub mod upstream;
 

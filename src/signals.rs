@@ -2055,13 +2055,8 @@ mod tests {
             b"garbage",
             b"1\x80",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::test_rng::Xorshift::new();
+        let mut next = |n: usize| rng.below(n);
         let (mut chutes_skipped, mut exhaustion_skipped) = (0, 0);
         for _ in 0..20_000 {
             let len = next(6);

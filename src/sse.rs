@@ -335,6 +335,7 @@ impl SseErrorRewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Xorshift;
 
     /// Runs `chunks` through a fresh rewriter and returns everything it emitted.
     fn run(chunks: &[&[u8]]) -> (Vec<u8>, bool) {
@@ -570,18 +571,6 @@ mod tests {
         assert_eq!(rw.finish().as_deref(), Some(&b"{\"x\":1}"[..]));
     }
 
-    /// Deterministic xorshift so the randomised tests need no extra dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: usize) -> usize {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 % n.max(1) as u64) as usize
-        }
-    }
-
     #[test]
     fn random_streams_are_split_invariant() {
         let fragments: &[&[u8]] = &[
@@ -599,7 +588,7 @@ mod tests {
             b"{\"error\":{\"message\":\"m\",\"code\":1}}",
             b"{\"ok\":1}",
         ];
-        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Xorshift::new();
         for _ in 0..2_000 {
             let mut stream = Vec::new();
             for _ in 0..rng.below(24) {

@@ -507,13 +507,8 @@ mod tests {
         let now = Instant::now();
         // (id, client, urgent), in arrival order.
         let mut model: Vec<(u64, usize, bool)> = Vec::new();
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = crate::test_rng::Xorshift::new();
+        let mut rand = |n: usize| rng.below(n);
         for step in 0..20_000 {
             match rand(10) {
                 0..=3 => {
