@@ -1030,6 +1030,11 @@ mod tests {
         req
     }
 
+    /// What [`burst`] returns when every exchange went over `version`.
+    fn answered(version: &str, prefix: &str) -> Vec<String> {
+        (0..4).map(|i| format!("{version} /{prefix}{i}")).collect()
+    }
+
     /// Four exchanges at once through `pool`: their answers' texts.
     async fn burst(pool: &Pool, addr: std::net::SocketAddr, prefix: &str) -> Vec<String> {
         let answers = futures_util::future::join_all(
@@ -1050,11 +1055,7 @@ mod tests {
     #[tokio::test]
     async fn over_tls_alpn_h2_one_connection_carries_every_exchange_and_one_dial_replaces_it() {
         let (addr, accepted, goaway, _, pool) = tls_upstream(false).await;
-        let want = |p: &str| {
-            (0..4)
-                .map(|i| format!("HTTP/2.0 /{p}{i}"))
-                .collect::<Vec<_>>()
-        };
+        let want = |p: &str| answered("HTTP/2.0", p);
         assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
         assert_eq!(
             accepted.load(Ordering::SeqCst),
@@ -1077,11 +1078,7 @@ mod tests {
     #[tokio::test]
     async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
         let (addr, accepted, _, _, pool) = tls_upstream(true).await;
-        let want = |p: &str| {
-            (0..4)
-                .map(|i| format!("HTTP/1.1 /{p}{i}"))
-                .collect::<Vec<_>>()
-        };
+        let want = |p: &str| answered("HTTP/1.1", p);
         assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
         assert_eq!(pool.idle(), 4, "each went back once its body was read");
@@ -1099,21 +1096,12 @@ mod tests {
     #[tokio::test]
     async fn an_upstream_that_turns_from_h2_to_http1_has_its_idle_connections_used() {
         let (addr, accepted, goaway, only_h1, pool) = tls_upstream(false).await;
-        assert_eq!(
-            burst(&pool, addr, "h2").await,
-            (0..4)
-                .map(|i| format!("HTTP/2.0 /h2{i}"))
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(burst(&pool, addr, "h2").await, answered("HTTP/2.0", "h2"));
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
         only_h1.store(true, Ordering::SeqCst);
         goaway.notify_waiters();
         shared_closed(&pool).await;
-        let want = |p: &str| {
-            (0..4)
-                .map(|i| format!("HTTP/1.1 /{p}{i}"))
-                .collect::<Vec<_>>()
-        };
+        let want = |p: &str| answered("HTTP/1.1", p);
         assert_eq!(burst(&pool, addr, "a").await, want("a"));
         assert_eq!(accepted.load(Ordering::SeqCst), 5, "one connection each");
         assert_eq!(pool.idle(), 4);
