@@ -225,11 +225,13 @@ pub async fn run_sharded(
     let p = Arc::clone(&proxy);
     let main_task = tokio::spawn({
         let cfg = config.server.clone();
+        let stall = config.upstream.idle_timeout;
         let stop = stop_rx.clone();
         async move {
             server::serve_sharded(
                 listener,
                 &cfg,
+                stall,
                 move |req, _peer| Arc::clone(&p).handle(req),
                 stop,
                 "proxy",
@@ -260,11 +262,13 @@ pub async fn run_sharded(
         let mut cfg = config.server.clone();
         // Scrapes are short; there is nothing to wait for at shutdown.
         cfg.shutdown_grace = std::time::Duration::from_secs(1);
+        let stall = config.upstream.idle_timeout;
         let stop = stop_rx.clone();
         let server = tokio::spawn(async move {
             server::serve(
                 l,
                 &cfg,
+                stall,
                 move |mut req: http::Request<hyper::body::Incoming>, peer| {
                     req.extensions_mut().insert(peer);
                     Arc::clone(&admin).handle(req)

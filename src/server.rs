@@ -19,8 +19,11 @@
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -29,6 +32,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -138,6 +142,7 @@ struct Handoff {
 pub async fn serve_sharded<H, Fut>(
     listener: TcpListener,
     cfg: &ServerConfig,
+    write_stall: Duration,
     handler: H,
     stop: watch::Receiver<bool>,
     name: &'static str,
@@ -180,7 +185,7 @@ where
                     }
                 };
                 runtime.block_on(async move {
-                    let conns = Conns::new(&cfg, handler, name, open, i);
+                    let conns = Conns::new(&cfg, write_stall, handler, name, open, i);
                     loop {
                         let got = tokio::select! {
                             _ = stop.wait_for(|s| *s) => break,
@@ -219,7 +224,7 @@ where
         }
     }
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let conns = Conns::new(cfg, handler, name, Arc::clone(&open), 0);
+    let conns = Conns::new(cfg, write_stall, handler, name, Arc::clone(&open), 0);
     accept(listener, &conns, &others, &open, stop, name, slots).await;
     drop(others);
     conns.drain(cfg.shutdown_grace).await;
@@ -234,6 +239,7 @@ where
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     cfg: &ServerConfig,
+    write_stall: Duration,
     handler: H,
     stop: watch::Receiver<bool>,
     name: &'static str,
@@ -243,7 +249,7 @@ pub async fn serve<H, Fut>(
 {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let open: Arc<[AtomicUsize]> = Arc::new([AtomicUsize::new(0)]);
-    let conns = Conns::new(cfg, handler, name, Arc::clone(&open), 0);
+    let conns = Conns::new(cfg, write_stall, handler, name, Arc::clone(&open), 0);
     accept(listener, &conns, &[], &open, stop, name, slots).await;
     conns.drain(cfg.shutdown_grace).await;
 }
@@ -331,6 +337,8 @@ struct Conns<H> {
     graceful: GracefulShutdown,
     handler: H,
     head_timeout: Duration,
+    /// How long a write to the client may wait for it to take any bytes (see [`Stall`]).
+    write_stall: Duration,
     name: &'static str,
     open: Arc<[AtomicUsize]>,
     me: usize,
@@ -343,6 +351,7 @@ where
 {
     fn new(
         cfg: &ServerConfig,
+        write_stall: Duration,
         handler: H,
         name: &'static str,
         open: Arc<[AtomicUsize]>,
@@ -365,6 +374,7 @@ where
             graceful: GracefulShutdown::new(),
             handler,
             head_timeout: cfg.header_read_timeout,
+            write_stall,
             name,
             open,
             me,
@@ -390,7 +400,7 @@ where
         });
         let conn = self
             .builder
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(TokioIo::new(Stall::new(stream, self.write_stall)), svc)
             .into_owned();
         let conn = self.graceful.watch(conn);
         let (head_timeout, name) = (self.head_timeout, self.name);
@@ -460,6 +470,95 @@ struct OpenGuard(Arc<[AtomicUsize]>, usize);
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client connection whose writes may wait for the client at most `limit` at a time.
+///
+/// A client that stops reading a streamed answer shuts its TCP window: the proxy's writes
+/// then wait, hyper stops asking the body for more, and the body's own idle timer (counted
+/// only while the proxy asks) never runs. Without this, the request would keep its
+/// concurrency slot, its permit and its upstream stream for as long as the client keeps the
+/// connection open. A write that has waited `limit` (`upstream.idle_timeout`) without the
+/// client taking a byte fails with `TimedOut`, hyper closes the connection, and dropping the
+/// answer frees what it held. The timer exists only while a write waits.
+struct Stall<T> {
+    io: T,
+    limit: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> Stall<T> {
+    fn new(io: T, limit: Duration) -> Stall<T> {
+        Stall {
+            io,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// A write's outcome, counted against the client's silence.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.waiting = None;
+            return r;
+        }
+        let limit = self.limit;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if waiting.as_mut().poll(cx).is_ready() {
+            self.waiting = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took no bytes for upstream.idle_timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.watch(cx, r)
     }
 }
 

@@ -392,6 +392,40 @@ async fn a_client_that_leaves_mid_stream_frees_its_slot_at_once() {
     proxy.stop().await.unwrap();
 }
 
+/// A client that keeps its connection open but stops reading a stream: once its TCP window
+/// is shut, the proxy's writes wait, and after `idle_timeout` of the client taking nothing
+/// the connection is closed and the slot comes back. Without the write-side timer the
+/// request held its slot for as long as the client held the connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_frees_its_slot_after_idle_timeout() {
+    let mock = MockUpstream::start().await;
+    // Far more than the loopback socket buffers on both sides hold.
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    mock.push(Reply::status(200).sse((0..600).map(|_| (Duration::ZERO, chunk.clone()))));
+    let proxy = Start::new(
+        &mock.url(),
+        &format!("idle_timeout = \"500ms\"\n{NO_LIMITS}"),
+    )
+    .start()
+    .await;
+    let c = client();
+    let mut raw = TcpStream::connect(proxy.addr).await.unwrap();
+    raw.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut head = [0u8; 64];
+    let n = within("the answer's first bytes", raw.read(&mut head))
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    assert_eq!(status(&c, &proxy).await["in_flight"], 1);
+    // The client reads nothing more, and keeps the connection open.
+    wait_settled(&c, &proxy).await;
+    assert_eq!(get(&c, &proxy.url("/v1/models")).await.status, 200);
+    drop(raw);
+    proxy.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_while_waiting_for_a_concurrency_slot_sends_nothing() {
     // core.rs covers leaving a wait for a rate token; this is the wait for a slot, which is
