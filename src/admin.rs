@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http1::ClientBody;
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, VARY};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::admission::Admission;
 use crate::body::ResponseBody;
@@ -48,7 +48,7 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
         if req.uri().path() == "/reload" {
             return self.reload(&req).await;
         }
@@ -374,7 +374,7 @@ fn redact_url(url: &str) -> String {
 impl Admin {
     /// `POST /reload`: re-read the config file. It changes the proxy, so it is answered only
     /// for a loopback peer or a request carrying `server.admin_token_env`'s token.
-    async fn reload(&self, req: &Request<Incoming>) -> Response<ResponseBody> {
+    async fn reload(&self, req: &Request<ClientBody>) -> Response<ResponseBody> {
         if req.method() != Method::POST {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use crate::http1::ClientBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::admission::Permit;
@@ -35,7 +35,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum BodyError {
     TooLarge { limit: u64 },
     Idle(Duration),
-    Client(hyper::Error),
+    Client(BoxError),
 }
 
 impl std::fmt::Display for BodyError {
@@ -119,12 +119,12 @@ impl IdleTimer {
 /// Where a request body comes from: streamed from the client, or read whole before
 /// admission (to learn its model, and to send it again on a retry).
 enum Upload {
-    Stream(Incoming),
+    Stream(ClientBody),
     Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64, idle: Duration, stats: Arc<UploadStats>) -> Self {
+    pub fn new(inner: ClientBody, limit: u64, idle: Duration, stats: Arc<UploadStats>) -> Self {
         RequestBody {
             inner: Upload::Stream(inner),
             limit,

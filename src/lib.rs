@@ -32,6 +32,7 @@ pub mod config;
 pub mod heap;
 pub mod held;
 pub mod history;
+pub mod http1;
 pub mod log;
 pub mod logbuf;
 pub mod metrics;
@@ -269,7 +270,7 @@ pub async fn run_sharded(
                 l,
                 &cfg,
                 stall,
-                move |mut req: http::Request<hyper::body::Incoming>, peer| {
+                move |mut req: http::Request<crate::http1::ClientBody>, peer| {
                     req.extensions_mut().insert(peer);
                     Arc::clone(&admin).handle(req)
                 },

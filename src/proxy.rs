@@ -15,11 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::http1::ClientBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
@@ -140,7 +140,7 @@ impl Proxy {
         r
     }
 
-    fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
+    fn request_id(&self, req: &Request<ClientBody>) -> HeaderValue {
         // Ours first, then the common `x-request-id` that tracing setups already send.
         let h = req.headers();
         if let Some(v) = h.get(&REQUEST_ID).or_else(|| h.get(&X_REQUEST_ID)) {
@@ -160,7 +160,7 @@ impl Proxy {
     }
 
     /// Handle one client request. Never fails: every problem becomes a response.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ResponseBody> {
+    pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
         let request_id = self.request_id(&req);
         if crate::response::is_healthz(req.method(), req.uri()) {
             // Probes hit the service port: answered here, never forwarded, counted or logged.
@@ -297,7 +297,7 @@ impl Proxy {
 #[allow(clippy::result_large_err)] // see admission::Admission::admit
 fn max_wait(
     settings: &crate::admission::Settings,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     client: ClientId,
 ) -> Result<Duration, Rejection> {
     let mut wait = settings.queue.max_wait;
@@ -844,7 +844,7 @@ async fn read_prefix(mut body: UpstreamBody, limit: usize, within: Duration) -> 
 /// stream.
 pub enum Upload {
     Buffered(Bytes),
-    Stream(Incoming),
+    Stream(ClientBody),
 }
 
 /// Whether a request's body is read before admission to learn its model: bodies that can
@@ -887,7 +887,7 @@ enum Unread {
 /// Read a whole request body (bounded by `limit`, each chunk within `idle`) into one
 /// allocation of its own (not a slice of hyper's read buffer), held in `hold`.
 async fn read_body(
-    body: Incoming,
+    body: ClientBody,
     limit: u64,
     idle: Duration,
     stats: &Arc<UploadStats>,
@@ -942,7 +942,7 @@ async fn read_body(
     Ok(buf.freeze())
 }
 
-fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+fn declared_length(req: &Request<ClientBody>) -> Option<u64> {
     use http_body::Body as _;
     req.body().size_hint().exact().or_else(|| {
         req.headers()

@@ -26,18 +26,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::ResponseBody;
 use crate::config::ServerConfig;
+use crate::http1::{self, ClientBody, Served};
 
 /// The TCP peer of a request, handed to the handler with it: the admin endpoints that change
 /// something answer only loopback peers. Not a request extension for every request: the
@@ -149,7 +149,7 @@ pub async fn serve_sharded<H, Fut>(
     shards: usize,
 ) -> Shards
 where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let open: Arc<[AtomicUsize]> = (0..shards.max(1)).map(|_| AtomicUsize::new(0)).collect();
@@ -185,7 +185,7 @@ where
                     }
                 };
                 runtime.block_on(async move {
-                    let conns = Conns::new(&cfg, write_stall, handler, name, open, i);
+                    let conns = Conns::new(&cfg, write_stall, handler, name, open, i, stop.clone());
                     loop {
                         let got = tokio::select! {
                             _ = stop.wait_for(|s| *s) => break,
@@ -224,7 +224,15 @@ where
         }
     }
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let conns = Conns::new(cfg, write_stall, handler, name, Arc::clone(&open), 0);
+    let conns = Conns::new(
+        cfg,
+        write_stall,
+        handler,
+        name,
+        Arc::clone(&open),
+        0,
+        stop.clone(),
+    );
     accept(listener, &conns, &others, &open, stop, name, slots).await;
     drop(others);
     conns.drain(cfg.shutdown_grace).await;
@@ -244,12 +252,20 @@ pub async fn serve<H, Fut>(
     stop: watch::Receiver<bool>,
     name: &'static str,
 ) where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let open: Arc<[AtomicUsize]> = Arc::new([AtomicUsize::new(0)]);
-    let conns = Conns::new(cfg, write_stall, handler, name, Arc::clone(&open), 0);
+    let conns = Conns::new(
+        cfg,
+        write_stall,
+        handler,
+        name,
+        Arc::clone(&open),
+        0,
+        stop.clone(),
+    );
     accept(listener, &conns, &[], &open, stop, name, slots).await;
     conns.drain(cfg.shutdown_grace).await;
 }
@@ -265,7 +281,7 @@ async fn accept<H, Fut>(
     name: &'static str,
     slots: Arc<Semaphore>,
 ) where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     loop {
@@ -330,15 +346,15 @@ async fn accept<H, Fut>(
     drop(listener);
 }
 
-/// One shard's connections: hyper's settings, the graceful-shutdown watch, the count of open
-/// connections the acceptor balances by.
+/// One shard's connections: the HTTP settings, the stop signal they watch, the count of open
+/// connections the acceptor balances by, and what the drain waits for.
 struct Conns<H> {
-    builder: auto::Builder<TokioExecutor>,
-    graceful: GracefulShutdown,
+    h1: http1::Settings,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     handler: H,
-    head_timeout: Duration,
-    /// How long a write to the client may wait for it to take any bytes (see [`Stall`]).
-    write_stall: Duration,
+    stop: watch::Receiver<bool>,
+    /// Each connection holds a receiver; the drain waits until none is left.
+    live: watch::Sender<()>,
     name: &'static str,
     open: Arc<[AtomicUsize]>,
     me: usize,
@@ -346,7 +362,7 @@ struct Conns<H> {
 
 impl<H, Fut> Conns<H>
 where
-    H: Fn(Request<Incoming>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     fn new(
@@ -356,25 +372,22 @@ where
         name: &'static str,
         open: Arc<[AtomicUsize]>,
         me: usize,
+        stop: watch::Receiver<bool>,
     ) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.max_header_bytes.max(8192))
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .keep_alive_interval(H2_KEEPALIVE)
             .max_header_list_size(cfg.max_header_bytes as u32);
         Conns {
-            builder,
-            graceful: GracefulShutdown::new(),
+            h1: http1::Settings {
+                max_head: cfg.max_header_bytes,
+                head_timeout: cfg.header_read_timeout,
+                write_stall,
+            },
+            h2,
             handler,
-            head_timeout: cfg.header_read_timeout,
-            write_stall,
+            stop,
+            live: watch::Sender::new(()),
             name,
             open,
             me,
@@ -390,53 +403,17 @@ where
     fn serve(&self, stream: TcpStream, peer: std::net::SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
         let h = self.handler.clone();
-        // Set when the first request head has been parsed (hyper calls the service then).
-        let first_head = Arc::new(Notify::new());
-        let seen = Arc::clone(&first_head);
-        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            seen.notify_one();
-            let h = h.clone();
-            async move { Ok::<_, Infallible>(h(req, Peer(peer)).await) }
-        });
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(Stall::new(stream, self.write_stall)), svc)
-            .into_owned();
-        let conn = self.graceful.watch(conn);
-        let (head_timeout, name) = (self.head_timeout, self.name);
+        let (h1, h2, stop, name) = (self.h1, self.h2.clone(), self.stop.clone(), self.name);
+        let live = self.live.subscribe();
         // Counted down when the connection ends, however it ends.
         let open = OpenGuard(Arc::clone(&self.open), self.me);
         tokio::spawn(async move {
-            let _open = open;
-            let mut conn = std::pin::pin!(conn);
-            // hyper's HTTP/1 header timer starts only once the protocol is known, and HTTP/2
-            // has none: a client that sends nothing, or half the HTTP/2 preface, or a preface
-            // and no request, would hold its connection slot forever. So the first request
-            // head must arrive within `header_read_timeout` whatever the protocol; later ones
-            // are hyper's business (HTTP/1 header timer, HTTP/2 keep-alive pings).
-            let first = tokio::time::timeout(head_timeout, async {
-                tokio::select! {
-                    done = conn.as_mut() => Some(done),
-                    () = first_head.notified() => None,
-                }
-            })
-            .await;
-            let done = match first {
-                Ok(Some(done)) => done,
-                Ok(None) => conn.await,
-                Err(_) => {
-                    tracing::debug!(
-                        listener = name,
-                        "no request head within server.header_read_timeout; closing"
-                    );
-                    drop(slot);
-                    return;
-                }
-            };
-            if let Err(e) = done {
-                tracing::debug!(listener = name, error = %e, "connection ended with an error");
+            let (_open, _live, _slot) = (open, live, slot);
+            let served = http1::serve(stream, |req| h(req, Peer(peer)), h1, stop.clone()).await;
+            if let Served::H2(stream, read) = served {
+                // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is large.
+                Box::pin(serve_h2(h2, stream, read, h, peer, h1, stop, name)).await;
             }
-            drop(slot);
         });
     }
 
@@ -451,7 +428,7 @@ where
                 "stopped accepting; draining connections"
             );
         }
-        if tokio::time::timeout(grace, self.graceful.shutdown())
+        if tokio::time::timeout(grace, self.live.closed())
             .await
             .is_err()
         {
@@ -461,6 +438,124 @@ where
                 "shutdown grace period over; closing remaining connections"
             );
         }
+    }
+}
+
+/// An HTTP/2 connection (prior knowledge), by hyper's server, from the bytes the HTTP/1
+/// reader took to tell the protocol. hyper's HTTP/2 server has no timer for the first
+/// request, so one that sends the preface and no request within `header_read_timeout` is
+/// closed; later ones are kept alive by pings. At the stop it is shut gracefully (GOAWAY,
+/// streams in flight finish).
+#[allow(clippy::too_many_arguments)]
+async fn serve_h2<H, Fut>(
+    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    stream: TcpStream,
+    read: Bytes,
+    h: H,
+    peer: std::net::SocketAddr,
+    settings: http1::Settings,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+) where
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    let first_head = Arc::new(Notify::new());
+    let seen = Arc::clone(&first_head);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        seen.notify_one();
+        let h = h.clone();
+        async move { Ok::<_, Infallible>(h(req.map(ClientBody::H2), Peer(peer)).await) }
+    });
+    let io = TokioIo::new(Stall::new(
+        Rewind { read, io: stream },
+        settings.write_stall,
+    ));
+    let conn = builder.serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    let first = tokio::time::timeout(settings.head_timeout, async {
+        tokio::select! {
+            done = conn.as_mut() => Some(done),
+            () = first_head.notified() => None,
+        }
+    })
+    .await;
+    let done = match first {
+        Ok(Some(done)) => done,
+        Ok(None) => {
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    done = conn.as_mut() => break done,
+                    _ = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+        Err(_) => {
+            tracing::debug!(
+                listener = name,
+                "no request head within server.header_read_timeout; closing"
+            );
+            return;
+        }
+    };
+    if let Err(e) = done {
+        tracing::debug!(listener = name, error = %e, "connection ended with an error");
+    }
+}
+
+/// A socket whose first bytes were already read: they are read again first.
+struct Rewind {
+    read: Bytes,
+    io: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

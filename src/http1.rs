@@ -1,0 +1,1732 @@
+//! The proxy's own HTTP/1.1 server connection: request heads parsed by `httparse`, bodies
+//! framed by Content-Length or chunked coding, answers written with `writev`.
+//!
+//! Why not hyper's server: a hyper HTTP/1 connection owns an 8 KiB write buffer from its
+//! start and an 8–16 KiB read buffer under every request in flight, whose sizes its server
+//! builder does not let a caller set. A request waiting in the admission queue pinned about
+//! 18 KiB of them (BENCHMARKS.md, "What a queued request is made of"). Here a connection owns
+//! no buffer while it waits: bytes are read into the shard's scratch buffer and copied into an
+//! allocation of exactly what arrived, so a queued request holds its own head and body and
+//! nothing more, and an answer's head is written from a buffer that lives only while it is
+//! written.
+//!
+//! The rules, where RFC 9112 leaves a choice, are strict and are hyper's:
+//! * a head that `httparse` refuses (obsolete line folding, a space before a colon, a control
+//!   byte, no version, a version other than 1.0 and 1.1) is answered 400; one over
+//!   `server.max_header_bytes`, or with more than [`MAX_HEADERS`] fields, 431;
+//! * Content-Length values must all be the same decimal number; Transfer-Encoding must end in
+//!   `chunked` (and is refused in HTTP/1.0); with both, chunked wins, the length is dropped and
+//!   the connection closes after the answer (RFC 9112 §6.3);
+//! * every wait for a head (the first, and each between keep-alive requests) ends after
+//!   `server.header_read_timeout`;
+//! * a client that closes its side while its request is in flight has gone: the handler's
+//!   future is dropped (the proxy detaches what must finish, see `proxy::Detachable`);
+//! * a write that waits the write-stall limit without the client taking a byte ends the
+//!   connection (a client that stopped reading must not hold its slot).
+//!
+//! Connections that open with the HTTP/2 preface are handed back to the caller with the bytes
+//! read so far ([`Served::H2`]); the caller serves them with hyper's HTTP/2 server.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING,
+};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::body::BoxError;
+
+/// Most header fields a request head may carry (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+/// The HTTP/2 connection preface, which a client speaking HTTP/2 with prior knowledge sends
+/// first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Bytes taken from the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// An answer's bytes gathered before they are written, when its body has more ready.
+const WRITE_BATCH: usize = 64 * 1024;
+/// A chunked body's size lines with their extensions, and its trailer section, each at most
+/// this long.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// What a connection needs to know from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// `server.max_header_bytes`.
+    pub max_head: usize,
+    /// `server.header_read_timeout`.
+    pub head_timeout: Duration,
+    /// How long a write may wait for the client to take any bytes (`upstream.idle_timeout`).
+    pub write_stall: Duration,
+}
+
+/// How a connection ended.
+pub enum Served {
+    /// Closed (by either side, an error, a timeout or the stop).
+    Closed,
+    /// The client sent the HTTP/2 preface: here are the socket and the bytes read from it.
+    H2(TcpStream, Bytes),
+}
+
+// ----- the request body -------------------------------------------------------------------
+
+/// A client's request body, as the proxy's handlers see it.
+pub enum ClientBody {
+    /// Read whole with its head (or none at all): the common case for an API call.
+    Full(Option<Bytes>),
+    /// Still arriving: the connection passes each piece on as it reads it.
+    Streamed(Streamed),
+    /// From an HTTP/2 connection (hyper's server).
+    H2(hyper::body::Incoming),
+}
+
+impl ClientBody {
+    pub fn empty() -> ClientBody {
+        ClientBody::Full(None)
+    }
+}
+
+/// The part of a body still to come from the client.
+pub struct Streamed {
+    rx: mpsc::Receiver<Result<Bytes, BoxError>>,
+    /// Bytes still to come under a Content-Length; `None` for a chunked body.
+    remaining: Option<u64>,
+    done: bool,
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ClientBody::Streamed(s) => {
+                if s.done {
+                    return Poll::Ready(None);
+                }
+                match s.rx.poll_recv(cx) {
+                    Poll::Ready(Some(Ok(data))) => {
+                        if let Some(r) = &mut s.remaining {
+                            *r = r.saturating_sub(data.len() as u64);
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        s.done = true;
+                        Poll::Ready(Some(Err(e)))
+                    }
+                    Poll::Ready(None) => {
+                        s.done = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ClientBody::H2(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Full(b) => b.is_none(),
+            ClientBody::Streamed(s) => s.done || s.remaining == Some(0),
+            ClientBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ClientBody::Streamed(s) => match s.remaining {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            ClientBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// Why a body could not be read to its end.
+#[derive(Debug)]
+struct BodyFault(&'static str);
+
+impl std::fmt::Display for BodyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for BodyFault {}
+
+// ----- the request head -------------------------------------------------------------------
+
+/// How a request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head, its body not yet taken.
+#[derive(Debug)]
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    /// Whether the connection may carry another request after this one.
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// A head refused before it reached a handler: answered with this status, then closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Refused(StatusCode);
+
+/// Parse a request head from the start of `buf`: `Ok(None)` if it is not complete yet,
+/// else the head and its length in bytes. The head's bytes are taken from `buf` (the header
+/// values share them, no copy).
+fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refused> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => {
+            if buf.len() > max_head {
+                return Err(Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+            }
+            return Ok(None);
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE))
+        }
+        Err(_) => return Err(Refused(StatusCode::BAD_REQUEST)),
+    };
+    if len > max_head {
+        return Err(Refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+    }
+    let bad = Refused(StatusCode::BAD_REQUEST);
+    let base = buf.as_ptr() as usize;
+    // Where each piece lies in the head, to share it once the head is frozen.
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    let method = Method::from_bytes(req.method.ok_or(bad)?.as_bytes()).map_err(|_| bad)?;
+    let target = at(req.path.ok_or(bad)?.as_bytes());
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        Some(1) => Version::HTTP_11,
+        _ => return Err(bad),
+    };
+    let count = req.headers.len();
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+        let (n, nl) = at(h.name.as_bytes());
+        let (v, vl) = at(h.value);
+        *span = (n, nl, v, vl);
+    }
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|_| bad)?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut framing = Framing::None;
+    let (mut close, mut keep, mut expect_continue) = (false, false, false);
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut coded = false;
+    for &(n, nl, v, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| bad)?;
+        if name == CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = content_length(part).ok_or(bad)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad);
+                }
+                length = Some(n);
+            }
+        } else if name == TRANSFER_ENCODING {
+            for coding in value.as_bytes().split(|&b| b == b',') {
+                let coding = coding.trim_ascii();
+                if coding.is_empty() {
+                    continue;
+                }
+                // Chunked must be the last coding and applied once.
+                if chunked {
+                    return Err(bad);
+                }
+                if coding.eq_ignore_ascii_case(b"chunked") {
+                    chunked = true;
+                } else {
+                    coded = true;
+                }
+            }
+        } else if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let mut keep_alive = match version {
+        Version::HTTP_11 => !close,
+        _ => keep && !close,
+    };
+    if chunked || coded {
+        // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty; one
+        // that does not end in chunked leaves a request's length unknown.
+        if version == Version::HTTP_10 || !chunked {
+            return Err(bad);
+        }
+        if coded {
+            return Err(Refused(StatusCode::NOT_IMPLEMENTED));
+        }
+        framing = Framing::Chunked;
+        if length.is_some() {
+            // Chunked wins; the length must not travel on, and whatever follows this
+            // request on the connection is not to be trusted.
+            headers.remove(CONTENT_LENGTH);
+            keep_alive = false;
+        }
+    } else if let Some(n) = length {
+        if n > 0 {
+            framing = Framing::Length(n);
+        }
+    }
+    Ok(Some(Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    }))
+}
+
+/// One Content-Length value: decimal digits only, no sign, no spaces but around it.
+fn content_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() {
+        return None;
+    }
+    v.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+// ----- chunked coding ---------------------------------------------------------------------
+
+/// Where a chunked body's decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// In a size line: the size so far, digits read, bytes of the line read.
+    Size {
+        size: u64,
+        digits: u8,
+        line: usize,
+    },
+    /// Past the size's digits, in whitespace or an extension, up to the CR.
+    Ext {
+        size: u64,
+        line: usize,
+    },
+    /// After the size line's CR.
+    SizeLf {
+        size: u64,
+    },
+    /// In a chunk's data: bytes left.
+    Data(u64),
+    /// After a chunk's data: its CR, then its LF.
+    DataCr,
+    DataLf,
+    /// In the trailer section: bytes of it read, bytes of the current line.
+    Trailer {
+        total: usize,
+        line: usize,
+    },
+    /// A trailer line's (or the final empty line's) CR.
+    TrailerLf {
+        total: usize,
+        empty: bool,
+    },
+    Done,
+}
+
+/// What the decoder made of the bytes it was given.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Data(Bytes),
+    NeedMore,
+    End,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk::Size {
+            size: 0,
+            digits: 0,
+            line: 0,
+        }
+    }
+
+    /// Decode from the front of `buf`, taking what it consumes.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BodyFault> {
+        let fault = |what| Err(BodyFault(what));
+        loop {
+            if *self == Chunk::Done {
+                return Ok(Step::End);
+            }
+            if let Chunk::Data(left) = *self {
+                if buf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                let take = (buf.len() as u64).min(left) as usize;
+                *self = if left == take as u64 {
+                    Chunk::DataCr
+                } else {
+                    Chunk::Data(left - take as u64)
+                };
+                return Ok(Step::Data(buf.split_to(take).freeze()));
+            }
+            let Some(&b) = buf.first() else {
+                return Ok(Step::NeedMore);
+            };
+            let _ = buf.split_to(1);
+            *self = match *self {
+                Chunk::Size { size, digits, line } => {
+                    if line >= MAX_CHUNK_LINE {
+                        return fault("a chunk size line is too long");
+                    }
+                    match (b as char).to_digit(16) {
+                        Some(d) => {
+                            if digits >= 16 {
+                                return fault("a chunk size is too large");
+                            }
+                            Chunk::Size {
+                                size: (size << 4) | u64::from(d),
+                                digits: digits + 1,
+                                line: line + 1,
+                            }
+                        }
+                        None if digits == 0 => return fault("a chunk size line has no size"),
+                        None if b == b'\r' => Chunk::SizeLf { size },
+                        None if b == b';' || b == b' ' || b == b'\t' => Chunk::Ext {
+                            size,
+                            line: line + 1,
+                        },
+                        None => return fault("a chunk size is not hexadecimal"),
+                    }
+                }
+                Chunk::Ext { size, line } => {
+                    if line >= MAX_CHUNK_LINE {
+                        return fault("a chunk extension is too long");
+                    }
+                    match b {
+                        b'\r' => Chunk::SizeLf { size },
+                        b'\n' => return fault("a chunk size line ends without CR"),
+                        _ => Chunk::Ext {
+                            size,
+                            line: line + 1,
+                        },
+                    }
+                }
+                Chunk::SizeLf { size } => {
+                    if b != b'\n' {
+                        return fault("a chunk size line's CR is not followed by LF");
+                    }
+                    if size == 0 {
+                        Chunk::Trailer { total: 0, line: 0 }
+                    } else {
+                        Chunk::Data(size)
+                    }
+                }
+                Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+                Chunk::DataLf if b == b'\n' => Chunk::new(),
+                Chunk::DataCr | Chunk::DataLf => {
+                    return fault("a chunk's data is not followed by CRLF")
+                }
+                Chunk::Trailer { total, line } => {
+                    if total >= MAX_TRAILERS {
+                        return fault("the trailer section is too long");
+                    }
+                    match b {
+                        b'\r' => Chunk::TrailerLf {
+                            total: total + 1,
+                            empty: line == 0,
+                        },
+                        b'\n' => return fault("a trailer line ends without CR"),
+                        _ => Chunk::Trailer {
+                            total: total + 1,
+                            line: line + 1,
+                        },
+                    }
+                }
+                Chunk::TrailerLf { total, empty } => {
+                    if b != b'\n' {
+                        return fault("a trailer line's CR is not followed by LF");
+                    }
+                    if empty {
+                        Chunk::Done
+                    } else {
+                        Chunk::Trailer { total, line: 0 }
+                    }
+                }
+                Chunk::Data(_) | Chunk::Done => unreachable!("handled above"),
+            };
+        }
+    }
+}
+
+// ----- the connection ---------------------------------------------------------------------
+
+thread_local! {
+    /// Each shard's read buffer: what a read brings is copied out of it at its exact size.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; READ_CHUNK]);
+    /// The last `Date` value written, and the second it is for.
+    static DATE_CACHE: RefCell<(u64, HeaderValue)> =
+        const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+}
+
+/// Read what the socket has (waiting until it has something) and append it to `buf`.
+/// `Ok(0)` is the client's end of stream.
+async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
+            Ok(n) => {
+                buf.extend_from_slice(&s[..n]);
+                Ok(n)
+            }
+            Err(e) => Err(e),
+        });
+        match got {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Serve one HTTP/1.x connection until it closes, or hand it back if it speaks HTTP/2.
+///
+/// The connection's own state is small (about 1 KiB with the task's): the wait for a head
+/// and the exchange are separate futures, so they share their space, and the answer's writer
+/// is boxed while it writes.
+pub async fn serve<F, Fut, B>(
+    stream: TcpStream,
+    mut handler: F,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+) -> Served
+where
+    F: FnMut(Request<ClientBody>) -> Fut,
+    Fut: Future<Output = Response<B>> + Send,
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut rbuf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let head = match next_head(&stream, &mut rbuf, first, &settings, &mut stop).await {
+            Ok(head) => head,
+            Err(Ended::H2) => return Served::H2(stream, rbuf.freeze()),
+            Err(Ended::Refused(status)) => {
+                let _ = refuse(&stream, status, settings.write_stall).await;
+                return finish(stream);
+            }
+            Err(Ended::Quiet) => return Served::Closed,
+        };
+        first = false;
+        let (meta, pump, req) = request(head, &mut rbuf);
+        // Boxed: a connection between requests is small, the handler's state exists only
+        // while it runs.
+        let handling = Box::pin(handler(req));
+        match exchange(&stream, &mut rbuf, handling, pump, meta, &settings, &stop).await {
+            Next::Again => {}
+            Next::Close => return finish(stream),
+            Next::Gone => return Served::Closed,
+        }
+    }
+}
+
+/// Why no head came.
+enum Ended {
+    /// The client sent the HTTP/2 preface (it is in the read buffer).
+    H2,
+    /// A head that is answered with this status, then the connection closes.
+    Refused(StatusCode),
+    /// The client closed, a read failed, no whole head came in time, or the proxy stops:
+    /// hyper closes without an answer in each case, and so does this.
+    Quiet,
+}
+
+/// What follows an exchange.
+enum Next {
+    /// The connection may carry another request.
+    Again,
+    /// The proxy closes it (after the answer).
+    Close,
+    /// The client has gone.
+    Gone,
+}
+
+/// The next request head, within the head timeout, unless the proxy stops first.
+async fn next_head(
+    stream: &TcpStream,
+    rbuf: &mut BytesMut,
+    first: bool,
+    settings: &Settings,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Head, Ended> {
+    let deadline = Instant::now() + settings.head_timeout;
+    loop {
+        if first && !rbuf.is_empty() && H2_PREFACE.starts_with(&rbuf[..rbuf.len().min(24)]) {
+            if rbuf.len() >= H2_PREFACE.len() {
+                return Err(Ended::H2);
+            }
+        } else if !rbuf.is_empty() {
+            match parse_head(rbuf, settings.max_head) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(Refused(status)) => return Err(Ended::Refused(status)),
+            }
+        }
+        let read = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
+            r = tokio::time::timeout_at(deadline, read_more(stream, rbuf)) => r,
+        };
+        match read {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return Err(Ended::Quiet),
+        }
+    }
+}
+
+/// What the exchange needs to know of its request once the handler has it.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    version: Version,
+    is_head: bool,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// The request a head and the bytes after it make, and what is left to read of its body.
+fn request(head: Head, rbuf: &mut BytesMut) -> (Meta, Pump, Request<ClientBody>) {
+    let Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let meta = Meta {
+        version,
+        is_head: method == Method::HEAD,
+        keep_alive,
+        expect_continue,
+    };
+    // The body: whole if it is all here already, else passed on as it arrives.
+    let (body, pump) = match framing {
+        Framing::None => (ClientBody::empty(), Pump::Done),
+        Framing::Length(n) if rbuf.len() as u64 >= n => (
+            ClientBody::Full(Some(rbuf.split_to(n as usize).freeze())),
+            Pump::Done,
+        ),
+        framing => {
+            let (tx, rx) = mpsc::channel(1);
+            let remaining = match framing {
+                Framing::Length(n) => Some(n),
+                _ => None,
+            };
+            let body = ClientBody::Streamed(Streamed {
+                rx,
+                remaining,
+                done: false,
+            });
+            let pump = match remaining {
+                Some(left) => Pump::Length { left, tx },
+                None => Pump::Chunked {
+                    state: Chunk::new(),
+                    tx,
+                },
+            };
+            (body, pump)
+        }
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    (meta, pump, req)
+}
+
+/// One request: its body passed on, the handler's answer written, the client watched for
+/// leaving throughout.
+async fn exchange<Fut, B>(
+    stream: &TcpStream,
+    rbuf: &mut BytesMut,
+    mut handling: Pin<Box<Fut>>,
+    pump: Pump,
+    meta: Meta,
+    settings: &Settings,
+    stop: &watch::Receiver<bool>,
+) -> Next
+where
+    Fut: Future<Output = Response<B>> + Send,
+    B: Body<Data = Bytes> + Unpin,
+{
+    let Meta {
+        version,
+        is_head,
+        mut keep_alive,
+        expect_continue,
+    } = meta;
+    if expect_continue && !matches!(pump, Pump::Done) {
+        // RFC 9110 §10.1.1: an immediate 100 lets the client send its body.
+        let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+        if write_all(stream, &mut out, settings.write_stall)
+            .await
+            .is_err()
+        {
+            return Next::Gone;
+        }
+    }
+    let body_done = AtomicBool::new(matches!(pump, Pump::Done));
+    let unread = AtomicBool::new(false);
+    let watch = reader(stream, rbuf, pump, &body_done, &unread);
+    tokio::pin!(watch);
+    let resp = tokio::select! {
+        biased;
+        r = handling.as_mut() => r,
+        // The client has gone: what it asked for is dropped with the handler.
+        () = &mut watch => return Next::Gone,
+    };
+    drop(handling);
+    // Another request only if this one's body was read to its end and the proxy is not
+    // stopping.
+    keep_alive &=
+        body_done.load(Ordering::Relaxed) && !unread.load(Ordering::Relaxed) && !*stop.borrow();
+    // Boxed: only a connection that is answering holds the writer's state.
+    let write = Box::pin(write_response(
+        stream,
+        resp,
+        version,
+        is_head,
+        keep_alive,
+        settings.write_stall,
+    ));
+    let wrote = tokio::select! {
+        biased;
+        w = write => w,
+        () = &mut watch => return Next::Gone,
+    };
+    match wrote {
+        Ok(true) => Next::Again,
+        _ => Next::Close,
+    }
+}
+
+/// End a connection the proxy closes: its write side is shut first, so the client reads to
+/// the end of what was sent (a FIN, not a reset, when nothing it sent is left unread).
+fn finish(stream: TcpStream) -> Served {
+    if let Ok(s) = stream.into_std() {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    Served::Closed
+}
+
+/// The body still to read from the socket.
+enum Pump {
+    Done,
+    Length {
+        left: u64,
+        tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    },
+    Chunked {
+        state: Chunk,
+        tx: mpsc::Sender<Result<Bytes, BoxError>>,
+    },
+}
+
+/// Hand a piece of the body to the handler once it has room for it. `false` if the handler
+/// has let the body go (the rest of it is then read and dropped, and the connection closes
+/// after the answer).
+async fn pass_on(
+    tx: &mut Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+    data: Bytes,
+    unread: &AtomicBool,
+) -> bool {
+    let Some(t) = tx else { return true };
+    match t.reserve().await {
+        Ok(permit) => {
+            permit.send(Ok(data));
+            true
+        }
+        Err(_) => {
+            unread.store(true, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// While a request is in flight: read its body and pass it on, then watch for the client
+/// leaving. Returns only when the client has gone (its end of stream, or a failed read).
+async fn reader(
+    stream: &TcpStream,
+    rbuf: &mut BytesMut,
+    pump: Pump,
+    body_done: &AtomicBool,
+    unread: &AtomicBool,
+) {
+    match pump {
+        Pump::Done => {}
+        Pump::Length { mut left, tx } => {
+            let mut tx = Some(tx);
+            while left > 0 {
+                if rbuf.is_empty() {
+                    match read_more(stream, rbuf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => {
+                            if let Some(tx) = &tx {
+                                let _ = tx.try_send(Err(Box::new(BodyFault(
+                                    "the client closed before the body's end",
+                                ))));
+                            }
+                            return;
+                        }
+                    }
+                }
+                let take = (rbuf.len() as u64).min(left) as usize;
+                let data = rbuf.split_to(take).freeze();
+                left -= take as u64;
+                // The handler let the body go: the rest is read and dropped.
+                if !pass_on(&mut tx, data, unread).await {
+                    tx = None;
+                }
+            }
+            body_done.store(true, Ordering::Relaxed);
+        }
+        Pump::Chunked { mut state, tx } => {
+            let mut tx = Some(tx);
+            loop {
+                match state.step(rbuf) {
+                    Ok(Step::Data(data)) => {
+                        if !pass_on(&mut tx, data, unread).await {
+                            tx = None;
+                        }
+                    }
+                    Ok(Step::End) => break,
+                    Ok(Step::NeedMore) => match read_more(stream, rbuf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => {
+                            if let Some(tx) = &tx {
+                                let _ = tx.try_send(Err(Box::new(BodyFault(
+                                    "the client closed before the body's end",
+                                ))));
+                            }
+                            return;
+                        }
+                    },
+                    Err(fault) => {
+                        // Nothing after a broken body can be read as a request.
+                        unread.store(true, Ordering::Relaxed);
+                        if let Some(tx) = &tx {
+                            let _ = tx.send(Err(Box::new(fault))).await;
+                        }
+                        rbuf.clear();
+                        break;
+                    }
+                }
+            }
+            body_done.store(true, Ordering::Relaxed);
+        }
+    }
+    // The body is read: what the client sends now is its next request (kept, not parsed
+    // until this one is answered), or its end of stream, which means it has gone. Like
+    // hyper, nothing more is read while bytes of a next request wait.
+    loop {
+        if !rbuf.is_empty() {
+            if unread.load(Ordering::Relaxed) {
+                rbuf.clear();
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+        match read_more(stream, rbuf).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+}
+
+// ----- answers ----------------------------------------------------------------------------
+
+/// Bytes waiting to be written, in order: small pieces copied together, large ones shared.
+struct Out {
+    pieces: Vec<Piece>,
+    /// Bytes of the first piece already written.
+    offset: usize,
+    len: usize,
+}
+
+enum Piece {
+    Own(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl Piece {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Piece::Own(v) => v,
+            Piece::Shared(b) => b,
+        }
+    }
+}
+
+/// Data frames at most this long are copied next to the framing around them.
+const COPY_AT_MOST: usize = 4096;
+
+impl Out {
+    fn with(head: Vec<u8>) -> Out {
+        let len = head.len();
+        Out {
+            pieces: vec![Piece::Own(head)],
+            offset: 0,
+            len,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append small bytes to the last owned piece (a new one if the last is shared).
+    fn copy(&mut self, bytes: &[u8]) {
+        self.len += bytes.len();
+        if let Some(Piece::Own(v)) = self.pieces.last_mut() {
+            v.extend_from_slice(bytes);
+            return;
+        }
+        self.pieces.push(Piece::Own(bytes.to_vec()));
+    }
+
+    fn data(&mut self, data: Bytes) {
+        if data.len() <= COPY_AT_MOST {
+            self.copy(&data);
+        } else {
+            self.len += data.len();
+            self.pieces.push(Piece::Shared(data));
+        }
+    }
+
+    /// The written bytes are gone.
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        let mut done = 0;
+        for p in &self.pieces {
+            let left = p.bytes().len() - self.offset;
+            if n < left {
+                self.offset += n;
+                break;
+            }
+            n -= left;
+            self.offset = 0;
+            done += 1;
+        }
+        self.pieces.drain(..done);
+        if self.pieces.is_empty() {
+            self.offset = 0;
+        }
+    }
+}
+
+/// Write everything in `out`, each wait for the client bounded by `stall`.
+async fn write_all(stream: &TcpStream, out: &mut Out, stall: Duration) -> io::Result<()> {
+    while !out.is_empty() {
+        let wrote = {
+            let mut slices = [IoSlice::new(&[]); 16];
+            let mut k = 0;
+            for (i, p) in out.pieces.iter().take(slices.len()).enumerate() {
+                let b = p.bytes();
+                slices[i] = IoSlice::new(if i == 0 { &b[out.offset..] } else { b });
+                k = i + 1;
+            }
+            stream.try_write_vectored(&slices[..k])
+        };
+        match wrote {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Boxed: the timer exists only while a write waits.
+                match Box::pin(tokio::time::timeout(stall, stream.writable())).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client took no bytes for upstream.idle_timeout",
+                        ))
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A refused head's answer: the status alone, then the connection closes.
+async fn refuse(stream: &TcpStream, status: StatusCode, stall: Duration) -> io::Result<()> {
+    let mut head = Vec::with_capacity(128);
+    status_line(&mut head, status);
+    head.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
+    date_field(&mut head);
+    head.extend_from_slice(b"\r\n");
+    write_all(stream, &mut Out::with(head), stall).await
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `date: <now>\r\n`, the value formatted once a second per shard.
+fn date_field(out: &mut Vec<u8>) {
+    let unix = crate::clock::unix_time();
+    let secs = unix.as_secs();
+    DATE_CACHE.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                *value = v;
+                *at = secs;
+            }
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// How an answer's body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delimit {
+    /// No body is written (HEAD, 1xx, 204, 304).
+    Bodyless,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 with no length).
+    Close,
+}
+
+/// Write an answer. `Ok(true)`: the connection may carry another request.
+async fn write_response<B>(
+    stream: &TcpStream,
+    resp: Response<B>,
+    version: Version,
+    is_head: bool,
+    mut keep_alive: bool,
+    stall: Duration,
+) -> io::Result<bool>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let mut headers = parts.headers;
+    let bodyless = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // The framing is this connection's: a Transfer-Encoding from elsewhere is not copied.
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .map(|v| content_length(v.as_bytes()));
+    let mut head = Vec::with_capacity(256 + headers.len() * 48);
+    status_line(&mut head, status);
+    let delimit = match declared {
+        _ if bodyless => Delimit::Bodyless,
+        Some(Some(n)) => Delimit::Length(n),
+        Some(None) => {
+            // A length that is not one: dropped, and the body delimited as if none came.
+            headers.remove(CONTENT_LENGTH);
+            unknown_length(&body, version)
+        }
+        None => match body.size_hint().exact() {
+            Some(n) => {
+                head.extend_from_slice(b"content-length: ");
+                head.extend_from_slice(itoa(n, &mut [0; 20]));
+                head.extend_from_slice(b"\r\n");
+                Delimit::Length(n)
+            }
+            None => unknown_length(&body, version),
+        },
+    };
+    match delimit {
+        Delimit::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Delimit::Close => keep_alive = false,
+        _ => {}
+    }
+    if headers.contains_key(CONNECTION) {
+        headers.remove(CONNECTION);
+    }
+    if !keep_alive {
+        head.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        head.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !headers.contains_key(DATE) {
+        date_field(&mut head);
+    }
+    for (name, value) in &headers {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut out = Out::with(head);
+    if delimit == Delimit::Bodyless {
+        drop(body);
+        write_all(stream, &mut out, stall).await?;
+        return Ok(keep_alive);
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // Wait for a frame only when nothing is waiting to be written; else take what is
+        // ready at once, so events that come together leave in one write.
+        let frame = if out.is_empty() {
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        } else {
+            match poll_now(&mut body) {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    write_all(stream, &mut out, stall).await?;
+                    continue;
+                }
+            }
+        };
+        match frame {
+            None => break,
+            Some(Err(_)) => {
+                // The answer cannot be finished: what was written stands, the connection
+                // closes, and a chunked body lacks its last chunk, so the client knows.
+                write_all(stream, &mut out, stall).await?;
+                return Ok(false);
+            }
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                match delimit {
+                    Delimit::Chunked => {
+                        let mut line = [0u8; 18];
+                        out.copy(hex_line(data.len(), &mut line));
+                        out.data(data);
+                        out.copy(b"\r\n");
+                    }
+                    Delimit::Length(n) => {
+                        let room = n - sent;
+                        if data.len() as u64 > room {
+                            // More than the length said: what fits is written, then the
+                            // connection closes.
+                            out.data(data.slice(..room as usize));
+                            write_all(stream, &mut out, stall).await?;
+                            return Ok(false);
+                        }
+                        sent += data.len() as u64;
+                        out.data(data);
+                    }
+                    Delimit::Close => out.data(data),
+                    Delimit::Bodyless => {}
+                }
+            }
+        }
+        if out.len >= WRITE_BATCH {
+            write_all(stream, &mut out, stall).await?;
+        }
+    }
+    drop(body);
+    match delimit {
+        Delimit::Chunked => out.copy(b"0\r\n\r\n"),
+        Delimit::Length(n) if sent != n => {
+            // Shorter than its length: the client would wait for bytes that never come.
+            write_all(stream, &mut out, stall).await?;
+            return Ok(false);
+        }
+        _ => {}
+    }
+    write_all(stream, &mut out, stall).await?;
+    Ok(keep_alive)
+}
+
+/// A body's next frame if it has one ready, without waiting (a waiting body is polled again
+/// with the task's waker before the task sleeps).
+#[allow(clippy::type_complexity)]
+fn poll_now<B: Body + Unpin>(body: &mut B) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    Pin::new(body).poll_frame(&mut Context::from_waker(Waker::noop()))
+}
+
+fn unknown_length<B: Body>(body: &B, version: Version) -> Delimit {
+    if body.is_end_stream() {
+        Delimit::Length(0)
+    } else if version == Version::HTTP_11 {
+        Delimit::Chunked
+    } else {
+        Delimit::Close
+    }
+}
+
+/// `n` in decimal.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// A chunk's size line: `n` in hexadecimal and CRLF.
+fn hex_line(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    let mut i = 16;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_rng::Xorshift;
+    use http_body_util::BodyExt;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn head(bytes: &[u8]) -> Result<Option<Head>, Refused> {
+        parse_head(&mut BytesMut::from(bytes), 8192)
+    }
+
+    fn status(bytes: &[u8]) -> StatusCode {
+        match head(bytes) {
+            Err(Refused(s)) => s,
+            other => panic!(
+                "{:?} was not refused: {other:?}",
+                String::from_utf8_lossy(bytes)
+            ),
+        }
+    }
+
+    #[test]
+    fn a_head_is_parsed_in_place_and_what_follows_it_stays() {
+        let mut buf = BytesMut::from(
+            &b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Two: 1\r\nx-two: 2\r\n\r\nhelloGET"[..],
+        );
+        let h = parse_head(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.uri, "/v1/chat?x=1");
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.framing, Framing::Length(5));
+        assert!(h.keep_alive);
+        let two: Vec<_> = h.headers.get_all("x-two").iter().collect();
+        assert_eq!(two, ["1", "2"]);
+        assert_eq!(&buf[..], b"helloGET");
+        // Not complete yet: nothing is taken.
+        let mut part = BytesMut::from(&b"GET / HTTP/1.1\r\nHost: a\r\n"[..]);
+        assert!(parse_head(&mut part, 8192).unwrap().is_none());
+        assert_eq!(part.len(), 25);
+    }
+
+    #[test]
+    fn framing_and_keep_alive_follow_rfc_9112() {
+        let h = |b: &[u8]| head(b).unwrap().unwrap();
+        // Repeated equal lengths are one length.
+        assert_eq!(
+            h(b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\n").framing,
+            Framing::Length(5)
+        );
+        assert_eq!(
+            h(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n").framing,
+            Framing::None
+        );
+        assert_eq!(h(b"GET / HTTP/1.1\r\n\r\n").framing, Framing::None);
+        // Chunked wins over a length, which is dropped, and the connection closes after.
+        let both = h(b"POST / HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(both.framing, Framing::Chunked);
+        assert!(!both.headers.contains_key(CONTENT_LENGTH));
+        assert!(!both.keep_alive);
+        let chunked = h(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(chunked.framing, Framing::Chunked);
+        assert!(chunked.keep_alive);
+        // Keep-alive: HTTP/1.1 unless closed, HTTP/1.0 only if asked.
+        assert!(!h(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n").keep_alive);
+        assert!(!h(b"GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(h(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        assert!(
+            h(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .expect_continue
+        );
+        assert!(
+            !h(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n")
+                .expect_continue
+        );
+        // Refused.
+        let bad = StatusCode::BAD_REQUEST;
+        for b in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET / HTTP/1.2\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: 1\r\n b\r\n\r\n",
+        ] {
+            assert_eq!(status(b), bad, "{:?}", String::from_utf8_lossy(b));
+        }
+        assert_eq!(
+            status(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            StatusCode::NOT_IMPLEMENTED
+        );
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("x-{i}: v\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(status(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // Over the limit before the head is whole, and whole but over it.
+        let long = [&b"GET /"[..], &[b'a'; 9000]].concat();
+        assert_eq!(status(&long), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        let whole = [&long[..], b" HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(status(&whole), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    }
+
+    /// A chunked body with extensions and a trailer, then the next request's bytes.
+    const CHUNKED: &[u8] =
+        b"5;ext=\"a\"\r\nhello\r\n1 \r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
+
+    fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), BodyFault> {
+        let mut state = Chunk::new();
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut pieces = pieces.iter();
+        loop {
+            match state.step(&mut buf)? {
+                Step::Data(d) => data.extend_from_slice(&d),
+                Step::End => {
+                    let rest = pieces.fold(buf.to_vec(), |mut r, p| {
+                        r.extend_from_slice(p);
+                        r
+                    });
+                    return Ok((data, rest));
+                }
+                Step::NeedMore => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => return Err(BodyFault("ran out")),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_the_same_however_it_is_split() {
+        let want = (b"hello world!".to_vec(), b"NEXT".to_vec());
+        assert_eq!(decode(&[CHUNKED]).unwrap(), want);
+        let bytes: Vec<&[u8]> = CHUNKED.chunks(1).collect();
+        assert_eq!(decode(&bytes).unwrap(), want);
+        let mut rng = Xorshift::new();
+        for _ in 0..500 {
+            let (a, b) = (rng.below(CHUNKED.len()), rng.below(CHUNKED.len()));
+            let (a, b) = (a.min(b), a.max(b));
+            let got = decode(&[&CHUNKED[..a], &CHUNKED[a..b], &CHUNKED[b..]]).unwrap();
+            assert_eq!(got, want, "split at {a} and {b}");
+        }
+    }
+
+    #[test]
+    fn a_broken_chunked_body_is_a_fault_not_a_guess() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX: 1\n\r\n",
+            b"11111111111111111\r\n",
+        ] {
+            assert!(
+                decode(&[bad, b"\r\n0\r\n\r\n"]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let long_ext = [&b"1;"[..], &[b'a'; MAX_CHUNK_LINE], b"\r\nx\r\n0\r\n\r\n"].concat();
+        assert!(decode(&[&long_ext]).is_err());
+        let long_trailer = [&b"0\r\nX: "[..], &[b'a'; MAX_TRAILERS], b"\r\n\r\n"].concat();
+        assert!(decode(&[&long_trailer]).is_err());
+        // The largest size that fits in 64 bits is read as a size, not refused.
+        let mut state = Chunk::new();
+        let mut buf = BytesMut::from(&b"ffffffffffffffff\r\nab"[..]);
+        assert_eq!(
+            state.step(&mut buf).unwrap(),
+            Step::Data(Bytes::from_static(b"ab"))
+        );
+        assert_eq!(state, Chunk::Data(u64::MAX - 2));
+    }
+
+    #[test]
+    fn numbers_are_written_as_they_read() {
+        for n in [0u64, 9, 10, 4096, u64::MAX] {
+            assert_eq!(itoa(n, &mut [0; 20]), n.to_string().as_bytes());
+            let n = n as usize;
+            assert_eq!(hex_line(n, &mut [0; 18]), format!("{n:x}\r\n").as_bytes());
+        }
+        assert_eq!(content_length(b" 42 "), Some(42));
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(content_length(b"18446744073709551616"), None);
+        assert_eq!(content_length(b"-1"), None);
+    }
+
+    #[test]
+    fn pending_bytes_advance_across_pieces() {
+        let mut out = Out::with(b"head".to_vec());
+        out.data(Bytes::from(vec![b'x'; COPY_AT_MOST + 1]));
+        out.copy(b"\r\n");
+        assert_eq!(out.pieces.len(), 3);
+        let total = out.len;
+        out.advance(2);
+        assert_eq!(out.offset, 2);
+        out.advance(3);
+        assert_eq!((out.pieces.len(), out.offset), (2, 1));
+        out.advance(total - 5);
+        assert!(out.is_empty());
+        assert!(out.pieces.is_empty());
+    }
+
+    // ----- over a socket ----------------------------------------------------------------
+
+    /// A body of frames handed out one per poll, each after one `Pending`.
+    struct Trickle(std::collections::VecDeque<Bytes>, bool);
+
+    impl Body for Trickle {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.1 = !self.1;
+            if self.1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            max_head: 8192,
+            head_timeout: Duration::from_secs(30),
+            write_stall: Duration::from_secs(30),
+        }
+    }
+
+    /// A server running `serve` with a handler that answers `<method> <path> <body>` (the
+    /// body read whole), streamed in pieces if the path is `/trickle`.
+    async fn server() -> (
+        SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Vec<&'static str>>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let served = serve(
+                s,
+                |req: Request<ClientBody>| async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes());
+                    let text = match body {
+                        Ok(b) => format!(
+                            "{} {} {}",
+                            parts.method,
+                            parts.uri,
+                            String::from_utf8_lossy(&b)
+                        ),
+                        Err(e) => format!("body error: {e}"),
+                    };
+                    let pieces = if parts.uri == "/trickle" {
+                        text.into_bytes()
+                            .chunks(3)
+                            .map(Bytes::copy_from_slice)
+                            .collect()
+                    } else {
+                        [Bytes::from(text)].into()
+                    };
+                    Response::new(Trickle(pieces, false))
+                },
+                settings(),
+                rx,
+            )
+            .await;
+            vec![match served {
+                Served::Closed => "closed",
+                Served::H2(..) => "h2",
+            }]
+        });
+        (addr, tx, task)
+    }
+
+    async fn read_all(c: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    /// Undo chunked coding the simple way (the test's own decoder, not the one under test).
+    fn unchunk(mut s: &str) -> String {
+        let mut out = String::new();
+        loop {
+            let (size, rest) = s.split_once("\r\n").unwrap();
+            let n = usize::from_str_radix(size, 16).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.push_str(&rest[..n]);
+            s = &rest[n + 2..];
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_then_the_close_is_seen() {
+        let (addr, _stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /trickle HTTP/1.1\r\n\r\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let all = read_all(&mut c).await;
+        let answers: Vec<&str> = all.split("HTTP/1.1 200 OK\r\n").skip(1).collect();
+        assert_eq!(answers.len(), 3, "{all}");
+        // Unknown lengths are chunked; the last answer says the connection closes.
+        let body = |a: &str| a.split_once("\r\n\r\n").unwrap().1.to_string();
+        assert!(answers[0].contains("transfer-encoding: chunked"));
+        assert_eq!(unchunk(&body(answers[0])), "POST /a abc");
+        assert_eq!(unchunk(&body(answers[1])), "GET /trickle ");
+        assert!(answers[2].contains("connection: close"));
+        assert_eq!(unchunk(&body(answers[2])), "POST /c hi");
+        assert!(answers.iter().all(|a| a.contains("\r\ndate: ")));
+        assert_eq!(task.await.unwrap(), ["closed"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_arrives_in_pieces_reaches_the_handler_whole() {
+        let (addr, _stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /len HTTP/1.1\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        // The 100 comes before any body byte is sent.
+        let mut first = [0u8; 25];
+        c.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+        for piece in [&b"01234"[..], b"567", b"89"] {
+            c.write_all(piece).await.unwrap();
+            c.flush().await.unwrap();
+        }
+        c.write_all(
+            b"POST /ch HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc",
+        )
+        .await
+        .unwrap();
+        c.write_all(b"\r\n2\r\nde\r\n0\r\n\r\n").await.unwrap();
+        // Not shut: a client that closes its side while its request is in flight has gone.
+        let all = read_all(&mut c).await;
+        assert!(all.contains("POST /len 0123456789"), "{all}");
+        assert!(all.contains("POST /ch abcde"), "{all}");
+        assert_eq!(task.await.unwrap(), ["closed"]);
+    }
+
+    #[tokio::test]
+    async fn http_1_0_is_answered_and_closed_and_head_gets_no_body() {
+        let (addr, _stop, _task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /trickle HTTP/1.0\r\n\r\n").await.unwrap();
+        let all = read_all(&mut c).await;
+        // No length is known and HTTP/1.0 has no chunks: the close ends the body.
+        assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+        assert!(all.contains("connection: close"));
+        assert!(!all.contains("transfer-encoding"));
+        assert!(all.ends_with("\r\n\r\nGET /trickle "), "{all}");
+
+        let (addr, _stop, _task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"HEAD /x HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.ends_with("\r\n\r\n"), "{all}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_head_or_body_is_refused_and_closes() {
+        let (addr, _stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nBad Name: v\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
+        assert!(all.contains("content-length: 0"));
+        assert_eq!(task.await.unwrap(), ["closed"]);
+
+        let (addr, _stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(
+            b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nGET / HTTP/1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let all = read_all(&mut c).await;
+        // The handler sees the fault; nothing after it is read as a request.
+        assert!(
+            all.contains("body error: a chunk size line has no size"),
+            "{all}"
+        );
+        assert_eq!(all.matches("HTTP/1.1 200").count(), 1, "{all}");
+        assert!(all.contains("connection: close"));
+        assert_eq!(task.await.unwrap(), ["closed"]);
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_handed_back_with_what_was_read() {
+        let (addr, _stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&H2_PREFACE[..10]).await.unwrap();
+        c.flush().await.unwrap();
+        c.write_all(&H2_PREFACE[10..]).await.unwrap();
+        assert_eq!(task.await.unwrap(), ["h2"]);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_request_drops_its_handler() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut hooks = Some((entered_tx, dropped_tx));
+            serve(
+                s,
+                move |_req: Request<ClientBody>| {
+                    let (entered, dropped) = hooks.take().unwrap();
+                    async move {
+                        struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+                        impl Drop for OnDrop {
+                            fn drop(&mut self) {
+                                let _ = self.0.take().unwrap().send(());
+                            }
+                        }
+                        let _guard = OnDrop(Some(dropped));
+                        let _ = entered.send(());
+                        std::future::pending::<Response<Trickle>>().await
+                    }
+                },
+                settings(),
+                rx,
+            )
+            .await
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        entered.await.unwrap();
+        drop(c);
+        dropped.await.expect("the handler was dropped");
+        assert!(matches!(task.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test]
+    async fn the_stop_closes_an_idle_connection_and_ends_a_busy_one_after_its_answer() {
+        let (addr, stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        // Now idle between requests: the stop closes it without an answer.
+        stop.send(true).unwrap();
+        assert_eq!(read_all(&mut c).await, "");
+        assert_eq!(task.await.unwrap(), ["closed"]);
+
+        // A request in flight at the stop is answered, says the connection closes, and
+        // closes it. The 100 says the head was read before the stop.
+        let (addr, stop, task) = server().await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 25];
+        c.read_exact(&mut first).await.unwrap();
+        stop.send(true).unwrap();
+        c.write_all(b"hi").await.unwrap();
+        let all = read_all(&mut c).await;
+        assert!(all.contains("connection: close"), "{all}");
+        assert!(all.contains("POST /a hi"), "{all}");
+        assert_eq!(task.await.unwrap(), ["closed"]);
+    }
+}
