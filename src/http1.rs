@@ -14,13 +14,18 @@
 //! * a head that `httparse` refuses (obsolete line folding, a space before a colon, a control
 //!   byte, no version, a version other than 1.0 and 1.1) is answered 400; one over
 //!   `server.max_header_bytes`, or with more than [`MAX_HEADERS`] fields, 431;
-//! * Content-Length values must all be the same decimal number; Transfer-Encoding must end in
-//!   `chunked` (and is refused in HTTP/1.0); with both, chunked wins, the length is dropped and
-//!   the connection closes after the answer (RFC 9112 §6.3);
+//! * Content-Length values must all be the same decimal number; Transfer-Encoding must be
+//!   `chunked` alone (400 if it does not end in chunked or is empty, 501 for a coding before
+//!   it, 400 in HTTP/1.0); with both, chunked wins, the length is dropped and the connection
+//!   closes after the answer (RFC 9112 §6.3); chunk size lines and extensions are read as
+//!   strictly as hyper reads them;
+//! * `100 Continue` is sent when the handler first asks for the body, not before;
 //! * every wait for a head (the first, and each between keep-alive requests) ends after
 //!   `server.header_read_timeout`;
 //! * a client that closes its side while its request is in flight has gone: the handler's
-//!   future is dropped (the proxy detaches what must finish, see `proxy::Detachable`);
+//!   future is dropped (the proxy detaches what must finish, see `proxy::Detachable`). This
+//!   is seen while the connection reads: not while a streamed upload waits for its handler to
+//!   take the piece already read (as with hyper, which reads only what a body asks for);
 //! * a write that waits the write-stall limit without the client taking a byte ends the
 //!   connection (a client that stopped reading must not hold its slot).
 //!
@@ -59,6 +64,9 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// A chunked body's size lines with their extensions, and its trailer section, each at most
 /// this long.
 const MAX_CHUNK_LINE: usize = 4096;
+/// All of a body's chunk extensions together (hyper's limit too): a client must not send a
+/// byte of data per line of extensions for ever.
+const MAX_EXTENSIONS: usize = 16 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 
 /// What a connection needs to know from the configuration.
@@ -98,11 +106,17 @@ impl ClientBody {
     }
 }
 
-/// The part of a body still to come from the client.
+/// The part of a body still to come from the client. The connection sends its pieces, and
+/// for a chunked body an empty piece at its end: a channel that closes before the end (a
+/// Content-Length's bytes all came, or the empty piece) means the client left mid-body, and
+/// is an error, never a clean end.
 pub struct Streamed {
     rx: mpsc::Receiver<Result<Bytes, BoxError>>,
     /// Bytes still to come under a Content-Length; `None` for a chunked body.
     remaining: Option<u64>,
+    /// Told when the handler first asks for the body: the connection then sends the
+    /// `100 Continue` a client that sent `Expect: 100-continue` waits for.
+    wanted: Option<tokio::sync::oneshot::Sender<()>>,
     done: bool,
 }
 
@@ -120,7 +134,14 @@ impl Body for ClientBody {
                 if s.done {
                     return Poll::Ready(None);
                 }
+                if let Some(wanted) = s.wanted.take() {
+                    let _ = wanted.send(());
+                }
                 match s.rx.poll_recv(cx) {
+                    Poll::Ready(Some(Ok(data))) if data.is_empty() => {
+                        s.done = true;
+                        Poll::Ready(None)
+                    }
                     Poll::Ready(Some(Ok(data))) => {
                         if let Some(r) = &mut s.remaining {
                             *r = r.saturating_sub(data.len() as u64);
@@ -133,7 +154,13 @@ impl Body for ClientBody {
                     }
                     Poll::Ready(None) => {
                         s.done = true;
-                        Poll::Ready(None)
+                        if s.remaining == Some(0) {
+                            Poll::Ready(None)
+                        } else {
+                            Poll::Ready(Some(Err(Box::new(BodyFault(
+                                "the client closed before the body's end",
+                            )))))
+                        }
                     }
                     Poll::Pending => Poll::Pending,
                 }
@@ -241,6 +268,10 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         let (v, vl) = at(h.value);
         *span = (n, nl, v, vl);
     }
+    if target.1 >= usize::from(u16::MAX) - 1 {
+        // Longer than `http::Uri` holds.
+        return Err(Refused(StatusCode::URI_TOO_LONG));
+    }
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|_| bad)?;
     let mut headers = HeaderMap::with_capacity(count);
@@ -249,6 +280,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut coded = false;
+    let mut te = false;
     for &(n, nl, v, vl) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad)?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| bad)?;
@@ -261,6 +293,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
                 length = Some(n);
             }
         } else if name == TRANSFER_ENCODING {
+            te = true;
             for coding in value.as_bytes().split(|&b| b == b',') {
                 let coding = coding.trim_ascii();
                 if coding.is_empty() {
@@ -291,7 +324,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         Version::HTTP_11 => !close,
         _ => keep && !close,
     };
-    if chunked || coded {
+    if te {
         // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty; one
         // that does not end in chunked leaves a request's length unknown.
         if version == Version::HTTP_10 || !chunked {
@@ -349,7 +382,12 @@ enum Chunk {
         digits: u8,
         line: usize,
     },
-    /// Past the size's digits, in whitespace or an extension, up to the CR.
+    /// Past the size's digits, in whitespace before `;` or the CR.
+    Lws {
+        size: u64,
+        line: usize,
+    },
+    /// In an extension, up to the CR.
     Ext {
         size: u64,
         line: usize,
@@ -384,6 +422,27 @@ enum Step {
     End,
 }
 
+/// A chunked body's decoder: where it is, and the extension bytes it has seen.
+#[derive(Debug)]
+struct Decoder {
+    at: Chunk,
+    extensions: usize,
+}
+
+impl Decoder {
+    fn new() -> Decoder {
+        Decoder {
+            at: Chunk::new(),
+            extensions: 0,
+        }
+    }
+
+    /// Decode from the front of `buf`, taking what it consumes.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BodyFault> {
+        self.at.step(buf, &mut self.extensions)
+    }
+}
+
 impl Chunk {
     fn new() -> Chunk {
         Chunk::Size {
@@ -393,8 +452,7 @@ impl Chunk {
         }
     }
 
-    /// Decode from the front of `buf`, taking what it consumes.
-    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, BodyFault> {
+    fn step(&mut self, buf: &mut BytesMut, extensions: &mut usize) -> Result<Step, BodyFault> {
         let fault = |what| Err(BodyFault(what));
         loop {
             if *self == Chunk::Done {
@@ -434,16 +492,38 @@ impl Chunk {
                         }
                         None if digits == 0 => return fault("a chunk size line has no size"),
                         None if b == b'\r' => Chunk::SizeLf { size },
-                        None if b == b';' || b == b' ' || b == b'\t' => Chunk::Ext {
+                        None if b == b';' => Chunk::Ext {
+                            size,
+                            line: line + 1,
+                        },
+                        None if b == b' ' || b == b'\t' => Chunk::Lws {
                             size,
                             line: line + 1,
                         },
                         None => return fault("a chunk size is not hexadecimal"),
                     }
                 }
-                Chunk::Ext { size, line } => {
+                Chunk::Lws { size, line } => {
                     if line >= MAX_CHUNK_LINE {
-                        return fault("a chunk extension is too long");
+                        return fault("a chunk size line is too long");
+                    }
+                    match b {
+                        b' ' | b'\t' => Chunk::Lws {
+                            size,
+                            line: line + 1,
+                        },
+                        b';' => Chunk::Ext {
+                            size,
+                            line: line + 1,
+                        },
+                        b'\r' => Chunk::SizeLf { size },
+                        _ => return fault("a chunk size is followed by neither ';' nor CRLF"),
+                    }
+                }
+                Chunk::Ext { size, line } => {
+                    *extensions += 1;
+                    if line >= MAX_CHUNK_LINE || *extensions > MAX_EXTENSIONS {
+                        return fault("chunk extensions are too long");
                     }
                     match b {
                         b'\r' => Chunk::SizeLf { size },
@@ -518,7 +598,12 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
         stream.readable().await?;
         let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
             Ok(n) => {
-                buf.extend_from_slice(&s[..n]);
+                // A new allocation of exactly what is held: extending a buffer split from
+                // an earlier one would allocate at least that one's size again.
+                let mut fresh = BytesMut::with_capacity(buf.len() + n);
+                fresh.extend_from_slice(buf);
+                fresh.extend_from_slice(&s[..n]);
+                *buf = fresh;
                 Ok(n)
             }
             Err(e) => Err(e),
@@ -559,11 +644,16 @@ where
             Err(Ended::Quiet) => return Served::Closed,
         };
         first = false;
-        let (meta, pump, req) = request(head, &mut rbuf);
+        let (meta, pump, wanted, req) = request(head, &mut rbuf);
         // Boxed: a connection between requests is small, the handler's state exists only
         // while it runs.
         let handling = Box::pin(handler(req));
-        match exchange(&stream, &mut rbuf, handling, pump, meta, &settings, &stop).await {
+        let wanted = wanted.map(Box::pin);
+        match exchange(
+            &stream, &mut rbuf, handling, pump, wanted, meta, &settings, &stop,
+        )
+        .await
+        {
             Next::Again => {}
             Next::Close => return finish(stream),
             Next::Gone => return Served::Closed,
@@ -631,11 +721,20 @@ struct Meta {
     version: Version,
     is_head: bool,
     keep_alive: bool,
-    expect_continue: bool,
 }
 
 /// The request a head and the bytes after it make, and what is left to read of its body.
-fn request(head: Head, rbuf: &mut BytesMut) -> (Meta, Pump, Request<ClientBody>) {
+/// With a body still to come from a client that expects `100 Continue`, the receiver told when
+/// the handler first asks for it.
+fn request(
+    head: Head,
+    rbuf: &mut BytesMut,
+) -> (
+    Meta,
+    Pump,
+    Option<tokio::sync::oneshot::Receiver<()>>,
+    Request<ClientBody>,
+) {
     let Head {
         method,
         uri,
@@ -649,8 +748,8 @@ fn request(head: Head, rbuf: &mut BytesMut) -> (Meta, Pump, Request<ClientBody>)
         version,
         is_head: method == Method::HEAD,
         keep_alive,
-        expect_continue,
     };
+    let mut wanted_rx = None;
     // The body: whole if it is all here already, else passed on as it arrives.
     let (body, pump) = match framing {
         Framing::None => (ClientBody::empty(), Pump::Done),
@@ -664,15 +763,21 @@ fn request(head: Head, rbuf: &mut BytesMut) -> (Meta, Pump, Request<ClientBody>)
                 Framing::Length(n) => Some(n),
                 _ => None,
             };
+            let wanted = expect_continue.then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                wanted_rx = Some(rx);
+                tx
+            });
             let body = ClientBody::Streamed(Streamed {
                 rx,
                 remaining,
+                wanted,
                 done: false,
             });
             let pump = match remaining {
                 Some(left) => Pump::Length { left, tx },
                 None => Pump::Chunked {
-                    state: Chunk::new(),
+                    state: Decoder::new(),
                     tx,
                 },
             };
@@ -684,16 +789,18 @@ fn request(head: Head, rbuf: &mut BytesMut) -> (Meta, Pump, Request<ClientBody>)
     *req.uri_mut() = uri;
     *req.version_mut() = version;
     *req.headers_mut() = headers;
-    (meta, pump, req)
+    (meta, pump, wanted_rx, req)
 }
 
 /// One request: its body passed on, the handler's answer written, the client watched for
 /// leaving throughout.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<Fut, B>(
     stream: &TcpStream,
     rbuf: &mut BytesMut,
     mut handling: Pin<Box<Fut>>,
     pump: Pump,
+    mut wanted: Option<Pin<Box<tokio::sync::oneshot::Receiver<()>>>>,
     meta: Meta,
     settings: &Settings,
     stop: &watch::Receiver<bool>,
@@ -706,27 +813,36 @@ where
         version,
         is_head,
         mut keep_alive,
-        expect_continue,
     } = meta;
-    if expect_continue && !matches!(pump, Pump::Done) {
-        // RFC 9110 §10.1.1: an immediate 100 lets the client send its body.
-        let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
-        if write_all(stream, &mut out, settings.write_stall)
-            .await
-            .is_err()
-        {
-            return Next::Gone;
-        }
-    }
     let body_done = AtomicBool::new(matches!(pump, Pump::Done));
     let unread = AtomicBool::new(false);
     let watch = reader(stream, rbuf, pump, &body_done, &unread);
     tokio::pin!(watch);
-    let resp = tokio::select! {
-        biased;
-        r = handling.as_mut() => r,
-        // The client has gone: what it asked for is dropped with the handler.
-        () = &mut watch => return Next::Gone,
+    let resp = loop {
+        tokio::select! {
+            biased;
+            r = handling.as_mut() => break r,
+            // The client has gone: what it asked for is dropped with the handler.
+            () = &mut watch => return Next::Gone,
+            // The handler asks for a body the client holds back until told to send it
+            // (RFC 9110 §10.1.1), as hyper does: not before, so a request refused on its head
+            // alone (401, 413) is answered before the client uploads anything. A body dropped
+            // unread sends nothing, and the connection closes after the answer.
+            asked = async {
+                match wanted.as_mut() {
+                    Some(w) => w.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            }, if wanted.is_some() => {
+                wanted = None;
+                if asked.is_ok() {
+                    let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                    if write_all(stream, &mut out, settings.write_stall).await.is_err() {
+                        return Next::Gone;
+                    }
+                }
+            }
+        }
     };
     drop(handling);
     // Another request only if this one's body was read to its end and the proxy is not
@@ -770,7 +886,7 @@ enum Pump {
         tx: mpsc::Sender<Result<Bytes, BoxError>>,
     },
     Chunked {
-        state: Chunk,
+        state: Decoder,
         tx: mpsc::Sender<Result<Bytes, BoxError>>,
     },
 }
@@ -813,14 +929,8 @@ async fn reader(
                 if rbuf.is_empty() {
                     match read_more(stream, rbuf).await {
                         Ok(n) if n > 0 => {}
-                        _ => {
-                            if let Some(tx) = &tx {
-                                let _ = tx.try_send(Err(Box::new(BodyFault(
-                                    "the client closed before the body's end",
-                                ))));
-                            }
-                            return;
-                        }
+                        // The body then ends short, which its reader is told.
+                        _ => return,
                     }
                 }
                 let take = (rbuf.len() as u64).min(left) as usize;
@@ -842,17 +952,15 @@ async fn reader(
                             tx = None;
                         }
                     }
-                    Ok(Step::End) => break,
+                    Ok(Step::End) => {
+                        // The end, said explicitly (see [`Streamed`]).
+                        let _ = pass_on(&mut tx, Bytes::new(), unread).await;
+                        break;
+                    }
                     Ok(Step::NeedMore) => match read_more(stream, rbuf).await {
                         Ok(n) if n > 0 => {}
-                        _ => {
-                            if let Some(tx) = &tx {
-                                let _ = tx.try_send(Err(Box::new(BodyFault(
-                                    "the client closed before the body's end",
-                                ))));
-                            }
-                            return;
-                        }
+                        // The body then ends short, which its reader is told.
+                        _ => return,
                     },
                     Err(fault) => {
                         // Nothing after a broken body can be read as a request.
@@ -1071,28 +1179,36 @@ where
     if headers.contains_key(TRANSFER_ENCODING) {
         headers.remove(TRANSFER_ENCODING);
     }
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .map(|v| content_length(v.as_bytes()));
+    // The length is written once, by this connection, from what the answer says or knows:
+    // a list of equal lengths is one length; lengths that differ or do not parse are none.
+    let declared = if headers.contains_key(CONTENT_LENGTH) {
+        let n = one_length(headers.get_all(CONTENT_LENGTH));
+        headers.remove(CONTENT_LENGTH);
+        n
+    } else {
+        None
+    };
     let mut head = Vec::with_capacity(256 + headers.len() * 48);
     status_line(&mut head, status);
-    let delimit = match declared {
-        _ if bodyless => Delimit::Bodyless,
-        Some(Some(n)) => Delimit::Length(n),
-        Some(None) => {
-            // A length that is not one: dropped, and the body delimited as if none came.
-            headers.remove(CONTENT_LENGTH);
-            unknown_length(&body, version)
+    let delimit = if bodyless {
+        // A HEAD's or a 304's length describes the body not sent; 1xx and 204 have none.
+        if let (Some(n), true) = (declared, is_head || status == StatusCode::NOT_MODIFIED) {
+            length_field(&mut head, n);
         }
-        None => match body.size_hint().exact() {
+        Delimit::Bodyless
+    } else {
+        match declared.or_else(|| body.size_hint().exact()) {
             Some(n) => {
-                head.extend_from_slice(b"content-length: ");
-                head.extend_from_slice(itoa(n, &mut [0; 20]));
-                head.extend_from_slice(b"\r\n");
+                length_field(&mut head, n);
                 Delimit::Length(n)
             }
-            None => unknown_length(&body, version),
-        },
+            None if body.is_end_stream() => {
+                length_field(&mut head, 0);
+                Delimit::Length(0)
+            }
+            None if version == Version::HTTP_11 => Delimit::Chunked,
+            None => Delimit::Close,
+        }
     };
     match delimit {
         Delimit::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -1202,14 +1318,25 @@ fn poll_now<B: Body + Unpin>(body: &mut B) -> Poll<Option<Result<Frame<B::Data>,
     Pin::new(body).poll_frame(&mut Context::from_waker(Waker::noop()))
 }
 
-fn unknown_length<B: Body>(body: &B, version: Version) -> Delimit {
-    if body.is_end_stream() {
-        Delimit::Length(0)
-    } else if version == Version::HTTP_11 {
-        Delimit::Chunked
-    } else {
-        Delimit::Close
+/// The one length a header's values give (`5`, `5, 5`), if they agree and parse.
+fn one_length(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
+    let mut length = None;
+    for v in values {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = content_length(part)?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
     }
+    length
+}
+
+fn length_field(head: &mut Vec<u8>, n: u64) {
+    head.extend_from_slice(b"content-length: ");
+    head.extend_from_slice(itoa(n, &mut [0; 20]));
+    head.extend_from_slice(b"\r\n");
 }
 
 /// `n` in decimal.
@@ -1238,6 +1365,57 @@ fn hex_line(mut n: usize, buf: &mut [u8; 18]) -> &[u8] {
         if n == 0 {
             return &buf[i..];
         }
+    }
+}
+
+/// For the `http1` fuzz target: the head parser and the chunked decoder on `bytes`, whole and
+/// fed in two pieces split at `split`. Panics if the two readings differ, or if a decoder
+/// gives more data than it was given bytes.
+#[doc(hidden)]
+pub fn check_split(bytes: &[u8], split: usize) {
+    let split = split.min(bytes.len());
+    let max = 8192;
+    let whole = parse_head(&mut BytesMut::from(bytes), max);
+    let mut buf = BytesMut::from(&bytes[..split]);
+    let mut parts = parse_head(&mut buf, max);
+    if matches!(parts, Ok(None)) {
+        buf.extend_from_slice(&bytes[split..]);
+        parts = parse_head(&mut buf, max);
+    }
+    assert_eq!(
+        format!("{whole:?}"),
+        format!("{parts:?}"),
+        "the head read whole and in two pieces differ"
+    );
+    let decode = |pieces: &[&[u8]]| {
+        let mut state = Decoder::new();
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut pieces = pieces.iter();
+        loop {
+            match state.step(&mut buf) {
+                Ok(Step::Data(d)) => data.extend_from_slice(&d),
+                Ok(Step::End) => {
+                    let rest: usize = buf.len() + pieces.map(|p| p.len()).sum::<usize>();
+                    return Ok((data, rest));
+                }
+                Ok(Step::NeedMore) => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => return Err(Some(data)),
+                },
+                Err(_) => return Err(None),
+            }
+        }
+    };
+    let one = decode(&[bytes]);
+    let two = decode(&[&bytes[..split], &bytes[split..]]);
+    // A fault is found at the same byte however the bytes come, and so is the end.
+    assert_eq!(
+        one, two,
+        "the chunked body read whole and in two pieces differ"
+    );
+    if let Ok((data, _)) = &one {
+        assert!(data.len() <= bytes.len());
     }
 }
 
@@ -1325,6 +1503,9 @@ mod tests {
             b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
             b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\nContent-Length: 1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n",
+            b"POST / HTTP/1.0\r\nTransfer-Encoding: \r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1356,7 +1537,7 @@ mod tests {
         b"5;ext=\"a\"\r\nhello\r\n1 \r\n \r\n6\r\nworld!\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
 
     fn decode(pieces: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), BodyFault> {
-        let mut state = Chunk::new();
+        let mut state = Decoder::new();
         let mut buf = BytesMut::new();
         let mut data = Vec::new();
         let mut pieces = pieces.iter();
@@ -1402,6 +1583,9 @@ mod tests {
             b"5\r\nhelloX\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nX: 1\n\r\n",
             b"11111111111111111\r\n",
+            b"1 2\r\nx\r\n",
+            b"1 x\r\nx\r\n",
+            b"5\t\x00\r\nhello\r\n",
         ] {
             assert!(
                 decode(&[bad, b"\r\n0\r\n\r\n"]).is_err(),
@@ -1411,16 +1595,22 @@ mod tests {
         }
         let long_ext = [&b"1;"[..], &[b'a'; MAX_CHUNK_LINE], b"\r\nx\r\n0\r\n\r\n"].concat();
         assert!(decode(&[&long_ext]).is_err());
+        // Extensions within each line's limit, but too many together.
+        let ext_line = [&b"1;"[..], &[b'a'; 100], b"\r\nx\r\n"].concat();
+        let many_ext = ext_line.repeat(MAX_EXTENSIONS / 100 + 1);
+        assert!(decode(&[&many_ext, b"0\r\n\r\n"]).is_err());
+        let within = b"1 \t;a=b\r\nx\r\n".repeat(100);
+        assert!(decode(&[&within, b"0\r\n\r\n"]).is_ok());
         let long_trailer = [&b"0\r\nX: "[..], &[b'a'; MAX_TRAILERS], b"\r\n\r\n"].concat();
         assert!(decode(&[&long_trailer]).is_err());
         // The largest size that fits in 64 bits is read as a size, not refused.
-        let mut state = Chunk::new();
+        let mut state = Decoder::new();
         let mut buf = BytesMut::from(&b"ffffffffffffffff\r\nab"[..]);
         assert_eq!(
             state.step(&mut buf).unwrap(),
             Step::Data(Bytes::from_static(b"ab"))
         );
-        assert_eq!(state, Chunk::Data(u64::MAX - 2));
+        assert_eq!(state.at, Chunk::Data(u64::MAX - 2));
     }
 
     #[test]
@@ -1728,5 +1918,148 @@ mod tests {
         assert!(all.contains("connection: close"), "{all}");
         assert!(all.contains("POST /a hi"), "{all}");
         assert_eq!(task.await.unwrap(), ["closed"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_its_end_is_said() {
+        // A length: the channel closing before the length's bytes came is an error.
+        let (tx, rx) = mpsc::channel(2);
+        let mut body = ClientBody::Streamed(Streamed {
+            rx,
+            remaining: Some(10),
+            wanted: None,
+            done: false,
+        });
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        drop(tx);
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "abc"
+        );
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(body.frame().await.is_none());
+        // Chunked: only the empty piece is an end.
+        for end in [true, false] {
+            let (tx, rx) = mpsc::channel(2);
+            let body = ClientBody::Streamed(Streamed {
+                rx,
+                remaining: None,
+                wanted: None,
+                done: false,
+            });
+            tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+            if end {
+                tx.send(Ok(Bytes::new())).await.unwrap();
+            }
+            drop(tx);
+            let got = body.collect().await.map(|b| b.to_bytes());
+            assert_eq!(got.is_ok(), end, "with the end marker: {end}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_100_continue_for_a_body_the_handler_never_asks_for() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            serve(
+                s,
+                |_req: Request<ClientBody>| async {
+                    let mut r = Response::new(crate::body::ResponseBody::empty());
+                    *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                    r
+                },
+                settings(),
+                rx,
+            )
+            .await
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let all = read_all(&mut c).await;
+        assert!(
+            all.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+            "{all}"
+        );
+        assert!(!all.contains("100 Continue"), "{all}");
+        assert!(all.contains("connection: close"), "{all}");
+        assert!(matches!(task.await.unwrap(), Served::Closed));
+    }
+
+    /// What `write_response` puts on the wire for this answer to a GET (or a HEAD).
+    async fn wire<B: Body<Data = Bytes> + Unpin>(resp: Response<B>, is_head: bool) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let keep = write_response(
+            &s,
+            resp,
+            Version::HTTP_11,
+            is_head,
+            true,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        drop(s);
+        let all = read_all(&mut c).await;
+        format!("{keep} {all}")
+    }
+
+    #[tokio::test]
+    async fn an_answer_carries_one_framing_and_only_its_own() {
+        let full = |status: u16, lengths: &[&'static str], body: &'static str| {
+            let mut r = Response::new(crate::body::ResponseBody::full(Bytes::from_static(
+                body.as_bytes(),
+            )));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            for l in lengths {
+                r.headers_mut()
+                    .append(CONTENT_LENGTH, HeaderValue::from_static(l));
+            }
+            r.headers_mut()
+                .insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+            r
+        };
+        // The length it says, written once; a list of equal lengths is one.
+        let got = wire(full(200, &["5", "5, 5"], "hello"), false).await;
+        assert_eq!(got.matches("content-length").count(), 1, "{got}");
+        assert!(
+            got.contains("content-length: 5\r\n") && got.ends_with("\r\n\r\nhello"),
+            "{got}"
+        );
+        assert!(
+            got.starts_with("true ") && !got.contains("transfer-encoding"),
+            "{got}"
+        );
+        // Lengths that differ are none: the body's own size is used.
+        let got = wire(full(200, &["5", "6"], "hello"), false).await;
+        assert!(got.contains("content-length: 5\r\n"), "{got}");
+        // A HEAD keeps its length and sends no body; a 204 has neither.
+        let got = wire(full(200, &["42"], ""), true).await;
+        assert!(
+            got.contains("content-length: 42\r\n") && got.ends_with("\r\n\r\n"),
+            "{got}"
+        );
+        let got = wire(full(204, &["42"], ""), false).await;
+        assert!(!got.contains("content-length"), "{got}");
+        // A body that is over before it starts is a length of 0, not a close-delimited body.
+        let got = wire(Response::new(Trickle([].into(), false)), false).await;
+        assert!(got.contains("transfer-encoding: chunked"), "{got}");
+        let got = wire(Response::new(crate::body::ResponseBody::empty()), false).await;
+        assert!(got.contains("content-length: 0\r\n"), "{got}");
+        // Shorter than it said: written, then the connection closes.
+        let got = wire(full(200, &["10"], "hello"), false).await;
+        assert!(got.starts_with("false ") && got.ends_with("hello"), "{got}");
+        // Longer: cut at the length, and closed.
+        let got = wire(full(200, &["3"], "hello"), false).await;
+        assert!(
+            got.starts_with("false ") && got.ends_with("\r\n\r\nhel"),
+            "{got}"
+        );
     }
 }
