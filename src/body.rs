@@ -238,8 +238,8 @@ struct Streaming {
     /// An SSE error event to send after an upstream failure, then end cleanly.
     trailer: Option<Bytes>,
     /// An upstream failure of a non-SSE body, reported on the next poll: the one poll in
-    /// between lets hyper send the head and the bytes already handed to it, which it drops
-    /// when a body fails in the same poll that gave them.
+    /// between lets the connection send the head and the bytes already handed to it (hyper's
+    /// HTTP/2 server drops them when a body fails in the same poll that gave them).
     broken: Option<String>,
     finished: bool,
 }
@@ -281,8 +281,8 @@ impl ResponseBody {
 }
 
 impl Streaming {
-    /// The stream is over (normally or not): release the slot and log now, not when hyper
-    /// gets round to dropping the body.
+    /// The stream is over (normally or not): release the slot and log now, not when the
+    /// connection gets round to dropping the body.
     fn finish(&mut self, error: Option<String>) {
         if self.finished {
             return;
@@ -351,7 +351,8 @@ impl Body for ResponseBody {
                                 continue;
                             }
                             s.log.bytes_out += data.len() as u64;
-                            // hyper stops polling once a Content-Length body is complete, so
+                            // The connection stops polling once a Content-Length body is
+                            // complete (as hyper's HTTP/2 server does), so
                             // the end is recognised here rather than by a final `None`.
                             if s.inner.is_end_stream() && s.sse.is_none() {
                                 s.finish(None);
@@ -407,7 +408,8 @@ impl Drop for Streaming {
     fn drop(&mut self) {
         if !self.finished {
             let why = if let Some(broken) = self.broken.take() {
-                // The upstream failed, and hyper let the body go before it was told.
+                // The upstream failed, and the connection let the body go before it
+                // was told.
                 Some(broken)
             } else if self.inner.is_end_stream() {
                 None

@@ -1289,6 +1289,10 @@ where
                         }
                         sent += data.len() as u64;
                         out.data(data);
+                        if sent == n {
+                            // Complete: not polled again, as hyper does not.
+                            break;
+                        }
                     }
                     Delimit::Close => out.data(data),
                     Delimit::Bodyless => {}

@@ -606,7 +606,7 @@ impl Pipeline {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         if sse {
-            // The rewriter may lengthen the stream; hyper will chunk it.
+            // The rewriter may lengthen the stream; the connection will chunk it.
             parts.headers.remove(CONTENT_LENGTH);
         }
         parts.headers.insert(REQUEST_ID, request_id);
@@ -887,7 +887,7 @@ enum Unread {
 }
 
 /// Read a whole request body (bounded by `limit`, each chunk within `idle`) into one
-/// allocation of its own (not a slice of hyper's read buffer), held in `hold`.
+/// allocation of its own (not a slice of the connection's read buffer), held in `hold`.
 async fn read_body(
     body: ClientBody,
     limit: u64,

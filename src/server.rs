@@ -1,8 +1,8 @@
 //! Listeners: the accept loops for the proxy and admin ports, the per-connection HTTP settings
 //! that protect the proxy from its clients, and the graceful drain at shutdown.
 //!
-//! Client connections speak HTTP/1.1 or HTTP/2 with prior knowledge (h2c), detected per
-//! connection. A client that has not sent its whole request head within
+//! Client connections speak HTTP/1.1 (the proxy's own server, [`crate::http1`]) or HTTP/2
+//! with prior knowledge (h2c, hyper's server), told apart by the first bytes. A client that has not sent its whole request head within
 //! `server.header_read_timeout` is dropped (slow loris), including one that never even reveals
 //! its protocol; heads over `server.max_header_bytes` get 431; and at most
 //! `server.max_connections` connections are open at once: past that the loop stops accepting
@@ -568,7 +568,8 @@ impl Drop for OpenGuard {
     }
 }
 
-/// A client connection whose writes may wait for the client at most `limit` at a time.
+/// An HTTP/2 client connection whose writes may wait for the client at most `limit` at a
+/// time (HTTP/1 connections do the same in `http1::write_all`).
 ///
 /// A client that stops reading a streamed answer shuts its TCP window: the proxy's writes
 /// then wait, hyper stops asking the body for more, and the body's own idle timer (counted

@@ -246,7 +246,7 @@ async fn malformed_request_heads_are_refused_and_never_forwarded() {
     for (what, bytes, want) in cases {
         let response = raw_exchange(proxy.addr, bytes, true).await;
         let got = status_code(&response);
-        // hyper answers a head it cannot parse itself, with an empty 400 rather than the
+        // The connection answers a head it cannot parse itself, with an empty 400 rather than the
         // proxy's JSON: the status, and that nothing reached the upstream, is what matters.
         if got != Some(*want) {
             wrong.push(format!("{what}: wanted {want}, got {response:?}"));
@@ -265,7 +265,7 @@ async fn too_many_headers_or_a_huge_target_are_refused() {
     let proxy = Start::new(&mock.url(), "[server]\nmax_header_bytes = 8192\n")
         .start()
         .await;
-    // Many small headers (hyper's cap is 100), rather than one big one as in core.rs.
+    // Many small headers (the cap is 100, as hyper's), rather than one big one as in core.rs.
     let mut many = String::from("GET /v1/models HTTP/1.1\r\nHost: x\r\n");
     for i in 0..500 {
         many.push_str(&format!("X-H{i}: v\r\n"));
