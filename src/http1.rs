@@ -1725,6 +1725,13 @@ mod tests {
         (addr, tx, task)
     }
 
+    /// The `100 Continue` the connection sends once the handler asks for the body.
+    async fn read_continue(c: &mut TcpStream) {
+        let mut first = [0u8; 25];
+        c.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
     async fn read_all(c: &mut TcpStream) -> String {
         let mut out = Vec::new();
         c.read_to_end(&mut out).await.unwrap();
@@ -1776,9 +1783,7 @@ mod tests {
             .await
             .unwrap();
         // The 100 comes before any body byte is sent.
-        let mut first = [0u8; 25];
-        c.read_exact(&mut first).await.unwrap();
-        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+        read_continue(&mut c).await;
         for piece in [&b"01234"[..], b"567", b"89"] {
             c.write_all(piece).await.unwrap();
             c.flush().await.unwrap();
@@ -1916,8 +1921,7 @@ mod tests {
         c.write_all(b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
             .await
             .unwrap();
-        let mut first = [0u8; 25];
-        c.read_exact(&mut first).await.unwrap();
+        read_continue(&mut c).await;
         stop.send(true).unwrap();
         c.write_all(b"hi").await.unwrap();
         let all = read_all(&mut c).await;
