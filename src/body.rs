@@ -352,7 +352,8 @@ impl Body for ResponseBody {
                             }
                             s.log.bytes_out += data.len() as u64;
                             // The connection stops polling once a Content-Length body is
-                            // complete (as hyper's HTTP/2 server does), so
+                            // complete (hyper's HTTP/2 server once the body says it has
+                            // ended), so
                             // the end is recognised here rather than by a final `None`.
                             if s.inner.is_end_stream() && s.sse.is_none() {
                                 s.finish(None);

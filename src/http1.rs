@@ -10,15 +10,18 @@
 //! nothing more, and an answer's head is written from a buffer that lives only while it is
 //! written.
 //!
-//! The rules, where RFC 9112 leaves a choice, are strict and are hyper's:
+//! The rules, where RFC 9112 leaves a choice, are strict: hyper's, and stricter where
+//! noted:
 //! * a head that `httparse` refuses (obsolete line folding, a space before a colon, a control
 //!   byte, no version, a version other than 1.0 and 1.1) is answered 400; one over
 //!   `server.max_header_bytes`, or with more than [`MAX_HEADERS`] fields, 431;
 //! * Content-Length values must all be the same decimal number; Transfer-Encoding must be
-//!   `chunked` alone (400 if it does not end in chunked or is empty, 501 for a coding before
-//!   it, 400 in HTTP/1.0); with both, chunked wins, the length is dropped and the connection
-//!   closes after the answer (RFC 9112 §6.3); chunk size lines and extensions are read as
-//!   strictly as hyper reads them;
+//!   `chunked` alone (400 if it does not end in chunked, is empty or repeats it, 501 for a
+//!   coding before it, 400 in HTTP/1.0: hyper accepts `gzip, chunked` and a repeated
+//!   `chunked`); with both, chunked wins, the length is dropped and the connection closes
+//!   after the answer (RFC 9112 §6.3); chunk size lines follow hyper's grammar, but a size
+//!   of more than 16 hex digits is refused even with leading zeros, and a body's extensions
+//!   are capped at 16 KiB together, as hyper caps them;
 //! * `100 Continue` is sent when the handler first asks for the body, not before;
 //! * every wait for a head (the first, and each between keep-alive requests) ends after
 //!   `server.header_read_timeout`;
@@ -84,8 +87,10 @@ pub struct Settings {
 pub enum Served {
     /// Closed (by either side, an error, a timeout or the stop).
     Closed,
-    /// The client sent the HTTP/2 preface: here are the socket and the bytes read from it.
-    H2(TcpStream, Bytes),
+    /// The client sent the HTTP/2 preface: here are the socket, the bytes read from it, and
+    /// when its first request must have come (`header_read_timeout` after the connection
+    /// opened, as for HTTP/1).
+    H2(TcpStream, Bytes, Instant),
 }
 
 // ----- the request body -------------------------------------------------------------------
@@ -270,7 +275,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         .iter()
         .map(|h| (at(h.name.as_bytes()), at(h.value)))
         .collect();
-    if target.1 >= usize::from(u16::MAX) - 1 {
+    if target.1 > usize::from(u16::MAX) - 1 {
         // Longer than `http::Uri` holds.
         return Err(Refused(StatusCode::URI_TOO_LONG));
     }
@@ -600,12 +605,19 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
         stream.readable().await?;
         let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
             Ok(n) => {
-                // A new allocation of exactly what is held: extending a buffer split from
-                // an earlier one would allocate at least that one's size again.
-                let mut fresh = BytesMut::with_capacity(buf.len() + n);
-                fresh.extend_from_slice(buf);
-                fresh.extend_from_slice(&s[..n]);
-                *buf = fresh;
+                if buf.capacity() - buf.len() >= n {
+                    // Room in a buffer of this connection's own (a head still partial).
+                    buf.extend_from_slice(&s[..n]);
+                } else {
+                    // A new allocation: exactly what came, if nothing was pending (extending
+                    // a buffer split from an earlier one would allocate at least that one's
+                    // size again); twice what was pending otherwise, so a head that comes a
+                    // few bytes at a time is not copied once per read.
+                    let mut fresh = BytesMut::with_capacity((buf.len() + n).max(2 * buf.len()));
+                    fresh.extend_from_slice(buf);
+                    fresh.extend_from_slice(&s[..n]);
+                    *buf = fresh;
+                }
                 Ok(n)
             }
             Err(e) => Err(e),
@@ -635,10 +647,13 @@ where
 {
     let mut rbuf = BytesMut::new();
     let mut first = true;
+    let opened = Instant::now();
     loop {
         let head = match next_head(&stream, &mut rbuf, first, &settings, &mut stop).await {
             Ok(head) => head,
-            Err(Ended::H2) => return Served::H2(stream, rbuf.freeze()),
+            Err(Ended::H2) => {
+                return Served::H2(stream, rbuf.freeze(), opened + settings.head_timeout)
+            }
             Err(Ended::Refused(status)) => {
                 let _ = refuse(&stream, status, settings.write_stall).await;
                 return finish(stream);
@@ -1236,7 +1251,9 @@ where
     }
     head.extend_from_slice(b"\r\n");
     let mut out = Out::with(head);
-    if delimit == Delimit::Bodyless {
+    if matches!(delimit, Delimit::Bodyless | Delimit::Length(0)) {
+        // Nothing to send: the body is not polled (as hyper does not), so its end cannot
+        // hold the connection.
         drop(body);
         write_all(stream, &mut out, stall).await?;
         return Ok(keep_alive);
@@ -2062,6 +2079,27 @@ mod tests {
         assert!(got.contains("transfer-encoding: chunked"), "{got}");
         let got = wire(Response::new(crate::body::ResponseBody::empty()), false).await;
         assert!(got.contains("content-length: 0\r\n"), "{got}");
+        // A length of 0 is not waited on: a body that never ends does not hold the answer.
+        struct Never;
+        impl Body for Never {
+            type Data = Bytes;
+            type Error = BoxError;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+                Poll::Pending
+            }
+        }
+        let mut never = Response::new(Never);
+        never
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        let got = wire(never, false).await;
+        assert!(
+            got.starts_with("true ") && got.contains("content-length: 0\r\n"),
+            "{got}"
+        );
         // Shorter than it said: written, then the connection closes.
         let got = wire(full(200, &["10"], "hello"), false).await;
         assert!(got.starts_with("false ") && got.ends_with("hello"), "{got}");
@@ -2071,5 +2109,28 @@ mod tests {
             got.starts_with("false ") && got.ends_with("\r\n\r\nhel"),
             "{got}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_after_a_large_one_is_held_at_its_own_size() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        c.write_all(&[b'a'; 60_000]).await.unwrap();
+        while buf.len() < 60_000 {
+            read_more(&s, &mut buf).await.unwrap();
+        }
+        let big = buf.split_to(60_000).freeze();
+        c.write_all(b"0123456789").await.unwrap();
+        read_more(&s, &mut buf).await.unwrap();
+        assert_eq!(&buf[..], b"0123456789");
+        // Not the 32 KiB or more that extending the split-off remainder would allocate.
+        assert_eq!(buf.capacity(), 10);
+        drop(big);
+        // A head still partial grows by doubling, not by a copy per read.
+        c.write_all(b"abc").await.unwrap();
+        read_more(&s, &mut buf).await.unwrap();
+        assert_eq!(buf.capacity(), 20);
     }
 }

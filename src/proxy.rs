@@ -886,8 +886,11 @@ enum Unread {
     },
 }
 
-/// Read a whole request body (bounded by `limit`, each chunk within `idle`) into one
-/// allocation of its own (not a slice of the connection's read buffer), held in `hold`.
+/// Read a whole request body (bounded by `limit`, each chunk within `idle`), held in `hold`.
+/// A body that came whole with its head is kept as it is: the HTTP/1 connection already
+/// gave it an allocation of exactly the bytes that came (shared with the head, which the
+/// request holds anyway), so a copy would hold it twice. One that streams is gathered into
+/// one allocation of its own.
 async fn read_body(
     body: ClientBody,
     limit: u64,
@@ -896,6 +899,20 @@ async fn read_body(
     hold: &mut Hold<'_>,
 ) -> Result<Bytes, Unread> {
     use http_body::Body as _;
+    let body = match body {
+        ClientBody::Full(whole) => {
+            let bytes = whole.unwrap_or_default();
+            let n = bytes.len() as u64;
+            if n > limit {
+                return Err(Unread::Refused(too_large(limit)));
+            }
+            if !hold.grow_to(n) {
+                return Err(Unread::Full { needs: n });
+            }
+            return Ok(bytes);
+        }
+        streamed => streamed,
+    };
     // A declared length is held before a byte is read, and sizes the buffer once.
     let declared = body.size_hint().exact().filter(|&n| n <= limit);
     if let Some(n) = declared {
@@ -917,11 +934,7 @@ async fn read_body(
                 }
             }
             Err(crate::body::BodyError::TooLarge { limit }) => {
-                return Err(Unread::Refused(
-                    Rejection::new(Reason::RequestTooLarge).with_detail(format!(
-                        "the body exceeded {limit} bytes (server.max_request_body)"
-                    )),
-                ))
+                return Err(Unread::Refused(too_large(limit)))
             }
             Err(crate::body::BodyError::Idle(d)) => {
                 return Err(Unread::Refused(
@@ -942,6 +955,12 @@ async fn read_body(
     // The bytes are counted again when the body is sent upstream.
     stats.bytes.store(0, Ordering::Relaxed);
     Ok(buf.freeze())
+}
+
+fn too_large(limit: u64) -> Rejection {
+    Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+        "the body exceeded {limit} bytes (server.max_request_body)"
+    ))
 }
 
 fn declared_length(parts: &http::request::Parts, body: &ClientBody) -> Option<u64> {

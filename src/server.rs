@@ -410,9 +410,12 @@ where
         tokio::spawn(async move {
             let (_open, _live, _slot) = (open, live, slot);
             let served = http1::serve(stream, |req| h(req, Peer(peer)), h1, stop.clone()).await;
-            if let Served::H2(stream, read) = served {
+            if let Served::H2(stream, read, deadline) = served {
                 // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is large.
-                Box::pin(serve_h2(h2, stream, read, h, peer, h1, stop, name)).await;
+                Box::pin(serve_h2(
+                    h2, stream, read, deadline, h, peer, h1, stop, name,
+                ))
+                .await;
             }
         });
     }
@@ -451,6 +454,7 @@ async fn serve_h2<H, Fut>(
     builder: hyper::server::conn::http2::Builder<TokioExecutor>,
     stream: TcpStream,
     read: Bytes,
+    first_by: tokio::time::Instant,
     h: H,
     peer: std::net::SocketAddr,
     settings: http1::Settings,
@@ -473,10 +477,13 @@ async fn serve_h2<H, Fut>(
     ));
     let conn = builder.serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
-    let first = tokio::time::timeout(settings.head_timeout, async {
+    // Within the time the connection had for its first head (not a new one from here), and
+    // not past the stop.
+    let first = tokio::time::timeout_at(first_by, async {
         tokio::select! {
             done = conn.as_mut() => Some(done),
             () = first_head.notified() => None,
+            _ = stop.wait_for(|s| *s) => Some(Ok(())),
         }
     })
     .await;
