@@ -631,7 +631,7 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
 
 /// Serve one HTTP/1.x connection until it closes, or hand it back if it speaks HTTP/2.
 ///
-/// The connection's own state is small (about 1 KiB with the task's): the wait for a head
+/// The connection's own state is small (its future about 1.2 KiB): the wait for a head
 /// and the exchange are separate futures, so they share their space, and the answer's writer
 /// is boxed while it writes.
 pub async fn serve<F, Fut, B>(
