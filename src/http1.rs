@@ -284,7 +284,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut headers = HeaderMap::with_capacity(count);
     let mut framing = Framing::None;
     let (mut close, mut keep, mut expect_continue) = (false, false, false);
-    let mut length: Option<u64> = None;
+    let mut has_length = false;
     let mut chunked = false;
     let mut coded = false;
     let mut te = false;
@@ -292,13 +292,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad)?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| bad)?;
         if name == CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = content_length(part).ok_or(bad)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad);
-                }
-                length = Some(n);
-            }
+            has_length = true;
         } else if name == TRANSFER_ENCODING {
             te = true;
             for coding in value.as_bytes().split(|&b| b == b',') {
@@ -327,6 +321,13 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         }
         headers.append(name, value);
     }
+    // Every value, lists included, must give the same length (RFC 9112 §6.3), as for an
+    // answer's.
+    let length = if has_length {
+        Some(one_length(headers.get_all(CONTENT_LENGTH)).ok_or(bad)?)
+    } else {
+        None
+    };
     let mut keep_alive = match version {
         Version::HTTP_11 => !close,
         _ => keep && !close,
@@ -1341,7 +1342,8 @@ fn poll_now<B: Body + Unpin>(body: &mut B) -> Poll<Option<Result<Frame<B::Data>,
     Pin::new(body).poll_frame(&mut Context::from_waker(Waker::noop()))
 }
 
-/// The one length a header's values give (`5`, `5, 5`), if they agree and parse.
+/// The one length a header's values give (`5`, `5, 5`), if they agree and parse: for a
+/// request's head and an answer's alike.
 fn one_length(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
     let mut length = None;
     for v in values {
@@ -1358,21 +1360,8 @@ fn one_length(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
 
 fn length_field(head: &mut Vec<u8>, n: u64) {
     head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(itoa(n, &mut [0; 20]));
+    head.extend_from_slice(crate::log::decimal(n, &mut [0; 20]).as_bytes());
     head.extend_from_slice(b"\r\n");
-}
-
-/// `n` in decimal.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// A chunk's size line: `n` in hexadecimal and CRLF.
@@ -1639,7 +1628,6 @@ mod tests {
     #[test]
     fn numbers_are_written_as_they_read() {
         for n in [0u64, 9, 10, 4096, u64::MAX] {
-            assert_eq!(itoa(n, &mut [0; 20]), n.to_string().as_bytes());
             let n = n as usize;
             assert_eq!(hex_line(n, &mut [0; 18]), format!("{n:x}\r\n").as_bytes());
         }
