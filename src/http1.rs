@@ -1682,52 +1682,63 @@ mod tests {
         }
     }
 
-    /// A server running `serve` with a handler that answers `<method> <path> <body>` (the
-    /// body read whole), streamed in pieces if the path is `/trickle`.
-    async fn server() -> (
+    /// `serve` on one accepted connection with `handler`: the address to connect to, the
+    /// stop signal, and how the connection ended.
+    async fn serve_one<F, Fut, B>(
+        handler: F,
+    ) -> (
         SocketAddr,
         watch::Sender<bool>,
-        tokio::task::JoinHandle<Vec<&'static str>>,
-    ) {
+        tokio::task::JoinHandle<&'static str>,
+    )
+    where
+        F: FnMut(Request<ClientBody>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + 'static,
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            let served = serve(
-                s,
-                |req: Request<ClientBody>| async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body.collect().await.map(|b| b.to_bytes());
-                    let text = match body {
-                        Ok(b) => format!(
-                            "{} {} {}",
-                            parts.method,
-                            parts.uri,
-                            String::from_utf8_lossy(&b)
-                        ),
-                        Err(e) => format!("body error: {e}"),
-                    };
-                    let pieces = if parts.uri == "/trickle" {
-                        text.into_bytes()
-                            .chunks(3)
-                            .map(Bytes::copy_from_slice)
-                            .collect()
-                    } else {
-                        [Bytes::from(text)].into()
-                    };
-                    Response::new(Trickle(pieces, false))
-                },
-                settings(),
-                rx,
-            )
-            .await;
-            vec![match served {
+            match serve(s, handler, settings(), rx).await {
                 Served::Closed => "closed",
                 Served::H2(..) => "h2",
-            }]
+            }
         });
         (addr, tx, task)
+    }
+
+    /// A server whose handler answers `<method> <path> <body>` (the body read whole),
+    /// streamed in pieces if the path is `/trickle`.
+    async fn server() -> (
+        SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<&'static str>,
+    ) {
+        serve_one(|req: Request<ClientBody>| async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes());
+            let text = match body {
+                Ok(b) => format!(
+                    "{} {} {}",
+                    parts.method,
+                    parts.uri,
+                    String::from_utf8_lossy(&b)
+                ),
+                Err(e) => format!("body error: {e}"),
+            };
+            let pieces = if parts.uri == "/trickle" {
+                text.into_bytes()
+                    .chunks(3)
+                    .map(Bytes::copy_from_slice)
+                    .collect()
+            } else {
+                [Bytes::from(text)].into()
+            };
+            Response::new(Trickle(pieces, false))
+        })
+        .await
     }
 
     /// The `100 Continue` the connection sends once the handler asks for the body.
@@ -1777,7 +1788,7 @@ mod tests {
         assert!(answers[2].contains("connection: close"));
         assert_eq!(unchunk(&body(answers[2])), "POST /c hi");
         assert!(answers.iter().all(|a| a.contains("\r\ndate: ")));
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     #[tokio::test]
@@ -1803,7 +1814,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.contains("POST /len 0123456789"), "{all}");
         assert!(all.contains("POST /ch abcde"), "{all}");
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     #[tokio::test]
@@ -1837,7 +1848,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
         assert!(all.contains("content-length: 0"));
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
 
         let (addr, _stop, task) = server().await;
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -1854,7 +1865,7 @@ mod tests {
         );
         assert_eq!(all.matches("HTTP/1.1 200").count(), 1, "{all}");
         assert!(all.contains("connection: close"));
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     #[tokio::test]
@@ -1864,46 +1875,35 @@ mod tests {
         c.write_all(&H2_PREFACE[..10]).await.unwrap();
         c.flush().await.unwrap();
         c.write_all(&H2_PREFACE[10..]).await.unwrap();
-        assert_eq!(task.await.unwrap(), ["h2"]);
+        assert_eq!(task.await.unwrap(), "h2");
     }
 
     #[tokio::test]
     async fn a_client_that_leaves_mid_request_drops_its_handler() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (_tx, rx) = watch::channel(false);
         let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
         let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let mut hooks = Some((entered_tx, dropped_tx));
-            serve(
-                s,
-                move |_req: Request<ClientBody>| {
-                    let (entered, dropped) = hooks.take().unwrap();
-                    async move {
-                        struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
-                        impl Drop for OnDrop {
-                            fn drop(&mut self) {
-                                let _ = self.0.take().unwrap().send(());
-                            }
-                        }
-                        let _guard = OnDrop(Some(dropped));
-                        let _ = entered.send(());
-                        std::future::pending::<Response<Trickle>>().await
+        let mut hooks = Some((entered_tx, dropped_tx));
+        let (addr, _stop, task) = serve_one(move |_req: Request<ClientBody>| {
+            let (entered, dropped) = hooks.take().unwrap();
+            async move {
+                struct OnDrop(Option<tokio::sync::oneshot::Sender<()>>);
+                impl Drop for OnDrop {
+                    fn drop(&mut self) {
+                        let _ = self.0.take().unwrap().send(());
                     }
-                },
-                settings(),
-                rx,
-            )
-            .await
-        });
+                }
+                let _guard = OnDrop(Some(dropped));
+                let _ = entered.send(());
+                std::future::pending::<Response<Trickle>>().await
+            }
+        })
+        .await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         entered.await.unwrap();
         drop(c);
         dropped.await.expect("the handler was dropped");
-        assert!(matches!(task.await.unwrap(), Served::Closed));
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     #[tokio::test]
@@ -1917,7 +1917,7 @@ mod tests {
         // Now idle between requests: the stop closes it without an answer.
         stop.send(true).unwrap();
         assert_eq!(read_all(&mut c).await, "");
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
 
         // A request in flight at the stop is answered, says the connection closes, and
         // closes it. The 100 says the head was read before the stop.
@@ -1932,7 +1932,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.contains("connection: close"), "{all}");
         assert!(all.contains("POST /a hi"), "{all}");
-        assert_eq!(task.await.unwrap(), ["closed"]);
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     #[tokio::test]
@@ -1974,23 +1974,12 @@ mod tests {
 
     #[tokio::test]
     async fn no_100_continue_for_a_body_the_handler_never_asks_for() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (_tx, rx) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            serve(
-                s,
-                |_req: Request<ClientBody>| async {
-                    let mut r = Response::new(crate::body::ResponseBody::empty());
-                    *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                    r
-                },
-                settings(),
-                rx,
-            )
-            .await
-        });
+        let (addr, _stop, task) = serve_one(|_req: Request<ClientBody>| async {
+            let mut r = Response::new(crate::body::ResponseBody::empty());
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            r
+        })
+        .await;
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(b"POST /up HTTP/1.1\r\nContent-Length: 100000\r\nExpect: 100-continue\r\n\r\n")
             .await
@@ -2002,7 +1991,7 @@ mod tests {
         );
         assert!(!all.contains("100 Continue"), "{all}");
         assert!(all.contains("connection: close"), "{all}");
-        assert!(matches!(task.await.unwrap(), Served::Closed));
+        assert_eq!(task.await.unwrap(), "closed");
     }
 
     /// What `write_response` puts on the wire for this answer to a GET (or a HEAD).
