@@ -990,7 +990,57 @@ fn push_base36(out: &mut Vec<u8>, mut n: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{push_base36, reads_body};
+    use super::{push_base36, read_body, reads_body, Unread};
+    use crate::held::HeldBodies;
+    use crate::http1::ClientBody;
+    use bytes::Bytes;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A body that came whole with its head is the same bytes after the read (not a second
+    /// copy held while queued), and is still held against `queue.max_body_bytes` and bounded
+    /// by `server.max_request_body`.
+    #[tokio::test]
+    async fn a_whole_body_is_kept_as_it_came_and_still_counted() {
+        let held = HeldBodies::new(100);
+        let stats = Arc::new(crate::body::UploadStats::default());
+        let body = Bytes::from_static(br#"{"model":"m"}"#);
+        let mut hold = held.hold();
+        let got = read_body(
+            ClientBody::Full(Some(body.clone())),
+            1000,
+            Duration::from_secs(1),
+            &stats,
+            &mut hold,
+        )
+        .await
+        .ok()
+        .unwrap();
+        assert_eq!(got.as_ptr(), body.as_ptr(), "copied");
+        assert_eq!(held.bytes(), body.len() as u64);
+        // With that one held, a second that would pass the bound together is refused.
+        let big = Bytes::from(vec![b'x'; 200]);
+        let full = read_body(
+            ClientBody::Full(Some(big.clone())),
+            1000,
+            Duration::from_secs(1),
+            &stats,
+            &mut held.hold(),
+        )
+        .await;
+        assert!(matches!(full, Err(Unread::Full { needs: 200 })));
+        drop(hold);
+        assert_eq!(held.bytes(), 0);
+        let refused = read_body(
+            ClientBody::Full(Some(big)),
+            199,
+            Duration::from_secs(1),
+            &stats,
+            &mut held.hold(),
+        )
+        .await;
+        assert!(matches!(refused, Err(Unread::Refused(_))));
+    }
 
     /// Which requests have their body read before admission (to learn the model): API calls
     /// by their content type, in any case, never a GET or an untyped upload.
