@@ -197,7 +197,7 @@ impl Proxy {
             );
         }
         let limit = self.config.server.max_request_body;
-        if let Some(len) = declared_length(&parts, &body) {
+        if let Some(len) = declared_length(&body) {
             if len > limit {
                 return p.own(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
                     "{len} bytes declared, the limit is {limit} (server.max_request_body)"
@@ -963,15 +963,11 @@ fn too_large(limit: u64) -> Rejection {
     ))
 }
 
-fn declared_length(parts: &http::request::Parts, body: &ClientBody) -> Option<u64> {
+/// The body's declared length. Both servers read it from the head (HTTP/1 as the body's
+/// own framing, hyper's HTTP/2 from its Content-Length), so the body's size hint is it.
+fn declared_length(body: &ClientBody) -> Option<u64> {
     use http_body::Body as _;
-    body.size_hint().exact().or_else(|| {
-        parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok())
-    })
+    body.size_hint().exact()
 }
 
 /// Append `n` in base 36 (lowercase), for compact request ids.
