@@ -85,12 +85,15 @@ pub struct Settings {
 
 /// How a connection ended.
 pub enum Served {
-    /// Closed (by either side, an error, a timeout or the stop).
+    /// Closed (by either side, an error, a timeout or the stop): the socket is dropped.
     Closed,
-    /// The client sent the HTTP/2 preface: here are the socket, the bytes read from it, and
+    /// The proxy closes the connection after its answer: the socket's owner ends it with
+    /// [`finish`].
+    Finish,
+    /// The client sent the HTTP/2 preface: here are the bytes read from the socket, and
     /// when its first request must have come (`header_read_timeout` after the connection
     /// opened, as for HTTP/1).
-    H2(TcpStream, Bytes, Instant),
+    H2(Bytes, Instant),
 }
 
 // ----- the request body -------------------------------------------------------------------
@@ -601,9 +604,16 @@ thread_local! {
 
 /// Read what the socket has (waiting until it has something) and append it to `buf`.
 /// `Ok(0)` is the client's end of stream.
-async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    loop {
-        stream.readable().await?;
+///
+/// Polled rather than awaited through `readable()`: that future would be kept in every
+/// connection's state (its waiter is about 160 bytes), where this keeps two references. A
+/// connection is read by its own task alone, which is what `poll_read_ready` asks.
+fn read_more<'a>(
+    stream: &'a TcpStream,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = io::Result<usize>> + use<'a> {
+    std::future::poll_fn(move |cx| loop {
+        std::task::ready!(stream.poll_read_ready(cx))?;
         let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
             Ok(n) => {
                 if buf.capacity() - buf.len() >= n {
@@ -624,57 +634,59 @@ async fn read_more(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> 
             Err(e) => Err(e),
         });
         match got {
+            // The readiness is cleared: the next poll waits for more.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            r => return r,
+            r => return Poll::Ready(r),
         }
-    }
+    })
 }
 
 /// Serve one HTTP/1.x connection until it closes, or hand it back if it speaks HTTP/2.
 ///
-/// The connection's own state is small (its future about 1.2 KiB): the wait for a head
-/// and the exchange are separate futures, so they share their space, and the answer's writer
-/// is boxed while it writes.
-pub async fn serve<F, Fut, B>(
-    stream: TcpStream,
+/// The connection's own state is small (this future is about 0.6 KiB): the wait for a head
+/// and the exchange are separate futures, so they share their space; sockets are polled, not
+/// awaited through readiness futures; the answer's writer is boxed while it writes. These are
+/// plain functions returning `async move` blocks because an `async fn` keeps a copy of each
+/// argument beside the argument itself, in every state. The caller owns the socket, so it is
+/// not carried in this future as well.
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
+pub fn serve<'a, F, Fut, B>(
+    stream: &'a TcpStream,
     mut handler: F,
-    settings: Settings,
-    mut stop: watch::Receiver<bool>,
-) -> Served
+    settings: &'a Settings,
+    stop: &'a mut watch::Receiver<bool>,
+) -> impl Future<Output = Served> + use<'a, F, Fut, B>
 where
-    F: FnMut(Request<ClientBody>) -> Fut,
+    F: FnMut(Request<ClientBody>) -> Fut + 'a,
     Fut: Future<Output = Response<B>> + Send,
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut rbuf = BytesMut::new();
-    let mut first = true;
-    let opened = Instant::now();
-    loop {
-        let head = match next_head(&stream, &mut rbuf, first, &settings, &mut stop).await {
-            Ok(head) => head,
-            Err(Ended::H2) => {
-                return Served::H2(stream, rbuf.freeze(), opened + settings.head_timeout)
+    async move {
+        let mut rbuf = BytesMut::new();
+        let mut first = true;
+        let opened = Instant::now();
+        loop {
+            let head = match next_head(stream, &mut rbuf, first, settings, stop).await {
+                Ok(head) => head,
+                Err(Ended::H2) => return Served::H2(rbuf.freeze(), opened + settings.head_timeout),
+                Err(Ended::Refused) => return Served::Finish,
+                Err(Ended::Quiet) => return Served::Closed,
+            };
+            first = false;
+            let (meta, pump, wanted, req) = request(head, &mut rbuf);
+            // Boxed: a connection between requests is small, the handler's state exists only
+            // while it runs.
+            let handling = Box::pin(handler(req));
+            let wanted = wanted.map(Box::pin);
+            match exchange(
+                stream, &mut rbuf, handling, pump, wanted, meta, settings, stop,
+            )
+            .await
+            {
+                Next::Again => {}
+                Next::Close => return Served::Finish,
+                Next::Gone => return Served::Closed,
             }
-            Err(Ended::Refused(status)) => {
-                let _ = refuse(&stream, status, settings.write_stall).await;
-                return finish(stream);
-            }
-            Err(Ended::Quiet) => return Served::Closed,
-        };
-        first = false;
-        let (meta, pump, wanted, req) = request(head, &mut rbuf);
-        // Boxed: a connection between requests is small, the handler's state exists only
-        // while it runs.
-        let handling = Box::pin(handler(req));
-        let wanted = wanted.map(Box::pin);
-        match exchange(
-            &stream, &mut rbuf, handling, pump, wanted, meta, &settings, &stop,
-        )
-        .await
-        {
-            Next::Again => {}
-            Next::Close => return finish(stream),
-            Next::Gone => return Served::Closed,
         }
     }
 }
@@ -683,8 +695,8 @@ where
 enum Ended {
     /// The client sent the HTTP/2 preface (it is in the read buffer).
     H2,
-    /// A head that is answered with this status, then the connection closes.
-    Refused(StatusCode),
+    /// A head that was refused (and answered so): the connection closes.
+    Refused,
     /// The client closed, a read failed, no whole head came in time, or the proxy stops:
     /// hyper closes without an answer in each case, and so does this.
     Quiet,
@@ -700,35 +712,42 @@ enum Next {
     Gone,
 }
 
-/// The next request head, within the head timeout, unless the proxy stops first.
-async fn next_head(
-    stream: &TcpStream,
-    rbuf: &mut BytesMut,
+/// The next request head, within the head timeout, unless the proxy stops first. A head
+/// that is refused is answered here, and then the connection closes.
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
+fn next_head<'a>(
+    stream: &'a TcpStream,
+    rbuf: &'a mut BytesMut,
     first: bool,
-    settings: &Settings,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<Head, Ended> {
-    let deadline = Instant::now() + settings.head_timeout;
-    loop {
-        if first && !rbuf.is_empty() && H2_PREFACE.starts_with(&rbuf[..rbuf.len().min(24)]) {
-            if rbuf.len() >= H2_PREFACE.len() {
-                return Err(Ended::H2);
+    settings: &'a Settings,
+    stop: &'a mut watch::Receiver<bool>,
+) -> impl Future<Output = Result<Head, Ended>> + use<'a> {
+    async move {
+        let deadline = Instant::now() + settings.head_timeout;
+        loop {
+            if first && !rbuf.is_empty() && H2_PREFACE.starts_with(&rbuf[..rbuf.len().min(24)]) {
+                if rbuf.len() >= H2_PREFACE.len() {
+                    return Err(Ended::H2);
+                }
+            } else if !rbuf.is_empty() {
+                match parse_head(rbuf, settings.max_head) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(Refused(status)) => {
+                        let _ = refuse(stream, status, settings.write_stall).await;
+                        return Err(Ended::Refused);
+                    }
+                }
             }
-        } else if !rbuf.is_empty() {
-            match parse_head(rbuf, settings.max_head) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(Refused(status)) => return Err(Ended::Refused(status)),
+            let read = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
+                r = tokio::time::timeout_at(deadline, read_more(stream, rbuf)) => r,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Err(Ended::Quiet),
             }
-        }
-        let read = tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
-            r = tokio::time::timeout_at(deadline, read_more(stream, rbuf)) => r,
-        };
-        match read {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return Err(Ended::Quiet),
         }
     }
 }
@@ -813,87 +832,93 @@ fn request(
 /// One request: its body passed on, the handler's answer written, the client watched for
 /// leaving throughout.
 #[allow(clippy::too_many_arguments)]
-async fn exchange<Fut, B>(
-    stream: &TcpStream,
-    rbuf: &mut BytesMut,
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
+fn exchange<'a, Fut, B>(
+    stream: &'a TcpStream,
+    rbuf: &'a mut BytesMut,
     mut handling: Pin<Box<Fut>>,
     pump: Pump,
     mut wanted: Option<Pin<Box<tokio::sync::oneshot::Receiver<()>>>>,
     meta: Meta,
-    settings: &Settings,
-    stop: &watch::Receiver<bool>,
-) -> Next
+    settings: &'a Settings,
+    stop: &'a watch::Receiver<bool>,
+) -> impl Future<Output = Next> + use<'a, Fut, B>
 where
     Fut: Future<Output = Response<B>> + Send,
     B: Body<Data = Bytes> + Unpin,
 {
-    let Meta {
-        version,
-        is_head,
-        mut keep_alive,
-    } = meta;
-    let body_done = AtomicBool::new(matches!(pump, Pump::Done));
-    let unread = AtomicBool::new(false);
-    let watch = reader(stream, rbuf, pump, &body_done, &unread);
-    tokio::pin!(watch);
-    let resp = loop {
-        tokio::select! {
-            biased;
-            r = handling.as_mut() => break r,
-            // The client has gone: what it asked for is dropped with the handler.
-            () = &mut watch => return Next::Gone,
-            // The handler asks for a body the client holds back until told to send it
-            // (RFC 9110 §10.1.1), as hyper does: not before, so a request refused on its head
-            // alone (401, 413) is answered before the client uploads anything. A body dropped
-            // unread sends nothing, and the connection closes after the answer.
-            asked = async {
-                match wanted.as_mut() {
-                    Some(w) => w.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            }, if wanted.is_some() => {
-                wanted = None;
-                if asked.is_ok() {
-                    let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
-                    if write_all(stream, &mut out, settings.write_stall).await.is_err() {
-                        return Next::Gone;
+    async move {
+        let mut keep_alive = meta.keep_alive;
+        let body_done = AtomicBool::new(matches!(pump, Pump::Done));
+        let unread = AtomicBool::new(false);
+        let watch = reader(stream, rbuf, pump, &body_done, &unread);
+        tokio::pin!(watch);
+        let resp = loop {
+            // What the handler's answer waits for, written below the select (whose output,
+            // with room for an answer, would otherwise be kept while it is written).
+            let asked = tokio::select! {
+                biased;
+                r = handling.as_mut() => break r,
+                // The client has gone: what it asked for is dropped with the handler.
+                () = &mut watch => return Next::Gone,
+                // The handler asks for a body the client holds back until told to send it
+                // (RFC 9110 §10.1.1), as hyper does: not before, so a request refused on its
+                // head alone (401, 413) is answered before the client uploads anything. A
+                // body dropped unread sends nothing, and the connection closes after the
+                // answer.
+                asked = async {
+                    match wanted.as_mut() {
+                        Some(w) => w.as_mut().await,
+                        None => std::future::pending().await,
                     }
+                }, if wanted.is_some() => asked.is_ok(),
+            };
+            wanted = None;
+            if asked {
+                let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                let wrote = tokio::select! {
+                    biased;
+                    w = write_all(stream, &mut out, settings.write_stall) => w,
+                    () = &mut watch => return Next::Gone,
+                };
+                if wrote.is_err() {
+                    return Next::Gone;
                 }
             }
+        };
+        drop(handling);
+        // Another request only if this one's body was read to its end and the proxy is not
+        // stopping.
+        keep_alive &=
+            body_done.load(Ordering::Relaxed) && !unread.load(Ordering::Relaxed) && !*stop.borrow();
+        // Boxed: only a connection that is answering holds the writer's state.
+        let write = Box::pin(write_response(
+            stream,
+            resp,
+            meta.version,
+            meta.is_head,
+            keep_alive,
+            settings.write_stall,
+        ));
+        let wrote = tokio::select! {
+            biased;
+            w = write => w,
+            () = &mut watch => return Next::Gone,
+        };
+        match wrote {
+            Ok(true) => Next::Again,
+            _ => Next::Close,
         }
-    };
-    drop(handling);
-    // Another request only if this one's body was read to its end and the proxy is not
-    // stopping.
-    keep_alive &=
-        body_done.load(Ordering::Relaxed) && !unread.load(Ordering::Relaxed) && !*stop.borrow();
-    // Boxed: only a connection that is answering holds the writer's state.
-    let write = Box::pin(write_response(
-        stream,
-        resp,
-        version,
-        is_head,
-        keep_alive,
-        settings.write_stall,
-    ));
-    let wrote = tokio::select! {
-        biased;
-        w = write => w,
-        () = &mut watch => return Next::Gone,
-    };
-    match wrote {
-        Ok(true) => Next::Again,
-        _ => Next::Close,
     }
 }
 
-/// End a connection the proxy closes: its write side is shut first, so the client reads to
-/// the end of what was sent (a FIN, not a reset, when nothing it sent is left unread).
-fn finish(stream: TcpStream) -> Served {
+/// End a connection the proxy closes ([`Served::Finish`]): its write side is shut first, so
+/// the client reads to the end of what was sent (a FIN, not a reset, when nothing it sent is
+/// left unread).
+pub fn finish(stream: TcpStream) {
     if let Ok(s) = stream.into_std() {
         let _ = s.shutdown(std::net::Shutdown::Write);
     }
-    Served::Closed
 }
 
 /// The body still to read from the socket.
@@ -918,12 +943,19 @@ async fn pass_on(
     unread: &AtomicBool,
 ) -> bool {
     let Some(t) = tx else { return true };
-    match t.reserve().await {
+    let reserved = match t.try_reserve() {
+        Ok(permit) => Ok(permit),
+        Err(mpsc::error::TrySendError::Closed(())) => Err(()),
+        // Boxed: the wait for room exists only while the handler is behind (its future
+        // would otherwise be kept in every connection's state).
+        Err(mpsc::error::TrySendError::Full(())) => Box::pin(t.reserve()).await.map_err(|_| ()),
+    };
+    match reserved {
         Ok(permit) => {
             permit.send(Ok(data));
             true
         }
-        Err(_) => {
+        Err(()) => {
             unread.store(true, Ordering::Relaxed);
             false
         }
@@ -932,82 +964,86 @@ async fn pass_on(
 
 /// While a request is in flight: read its body and pass it on, then watch for the client
 /// leaving. Returns only when the client has gone (its end of stream, or a failed read).
-async fn reader(
-    stream: &TcpStream,
-    rbuf: &mut BytesMut,
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
+fn reader<'a>(
+    stream: &'a TcpStream,
+    rbuf: &'a mut BytesMut,
     pump: Pump,
-    body_done: &AtomicBool,
-    unread: &AtomicBool,
-) {
-    match pump {
-        Pump::Done => {}
-        Pump::Length { mut left, tx } => {
-            let mut tx = Some(tx);
-            while left > 0 {
-                if rbuf.is_empty() {
-                    match read_more(stream, rbuf).await {
-                        Ok(n) if n > 0 => {}
-                        // The body then ends short, which its reader is told.
-                        _ => return,
-                    }
-                }
-                let take = (rbuf.len() as u64).min(left) as usize;
-                let data = rbuf.split_to(take).freeze();
-                left -= take as u64;
-                // The handler let the body go: the rest is read and dropped.
-                if !pass_on(&mut tx, data, unread).await {
-                    tx = None;
-                }
-            }
-            body_done.store(true, Ordering::Relaxed);
-        }
-        Pump::Chunked { mut state, tx } => {
-            let mut tx = Some(tx);
-            loop {
-                match state.step(rbuf) {
-                    Ok(Step::Data(data)) => {
-                        if !pass_on(&mut tx, data, unread).await {
-                            tx = None;
+    body_done: &'a AtomicBool,
+    unread: &'a AtomicBool,
+) -> impl Future<Output = ()> + use<'a> {
+    async move {
+        match pump {
+            Pump::Done => {}
+            Pump::Length { mut left, tx } => {
+                let mut tx = Some(tx);
+                while left > 0 {
+                    if rbuf.is_empty() {
+                        match read_more(stream, rbuf).await {
+                            Ok(n) if n > 0 => {}
+                            // The body then ends short, which its reader is told.
+                            _ => return,
                         }
                     }
-                    Ok(Step::End) => {
-                        // The end, said explicitly (see [`Streamed`]).
-                        let _ = pass_on(&mut tx, Bytes::new(), unread).await;
-                        break;
-                    }
-                    Ok(Step::NeedMore) => match read_more(stream, rbuf).await {
-                        Ok(n) if n > 0 => {}
-                        // The body then ends short, which its reader is told.
-                        _ => return,
-                    },
-                    Err(fault) => {
-                        // Nothing after a broken body can be read as a request.
-                        unread.store(true, Ordering::Relaxed);
-                        if let Some(tx) = &tx {
-                            let _ = tx.send(Err(Box::new(fault))).await;
-                        }
-                        rbuf.clear();
-                        break;
+                    let take = (rbuf.len() as u64).min(left) as usize;
+                    let data = rbuf.split_to(take).freeze();
+                    left -= take as u64;
+                    // The handler let the body go: the rest is read and dropped.
+                    if !pass_on(&mut tx, data, unread).await {
+                        tx = None;
                     }
                 }
+                body_done.store(true, Ordering::Relaxed);
             }
-            body_done.store(true, Ordering::Relaxed);
-        }
-    }
-    // The body is read: what the client sends now is its next request (kept, not parsed
-    // until this one is answered), or its end of stream, which means it has gone. Like
-    // hyper, nothing more is read while bytes of a next request wait.
-    loop {
-        if !rbuf.is_empty() {
-            if unread.load(Ordering::Relaxed) {
-                rbuf.clear();
-            } else {
-                std::future::pending::<()>().await;
+            Pump::Chunked { mut state, tx } => {
+                let mut tx = Some(tx);
+                loop {
+                    match state.step(rbuf) {
+                        Ok(Step::Data(data)) => {
+                            if !pass_on(&mut tx, data, unread).await {
+                                tx = None;
+                            }
+                        }
+                        Ok(Step::End) => {
+                            // The end, said explicitly (see [`Streamed`]).
+                            let _ = pass_on(&mut tx, Bytes::new(), unread).await;
+                            break;
+                        }
+                        Ok(Step::NeedMore) => match read_more(stream, rbuf).await {
+                            Ok(n) if n > 0 => {}
+                            // The body then ends short, which its reader is told.
+                            _ => return,
+                        },
+                        Err(fault) => {
+                            // Nothing after a broken body can be read as a request.
+                            unread.store(true, Ordering::Relaxed);
+                            if let Some(tx) = &tx {
+                                // Boxed: it happens once, to a broken body.
+                                let _ = Box::pin(tx.send(Err(Box::new(fault)))).await;
+                            }
+                            rbuf.clear();
+                            break;
+                        }
+                    }
+                }
+                body_done.store(true, Ordering::Relaxed);
             }
         }
-        match read_more(stream, rbuf).await {
-            Ok(n) if n > 0 => {}
-            _ => return,
+        // The body is read: what the client sends now is its next request (kept, not parsed
+        // until this one is answered), or its end of stream, which means it has gone. Like
+        // hyper, nothing more is read while bytes of a next request wait.
+        loop {
+            if !rbuf.is_empty() {
+                if unread.load(Ordering::Relaxed) {
+                    rbuf.clear();
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            }
+            match read_more(stream, rbuf).await {
+                Ok(n) if n > 0 => {}
+                _ => return,
+            }
         }
     }
 }
@@ -1701,8 +1737,13 @@ mod tests {
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            match serve(s, handler, settings(), rx).await {
+            let mut rx = rx;
+            match serve(&s, handler, &settings(), &mut rx).await {
                 Served::Closed => "closed",
+                Served::Finish => {
+                    finish(s);
+                    "finished"
+                }
                 Served::H2(..) => "h2",
             }
         });
@@ -1788,7 +1829,7 @@ mod tests {
         assert!(answers[2].contains("connection: close"));
         assert_eq!(unchunk(&body(answers[2])), "POST /c hi");
         assert!(answers.iter().all(|a| a.contains("\r\ndate: ")));
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
     }
 
     #[tokio::test]
@@ -1814,7 +1855,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.contains("POST /len 0123456789"), "{all}");
         assert!(all.contains("POST /ch abcde"), "{all}");
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
     }
 
     #[tokio::test]
@@ -1848,7 +1889,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{all}");
         assert!(all.contains("content-length: 0"));
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
 
         let (addr, _stop, task) = server().await;
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -1865,7 +1906,7 @@ mod tests {
         );
         assert_eq!(all.matches("HTTP/1.1 200").count(), 1, "{all}");
         assert!(all.contains("connection: close"));
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
     }
 
     #[tokio::test]
@@ -1932,7 +1973,7 @@ mod tests {
         let all = read_all(&mut c).await;
         assert!(all.contains("connection: close"), "{all}");
         assert!(all.contains("POST /a hi"), "{all}");
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
     }
 
     #[tokio::test]
@@ -1991,7 +2032,7 @@ mod tests {
         );
         assert!(!all.contains("100 Continue"), "{all}");
         assert!(all.contains("connection: close"), "{all}");
-        assert_eq!(task.await.unwrap(), "closed");
+        assert_eq!(task.await.unwrap(), "finished");
     }
 
     /// What `write_response` puts on the wire for this answer to a GET (or a HEAD).

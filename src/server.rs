@@ -349,15 +349,22 @@ async fn accept<H, Fut>(
 /// One shard's connections: the HTTP settings, the stop signal they watch, the count of open
 /// connections the acceptor balances by, and what the drain waits for.
 struct Conns<H> {
-    h1: http1::Settings,
-    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    handler: H,
+    /// What every connection reads and nothing changes: one pointer in each connection's
+    /// state, not a copy (hyper's HTTP/2 builder alone is 128 bytes).
+    shared: Arc<Shared<H>>,
     stop: watch::Receiver<bool>,
     /// Each connection holds a receiver; the drain waits until none is left.
     live: watch::Sender<()>,
     name: &'static str,
     open: Arc<[AtomicUsize]>,
     me: usize,
+}
+
+struct Shared<H> {
+    h1: http1::Settings,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    handler: H,
+    name: &'static str,
 }
 
 impl<H, Fut> Conns<H>
@@ -379,13 +386,16 @@ where
             .keep_alive_interval(H2_KEEPALIVE)
             .max_header_list_size(cfg.max_header_bytes as u32);
         Conns {
-            h1: http1::Settings {
-                max_head: cfg.max_header_bytes,
-                head_timeout: cfg.header_read_timeout,
-                write_stall,
-            },
-            h2,
-            handler,
+            shared: Arc::new(Shared {
+                h1: http1::Settings {
+                    max_head: cfg.max_header_bytes,
+                    head_timeout: cfg.header_read_timeout,
+                    write_stall,
+                },
+                h2,
+                handler,
+                name,
+            }),
             stop,
             live: watch::Sender::new(()),
             name,
@@ -402,22 +412,15 @@ where
     /// Serve one connection (already counted in `open`) on this runtime, holding its slot.
     fn serve(&self, stream: TcpStream, peer: std::net::SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
-        let h = self.handler.clone();
-        let (h1, h2, stop, name) = (self.h1, self.h2.clone(), self.stop.clone(), self.name);
-        let live = self.live.subscribe();
-        // Counted down when the connection ends, however it ends.
-        let open = OpenGuard(Arc::clone(&self.open), self.me);
-        tokio::spawn(async move {
-            let (_open, _live, _slot) = (open, live, slot);
-            let served = http1::serve(stream, |req| h(req, Peer(peer)), h1, stop.clone()).await;
-            if let Served::H2(stream, read, deadline) = served {
-                // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is large.
-                Box::pin(serve_h2(
-                    h2, stream, read, deadline, h, peer, h1, stop, name,
-                ))
-                .await;
-            }
-        });
+        let conn = Conn {
+            shared: Arc::clone(&self.shared),
+            stop: self.stop.clone(),
+            peer,
+            _open: OpenGuard(Arc::clone(&self.open), self.me),
+            _live: self.live.subscribe(),
+            _slot: slot,
+        };
+        tokio::spawn(connection(conn, stream));
     }
 
     /// Wait for this shard's connections to end, at most `grace`.
@@ -442,6 +445,56 @@ where
             );
         }
     }
+}
+
+/// One connection's task: HTTP/1 until the connection ends, or HTTP/2 from its preface on.
+///
+/// Every byte of this future is paid by each open connection, idle or queued (BENCHMARKS.md,
+/// "Scale"; a test keeps it in bounds): it owns the socket and [`Conn`], and the HTTP/1
+/// connection's future borrows them rather than carrying copies.
+#[allow(clippy::manual_async_fn)] // not an `async fn`: see `http1::serve`
+fn connection<H, Fut>(mut conn: Conn<H>, stream: TcpStream) -> impl Future<Output = ()> + Send
+where
+    H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
+{
+    async move {
+        let Conn {
+            shared, stop, peer, ..
+        } = &mut conn;
+        let handler = |req| (shared.handler)(req, Peer(*peer));
+        match http1::serve(&stream, handler, &shared.h1, stop).await {
+            Served::Closed => drop(stream),
+            Served::Finish => http1::finish(stream),
+            Served::H2(read, deadline) => {
+                // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is
+                // large.
+                Box::pin(serve_h2(
+                    shared.h2.clone(),
+                    stream,
+                    read,
+                    deadline,
+                    shared.handler.clone(),
+                    *peer,
+                    shared.h1,
+                    stop.clone(),
+                    shared.name,
+                ))
+                .await;
+            }
+        }
+    }
+}
+
+/// One connection's task state besides its socket: counted in `open` and in the drain, and
+/// holding its slot, until the task ends.
+struct Conn<H> {
+    shared: Arc<Shared<H>>,
+    stop: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+    _open: OpenGuard,
+    _live: watch::Receiver<()>,
+    _slot: OwnedSemaphorePermit,
 }
 
 /// An HTTP/2 connection (prior knowledge), by hyper's server, from the bytes the HTTP/1
@@ -666,8 +719,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Stall<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The size of the future a function of two arguments returns, from its type alone.
+    pub(crate) fn future_size<A, B, F>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Each open connection, idle or queued, holds its task's future; a few layout slips
+    /// (an `async fn`'s copies of its arguments, a large value kept across an await) once
+    /// doubled it. The bound is for this (the test) build; the release build's future is
+    /// smaller (BENCHMARKS.md, "Scale").
+    #[test]
+    fn a_connection_s_future_stays_small() {
+        type Fut = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
+        type H = fn(Request<ClientBody>, Peer) -> Fut;
+        let size = future_size(connection::<H, Fut>);
+        // With tokio's task header and trailer, a task of 1 KiB (912 bytes when written).
+        assert!(size <= 920, "{size} bytes");
+    }
 
     #[test]
     fn the_shard_count_is_the_variable_or_the_cores_and_a_bad_value_is_said() {
