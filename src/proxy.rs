@@ -11,6 +11,7 @@
 //! Every exit goes through [`Pipeline::own`] or the streaming body, so every response carries
 //! `x-proxy-request-id`, is counted once in the metrics and logged once.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,136 +160,145 @@ impl Proxy {
     }
 
     /// Handle one client request. Never fails: every problem becomes a response.
-    pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<ResponseBody> {
-        // Taken apart at once and put together only after admission: a request borrowed or
-        // built before an await is kept in this future while it waits (each copy 224–264
-        // bytes of every queued request's memory).
+    ///
+    /// This future is what a queued request is, so its layout is every queued request's
+    /// memory (BENCHMARKS.md, "Scale"). The request is taken apart before the future is
+    /// made and put together only after admission: an `async fn` keeps its arguments beside
+    /// what is moved out of them, and a request borrowed or built before an await is kept
+    /// too (each copy 224–272 bytes).
+    pub fn handle(
+        self: Arc<Self>,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let (mut parts, body) = req.into_parts();
-        let request_id = self.request_id(&parts.headers);
-        if crate::response::is_healthz(&parts.method, &parts.uri) {
-            // Probes hit the service port: answered here, never forwarded, counted or logged.
-            return crate::response::healthz(&request_id).map(ResponseBody::full);
-        }
-        let live = self.live();
-        // One look at the budget's settings for the whole request (they change on a reload).
-        let settings = self.admission.settings();
-        // Attribution reads the same client table admission indexes, so an id names one client.
-        let ident = settings.clients.identify(&parts.headers);
-        let client = ident.client;
-        let log = RequestLog::new(
-            crate::log::LogId(request_id.clone()),
-            settings.clients.row(client).name.clone(),
-            parts.method.clone(),
-            crate::log::LogPath(parts.uri.clone()),
-        );
-        let mut p = Pipeline {
-            proxy: Arc::clone(&self),
-            request_id,
-            client,
-            log,
-        };
-        if ident.unauthorized {
-            return p.own(Rejection::new(Reason::UnauthorizedClient));
-        }
-        if parts.method == Method::CONNECT {
-            return p.own(
-                Rejection::new(Reason::MethodNotAllowed)
-                    .with_detail("CONNECT is refused: this is a reverse proxy to one upstream"),
-            );
-        }
-        let limit = self.config.server.max_request_body;
-        if let Some(len) = declared_length(&body) {
-            if len > limit {
-                return p.own(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
-                    "{len} bytes declared, the limit is {limit} (server.max_request_body)"
-                )));
+        async move {
+            let request_id = self.request_id(&parts.headers);
+            if crate::response::is_healthz(&parts.method, &parts.uri) {
+                // Probes hit the service port: answered here, never forwarded, counted or logged.
+                return crate::response::healthz(&request_id).map(ResponseBody::full);
             }
-        }
-        let max_wait = match max_wait(&settings, &parts.headers, client) {
-            Ok(w) => w,
-            Err(r) => return p.own(r),
-        };
-        // Learn the request's model before admission: a JSON body is read whole (it is
-        // bounded by server.max_request_body); anything else streams as it comes.
-        // An invalid target is refused before admission, so it consumes nothing.
-        parts.uri = match self.upstream.target(&parts.uri) {
-            Ok(u) => u,
-            Err(e) => return p.own(Rejection::new(Reason::BadRequest).with_detail(e)),
-        };
-        let upload = Arc::new(UploadStats::default());
-        p.log.upload = Some(Arc::clone(&upload));
-        // Held while the request waits, given back once it is admitted or shed.
-        let mut hold = self.metrics.held_bodies.hold();
-        let (body, model) = if reads_body(&parts) {
-            let idle = self.config.upstream.idle_timeout;
-            match read_body(body, limit, idle, &upload, &mut hold).await {
-                Ok(bytes) => {
-                    let model = crate::model::request_model(&bytes);
-                    (Upload::Buffered(bytes), model)
+            let live = self.live();
+            // One look at the budget's settings for the whole request (they change on a reload).
+            let settings = self.admission.settings();
+            // Attribution reads the same client table admission indexes, so an id names one client.
+            let ident = settings.clients.identify(&parts.headers);
+            let client = ident.client;
+            let log = RequestLog::new(
+                crate::log::LogId(request_id.clone()),
+                settings.clients.row(client).name.clone(),
+                parts.method.clone(),
+                crate::log::LogPath(parts.uri.clone()),
+            );
+            let mut p = Pipeline {
+                proxy: Arc::clone(&self),
+                request_id,
+                client,
+                log,
+            };
+            if ident.unauthorized {
+                return p.own(Rejection::new(Reason::UnauthorizedClient));
+            }
+            if parts.method == Method::CONNECT {
+                return p
+                    .own(Rejection::new(Reason::MethodNotAllowed).with_detail(
+                        "CONNECT is refused: this is a reverse proxy to one upstream",
+                    ));
+            }
+            let limit = self.config.server.max_request_body;
+            if let Some(len) = declared_length(&body) {
+                if len > limit {
+                    return p.own(Rejection::new(Reason::RequestTooLarge).with_detail(format!(
+                        "{len} bytes declared, the limit is {limit} (server.max_request_body)"
+                    )));
                 }
-                Err(Unread::Refused(r)) => return p.own(r),
-                Err(Unread::Full { needs }) => {
-                    let r = self.bodies_full(&hold, needs);
+            }
+            let max_wait = match max_wait(&settings, &parts.headers, client) {
+                Ok(w) => w,
+                Err(r) => return p.own(r),
+            };
+            // Learn the request's model before admission: a JSON body is read whole (it is
+            // bounded by server.max_request_body); anything else streams as it comes.
+            // An invalid target is refused before admission, so it consumes nothing.
+            parts.uri = match self.upstream.target(&parts.uri) {
+                Ok(u) => u,
+                Err(e) => return p.own(Rejection::new(Reason::BadRequest).with_detail(e)),
+            };
+            let upload = Arc::new(UploadStats::default());
+            p.log.upload = Some(Arc::clone(&upload));
+            // Held while the request waits, given back once it is admitted or shed.
+            let mut hold = self.metrics.held_bodies.hold();
+            let (body, model) = if reads_body(&parts) {
+                let idle = self.config.upstream.idle_timeout;
+                match read_body(body, limit, idle, &upload, &mut hold).await {
+                    Ok(bytes) => {
+                        let model = crate::model::request_model(&bytes);
+                        (Upload::Buffered(bytes), model)
+                    }
+                    Err(Unread::Refused(r)) => return p.own(r),
+                    Err(Unread::Full { needs }) => {
+                        let r = self.bodies_full(&hold, needs);
+                        return p.own(r);
+                    }
+                }
+            } else {
+                (Upload::Stream(body), None)
+            };
+            p.log.model = model.clone();
+            let ask = Ask {
+                client,
+                cost: live.limits.cost_of(model.as_deref()),
+                model,
+                max_wait,
+                retry: false,
+            };
+            let waiting = Instant::now();
+            // Counted from arrival: a retry may use only what is left of it.
+            let deadline = waiting + max_wait;
+            // Matched in the statement that awaits it: a result bound to a name would be kept
+            // through the exchange below.
+            let permit = match self.admission.admit(ask.clone()).await {
+                Ok(permit) => permit,
+                Err(r) => {
+                    // A request shed after queueing waited too; its log line says how long.
+                    p.log.queue_wait = Some(waiting.elapsed());
                     return p.own(r);
                 }
-            }
-        } else {
-            (Upload::Stream(body), None)
-        };
-        p.log.model = model.clone();
-        let ask = Ask {
-            client,
-            cost: live.limits.cost_of(model.as_deref()),
-            model,
-            max_wait,
-            retry: false,
-        };
-        let waiting = Instant::now();
-        // Counted from arrival: a retry may use only what is left of it.
-        let deadline = waiting + max_wait;
-        let admitted = self.admission.admit(ask.clone()).await;
-        drop(hold);
-        let req = Request::from_parts(parts, body);
-        let permit = match admitted {
-            Ok(permit) => permit,
-            Err(r) => {
-                // A request shed after queueing waited too; its log line says how long.
-                p.log.queue_wait = Some(waiting.elapsed());
-                return p.own(r);
-            }
-        };
-        // From here on the exchange outlives the client ([`Detachable`]): if the client goes
-        // away before the upstream answers, the answer is still read and its rate-limit signals (a 429, a
-        // quota 402) still reach the budget. Only then is the response dropped, which frees
-        // the permit and closes the upstream stream.
-        let strip = ident.strip_auth;
-        // Dropped with this future when the client goes away: a retry waiting for admission
-        // in the exchange's task then leaves the queue at once.
-        let (_client_here, client_gone) = tokio::sync::oneshot::channel::<()>();
-        let exchange = Exchange {
-            permit,
-            strip_auth: strip,
-            upload,
-            retry: Retry {
-                ask,
-                deadline,
-                client_gone,
-                policy: live.retry.clone(),
-            },
-        };
-        match (Detachable {
-            exchange: Some(Box::pin(p.forward(req, exchange))),
-        })
-        .await
-        {
-            Ok(resp) => resp,
-            Err(()) => {
-                // Only a panic in the pipeline gets here; the permit was released by unwinding.
-                tracing::error!("request pipeline failed (panicked)");
-                let id = HeaderValue::from_static("unknown");
-                Rejection::new(Reason::UpstreamUnavailable)
-                    .render(&id)
-                    .map(ResponseBody::full)
+            };
+            drop(hold);
+            let req = Request::from_parts(parts, body);
+            // From here on the exchange outlives the client ([`Detachable`]): if the client goes
+            // away before the upstream answers, the answer is still read and its rate-limit signals (a 429, a
+            // quota 402) still reach the budget. Only then is the response dropped, which frees
+            // the permit and closes the upstream stream.
+            let strip = ident.strip_auth;
+            // Dropped with this future when the client goes away: a retry waiting for admission
+            // in the exchange's task then leaves the queue at once.
+            let (_client_here, client_gone) = tokio::sync::oneshot::channel::<()>();
+            let exchange = Exchange {
+                permit,
+                strip_auth: strip,
+                upload,
+                retry: Retry {
+                    ask,
+                    deadline,
+                    client_gone,
+                    policy: live.retry.clone(),
+                },
+            };
+            match (Detachable {
+                exchange: Some(Box::pin(p.forward(req, exchange))),
+            })
+            .await
+            {
+                Ok(resp) => resp,
+                Err(()) => {
+                    // Only a panic in the pipeline gets here; the permit was released by unwinding.
+                    tracing::error!("request pipeline failed (panicked)");
+                    let id = HeaderValue::from_static("unknown");
+                    Rejection::new(Reason::UpstreamUnavailable)
+                        .render(&id)
+                        .map(ResponseBody::full)
+                }
             }
         }
     }
@@ -992,6 +1002,17 @@ mod tests {
     use bytes::Bytes;
     use std::sync::Arc;
     use std::time::Duration;
+
+    /// A queued request is mostly this future; a few layout slips (an `async fn`'s copies of
+    /// its arguments, a result kept across the exchange) once made it half as large again.
+    /// The bound is for this (the test) build; the release build's is smaller (BENCHMARKS.md,
+    /// "Scale").
+    #[test]
+    fn a_request_s_future_stays_small() {
+        let size = crate::server::tests::future_size(super::Proxy::handle);
+        // 1,248 bytes when written, 1,816 before.
+        assert!(size <= 1280, "{size} bytes");
+    }
 
     /// A body that came whole with its head is the same bytes after the read (not a second
     /// copy held while queued), and is still held against `queue.max_body_bytes` and bounded

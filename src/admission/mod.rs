@@ -35,6 +35,7 @@ mod queue;
 mod snapshot;
 mod store;
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -503,211 +504,223 @@ impl Admission {
     /// consumes nothing.
     // A rejection is built once per shed request and moved a couple of times; boxing it
     // would add an allocation for nothing.
-    #[allow(clippy::result_large_err)]
-    pub async fn admit(&self, ask: Ask) -> Result<Permit, Rejection> {
-        let shared = &self.shared;
-        let now = Instant::now();
-        let cost = ask.cost.max(1);
-        let mut max_wait = ask.max_wait;
-        let mut deadline = now + max_wait;
-        let (client, id, rx) = {
-            let mut g = shared.lock();
-            let client = if g.s.clients.contains(ask.client) {
-                ask.client
-            } else {
-                DEFAULT_CLIENT
-            };
-            let now_unix = shared.wall.now_unix();
-            g.roll_day(now_unix);
-            let blocked = g.blocked(now, now_unix);
-            if max_wait.is_zero() && g.queue.is_empty() && blocked.is_none() {
-                // "Never queue" still deserves its one question to a store that cannot
-                // answer under the lock (Redis): allow exactly the time of that round trip.
-                max_wait = g.store.take_time();
-                deadline = now + max_wait;
-            }
-            if let Some(r) = g.store.unavailable() {
-                // Shed now; the dispatcher keeps checking whether the store is back.
-                drop(g);
-                shared.wake.notify_one();
-                return Err(r);
-            }
-            // Shed at once when waiting cannot help, in the contract's order: the account's
-            // gates, the model's, the client's daily cap.
-            match blocked {
-                Some(Blocked::Daily { open_at_unix }) => {
-                    let open = shared.wall.instant_at(open_at_unix);
-                    if open > deadline {
-                        return Err(g.reject(Reason::DailyQuotaExhausted, open - now, now_unix));
-                    }
-                }
-                Some(Blocked::UsageCap { open_at_unix }) => {
-                    let open = shared.wall.instant_at(open_at_unix);
-                    if open > deadline {
-                        return Err(g.reject(Reason::UsageCapExhausted, open - now, now_unix));
-                    }
-                }
-                Some(Blocked::Cooldown { until }) if until > deadline => {
-                    return Err(g.reject(Reason::UpstreamCooldown, until - now, now_unix));
-                }
-                _ => {}
-            }
-            let model_block = ask
-                .model
-                .as_deref()
-                .and_then(|m| g.models.blocked(m, now, now_unix));
-            let model_eta = match model_block {
-                Some(ModelBlock::Cooling(until)) => {
-                    if until > deadline {
-                        let mut r = g.reject(Reason::ModelCooldown, until - now, now_unix);
-                        r.model = ask.model.clone();
-                        return Err(r);
-                    }
-                    Some(until)
-                }
-                Some(ModelBlock::Quota(open_unix)) => {
-                    let open = shared.wall.instant_at(open_unix);
-                    if open > deadline {
-                        let mut r = g.reject(Reason::DailyQuotaExhausted, open - now, now_unix);
-                        r.model = ask.model.clone();
-                        r.detail = Some("this model's own daily quota is spent".into());
-                        return Err(r);
-                    }
-                    Some(open)
-                }
-                Some(ModelBlock::Rate(at)) => Some(at),
-                Some(ModelBlock::Probe) | None => None,
-            };
-            // Daily caps that cannot take this request today: shed unless the day ends
-            // within the request's wait.
-            // In UNIX seconds: converting the day's end to an instant reads both clocks again.
-            let day_left = day_end(g.day.index, g.s.limits.day_reset_offset) as f64 - now_unix;
-            if day_left > max_wait.as_secs_f64() {
-                if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
-                    return Err(r);
-                }
-                if let Some(r) = g.account_daily_refusal(cost, now_unix) {
-                    return Err(r);
-                }
-            }
-            // Everything open and nobody waiting who could go now (waiters held by their
-            // model or their client's rate do not count): grant inline, no task switch.
-            if blocked.is_none()
-                && model_block.is_none()
-                && g.closing.is_none()
-                && g.client_ready(client, now)
-                && g.fits_today(client, cost)
-                && !g.anyone_ready(now, now_unix)
-                && g.take_now(shared, now)
-            {
-                return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
-            }
-            if g.queue.len() >= g.s.queue.max_depth && !ask.retry {
-                // When the last request now queued is served.
-                let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
-                return Err(g.reject(Reason::QueueFull, drain, now_unix));
-            }
-            let ahead = g.queue.ahead_of_new(client);
-            let account_eta = g.estimate(shared, ahead, now);
-            let client_eta = g.clients[client.index()]
-                .bucket
-                .as_ref()
-                .map(|b| b.ready_at_behind(now, g.queue.client_len(client)));
-            let eta = account_eta
-                .max(client_eta.unwrap_or(now))
-                .max(model_eta.unwrap_or(now));
-            if let Some(end) = g.closing {
-                if eta > end {
-                    return Err(g.shutting_down(eta - now, now_unix));
-                }
-            }
-            if eta > deadline || max_wait.is_zero() {
-                let wait = (eta - now).max(g.spacing().min(Duration::from_secs(1)));
-                let (reason, what) = if client_eta.is_some_and(|c| c > deadline && c >= eta) {
-                    (Reason::ClientRateLimited, "its client's own rate")
-                } else if model_eta.is_some_and(|m| m > deadline && m >= eta) {
-                    (Reason::ModelCooldown, "its model")
+    // Not an `async fn`: that would keep a copy of `ask` beside `ask` in every queued
+    // request's state.
+    #[allow(clippy::result_large_err, clippy::manual_async_fn)]
+    pub fn admit(&self, ask: Ask) -> impl Future<Output = Result<Permit, Rejection>> + Send + '_ {
+        async move {
+            let shared = &self.shared;
+            let now = Instant::now();
+            let cost = ask.cost.max(1);
+            let mut max_wait = ask.max_wait;
+            let mut deadline = now + max_wait;
+            let (client, id, rx) = {
+                let mut g = shared.lock();
+                let client = if g.s.clients.contains(ask.client) {
+                    ask.client
                 } else {
-                    (Reason::QueueTimeout, "the account")
+                    DEFAULT_CLIENT
                 };
-                let mut r = g.reject(reason, wait, now_unix);
-                if reason == Reason::ClientRateLimited {
-                    r.client = Some(g.s.clients.row(client).name.clone());
+                let now_unix = shared.wall.now_unix();
+                g.roll_day(now_unix);
+                let blocked = g.blocked(now, now_unix);
+                if max_wait.is_zero() && g.queue.is_empty() && blocked.is_none() {
+                    // "Never queue" still deserves its one question to a store that cannot
+                    // answer under the lock (Redis): allow exactly the time of that round trip.
+                    max_wait = g.store.take_time();
+                    deadline = now + max_wait;
                 }
-                if reason == Reason::ModelCooldown {
-                    r.model = ask.model.clone();
+                if let Some(r) = g.store.unavailable() {
+                    // Shed now; the dispatcher keeps checking whether the store is back.
+                    drop(g);
+                    shared.wake.notify_one();
+                    return Err(r);
                 }
-                r.detail = Some(if max_wait.is_zero() {
-                    "the request asked not to queue".into()
+                // Shed at once when waiting cannot help, in the contract's order: the account's
+                // gates, the model's, the client's daily cap.
+                match blocked {
+                    Some(Blocked::Daily { open_at_unix }) => {
+                        let open = shared.wall.instant_at(open_at_unix);
+                        if open > deadline {
+                            return Err(g.reject(
+                                Reason::DailyQuotaExhausted,
+                                open - now,
+                                now_unix,
+                            ));
+                        }
+                    }
+                    Some(Blocked::UsageCap { open_at_unix }) => {
+                        let open = shared.wall.instant_at(open_at_unix);
+                        if open > deadline {
+                            return Err(g.reject(Reason::UsageCapExhausted, open - now, now_unix));
+                        }
+                    }
+                    Some(Blocked::Cooldown { until }) if until > deadline => {
+                        return Err(g.reject(Reason::UpstreamCooldown, until - now, now_unix));
+                    }
+                    _ => {}
+                }
+                let model_block = ask
+                    .model
+                    .as_deref()
+                    .and_then(|m| g.models.blocked(m, now, now_unix));
+                let model_eta = match model_block {
+                    Some(ModelBlock::Cooling(until)) => {
+                        if until > deadline {
+                            let mut r = g.reject(Reason::ModelCooldown, until - now, now_unix);
+                            r.model = ask.model.clone();
+                            return Err(r);
+                        }
+                        Some(until)
+                    }
+                    Some(ModelBlock::Quota(open_unix)) => {
+                        let open = shared.wall.instant_at(open_unix);
+                        if open > deadline {
+                            let mut r = g.reject(Reason::DailyQuotaExhausted, open - now, now_unix);
+                            r.model = ask.model.clone();
+                            r.detail = Some("this model's own daily quota is spent".into());
+                            return Err(r);
+                        }
+                        Some(open)
+                    }
+                    Some(ModelBlock::Rate(at)) => Some(at),
+                    Some(ModelBlock::Probe) | None => None,
+                };
+                // Daily caps that cannot take this request today: shed unless the day ends
+                // within the request's wait.
+                // In UNIX seconds: converting the day's end to an instant reads both clocks again.
+                let day_left = day_end(g.day.index, g.s.limits.day_reset_offset) as f64 - now_unix;
+                if day_left > max_wait.as_secs_f64() {
+                    if let Some(r) = g.client_daily_refusal(client, cost, now_unix) {
+                        return Err(r);
+                    }
+                    if let Some(r) = g.account_daily_refusal(cost, now_unix) {
+                        return Err(r);
+                    }
+                }
+                // Everything open and nobody waiting who could go now (waiters held by their
+                // model or their client's rate do not count): grant inline, no task switch.
+                if blocked.is_none()
+                    && model_block.is_none()
+                    && g.closing.is_none()
+                    && g.client_ready(client, now)
+                    && g.fits_today(client, cost)
+                    && !g.anyone_ready(now, now_unix)
+                    && g.take_now(shared, now)
+                {
+                    return Ok(g.grant(shared, client, ask.model, cost, Duration::ZERO, now));
+                }
+                if g.queue.len() >= g.s.queue.max_depth && !ask.retry {
+                    // When the last request now queued is served.
+                    let drain = g.estimate(shared, g.queue.len().saturating_sub(1), now) - now;
+                    return Err(g.reject(Reason::QueueFull, drain, now_unix));
+                }
+                let ahead = g.queue.ahead_of_new(client);
+                let account_eta = g.estimate(shared, ahead, now);
+                let client_eta = g.clients[client.index()]
+                    .bucket
+                    .as_ref()
+                    .map(|b| b.ready_at_behind(now, g.queue.client_len(client)));
+                let eta = account_eta
+                    .max(client_eta.unwrap_or(now))
+                    .max(model_eta.unwrap_or(now));
+                if let Some(end) = g.closing {
+                    if eta > end {
+                        return Err(g.shutting_down(eta - now, now_unix));
+                    }
+                }
+                if eta > deadline || max_wait.is_zero() {
+                    let wait = (eta - now).max(g.spacing().min(Duration::from_secs(1)));
+                    let (reason, what) = if client_eta.is_some_and(|c| c > deadline && c >= eta) {
+                        (Reason::ClientRateLimited, "its client's own rate")
+                    } else if model_eta.is_some_and(|m| m > deadline && m >= eta) {
+                        (Reason::ModelCooldown, "its model")
+                    } else {
+                        (Reason::QueueTimeout, "the account")
+                    };
+                    let mut r = g.reject(reason, wait, now_unix);
+                    if reason == Reason::ClientRateLimited {
+                        r.client = Some(g.s.clients.row(client).name.clone());
+                    }
+                    if reason == Reason::ModelCooldown {
+                        r.model = ask.model.clone();
+                    }
+                    r.detail = Some(if max_wait.is_zero() {
+                        "the request asked not to queue".into()
+                    } else {
+                        format!(
+                            "estimated wait {:.1}s for {what} exceeds the wait limit {:.1}s",
+                            (eta - now).as_secs_f64(),
+                            max_wait.as_secs_f64()
+                        )
+                    });
+                    return Err(r);
+                }
+                let (tx, rx) = oneshot::channel();
+                let pending = Pending {
+                    reply: tx,
+                    model: ask.model,
+                    cost,
+                };
+                let id = if ask.retry {
+                    g.queue.push_urgent(client, deadline, now, pending)
                 } else {
-                    format!(
-                        "estimated wait {:.1}s for {what} exceeds the wait limit {:.1}s",
-                        (eta - now).as_secs_f64(),
-                        max_wait.as_secs_f64()
-                    )
-                });
-                return Err(r);
+                    g.queue.push(client, deadline, now, pending)
+                };
+                (client, id, rx)
+            };
+            shared.wake.notify_one();
+            let mut guard = LeaveOnDrop {
+                shared,
+                client,
+                id,
+                armed: true,
+            };
+            let mut rx = rx;
+            // In a block of its own: the answer's place (176 bytes) is then not kept in this
+            // future through the waits below, which every queued request would pay for.
+            {
+                let result = tokio::select! {
+                    r = &mut rx => r.ok(),
+                    _ = tokio::time::sleep_until(deadline) => rx.try_recv().ok(),
+                };
+                guard.armed = false;
+                if let Some(r) = result {
+                    return r;
+                }
             }
-            let (tx, rx) = oneshot::channel();
-            let pending = Pending {
-                reply: tx,
-                model: ask.model,
-                cost,
-            };
-            let id = if ask.retry {
-                g.queue.push_urgent(client, deadline, now, pending)
-            } else {
-                g.queue.push(client, deadline, now, pending)
-            };
-            (client, id, rx)
-        };
-        shared.wake.notify_one();
-        let mut guard = LeaveOnDrop {
-            shared,
-            client,
-            id,
-            armed: true,
-        };
-        let mut rx = rx;
-        let result = tokio::select! {
-            r = &mut rx => r.ok(),
-            _ = tokio::time::sleep_until(deadline) => rx.try_recv().ok(),
-        };
-        guard.armed = false;
-        if let Some(r) = result {
-            return r;
+            // Deadline reached. A token due at this very instant may not have been handed out
+            // yet (the dispatcher's timer fires at the same tick): run one dispatcher step first,
+            // so a request whose estimate was exactly its deadline is served.
+            let mut out = Vec::new();
+            let _ = shared.lock().step(shared, &mut out);
+            deliver(&mut out);
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            let left = shared.lock().queue.remove(client, id).is_some();
+            if !left {
+                // Not queued any more, yet no answer: the dispatcher decided about it at this
+                // very instant and its reply is on the way. A grant is served, not thrown away.
+                return match rx.await {
+                    Ok(r) => r,
+                    Err(_) => Err(Rejection::new(Reason::ShuttingDown)),
+                };
+            }
+            let g = shared.lock();
+            let now = Instant::now();
+            let now_unix = shared.wall.now_unix();
+            let ahead = g.queue.len();
+            let eta = g.estimate(shared, ahead, now);
+            let mut r = g.reject(Reason::QueueTimeout, eta - now, now_unix);
+            r.detail = Some(format!(
+                "waited {:.1}s, the wait limit",
+                max_wait.as_secs_f64()
+            ));
+            drop(g);
+            shared.wake.notify_one();
+            Err(r)
         }
-        // Deadline reached. A token due at this very instant may not have been handed out
-        // yet (the dispatcher's timer fires at the same tick): run one dispatcher step first,
-        // so a request whose estimate was exactly its deadline is served.
-        let mut out = Vec::new();
-        let _ = shared.lock().step(shared, &mut out);
-        deliver(&mut out);
-        if let Ok(r) = rx.try_recv() {
-            return r;
-        }
-        let left = shared.lock().queue.remove(client, id).is_some();
-        if !left {
-            // Not queued any more, yet no answer: the dispatcher decided about it at this
-            // very instant and its reply is on the way. A grant is served, not thrown away.
-            return match rx.await {
-                Ok(r) => r,
-                Err(_) => Err(Rejection::new(Reason::ShuttingDown)),
-            };
-        }
-        let g = shared.lock();
-        let now = Instant::now();
-        let now_unix = shared.wall.now_unix();
-        let ahead = g.queue.len();
-        let eta = g.estimate(shared, ahead, now);
-        let mut r = g.reject(Reason::QueueTimeout, eta - now, now_unix);
-        r.detail = Some(format!(
-            "waited {:.1}s, the wait limit",
-            max_wait.as_secs_f64()
-        ));
-        drop(g);
-        shared.wake.notify_one();
-        Err(r)
     }
 
     /// Stop admitting for good: the process is shutting down and `grace_end` is when the
