@@ -162,7 +162,7 @@ impl Proxy {
     /// Handle one client request. Never fails: every problem becomes a response.
     ///
     /// This future is what a queued request is, so its layout is every queued request's
-    /// memory (BENCHMARKS.md, "Scale"). The request is taken apart before the future is
+    /// memory (BENCHMARKS.md, "ninth session"). The request is taken apart before the future is
     /// made and put together only after admission: an `async fn` keeps its arguments beside
     /// what is moved out of them, and a request borrowed or built before an await is kept
     /// too (each copy 224–272 bytes).
@@ -266,10 +266,10 @@ impl Proxy {
             };
             drop(hold);
             let req = Request::from_parts(parts, body);
-            // From here on the exchange outlives the client ([`Detachable`]): if the client goes
-            // away before the upstream answers, the answer is still read and its rate-limit signals (a 429, a
-            // quota 402) still reach the budget. Only then is the response dropped, which frees
-            // the permit and closes the upstream stream.
+            // From here on the exchange outlives the client ([`Detachable`]): if the client
+            // goes away before the upstream answers, the answer is still read and its
+            // rate-limit signals (a 429, a quota 402) still reach the budget. Only then is the
+            // response dropped, which frees the permit and closes the upstream stream.
             let strip = ident.strip_auth;
             // Dropped with this future when the client goes away: a retry waiting for admission
             // in the exchange's task then leaves the queue at once.
@@ -1005,8 +1005,7 @@ mod tests {
 
     /// A queued request is mostly this future; a few layout slips (an `async fn`'s copies of
     /// its arguments, a result kept across the exchange) once made it half as large again.
-    /// The bound is for this (the test) build; the release build's is smaller (BENCHMARKS.md,
-    /// "Scale").
+    /// The same size in the test and the release build (BENCHMARKS.md, "ninth session").
     #[test]
     fn a_request_s_future_stays_small() {
         let size = crate::server::tests::future_size(super::Proxy::handle);

@@ -413,6 +413,7 @@ where
     fn serve(&self, stream: TcpStream, peer: std::net::SocketAddr, slot: OwnedSemaphorePermit) {
         let _ = stream.set_nodelay(true);
         let conn = Conn {
+            stream,
             shared: Arc::clone(&self.shared),
             stop: self.stop.clone(),
             peer,
@@ -420,7 +421,7 @@ where
             _live: self.live.subscribe(),
             _slot: slot,
         };
-        tokio::spawn(connection(conn, stream));
+        tokio::spawn(connection(conn));
     }
 
     /// Wait for this shard's connections to end, at most `grace`.
@@ -450,34 +451,37 @@ where
 /// One connection's task: HTTP/1 until the connection ends, or HTTP/2 from its preface on.
 ///
 /// Every byte of this future is paid by each open connection, idle or queued (BENCHMARKS.md,
-/// "Scale"; a test keeps it in bounds): it owns the socket and [`Conn`], and the HTTP/1
-/// connection's future borrows them rather than carrying copies.
+/// "ninth session"; a test keeps it in bounds): it owns [`Conn`], and the HTTP/1
+/// connection's future borrows from it rather than carrying copies.
 #[allow(clippy::manual_async_fn)] // not an `async fn`: see `http1::serve`
-fn connection<H, Fut>(mut conn: Conn<H>, stream: TcpStream) -> impl Future<Output = ()> + Send
+fn connection<H, Fut>(mut conn: Conn<H>) -> impl Future<Output = ()> + Send
 where
     H: Fn(Request<ClientBody>, Peer) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ResponseBody>> + Send + 'static,
 {
     async move {
-        let Conn {
-            shared, stop, peer, ..
-        } = &mut conn;
-        let handler = |req| (shared.handler)(req, Peer(*peer));
-        match http1::serve(&stream, handler, &shared.h1, stop).await {
-            Served::Closed => drop(stream),
-            Served::Finish => http1::finish(stream),
+        // Names `conn` whole, so the block captures all of it: it would otherwise capture
+        // only the fields it uses, and the guards it never names would be dropped (the slot
+        // and the drain's count given back) before the connection is served.
+        let _whole = &conn;
+        let handler = |req| (conn.shared.handler)(req, Peer(conn.peer));
+        let served = http1::serve(&conn.stream, handler, &conn.shared.h1, &mut conn.stop).await;
+        match served {
+            Served::Closed => drop(conn.stream),
+            Served::Finish => http1::finish(conn.stream),
             Served::H2(read, deadline) => {
+                let shared = &conn.shared;
                 // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is
                 // large.
                 Box::pin(serve_h2(
                     shared.h2.clone(),
-                    stream,
+                    conn.stream,
                     read,
                     deadline,
                     shared.handler.clone(),
-                    *peer,
+                    conn.peer,
                     shared.h1,
-                    stop.clone(),
+                    conn.stop.clone(),
                     shared.name,
                 ))
                 .await;
@@ -486,9 +490,12 @@ where
     }
 }
 
-/// One connection's task state besides its socket: counted in `open` and in the drain, and
-/// holding its slot, until the task ends.
+/// One connection's task state: its socket, counted in `open` and in the drain, and holding
+/// its slot, until the task ends. The socket is the first field, so however the task ends
+/// (even dropped mid-request at the runtime's shutdown), it is closed before the slot and the
+/// counts are given back.
 struct Conn<H> {
+    stream: TcpStream,
     shared: Arc<Shared<H>>,
     stop: watch::Receiver<bool>,
     peer: std::net::SocketAddr,
@@ -729,14 +736,14 @@ pub(crate) mod tests {
 
     /// Each open connection, idle or queued, holds its task's future; a few layout slips
     /// (an `async fn`'s copies of its arguments, a large value kept across an await) once
-    /// doubled it. The bound is for this (the test) build; the release build's future is
-    /// smaller (BENCHMARKS.md, "Scale").
+    /// doubled it. The bound is for this (the test) build (BENCHMARKS.md, "ninth session",
+    /// has the release build's sizes).
     #[test]
     fn a_connection_s_future_stays_small() {
         type Fut = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
         type H = fn(Request<ClientBody>, Peer) -> Fut;
-        let size = future_size(connection::<H, Fut>);
-        // With tokio's task header and trailer, a task of 1 KiB (912 bytes when written).
+        let size = future_size(|c: Conn<H>, _: ()| connection::<H, Fut>(c));
+        // With tokio's task header and trailer, a task of 1 KiB (888 bytes when written).
         assert!(size <= 920, "{size} bytes");
     }
 
