@@ -1030,6 +1030,55 @@ async fn a_client_that_disconnects_while_queued_leaves_the_queue() {
     proxy.stop().await.unwrap();
 }
 
+/// A request that waits in the queue has its header fields parked meanwhile (compact, off its
+/// header map): what reaches the upstream once it is admitted is what the client sent, each
+/// name's values in order, hop-by-hop fields still dropped.
+#[tokio::test]
+async fn a_request_that_waited_reaches_the_upstream_with_all_its_fields() {
+    let mock = MockUpstream::start().await;
+    let gate = Gate::new();
+    mock.push(Reply::json(200, "{}").gated(gate.clone()));
+    let proxy = Start::new(
+        &mock.url(),
+        "[limits]\nrequests_per_minute = 600000\nburst = 10000\nmax_concurrent = 1\n[queue]\nmax_wait = \"60s\"\n",
+    )
+    .start()
+    .await;
+    let c = client();
+    let url = proxy.url("/v1/models");
+    let c2 = c.clone();
+    let first = tokio::spawn(async move { get(&c2, &url).await.status });
+    wait_in_flight(&c, &proxy, 1).await;
+    let mut raw = Raw::connect(proxy.addr).await;
+    raw.send(
+        b"GET /v1/models HTTP/1.1\r\n\
+          Host: x\r\n\
+          X-Multi: a\r\n\
+          Connection: keep-alive, X-Req-Hop\r\n\
+          Accept: application/json\r\n\
+          X-Req-Hop: 1\r\n\
+          X-Multi: b\r\n\
+          X-Stainless-Lang: python\r\n\
+          X-Multi: c\r\n\
+          \r\n",
+    )
+    .await;
+    wait_queue_depth(&c, &proxy, 1).await;
+    gate.open();
+    assert_eq!(within("the first answer", first).await.unwrap(), 200);
+    let resp = raw.response().await;
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let seen = mock.wait_for_requests(2).await;
+    let up = &seen[1];
+    let multi: Vec<_> = up.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b", "c"]);
+    assert_eq!(up.header("accept"), Some("application/json"));
+    assert_eq!(up.header("x-stainless-lang"), Some("python"));
+    assert!(up.header("x-req-hop").is_none());
+    assert!(up.header("connection").is_none());
+    proxy.stop().await.unwrap();
+}
+
 /// Polls the admin `/status` until `in_flight` equals `want`.
 async fn wait_in_flight(c: &TestClient, proxy: &TestProxy, want: u64) {
     let url = proxy.admin_url("/status");
