@@ -877,10 +877,15 @@ where
             };
             wanted = None;
             if asked {
-                let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                // Boxed, with its bytes: only a client that asked for `100 Continue` (curl's
+                // larger uploads; not the OpenAI SDKs) pays for this write's state.
+                let write = Box::pin(async {
+                    let mut out = Out::with(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+                    write_all(stream, &mut out, settings.write_stall).await
+                });
                 let wrote = tokio::select! {
                     biased;
-                    w = write_all(stream, &mut out, settings.write_stall) => w,
+                    w = write => w,
                     () = &mut watch => return Next::Gone,
                 };
                 if wrote.is_err() {

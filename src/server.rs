@@ -465,15 +465,22 @@ where
         // and the drain's count given back) before the connection is served.
         let _whole = &conn;
         let handler = |req| (conn.shared.handler)(req, Peer(conn.peer));
-        let served = http1::serve(&conn.stream, handler, &conn.shared.h1, &mut conn.stop).await;
-        match served {
-            Served::Closed => drop(conn.stream),
-            Served::Finish => http1::finish(conn.stream),
+        // The HTTP/2 connection is made in this statement and awaited in the next, so that
+        // what `serve` returned is not kept in this future beside the HTTP/1 one.
+        let h2 = match http1::serve(&conn.stream, handler, &conn.shared.h1, &mut conn.stop).await {
+            Served::Closed => {
+                drop(conn.stream);
+                None
+            }
+            Served::Finish => {
+                http1::finish(conn.stream);
+                None
+            }
             Served::H2(read, deadline) => {
                 let shared = &conn.shared;
                 // Boxed: most connections are HTTP/1, and hyper's HTTP/2 connection is
                 // large.
-                Box::pin(serve_h2(
+                Some(Box::pin(serve_h2(
                     shared.h2.clone(),
                     conn.stream,
                     read,
@@ -483,9 +490,11 @@ where
                     shared.h1,
                     conn.stop.clone(),
                     shared.name,
-                ))
-                .await;
+                )))
             }
+        };
+        if let Some(h2) = h2 {
+            h2.await;
         }
     }
 }
@@ -743,8 +752,9 @@ pub(crate) mod tests {
         type Fut = Pin<Box<dyn Future<Output = Response<ResponseBody>> + Send>>;
         type H = fn(Request<ClientBody>, Peer) -> Fut;
         let size = future_size(|c: Conn<H>, _: ()| connection::<H, Fut>(c));
-        // With tokio's task header and trailer, a task of 1 KiB (888 bytes when written).
-        assert!(size <= 920, "{size} bytes");
+        // With tokio's task header and trailer (104 bytes, the whole aligned to 128), a task
+        // of 896 bytes up to 792 (744 when written).
+        assert!(size <= 792, "{size} bytes");
     }
 
     #[test]
