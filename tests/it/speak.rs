@@ -133,6 +133,9 @@ async fn a_retry_serves_the_client_through_a_capacity_429() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].body_text(), seen[1].body_text());
     assert!(seen[1].body_text().contains("big-model"));
+    // Its header fields were parked while the retry waited out the cooldown: all back.
+    assert_eq!(seen[0].headers, seen[1].headers);
+    assert!(seen[1].headers.len() >= 4, "{:?}", seen[1].headers);
     // Counted by cause.
     let metrics = get(&c, &proxy.admin_url("/metrics")).await.text();
     assert!(
