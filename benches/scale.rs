@@ -190,8 +190,8 @@ path = ""
     );
 }
 
-/// Size of the future an async fn of two arguments returns, from its type alone: what hyper
-/// boxes per in-flight request, and so a floor on the memory of each queued client.
+/// Size of the future an async fn of two arguments returns, from its type alone: what the
+/// HTTP/1 server boxes per request in flight, and so a floor on the memory of each queued client.
 fn future_size_2<A, B, Fut>(_: impl Fn(A, B) -> Fut) -> usize {
     std::mem::size_of::<Fut>()
 }
