@@ -360,6 +360,7 @@ struct Conns<H> {
     me: usize,
 }
 
+/// A shard's connection settings and handler, shared by its connections.
 struct Shared<H> {
     h1: http1::Settings,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
