@@ -252,65 +252,71 @@ impl Pool {
     /// Send `req` (its URI absolute: the configured upstream's) and wait for the response
     /// head. The response's body drives its HTTP/1.1 connection and returns it to the pool
     /// once it has been read to the end.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: that would keep the request twice (the argument and its moved copy)
+    /// in a future every request in flight holds.
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         &self,
         mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, BoxError> {
-        let absolute = req.uri().clone();
-        // Sending again is only for a request no byte of which left (a reused connection that
-        // had just been closed); a few tries bound it even if each one finds another such.
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let again = tries < MAX_TRIES;
-            match self.checkout().await? {
-                Checked::H2 { mut send, reused } => match send.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(|body| UpstreamBody { body, lease: None })),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) if reused && again => {
-                            self.forget_shared(&send);
-                            req = back;
-                        }
-                        _ => return Err(e.into_error().into()),
-                    },
-                },
-                Checked::H1(mut lease) => {
-                    // Origin-form target and a `Host`, as HTTP/1.1 to a server wants.
-                    let pq = absolute
-                        .path_and_query()
-                        .cloned()
-                        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-                    *req.uri_mut() = Uri::from(pq);
-                    req.headers_mut().insert(HOST, self.host.clone());
-                    let mut answer = pin!(lease.send.try_send_request(req));
-                    let got = poll_fn(|cx| {
-                        lease.drive(cx);
-                        answer.as_mut().poll(cx)
-                    })
-                    .await;
-                    match got {
-                        Ok(resp) if resp.body().is_end_stream() => {
-                            // No body (HEAD, 204, 304, a zero length): hyper's server may
-                            // never poll one it must not send, so the connection goes back
-                            // now, once it has finished the message.
-                            lease.drive_once().await;
-                            self.home().put(lease);
-                            return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
-                        }
-                        Ok(resp) => {
-                            let home = Arc::clone(self.home());
-                            return Ok(resp.map(|body| UpstreamBody {
-                                body,
-                                lease: Some((lease, home)),
-                            }));
-                        }
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_ {
+        async move {
+            let absolute = req.uri().clone();
+            // Sending again is only for a request no byte of which left (a reused connection that
+            // had just been closed); a few tries bound it even if each one finds another such.
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                let again = tries < MAX_TRIES;
+                match self.checkout().await? {
+                    Checked::H2 { mut send, reused } => match send.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(|body| UpstreamBody { body, lease: None })),
                         Err(mut e) => match e.take_message() {
-                            Some(back) if lease.reused && again => {
+                            Some(back) if reused && again => {
+                                self.forget_shared(&send);
                                 req = back;
-                                *req.uri_mut() = absolute.clone();
                             }
                             _ => return Err(e.into_error().into()),
                         },
+                    },
+                    Checked::H1(mut lease) => {
+                        // Origin-form target and a `Host`, as HTTP/1.1 to a server wants.
+                        let pq = absolute
+                            .path_and_query()
+                            .cloned()
+                            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+                        *req.uri_mut() = Uri::from(pq);
+                        req.headers_mut().insert(HOST, self.host.clone());
+                        let mut answer = pin!(lease.send.try_send_request(req));
+                        let got = poll_fn(|cx| {
+                            lease.drive(cx);
+                            answer.as_mut().poll(cx)
+                        })
+                        .await;
+                        match got {
+                            Ok(resp) if resp.body().is_end_stream() => {
+                                // No body (HEAD, 204, 304, a zero length): hyper's server may
+                                // never poll one it must not send, so the connection goes back
+                                // now, once it has finished the message.
+                                lease.drive_once().await;
+                                self.home().put(lease);
+                                return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
+                            }
+                            Ok(resp) => {
+                                let home = Arc::clone(self.home());
+                                return Ok(resp.map(|body| UpstreamBody {
+                                    body,
+                                    lease: Some((lease, home)),
+                                }));
+                            }
+                            Err(mut e) => match e.take_message() {
+                                Some(back) if lease.reused && again => {
+                                    req = back;
+                                    *req.uri_mut() = absolute.clone();
+                                }
+                                _ => return Err(e.into_error().into()),
+                            },
+                        }
                     }
                 }
             }

@@ -393,165 +393,181 @@ impl Pipeline {
         resp.map(ResponseBody::full)
     }
 
-    async fn forward(mut self, req: Request<Upload>, exchange: Exchange) -> Response<ResponseBody> {
+    /// Send the admitted request upstream, again after a 429 when its policy allows, and
+    /// answer the client. Not an `async fn`, and its arguments taken apart before the future is
+    /// made: that would keep each argument beside what is moved out of it (900 bytes of a
+    /// future every request in flight holds, and moves into its box).
+    #[allow(clippy::manual_async_fn)]
+    fn forward(
+        mut self,
+        req: Request<Upload>,
+        exchange: Exchange,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let Exchange {
             mut permit,
             strip_auth,
             upload,
             mut retry,
         } = exchange;
-        let proxy = Arc::clone(&self.proxy);
-        let queue_wait = permit.queue_wait;
-        self.log.queue_wait = Some(queue_wait);
-        proxy.metrics.observe_queue_wait(queue_wait);
         let (mut parts, body) = req.into_parts();
-        let uri = std::mem::take(&mut parts.uri);
-        proxy
-            .upstream
-            .prepare_headers(&mut parts.headers, strip_auth);
-        parts
-            .headers
-            .insert(REQUEST_ID, self.log.request_id.0.clone());
-        // A body read whole and small enough is kept to be sent again after a 429; a
-        // streamed one cannot be replayed.
-        let replay = match &body {
-            Upload::Buffered(b)
-                if retry.policy.max_attempts > 0 && b.len() as u64 <= retry.policy.max_body =>
-            {
-                Some(b.clone())
-            }
-            _ => None,
-        };
-        let mut body = Some(body);
-        loop {
-            let body = match body.take() {
-                Some(Upload::Buffered(bytes)) => RequestBody::buffered(bytes, Arc::clone(&upload)),
-                Some(Upload::Stream(body)) => RequestBody::new(
-                    body,
-                    proxy.config.server.max_request_body,
-                    proxy.config.upstream.idle_timeout,
-                    Arc::clone(&upload),
-                ),
-                None => {
-                    // A re-send: the bytes count once in the log line.
-                    upload.bytes.store(0, Ordering::Relaxed);
-                    RequestBody::buffered(replay.clone().unwrap_or_default(), Arc::clone(&upload))
-                }
-            };
-            let mut up = Request::new(body);
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = uri.clone();
-            // Only an attempt a retry may follow keeps the headers for it: one that no
-            // retry can follow (no body kept) takes them.
-            *up.headers_mut() = if replay.is_some() {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            // The upstream connection picks its own version (ALPN); the client's is irrelevant.
-            permit.mark_sent();
-            let sent_at = Instant::now();
-            let result = proxy.upstream.send(up).await;
-            let latency = sent_at.elapsed();
-            self.log.upstream_latency = Some(latency);
-            let resp = match result {
-                Ok(resp) => resp,
-                Err(e) => {
-                    permit.report(Outcome::Failed);
-                    let r = self.send_error(e, &upload);
-                    return self.own(r);
-                }
-            };
+        async move {
+            let proxy = Arc::clone(&self.proxy);
+            let queue_wait = permit.queue_wait;
+            self.log.queue_wait = Some(queue_wait);
+            proxy.metrics.observe_queue_wait(queue_wait);
+            let uri = std::mem::take(&mut parts.uri);
             proxy
-                .metrics
-                .upstream_latency
-                .observe(latency.as_secs_f64());
-            let status = resp.status();
-            // Logged apart from the client's status, which differs when a 402 or 429 is
-            // rewritten.
-            self.log.upstream_status = Some(status.as_u16());
-            proxy.metrics.upstream_status(status.as_u16());
-            // One pass over the answer's headers says which readers can find anything, and
-            // keeps Chutes' values for theirs.
-            let carried = signals::Carried::of(resp.headers());
-            if carried.chutes() {
-                let (rl_user, rl_chute) = carried.advertised_rates();
-                permit.observe(&Observed {
-                    quota: carried.chutes_quota(),
-                    rl_user,
-                    rl_chute,
-                });
-            }
-            match status.as_u16() {
-                429 => {
-                    let read = self.upstream_429(resp, &mut permit).await;
-                    drop(permit);
-                    // A client that has already left gets nothing re-sent on its behalf.
-                    let gone = matches!(
-                        retry.client_gone.try_recv(),
-                        Err(tokio::sync::oneshot::error::TryRecvError::Closed)
-                    );
-                    let cause = match self.may_retry(&read, &retry, replay.is_some()) {
-                        Some(cause) if !gone => cause,
-                        _ => return self.own(read.rejection),
-                    };
-                    // Waiting again, the kept body is held with the bodies of the requests
-                    // waiting for their first admission, within `queue.max_body_bytes`. One
-                    // that does not fit beside them is not retried: the client gets the 429.
-                    let mut hold = proxy.metrics.held_bodies.hold();
-                    let kept = replay.as_ref().map_or(0, |b| b.len() as u64);
-                    if !hold.grow_to(kept) {
+                .upstream
+                .prepare_headers(&mut parts.headers, strip_auth);
+            parts
+                .headers
+                .insert(REQUEST_ID, self.log.request_id.0.clone());
+            // A body read whole and small enough is kept to be sent again after a 429; a
+            // streamed one cannot be replayed.
+            let replay = match &body {
+                Upload::Buffered(b)
+                    if retry.policy.max_attempts > 0 && b.len() as u64 <= retry.policy.max_body =>
+                {
+                    Some(b.clone())
+                }
+                _ => None,
+            };
+            let mut body = Some(body);
+            loop {
+                let body = match body.take() {
+                    Some(Upload::Buffered(bytes)) => {
+                        RequestBody::buffered(bytes, Arc::clone(&upload))
+                    }
+                    Some(Upload::Stream(body)) => RequestBody::new(
+                        body,
+                        proxy.config.server.max_request_body,
+                        proxy.config.upstream.idle_timeout,
+                        Arc::clone(&upload),
+                    ),
+                    None => {
+                        // A re-send: the bytes count once in the log line.
+                        upload.bytes.store(0, Ordering::Relaxed);
+                        RequestBody::buffered(
+                            replay.clone().unwrap_or_default(),
+                            Arc::clone(&upload),
+                        )
+                    }
+                };
+                let mut up = Request::new(body);
+                *up.method_mut() = parts.method.clone();
+                *up.uri_mut() = uri.clone();
+                // Only an attempt a retry may follow keeps the headers for it: one that no
+                // retry can follow (no body kept) takes them.
+                *up.headers_mut() = if replay.is_some() {
+                    parts.headers.clone()
+                } else {
+                    std::mem::take(&mut parts.headers)
+                };
+                // The upstream connection picks its own version (ALPN); the client's is irrelevant.
+                permit.mark_sent();
+                let sent_at = Instant::now();
+                let result = proxy.upstream.send(up).await;
+                let latency = sent_at.elapsed();
+                self.log.upstream_latency = Some(latency);
+                let resp = match result {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        permit.report(Outcome::Failed);
+                        let r = self.send_error(e, &upload);
+                        return self.own(r);
+                    }
+                };
+                proxy
+                    .metrics
+                    .upstream_latency
+                    .observe(latency.as_secs_f64());
+                let status = resp.status();
+                // Logged apart from the client's status, which differs when a 402 or 429 is
+                // rewritten.
+                self.log.upstream_status = Some(status.as_u16());
+                proxy.metrics.upstream_status(status.as_u16());
+                // One pass over the answer's headers says which readers can find anything, and
+                // keeps Chutes' values for theirs.
+                let carried = signals::Carried::of(resp.headers());
+                if carried.chutes() {
+                    let (rl_user, rl_chute) = carried.advertised_rates();
+                    permit.observe(&Observed {
+                        quota: carried.chutes_quota(),
+                        rl_user,
+                        rl_chute,
+                    });
+                }
+                match status.as_u16() {
+                    429 => {
+                        let read = self.upstream_429(resp, &mut permit).await;
+                        drop(permit);
+                        // A client that has already left gets nothing re-sent on its behalf.
+                        let gone = matches!(
+                            retry.client_gone.try_recv(),
+                            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+                        );
+                        let cause = match self.may_retry(&read, &retry, replay.is_some()) {
+                            Some(cause) if !gone => cause,
+                            _ => return self.own(read.rejection),
+                        };
+                        // Waiting again, the kept body is held with the bodies of the requests
+                        // waiting for their first admission, within `queue.max_body_bytes`. One
+                        // that does not fit beside them is not retried: the client gets the 429.
+                        let mut hold = proxy.metrics.held_bodies.hold();
+                        let kept = replay.as_ref().map_or(0, |b| b.len() as u64);
+                        if !hold.grow_to(kept) {
+                            tracing::info!(
+                                request_id = %self.log.request_id,
+                                body_bytes = kept,
+                                "upstream 429: not retried, its kept body does not fit beside the \
+                                 waiting ones (queue.max_body_bytes)"
+                            );
+                            return self.own(read.rejection);
+                        }
+                        // Back to the front of the queue: the cooldown's probe when it ends.
+                        proxy.metrics.retried(cause);
+                        self.log.retries += 1;
+                        let now = Instant::now();
+                        let ask = Ask {
+                            max_wait: retry.deadline.saturating_duration_since(now),
+                            retry: true,
+                            ..retry.ask.clone()
+                        };
                         tracing::info!(
                             request_id = %self.log.request_id,
-                            body_bytes = kept,
-                            "upstream 429: not retried, its kept body does not fit beside the \
-                             waiting ones (queue.max_body_bytes)"
+                            cause = cause.as_str(),
+                            attempt = self.log.retries,
+                            "upstream 429: retrying on the client's behalf when the cooldown ends"
                         );
-                        return self.own(read.rejection);
+                        permit = tokio::select! {
+                            // The client's departure first: a grant for a client that has gone
+                            // would spend a request nobody reads.
+                            biased;
+                            _ = &mut retry.client_gone => {
+                                // The client left while its retry waited: nothing more to send.
+                                self.log.outcome = "client_gone";
+                                self.log.finish();
+                                return Response::new(ResponseBody::empty());
+                            }
+                            // Parked while it waits, as on its first wait.
+                            r = Parking::new(proxy.admission.admit(ask), &mut parts.headers) => match r {
+                                Ok(p) => p,
+                                Err(r) => return self.own(r),
+                            },
+                        };
+                        drop(hold);
+                        continue;
                     }
-                    // Back to the front of the queue: the cooldown's probe when it ends.
-                    proxy.metrics.retried(cause);
-                    self.log.retries += 1;
-                    let now = Instant::now();
-                    let ask = Ask {
-                        max_wait: retry.deadline.saturating_duration_since(now),
-                        retry: true,
-                        ..retry.ask.clone()
-                    };
-                    tracing::info!(
-                        request_id = %self.log.request_id,
-                        cause = cause.as_str(),
-                        attempt = self.log.retries,
-                        "upstream 429: retrying on the client's behalf when the cooldown ends"
-                    );
-                    permit = tokio::select! {
-                        // The client's departure first: a grant for a client that has gone
-                        // would spend a request nobody reads.
-                        biased;
-                        _ = &mut retry.client_gone => {
-                            // The client left while its retry waited: nothing more to send.
-                            self.log.outcome = "client_gone";
-                            self.log.finish();
-                            return Response::new(ResponseBody::empty());
-                        }
-                        // Parked while it waits, as on its first wait.
-                        r = Parking::new(proxy.admission.admit(ask), &mut parts.headers) => match r {
-                            Ok(p) => p,
-                            Err(r) => return self.own(r),
-                        },
-                    };
-                    drop(hold);
-                    continue;
-                }
-                402 => return self.upstream_402(resp, permit).await,
-                _ => {
-                    let exhausted = if status.is_success() && carried.exhaustion() {
-                        signals::exhausted_hint(resp.headers(), self.unix_now())
-                    } else {
-                        None
-                    };
-                    permit.report(Outcome::Success { exhausted });
-                    return self.pass_through(resp, permit);
+                    402 => return self.upstream_402(resp, permit).await,
+                    _ => {
+                        let exhausted = if status.is_success() && carried.exhaustion() {
+                            signals::exhausted_hint(resp.headers(), self.unix_now())
+                        } else {
+                            None
+                        };
+                        permit.report(Outcome::Success { exhausted });
+                        return self.pass_through(resp, permit);
+                    }
                 }
             }
         }

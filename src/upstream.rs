@@ -8,8 +8,10 @@
 //!
 //! Not here: deciding whether to send (admission) or what a status means (signals, proxy).
 
+use std::future::Future;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::Request;
@@ -170,15 +172,20 @@ impl Upstream {
     }
 
     /// Send and wait for the response head, at most `first_byte_timeout`.
-    pub async fn send(
+    ///
+    /// The pool's future mapped, not awaited in an `async fn` of its own: that would keep the
+    /// request twice (the argument and the pool's copy) in a future every request in flight
+    /// holds.
+    pub fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<http::Response<UpstreamBody>, SendError> {
-        match tokio::time::timeout(self.first_byte_timeout, self.pool.send(req)).await {
-            Err(_) => Err(SendError::Timeout(self.first_byte_timeout)),
+    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + '_ {
+        let limit = self.first_byte_timeout;
+        tokio::time::timeout(limit, self.pool.send(req)).map(move |sent| match sent {
+            Err(_) => Err(SendError::Timeout(limit)),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(&*e)),
-        }
+        })
     }
 }
 
