@@ -21,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 secs="${FUZZ_SECS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
-all_targets=(config headers units sse state quota bodies chutes_headers wildcard http1)
+all_targets=(config headers units sse state quota bodies chutes_headers wildcard http1 http1_client)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all_targets[@]}")
 

@@ -55,6 +55,8 @@ use tokio::time::Instant;
 
 use crate::body::BoxError;
 
+pub mod client;
+
 /// Most header fields a request head may carry (hyper's limit too).
 pub const MAX_HEADERS: usize = 100;
 /// The HTTP/2 connection preface, which a client speaking HTTP/2 with prior knowledge sends
@@ -617,19 +619,7 @@ fn read_more<'a>(
         std::task::ready!(stream.poll_read_ready(cx))?;
         let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
             Ok(n) => {
-                if buf.capacity() - buf.len() >= n {
-                    // Room in a buffer of this connection's own (a head still partial).
-                    buf.extend_from_slice(&s[..n]);
-                } else {
-                    // A new allocation: exactly what came, if nothing was pending (extending
-                    // a buffer split from an earlier one would allocate at least that one's
-                    // size again); twice what was pending otherwise, so a head that comes a
-                    // few bytes at a time is not copied once per read.
-                    let mut fresh = BytesMut::with_capacity((buf.len() + n).max(2 * buf.len()));
-                    fresh.extend_from_slice(buf);
-                    fresh.extend_from_slice(&s[..n]);
-                    *buf = fresh;
-                }
+                append(buf, &s[..n]);
                 Ok(n)
             }
             Err(e) => Err(e),
@@ -640,6 +630,23 @@ fn read_more<'a>(
             r => return Poll::Ready(r),
         }
     })
+}
+
+/// Append what a read brought to a connection's pending bytes.
+fn append(buf: &mut BytesMut, got: &[u8]) {
+    if buf.capacity() - buf.len() >= got.len() {
+        // Room in a buffer of this connection's own (a head still partial).
+        buf.extend_from_slice(got);
+    } else {
+        // A new allocation: exactly what came, if nothing was pending (extending a buffer
+        // split from an earlier one would allocate at least that one's size again); twice
+        // what was pending otherwise, so a head that comes a few bytes at a time is not
+        // copied once per read.
+        let mut fresh = BytesMut::with_capacity((buf.len() + got.len()).max(2 * buf.len()));
+        fresh.extend_from_slice(buf);
+        fresh.extend_from_slice(got);
+        *buf = fresh;
+    }
 }
 
 /// Serve one HTTP/1.x connection until it closes, or hand it back if it speaks HTTP/2.
@@ -1093,8 +1100,27 @@ impl Out {
         }
     }
 
+    fn empty() -> Out {
+        Out {
+            pieces: Vec::new(),
+            offset: 0,
+            len: 0,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The pending bytes as slices, as many as `slices` holds; how many were filled.
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let mut k = 0;
+        for (i, p) in self.pieces.iter().take(slices.len()).enumerate() {
+            let b = p.bytes();
+            slices[i] = IoSlice::new(if i == 0 { &b[self.offset..] } else { b });
+            k = i + 1;
+        }
+        k
     }
 
     /// Append small bytes to the last owned piece (a new one if the last is shared).
@@ -1142,12 +1168,7 @@ async fn write_all(stream: &TcpStream, out: &mut Out, stall: Duration) -> io::Re
     while !out.is_empty() {
         let wrote = {
             let mut slices = [IoSlice::new(&[]); 16];
-            let mut k = 0;
-            for (i, p) in out.pieces.iter().take(slices.len()).enumerate() {
-                let b = p.bytes();
-                slices[i] = IoSlice::new(if i == 0 { &b[out.offset..] } else { b });
-                k = i + 1;
-            }
+            let k = out.slices(&mut slices);
             stream.try_write_vectored(&slices[..k])
         };
         match wrote {

@@ -1,9 +1,9 @@
 //! The upstream's connections, kept by the proxy itself rather than a generic pooled client.
 //!
 //! An HTTP/1.1 connection serves one exchange at a time, so it is *leased* to that exchange
-//! and driven by it: the request's own task polls the connection (writing the request, reading
-//! and decoding the answer) right where it waits for the answer, and the response body polls
-//! it again each time the client's side asks for more. There is no connection task, no
+//! and driven by it: the request's own task polls the connection ([`crate::http1::client`]:
+//! writing the request, reading and decoding the answer) right where it waits for the answer,
+//! and the response body polls it again each time the client's side asks for more. There is no connection task, no
 //! channel hop and no cross-task wake-up per request or per streamed chunk, and when several
 //! SSE events are already in the socket the client's side takes them all in one poll, so
 //! hyper writes them to the client together (BENCHMARKS.md, issue 15). When the body ends
@@ -27,7 +27,9 @@
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+#[cfg(test)]
+use std::pin::pin;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -38,7 +40,7 @@ use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -48,9 +50,9 @@ use tower_service::Service;
 
 use crate::body::{BoxError, RequestBody};
 use crate::config::UpstreamUrl;
+use crate::http1::client::Conn;
 
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
-type H1 = http1::Connection<Io, RequestBody>;
 
 /// At most this many idle HTTP/1.1 connections are kept; past it the oldest is closed.
 const MAX_IDLE: usize = 512;
@@ -66,7 +68,6 @@ pub struct Pool {
     dial: Uri,
     /// The `Host` an HTTP/1.1 request carries (the port only when it is not the scheme's).
     host: HeaderValue,
-    h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     /// `upstream.connect_timeout`, for a whole dial: DNS, TCP, TLS and the HTTP handshake
     /// (the connector's own timeout bounds the TCP connect alone).
@@ -140,39 +141,20 @@ impl Drop for DialOutcome<'_> {
 
 /// An HTTP/1.1 connection held by one exchange, which drives it.
 pub struct Lease {
-    send: http1::SendRequest<RequestBody>,
-    /// `None` once the connection has ended.
-    conn: Option<Box<H1>>,
+    conn: Box<Conn<Io>>,
     reused: bool,
 }
 
 impl Lease {
-    /// Let the connection make progress: write what is pending, read and decode what has
-    /// arrived. The connection's I/O registers this task's waker.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn {
-            if let Poll::Ready(end) = Pin::new(conn).poll(cx) {
-                if let Err(e) = end {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                // Dropping it also fails any exchange still waiting on it.
-                self.conn = None;
-            }
-        }
-    }
-
-    /// One [`Lease::drive`] with this task's context, whatever it finds.
-    async fn drive_once(&mut self) {
-        poll_fn(|cx| {
-            self.drive(cx);
-            Poll::Ready(())
-        })
-        .await;
+    /// Look at the connection (one poll): `false` when the upstream has closed it or sent
+    /// bytes nobody asked for. The connection's I/O registers this task's waker.
+    fn check(&mut self, cx: &mut Context<'_>) -> bool {
+        self.conn.check(cx)
     }
 
     /// Still open and free for the next request (a poll made just now said so).
     fn reusable(&self) -> bool {
-        self.conn.is_some() && self.send.is_ready()
+        self.conn.reusable()
     }
 }
 
@@ -219,7 +201,6 @@ impl Pool {
             connector,
             dial,
             host,
-            h1: http1::Builder::new(),
             h2,
             connect_timeout,
             homes: (0..shards.max(1))
@@ -270,7 +251,11 @@ impl Pool {
                 let again = tries < MAX_TRIES;
                 match self.checkout().await? {
                     Checked::H2 { mut send, reused } => match send.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|body| UpstreamBody { body, lease: None })),
+                        Ok(resp) => {
+                            return Ok(resp.map(|body| UpstreamBody {
+                                inner: Inner::H2(body),
+                            }))
+                        }
                         Err(mut e) => match e.take_message() {
                             Some(back) if reused && again => {
                                 self.forget_shared(&send);
@@ -287,34 +272,31 @@ impl Pool {
                             .unwrap_or_else(|| PathAndQuery::from_static("/"));
                         *req.uri_mut() = Uri::from(pq);
                         req.headers_mut().insert(HOST, self.host.clone());
-                        let mut answer = pin!(lease.send.try_send_request(req));
-                        let got = poll_fn(|cx| {
-                            lease.drive(cx);
-                            answer.as_mut().poll(cx)
-                        })
-                        .await;
-                        match got {
-                            Ok(resp) if resp.body().is_end_stream() => {
-                                // No body (HEAD, 204, 304, a zero length): hyper's server may
-                                // never poll one it must not send, so the connection goes back
-                                // now, once it has finished the message.
-                                lease.drive_once().await;
+                        lease.conn.start(req);
+                        match poll_fn(|cx| lease.conn.poll_head(cx)).await {
+                            Ok(head) if lease.conn.is_end_stream() => {
+                                // No body (HEAD, 204, 304, a zero length): the connection goes
+                                // back now, once what the request still owes is written.
+                                poll_fn(|cx| {
+                                    lease.conn.poll_finish(cx);
+                                    Poll::Ready(())
+                                })
+                                .await;
                                 self.home().put(lease);
-                                return Ok(resp.map(|body| UpstreamBody { body, lease: None }));
+                                return Ok(head.map(|()| UpstreamBody::ended()));
                             }
-                            Ok(resp) => {
+                            Ok(head) => {
                                 let home = Arc::clone(self.home());
-                                return Ok(resp.map(|body| UpstreamBody {
-                                    body,
-                                    lease: Some((lease, home)),
+                                return Ok(head.map(|()| UpstreamBody {
+                                    inner: Inner::H1(Some((lease, home))),
                                 }));
                             }
-                            Err(mut e) => match e.take_message() {
+                            Err(e) => match lease.conn.take_unsent() {
                                 Some(back) if lease.reused && again => {
                                     req = back;
                                     *req.uri_mut() = absolute.clone();
                                 }
-                                _ => return Err(e.into_error().into()),
+                                _ => return Err(e.into()),
                             },
                         }
                     }
@@ -346,8 +328,7 @@ impl Pool {
             };
             // One poll: an upstream that closed the connection while it idled (or sent bytes
             // nobody asked for) ends it here, before a request is written to it.
-            lease.drive_once().await;
-            if lease.reusable() {
+            if poll_fn(|cx| Poll::Ready(lease.check(cx))).await {
                 return Ok(Checked::H1(lease));
             }
         }
@@ -423,10 +404,8 @@ impl Pool {
         // No ALPN (plain HTTP), or it chose HTTP/1.1: idle connections are used again, and
         // dials no longer wait for each other.
         self.home().lock().speaks = Speaks::Http1;
-        let (send, conn) = self.h1.handshake(io).await?;
         Ok(Checked::H1(Lease {
-            send,
-            conn: Some(Box::new(conn)),
+            conn: Box::new(Conn::new(io)),
             reused: false,
         }))
     }
@@ -497,8 +476,7 @@ impl Home {
         let mut closed = Vec::new();
         let mut kept = VecDeque::with_capacity(looked_at.len());
         for mut idle in looked_at {
-            idle.lease.drive(&mut cx);
-            if idle.lease.reusable() {
+            if idle.lease.check(&mut cx) {
                 kept.push_back(idle);
             } else {
                 closed.push(idle);
@@ -575,55 +553,86 @@ async fn sweep(home: Weak<Home>) {
 }
 
 /// An upstream response's body. Over HTTP/1.1 it carries the lease of its connection and
-/// drives it: each poll that finds no data ready lets the connection read and decode first.
+/// drives it: each poll reads and decodes what has arrived, and writes what the request still
+/// owes.
 pub struct UpstreamBody {
-    body: Incoming,
-    lease: Option<(Lease, Arc<Home>)>,
+    inner: Inner,
+}
+
+enum Inner {
+    H2(Incoming),
+    /// `None` once the body has ended (the connection went back to the pool) or failed.
+    H1(Option<(Lease, Arc<Home>)>),
 }
 
 impl UpstreamBody {
-    /// The body ended: the connection can serve another exchange.
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some((mut lease, home)) = self.lease.take() {
-            // Lets the connection finish the message and ask for the next one.
-            lease.drive(cx);
-            home.put(lease);
+    /// A body with nothing in it.
+    fn ended() -> UpstreamBody {
+        UpstreamBody {
+            inner: Inner::H1(None),
         }
+    }
+}
+
+/// The body ended: the connection can serve another exchange.
+fn release(lease: &mut Option<(Lease, Arc<Home>)>, cx: &mut Context<'_>) {
+    if let Some((mut lease, home)) = lease.take() {
+        // Lets the request finish writing, if anything of it is still owed.
+        lease.conn.poll_finish(cx);
+        home.put(lease);
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending() {
-            if let Some((lease, _)) = &mut this.lease {
-                lease.drive(cx);
-                polled = Pin::new(&mut this.body).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Inner::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::H1(held) => {
+                let Some((lease, _)) = held else {
+                    return Poll::Ready(None);
+                };
+                match lease.conn.poll_data(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Some(Ok(data))) => {
+                        if lease.conn.is_end_stream() {
+                            release(held, cx);
+                        }
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Poll::Ready(None) => {
+                        release(held, cx);
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        // A connection whose message failed is not reused.
+                        *held = None;
+                        Poll::Ready(Some(Err(e.into())))
+                    }
+                }
             }
         }
-        match &polled {
-            Poll::Ready(None) => this.release(cx),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(cx),
-            // A connection whose message failed is not reused.
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            _ => {}
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.inner {
+            Inner::H2(body) => body.is_end_stream(),
+            Inner::H1(None) => true,
+            Inner::H1(Some((lease, _))) => lease.conn.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.inner {
+            Inner::H2(body) => body.size_hint(),
+            Inner::H1(None) => SizeHint::with_exact(0),
+            Inner::H1(Some((lease, _))) => lease.conn.size_hint(),
+        }
     }
 }
 
