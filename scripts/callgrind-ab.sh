@@ -13,6 +13,9 @@
 # $'[retry]\nmax_attempts = 0'),
 # CG_CHUTES=1 (the upstream's answers carry Chutes' X-Chutes-Quota-* and X-Chutes-RL-* headers),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
+# CG_NGINX=1 adds a row for nginx as the reverse proxy in the proxy's place (one worker, no master
+# process, keep-alive to the upstream, an access log line per request as the proxy writes one):
+# the baseline the issue's targets name, counted the same way.
 #
 # AB_MODE=cpu measures the same workload without valgrind: for each of AB_CONNS (default
 # "1 16 64") connections, AB_ROUNDS (default 5) rounds of the builds in turn, `wrk -cN` for
@@ -132,3 +135,48 @@ for bin in "${bins[@]}"; do
     printf '| %s | %s | %s | %s | %.1fk |\n' "$bin" "$reqs" "${odd:-0}" "$ir" \
         "$(echo "$ir / $reqs / 1000" | bc -l)"
 done
+if [[ ${CG_NGINX:-0} == 1 ]]; then
+    listen=$(port)
+    cat >"$work/nginx-proxy.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $work/nginx-proxy.pid;
+error_log $work/nginx/proxy-error.log;
+events { worker_connections 1024; }
+http {
+    access_log $work/nginx/access.log;
+    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+    keepalive_requests 1000000;
+    upstream up { server 127.0.0.1:$up; keepalive 64; }
+    server {
+        listen 127.0.0.1:$listen;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer cpk_bench_not_a_real_key";
+        }
+    }
+}
+EOF
+    out="$work/callgrind.nginx"
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+        /usr/sbin/nginx -c "$work/nginx-proxy.conf" -p "$work" 2>"$work/nginx-proxy.vg" &
+    pid=$!
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
+        sleep 0.1
+    done
+    wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" \
+        >"$work/wrk.out"
+    reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+    odd=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+    # SIGQUIT: a graceful stop, after which callgrind writes its counts.
+    kill -QUIT "$pid"
+    wait "$pid" || true
+    ir=$(awk '/^summary:/ {print $2}' "$out")
+    printf '| nginx (reverse proxy) | %s | %s | %s | %.1fk |\n' "$reqs" "${odd:-0}" "$ir" \
+        "$(echo "$ir / $reqs / 1000" | bc -l)"
+fi
