@@ -10,7 +10,8 @@
 //!
 //! The rules, RFC 9112's, strict where it leaves a choice:
 //! * the request carries `Content-Length` when its body's length is known (an empty body of a
-//!   method without request content carries none) and is chunked otherwise; a length or a
+//!   method without request content carries none) and is chunked otherwise, but for a GET,
+//!   HEAD or CONNECT, which goes without a body then (hyper's rule); a length or a
 //!   Transfer-Encoding the request had is not copied, the framing is this connection's;
 //! * an answer's body is delimited by its status (1xx, 204, 304 and any answer to HEAD have
 //!   none), then by Transfer-Encoding (chunked last: decoded; anything else: read to the
@@ -20,8 +21,13 @@
 //!   read whole, neither side said `Connection: close` (an HTTP/1.0 answer must say
 //!   `keep-alive`), and nothing followed the answer;
 //! * an answer may come before the request is written whole: the rest of the request is still
-//!   written while its body is read (an upstream that answers early and stops reading ends the
-//!   exchange when the upload's own timeout does);
+//!   written while its body is read, and a write that fails then, or an upload that fails with
+//!   the answer's head already read, does not hide the answer (the connection is not used
+//!   again); an upstream that answers early and stops reading holds nothing up: the exchange
+//!   ends with its answer, or at the first-byte or idle timeout;
+//! * trailers are not passed on either way: a chunked answer's trailer section is read and
+//!   dropped, and a request's trailers are not sent (none of the APIs the proxy fronts uses
+//!   them; hyper passed an answer's on to HTTP/2 clients);
 //! * a request none of whose bytes were written can be taken back ([`Conn::take_unsent`]), so
 //!   the pool can send it on another connection; one that was written even in part cannot (it
 //!   may have been acted on).
@@ -69,7 +75,7 @@ impl std::fmt::Display for Fault {
 impl std::error::Error for Fault {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Fault::Io(e) => Some(e),
+            // The I/O error's text is in this one's already.
             Fault::Upload(e) => Some(e),
             _ => None,
         }
@@ -200,6 +206,12 @@ where
                         Send::Length(n)
                     }
                 }
+                // hyper's rule: a GET, HEAD or CONNECT whose length is not known yet (an
+                // HTTP/2 client's end can come in a frame of its own) is sent without a
+                // body; origins and firewalls refuse a chunked GET.
+                None if matches!(*req.method(), Method::GET | Method::HEAD | Method::CONNECT) => {
+                    Send::Done
+                }
                 None => {
                     head.extend_from_slice(b"transfer-encoding: chunked\r\n");
                     Send::Chunked
@@ -235,7 +247,15 @@ where
     pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Fault>> {
         loop {
             if let Err(e) = self.poll_send(cx) {
-                return Poll::Ready(Err(self.fail(e)));
+                // An answer already here is the exchange's outcome, whatever became of the
+                // upload after it (the connection is not used again).
+                let waiting = match (&e, &self.recv) {
+                    (Fault::Upload(_), Recv::Head { head }) => Some(*head),
+                    _ => None,
+                };
+                let early = waiting.and_then(|head| self.parse_head(head).ok().flatten());
+                let e = self.fail(e);
+                return Poll::Ready(early.ok_or(e));
             }
             let Recv::Head { head: is_head } = self.recv else {
                 return Poll::Ready(Err(Fault::Protocol("no exchange on this connection")));
@@ -285,16 +305,18 @@ where
                     if !self.rd.is_empty() {
                         let take = (self.rd.len() as u64).min(*left) as usize;
                         *left -= take as u64;
-                        if *left == 0 {
-                            self.recv = Recv::Done;
+                        let done = *left == 0;
+                        let data = self.rd.split_to(take).freeze();
+                        if done {
+                            self.answered();
                         }
-                        return Poll::Ready(Some(Ok(self.rd.split_to(take).freeze())));
+                        return Poll::Ready(Some(Ok(data)));
                     }
                 }
                 Recv::Chunked(decoder) => match decoder.step(&mut self.rd) {
                     Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(data))),
                     Ok(Step::End) => {
-                        self.recv = Recv::Done;
+                        self.answered();
                         return Poll::Ready(None);
                     }
                     Ok(Step::NeedMore) => {}
@@ -344,6 +366,15 @@ where
     pub fn poll_finish(&mut self, cx: &mut Context<'_>) {
         if let Err(e) = self.poll_send(cx) {
             self.fail(e);
+        }
+    }
+
+    /// The answer has been read whole. A read buffer left empty is let go, so an idle
+    /// connection does not keep its last read's allocation.
+    fn answered(&mut self) {
+        self.recv = Recv::Done;
+        if self.rd.is_empty() {
+            self.rd = BytesMut::new();
         }
     }
 
@@ -475,8 +506,11 @@ where
                     self.unflushed = true;
                     if let Some(req) = self.unsent.take() {
                         // Written in part: no longer ours to send again. Its body is what is
-                        // left to write.
-                        self.body = Some(req.into_body());
+                        // left to write, if any is owed; an ended one is let go now (an
+                        // HTTP/2 client's body holds its stream's state).
+                        if !matches!(self.send, Send::Done) {
+                            self.body = Some(req.into_body());
+                        }
                     }
                 }
                 Err(e) => return Poll::Ready(Err(e)),
@@ -527,6 +561,9 @@ where
                 is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
             self.recv = if bodyless {
                 Recv::Done
+            } else if version == Version::HTTP_10 && headers.contains_key(TRANSFER_ENCODING) {
+                // RFC 9112 §6.1: faulty framing (hyper refuses it too).
+                return Err(Fault::Protocol("Transfer-Encoding in an HTTP/1.0 answer"));
             } else if let Some(chunked) = transfer_coding(&headers) {
                 // With Transfer-Encoding, a length is not the body's (RFC 9112 §6.3).
                 headers.remove(CONTENT_LENGTH);
@@ -546,6 +583,9 @@ where
                 self.keep_alive = false;
                 Recv::UntilClose
             };
+            if matches!(self.recv, Recv::Done) {
+                self.answered();
+            }
             let mut resp = Response::new(());
             *resp.status_mut() = status;
             *resp.version_mut() = version;
@@ -666,6 +706,10 @@ struct Script {
     closed: bool,
     written: Vec<u8>,
     write_limit: Option<usize>,
+    /// Writes (and flushes) wait, as to an upstream that stopped reading.
+    stalled: bool,
+    /// Flushes alone wait (TLS records not yet out).
+    flush_stalled: bool,
     flushes: usize,
 }
 
@@ -714,6 +758,9 @@ impl hyper::rt::Write for Script {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.stalled {
+            return Poll::Pending;
+        }
         let room = this
             .write_limit
             .map_or(usize::MAX, |l| l - this.written.len());
@@ -726,7 +773,11 @@ impl hyper::rt::Write for Script {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().flushes += 1;
+        let this = self.get_mut();
+        if this.stalled || this.flush_stalled {
+            return Poll::Pending;
+        }
+        this.flushes += 1;
         Poll::Ready(Ok(()))
     }
 
@@ -932,8 +983,8 @@ mod tests {
         assert!(conn.reusable());
     }
 
-    /// `(label, method, answer, status, body, reusable)`: each answer whole in one read, and
-    /// again one byte a read.
+    /// `(label, method, answer, closed after it, status, body, reusable)`: each answer whole in
+    /// one read, and again one byte a read.
     #[tokio::test]
     async fn answers_are_delimited_as_rfc_9112_says() {
         type Case = (
@@ -1020,6 +1071,7 @@ mod tests {
             ),
             ("not HTTP", b"SSH-2.0-OpenSSH_9.2\r\n\r\n"),
             ("HTTP/2 version", b"HTTP/2.0 200 OK\r\n\r\n"),
+            ("HTTP/1.0 chunked", b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
             ("closed before answering", b""),
             ("closed mid-head", b"HTTP/1.1 200 OK\r\ncontent-"),
         ];
@@ -1054,17 +1106,19 @@ mod tests {
             assert!(body(&mut conn).is_err(), "{label}");
             assert!(!conn.reusable(), "{label}");
         }
-        let mut huge = b"HTTP/1.1 200 OK\r\n".to_vec();
-        let field = format!("x-big: {}\r\n", "v".repeat(4000));
-        let pieces: Vec<Vec<u8>> = std::iter::once(huge.split_off(0))
-            .chain(std::iter::repeat_n(field.into_bytes(), MAX_HEAD / 4000 + 2))
+        // Fewer fields than httparse's limit, more bytes than the head's.
+        let field = format!("x-big: {}\r\n", "v".repeat(8000));
+        let pieces: Vec<Vec<u8>> = std::iter::once(b"HTTP/1.1 200 OK\r\n".to_vec())
+            .chain(std::iter::repeat_n(field.into_bytes(), MAX_HEAD / 8000 + 2))
             .collect();
+        assert!(pieces.len() < MAX_HEADERS);
         let refs: Vec<&[u8]> = pieces.iter().map(|p| p.as_slice()).collect();
         let mut conn = Conn::new(Script::answering(&refs, false));
         conn.start(request(Method::POST, buffered(b"x")));
+        let e = head(&mut conn).unwrap_err();
         assert!(
-            matches!(head(&mut conn), Err(Fault::Protocol(_))),
-            "a head past the limit"
+            e.to_string().contains("too large"),
+            "a head past the limit: {e}"
         );
     }
 
@@ -1126,6 +1180,89 @@ mod tests {
             Poll::Ready(())
         });
         assert!(!conn.reusable());
+    }
+
+    #[tokio::test]
+    async fn an_answer_from_an_upstream_that_stopped_reading_is_read_and_nothing_waits_on_the_write(
+    ) {
+        let (tx, body_in) = streamed(Some(1 << 20));
+        let mut conn = Conn::new(Script {
+            stalled: true,
+            ..Script::default()
+        });
+        conn.start(request(Method::POST, body_in));
+        tx.try_send(Ok(Bytes::from(vec![b'x'; 4096]))).unwrap();
+        assert!(
+            now(|cx| conn.poll_head(cx)).is_pending(),
+            "nothing written, nothing read"
+        );
+        conn.io
+            .reads
+            .push_back(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig".to_vec());
+        assert_eq!(head(&mut conn).unwrap().status(), 413);
+        assert_eq!(body(&mut conn).unwrap(), b"big");
+        assert!(!conn.reusable(), "the request is not written whole");
+    }
+
+    #[tokio::test]
+    async fn an_answer_already_read_outlives_an_upload_that_fails_after_it() {
+        let (tx, body_in) = streamed(None);
+        let mut conn = Conn::new(Script::answering(&[], false));
+        conn.start(request(Method::POST, body_in));
+        assert!(now(|cx| conn.poll_head(cx)).is_pending());
+        // The answer is in the buffer when the upload fails: it is the outcome.
+        conn.rd
+            .extend_from_slice(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno");
+        tx.try_send(Err("client went away".into())).unwrap();
+        assert_eq!(head(&mut conn).unwrap().status(), 400);
+        assert_eq!(body(&mut conn).unwrap(), b"no");
+        assert!(!conn.reusable());
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_its_flush_and_holds_nothing_while_idle() {
+        // A byte a read: the buffer grows past what it holds, and is let go at the end.
+        let bytes: Vec<&[u8]> = OK.chunks(1).collect();
+        let mut conn = Conn::new(Script::answering(&bytes, false));
+        conn.start(request(Method::POST, buffered(b"{}")));
+        head(&mut conn).unwrap();
+        body(&mut conn).unwrap();
+        assert!(conn.reusable());
+        assert!(
+            conn.body.is_none() && conn.unsent.is_none(),
+            "the request is let go"
+        );
+        assert_eq!(conn.rd.capacity(), 0, "no read buffer kept");
+
+        // A GET whose end is not known yet goes without a body, and lets its body go.
+        let (_tx, body_in) = streamed(None);
+        let mut conn = Conn::new(Script::answering(&[OK], false));
+        conn.start(request(Method::GET, body_in));
+        head(&mut conn).unwrap();
+        assert!(
+            !written(&conn).contains("transfer-encoding"),
+            "{}",
+            written(&conn)
+        );
+        assert!(conn.body.is_none());
+        body(&mut conn).unwrap();
+        assert!(conn.reusable());
+
+        // Written but not flushed (TLS holds the bytes): not free for another request.
+        let mut conn = Conn::new(Script {
+            flush_stalled: true,
+            ..Script::answering(&[OK], false)
+        });
+        conn.start(request(Method::POST, buffered(b"{}")));
+        head(&mut conn).unwrap();
+        body(&mut conn).unwrap();
+        assert!(!conn.reusable(), "unflushed");
+        conn.io.flush_stalled = false;
+        let _ = now(|cx| {
+            conn.poll_finish(cx);
+            Poll::Ready(())
+        });
+        assert!(conn.reusable(), "flushed");
     }
 
     #[tokio::test]
