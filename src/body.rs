@@ -147,6 +147,18 @@ impl RequestBody {
     }
 }
 
+impl RequestBody {
+    /// A body read whole before admission, as it stands: the upstream's connection writes it
+    /// beside the request's head, in one write, without polling (it was counted, and held to
+    /// its limit, when it was read).
+    pub fn whole(&self) -> Option<&Bytes> {
+        match &self.inner {
+            Upload::Buffered(Some(b)) if !self.done => Some(b),
+            _ => None,
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BodyError;

@@ -232,6 +232,14 @@ where
         }
         head.extend_from_slice(b"\r\n");
         self.out = Out::with(head);
+        if let (Send::Length(n), Some(whole)) = (&self.send, req.body().whole()) {
+            if whole.len() as u64 == *n {
+                // A body read whole leaves with the head, in one write (and one segment); the
+                // request keeps it until then, to be taken back whole.
+                self.out.data(whole.clone());
+                self.send = Send::Done;
+            }
+        }
         self.recv = Recv::Head { head: is_head };
         // The body is polled once the head's first byte is written; until then the request is
         // kept whole, to be taken back.
@@ -710,6 +718,8 @@ struct Script {
     stalled: bool,
     /// Flushes alone wait (TLS records not yet out).
     flush_stalled: bool,
+    /// Write calls that took bytes.
+    writes: usize,
     flushes: usize,
 }
 
@@ -769,7 +779,22 @@ impl hyper::rt::Write for Script {
         }
         let n = buf.len().min(room);
         this.written.extend_from_slice(&buf[..n]);
+        this.writes += 1;
         Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        // As `writev` does: the slices' bytes in order, as far as there is room.
+        let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        self.poll_write(cx, &all)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -935,6 +960,7 @@ mod tests {
         assert_eq!(body(&mut conn).unwrap(), b"ok");
         assert!(conn.reusable());
         assert!(conn.io.flushes > 0, "what was written is flushed");
+        assert_eq!(conn.io.writes, 1, "a body read whole leaves with the head");
 
         // No body: a GET says nothing of a length, a POST says it is empty.
         for (method, want) in [
