@@ -3,11 +3,11 @@
 //! An HTTP/1.1 connection serves one exchange at a time, so it is *leased* to that exchange
 //! and driven by it: the request's own task polls the connection ([`crate::http1::client`]:
 //! writing the request, reading and decoding the answer) right where it waits for the answer,
-//! and the response body polls it again each time the client's side asks for more. There is no connection task, no
-//! channel hop and no cross-task wake-up per request or per streamed chunk, and when several
-//! SSE events are already in the socket the client's side takes them all in one poll, so
-//! hyper writes them to the client together (BENCHMARKS.md, issue 15). When the body ends
-//! the connection goes back to the pool, newest first.
+//! and the response body polls it again each time the client's side asks for more. There is
+//! no connection task, no channel hop and no cross-task wake-up per request or per streamed
+//! chunk, and when several SSE events are already in the socket the client's side takes them
+//! all in one poll, so they are written to the client together (BENCHMARKS.md, issue 15).
+//! When the body ends the connection goes back to the pool, newest first.
 //!
 //! An HTTP/2 connection (chosen by ALPN on TLS) is shared by every exchange; it runs in a
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
