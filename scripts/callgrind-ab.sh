@@ -118,15 +118,18 @@ fi
 # Answers with a 4xx or 5xx status (the proxy's own 429s, say; wrk counts status > 399) are
 # cheaper than a forwarded request: counted beside the total, so a run that has them is not
 # read as a cheaper build.
+load() { # wrk's closed loop against $listen for $secs: sets reqs and odd
+    wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" \
+        >"$work/wrk.out"
+    reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+    odd=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+}
 printf '| build | requests | 4xx/5xx | instructions | per request |\n|---|---|---|---|---|\n'
 for bin in "${bins[@]}"; do
     listen=$(port)
     out="$work/callgrind.out"
     start_proxy "$bin" "$listen" valgrind --tool=callgrind --callgrind-out-file="$out"
-    wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" \
-        >"$work/wrk.out"
-    reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
-    odd=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+    load
     kill -INT "$pid"
     wait "$pid" || true
     ir=$(awk '/^summary:/ {print $2}' "$out")
@@ -169,10 +172,7 @@ EOF
         (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
         sleep 0.1
     done
-    wrk -t1 -c4 -d"${secs}s" -s "$work/post.lua" "http://127.0.0.1:$listen/v1/chat/completions" \
-        >"$work/wrk.out"
-    reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
-    odd=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+    load
     # SIGQUIT: a graceful stop, after which callgrind writes its counts.
     kill -QUIT "$pid"
     wait "$pid" || true
