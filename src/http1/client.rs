@@ -21,9 +21,10 @@
 //!   read whole, neither side said `Connection: close` (an HTTP/1.0 answer must say
 //!   `keep-alive`), and nothing followed the answer;
 //! * an answer may come before the request is written whole: the rest of the request is still
-//!   written while its body is read, and a write that fails then, or an upload that fails with
-//!   the answer's head already read, does not hide the answer (the connection is not used
-//!   again); an upstream that answers early and stops reading holds nothing up: the exchange
+//!   written while its body is read, and a write that fails then, or an upload that fails once
+//!   the answer has come (read, or waiting in the socket), does not hide the answer (the
+//!   connection is not used again); an upload that fails before any answer is at hand is the
+//!   exchange's fault, not a wait for an answer that may never come; an upstream that answers early and stops reading holds nothing up: the exchange
 //!   ends with its answer, or at the first-byte or idle timeout;
 //! * trailers are not passed on either way: a chunked answer's trailer section is read and
 //!   dropped, and a request's trailers are not sent (none of the APIs the proxy fronts uses
@@ -255,13 +256,15 @@ where
     pub fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<()>, Fault>> {
         loop {
             if let Err(e) = self.poll_send(cx) {
-                // An answer already here is the exchange's outcome, whatever became of the
-                // upload after it (the connection is not used again).
+                // An answer already here (read, or in the socket) is the exchange's outcome,
+                // whatever became of the upload after it (the connection is not used again).
+                // One that has not come is not waited for: the upstream may be waiting for the
+                // rest of the body.
                 let waiting = match (&e, &self.recv) {
                     (Fault::Upload(_), Recv::Head { head }) => Some(*head),
                     _ => None,
                 };
-                let early = waiting.and_then(|head| self.parse_head(head).ok().flatten());
+                let early = waiting.and_then(|head| self.answer_at_hand(head, cx));
                 let e = self.fail(e);
                 return Poll::Ready(early.ok_or(e));
             }
@@ -301,8 +304,14 @@ where
     /// too.
     pub fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Fault>>> {
         loop {
-            if let Err(e) = self.poll_send(cx) {
-                return Poll::Ready(Some(Err(self.fail(e))));
+            match self.poll_send(cx) {
+                Ok(()) => {}
+                // The answer has begun: an upload that fails now stops the writing, not the
+                // answer (the connection is not used again).
+                Err(Fault::Upload(_)) => {
+                    self.stop_upload();
+                }
+                Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
             }
             match &mut self.recv {
                 Recv::Done | Recv::Idle => return Poll::Ready(None),
@@ -384,6 +393,32 @@ where
         if self.rd.is_empty() {
             self.rd = BytesMut::new();
         }
+    }
+
+    /// The answer's head if it is complete in what has been read or what the socket has now,
+    /// without waiting for more.
+    fn answer_at_hand(&mut self, is_head: bool, cx: &mut Context<'_>) -> Option<Response<()>> {
+        loop {
+            if let Some(resp) = self.parse_head(is_head).ok().flatten() {
+                return Some(resp);
+            }
+            if self.rd.len() > MAX_HEAD {
+                return None;
+            }
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The upload failed while its answer is being read: nothing more is written, and the
+    /// connection is not used again.
+    fn stop_upload(&mut self) {
+        self.ended = true;
+        self.send = Send::Done;
+        self.body = None;
+        self.out = Out::empty();
     }
 
     /// The connection is not to be used again; `e` is returned for the caller to report.
@@ -718,6 +753,8 @@ struct Script {
     stalled: bool,
     /// Flushes alone wait (TLS records not yet out).
     flush_stalled: bool,
+    /// Writes wait once this many bytes are in (the upstream stopped reading).
+    stall_after: Option<usize>,
     /// Write calls that took bytes.
     writes: usize,
     flushes: usize,
@@ -768,11 +805,12 @@ impl hyper::rt::Write for Script {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.stalled {
+        if this.stalled || this.stall_after.is_some_and(|n| this.written.len() >= n) {
             return Poll::Pending;
         }
         let room = this
             .write_limit
+            .or(this.stall_after)
             .map_or(usize::MAX, |l| l - this.written.len());
         if room == 0 {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
@@ -961,6 +999,14 @@ mod tests {
         assert!(conn.reusable());
         assert!(conn.io.flushes > 0, "what was written is flushed");
         assert_eq!(conn.io.writes, 1, "a body read whole leaves with the head");
+
+        // Large enough to be written from its own buffer beside the head's: still one write.
+        static BIG: [u8; 5000] = [b'x'; 5000];
+        let mut conn = Conn::new(Script::answering(&[OK], false));
+        conn.start(request(Method::POST, buffered(&BIG)));
+        head(&mut conn).unwrap();
+        assert_eq!(conn.io.writes, 1);
+        assert!(written(&conn).ends_with(std::str::from_utf8(&BIG).unwrap()));
 
         // No body: a GET says nothing of a length, a POST says it is empty.
         for (method, want) in [
@@ -1213,14 +1259,20 @@ mod tests {
     ) {
         let (tx, body_in) = streamed(Some(1 << 20));
         let mut conn = Conn::new(Script {
-            stalled: true,
+            stall_after: Some(1000),
             ..Script::default()
         });
         conn.start(request(Method::POST, body_in));
         tx.try_send(Ok(Bytes::from(vec![b'x'; 4096]))).unwrap();
         assert!(
             now(|cx| conn.poll_head(cx)).is_pending(),
-            "nothing written, nothing read"
+            "the upstream took the head and part of the body, then stopped reading"
+        );
+        assert_eq!(conn.io.written.len(), 1000);
+        assert!(written(&conn).starts_with("POST /v1/chat/completions?x=1 HTTP/1.1\r\n"));
+        assert!(
+            conn.unsent.is_none(),
+            "written in part: never to be sent again"
         );
         conn.io
             .reads
@@ -1242,6 +1294,42 @@ mod tests {
         tx.try_send(Err("client went away".into())).unwrap();
         assert_eq!(head(&mut conn).unwrap().status(), 400);
         assert_eq!(body(&mut conn).unwrap(), b"no");
+        assert!(!conn.reusable());
+
+        // The answer still in the socket when the upload fails: read, and the outcome.
+        let (tx, body_in) = streamed(None);
+        let mut conn = Conn::new(Script::answering(&[], false));
+        conn.start(request(Method::POST, body_in));
+        assert!(now(|cx| conn.poll_head(cx)).is_pending());
+        conn.io
+            .reads
+            .push_back(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\nno".to_vec());
+        tx.try_send(Err("client went away".into())).unwrap();
+        assert_eq!(head(&mut conn).unwrap().status(), 400);
+        assert_eq!(body(&mut conn).unwrap(), b"no");
+
+        // None at hand: the upload's fault, not a wait for an answer that may never come.
+        let (tx, body_in) = streamed(None);
+        let mut conn = Conn::new(Script::answering(&[], false));
+        conn.start(request(Method::POST, body_in));
+        tx.try_send(Err("client went away".into())).unwrap();
+        assert!(matches!(head(&mut conn), Err(Fault::Upload(_))));
+
+        // The answer's body being read when the upload fails: it is read to its end.
+        let (tx, body_in) = streamed(None);
+        let mut conn = Conn::new(Script::answering(
+            &[b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nb"],
+            false,
+        ));
+        conn.start(request(Method::POST, body_in));
+        assert_eq!(head(&mut conn).unwrap().status(), 200);
+        assert_eq!(
+            now(|cx| conn.poll_data(cx)).map(|d| d.map(|d| d.map_err(|e| e.to_string()))),
+            Poll::Ready(Some(Ok(Bytes::from_static(b"b"))))
+        );
+        tx.try_send(Err("client went away".into())).unwrap();
+        conn.io.reads.push_back(b"ig".to_vec());
+        assert_eq!(body(&mut conn).unwrap(), b"ig");
         assert!(!conn.reusable());
     }
 
