@@ -145,9 +145,7 @@ impl RequestBody {
             done: false,
         }
     }
-}
 
-impl RequestBody {
     /// A body read whole before admission, as it stands: the upstream's connection writes it
     /// beside the request's head, in one write, without polling (it was counted, and held to
     /// its limit, when it was read).
