@@ -183,7 +183,16 @@ where
     pub fn start(&mut self, req: Request<RequestBody>) {
         debug_assert!(self.reusable());
         let is_head = req.method() == Method::HEAD;
-        let mut head = Vec::with_capacity(128 + req.headers().len() * 48);
+        // Room for a small body read whole too, copied in after the head (a larger one is
+        // written from its own buffer).
+        let small = req.body().whole().map_or(0, |b| {
+            if b.len() <= super::COPY_AT_MOST {
+                b.len()
+            } else {
+                0
+            }
+        });
+        let mut head = Vec::with_capacity(128 + req.headers().len() * 48 + small);
         head.extend_from_slice(req.method().as_str().as_bytes());
         head.push(b' ');
         match req.uri().path_and_query() {
@@ -308,9 +317,7 @@ where
                 Ok(()) => {}
                 // The answer has begun: an upload that fails now stops the writing, not the
                 // answer (the connection is not used again).
-                Err(Fault::Upload(_)) => {
-                    self.stop_upload();
-                }
+                Err(Fault::Upload(_)) => self.stop(),
                 Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
             }
             match &mut self.recv {
@@ -412,21 +419,19 @@ where
         }
     }
 
-    /// The upload failed while its answer is being read: nothing more is written, and the
-    /// connection is not used again.
-    fn stop_upload(&mut self) {
+    /// Nothing more is written, and the connection is not used again (what is still to be
+    /// read of an answer may be).
+    fn stop(&mut self) {
         self.ended = true;
         self.send = Send::Done;
         self.body = None;
         self.out = Out::empty();
+        self.unflushed = false;
     }
 
     /// The connection is not to be used again; `e` is returned for the caller to report.
     fn fail(&mut self, e: Fault) -> Fault {
-        self.ended = true;
-        self.send = Send::Done;
-        self.body = None;
-        self.out = Out::empty();
+        self.stop();
         e
     }
 
@@ -512,11 +517,7 @@ where
     /// A write failed after the request's first byte: nothing more is written, the
     /// connection is not used again, and the error is kept for when no answer comes.
     fn stop_writing(&mut self, e: io::Error) {
-        self.ended = true;
-        self.send = Send::Done;
-        self.body = None;
-        self.out = Out::empty();
-        self.unflushed = false;
+        self.stop();
         self.write_error.get_or_insert(e);
     }
 
@@ -578,6 +579,9 @@ where
     /// The answer's head, once `rd` holds it whole; interim answers are skipped.
     fn parse_head(&mut self, is_head: bool) -> Result<Option<Response<()>>, Fault> {
         loop {
+            if self.rd.is_empty() {
+                return Ok(None);
+            }
             let Some(parsed) = parse_response(&mut self.rd)? else {
                 return Ok(None);
             };
@@ -587,6 +591,8 @@ where
                 mut headers,
                 close,
                 keep,
+                length,
+                coding,
             } = parsed;
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -604,19 +610,21 @@ where
                 is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
             self.recv = if bodyless {
                 Recv::Done
-            } else if version == Version::HTTP_10 && headers.contains_key(TRANSFER_ENCODING) {
+            } else if version == Version::HTTP_10 && coding.is_some() {
                 // RFC 9112 §6.1: faulty framing (hyper refuses it too).
                 return Err(Fault::Protocol("Transfer-Encoding in an HTTP/1.0 answer"));
-            } else if let Some(chunked) = transfer_coding(&headers) {
+            } else if let Some(chunked) = coding {
                 // With Transfer-Encoding, a length is not the body's (RFC 9112 §6.3).
-                headers.remove(CONTENT_LENGTH);
+                if length {
+                    headers.remove(CONTENT_LENGTH);
+                }
                 if chunked {
                     Recv::Chunked(Decoder::new())
                 } else {
                     self.keep_alive = false;
                     Recv::UntilClose
                 }
-            } else if headers.contains_key(CONTENT_LENGTH) {
+            } else if length {
                 match one_length(headers.get_all(CONTENT_LENGTH)) {
                     Some(0) => Recv::Done,
                     Some(n) => Recv::Length(n),
@@ -658,32 +666,19 @@ fn has_token(v: &HeaderValue, token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// `Some(true)` when the answer's Transfer-Encoding ends in chunked, `Some(false)` when it
-/// has one that does not, `None` without one.
-fn transfer_coding(headers: &HeaderMap) -> Option<bool> {
-    let mut last = None;
-    for v in headers.get_all(TRANSFER_ENCODING) {
-        for coding in v.as_bytes().split(|&b| b == b',') {
-            let coding = coding.trim_ascii();
-            if !coding.is_empty() {
-                last = Some(coding.eq_ignore_ascii_case(b"chunked"));
-            }
-        }
-    }
-    if last.is_none() && headers.contains_key(TRANSFER_ENCODING) {
-        // Present but empty: no coding that delimits.
-        return Some(false);
-    }
-    last
-}
-
-/// An answer's head as parsed.
+/// An answer's head as parsed, with what its fields say of its framing (gathered in the one
+/// walk that builds the map, so framing costs no lookups).
 struct Parsed {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
     close: bool,
     keep: bool,
+    /// A Content-Length field is there.
+    length: bool,
+    /// Transfer-Encoding: `None` without one; `Some(true)` when its last coding is chunked,
+    /// `Some(false)` otherwise (an empty one included).
+    coding: Option<bool>,
 }
 
 /// Parse an answer's head from the start of `buf`, taking its bytes (the values share them).
@@ -719,7 +714,8 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
         .collect();
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    let (mut close, mut keep) = (false, false);
+    let (mut close, mut keep, mut length) = (false, false, false);
+    let mut coding = None;
     for &((n, nl), (v, vl)) in &spans {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad("a bad field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
@@ -727,6 +723,20 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
         if name == CONNECTION {
             close |= has_token(&value, b"close");
             keep |= has_token(&value, b"keep-alive");
+        } else if name == CONTENT_LENGTH {
+            length = true;
+        } else if name == TRANSFER_ENCODING {
+            // The last coding of the last field decides; a field with none leaves the
+            // framing undelimited.
+            let last = value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|c| !c.is_empty());
+            coding = match last {
+                Some(c) => Some(c.eq_ignore_ascii_case(b"chunked")),
+                None => coding.or(Some(false)),
+            };
         }
         headers.append(name, value);
     }
@@ -736,6 +746,8 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
         headers,
         close,
         keep,
+        length,
+        coding,
     }))
 }
 
