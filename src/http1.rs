@@ -1425,7 +1425,7 @@ fn one_length(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
 
 fn length_field(head: &mut Vec<u8>, n: u64) {
     head.extend_from_slice(b"content-length: ");
-    head.extend_from_slice(crate::log::decimal(n, &mut [0; 20]).as_bytes());
+    head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     head.extend_from_slice(b"\r\n");
 }
 

@@ -456,7 +456,7 @@ trait Syntax {
 
     fn number(w: &mut String, name: &Key, n: u64) {
         Self::key(w, name);
-        w.push_str(decimal(n, &mut [0u8; 20]));
+        w.push_str(itoa::Buffer::new().format(n));
     }
 
     fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result;
@@ -484,7 +484,10 @@ impl Syntax for Text {
 
     fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result {
         Self::key(w, name);
-        debug_f64(w, millis(d))
+        match duration_parts(d) {
+            Some(parts) => write_millis(w, parts),
+            None => debug_f64(w, millis(d)),
+        }
     }
 }
 
@@ -512,7 +515,10 @@ impl Syntax for Json {
 
     fn millis(w: &mut String, name: &Key, d: Duration) -> std::fmt::Result {
         Self::key(w, name);
-        json_f64(w, millis(d))
+        match duration_parts(d) {
+            Some(parts) => write_millis(w, parts),
+            None => json_f64(w, millis(d)),
+        }
     }
 }
 
@@ -533,9 +539,8 @@ fn debug_str<W: std::fmt::Write + ?Sized>(w: &mut W, value: &str) -> std::fmt::R
 
 /// A float field's value as the text log writes it: its `Debug`.
 fn debug_f64<W: std::fmt::Write + ?Sized>(w: &mut W, value: f64) -> std::fmt::Result {
-    let mut buf = [0u8; 32];
-    match millis_debug(value, &mut buf) {
-        Some(text) => w.write_str(text),
+    match millis_parts(value) {
+        Some(parts) => write_millis(w, parts),
         None => write!(w, "{value:?}"),
     }
 }
@@ -544,9 +549,8 @@ fn debug_f64<W: std::fmt::Write + ?Sized>(w: &mut W, value: f64) -> std::fmt::Re
 /// on the durations; anything else (NaN is `null`, large and tiny numbers are written
 /// otherwise) is left to it.
 fn json_f64<W: std::fmt::Write + ?Sized>(w: &mut W, value: f64) -> std::fmt::Result {
-    let mut buf = [0u8; 32];
-    match millis_debug(value, &mut buf) {
-        Some(text) => w.write_str(text),
+    match millis_parts(value) {
+        Some(parts) => write_millis(w, parts),
         None => match serde_json::to_string(&value) {
             Ok(text) => w.write_str(&text),
             Err(_) => Err(std::fmt::Error),
@@ -586,8 +590,8 @@ impl LogTime {
             Err(_) => w.write_str(&prefix(secs)),
         })?;
         let micros = now.subsec_micros();
-        let mut digits = [0u8; 20];
-        let text = decimal(u64::from(micros), &mut digits);
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(micros);
         for _ in text.len()..6 {
             w.write_char('0')?;
         }
@@ -672,8 +676,7 @@ impl Visit for PlainVisitor<'_> {
             return self.record_debug(field, &value);
         }
         if self.start(field.name()) {
-            let mut buf = [0u8; 20];
-            self.put(decimal(value, &mut buf));
+            self.put(itoa::Buffer::new().format(value));
         }
     }
 
@@ -740,27 +743,12 @@ impl Visit for PlainVisitor<'_> {
     }
 }
 
-/// `n` in decimal, in `buf`.
-pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    std::str::from_utf8(&buf[i..]).unwrap_or("0")
-}
-
-/// What `{:?}` writes for a duration in milliseconds as [`millis`] rounds it (a whole number
-/// of microseconds below 10^9 ms: `0.442`, `1.0`, `12345.679`), without `core::fmt`'s float
-/// printer; `None` for any other value. Such a value's shortest round-trip decimal is its
-/// three-decimal one with trailing zeros cut: doubles there are far closer together than
-/// 0.001, so no shorter decimal reads back as the same double.
-fn millis_debug(v: f64, buf: &mut [u8; 32]) -> Option<&str> {
+/// A duration in milliseconds as [`millis`] rounds it, split at the point: whole
+/// milliseconds and thousandths, for a whole number of microseconds below 10^9 ms; `None`
+/// for any other value. Such a value's shortest round-trip decimal is its three-decimal one
+/// with trailing zeros cut: doubles there are far closer together than 0.001, so no shorter
+/// decimal reads back as the same double. [`write_millis`] writes it.
+fn millis_parts(v: f64) -> Option<(u64, u32)> {
     if !(0.0..1e9).contains(&v) {
         return None;
     }
@@ -769,30 +757,41 @@ fn millis_debug(v: f64, buf: &mut [u8; 32]) -> Option<&str> {
         return None;
     }
     let micros = micros as u64;
-    let (whole, frac) = (micros / 1000, micros % 1000);
-    let mut digits = [0u8; 20];
-    let int = decimal(whole, &mut digits).as_bytes();
-    let mut len = int.len();
-    buf[..len].copy_from_slice(int);
-    buf[len] = b'.';
-    len += 1;
-    if frac == 0 {
-        buf[len] = b'0';
-        len += 1;
-    } else {
-        let f = [
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ];
-        let mut n = 3;
-        while f[n - 1] == b'0' {
-            n -= 1;
-        }
-        buf[len..len + n].copy_from_slice(&f[..n]);
-        len += n;
+    Some((micros / 1000, (micros % 1000) as u32))
+}
+
+/// `millis_parts(millis(d))`, without the division and the second rounding: the microseconds
+/// [`millis`] rounds `d` to, when below 10^12.
+fn duration_parts(d: Duration) -> Option<(u64, u32)> {
+    let micros = (d.as_secs_f64() * 1_000_000.0).round();
+    if micros >= 1e12 {
+        return None;
     }
-    std::str::from_utf8(&buf[..len]).ok()
+    let micros = micros as u64;
+    Some((micros / 1000, (micros % 1000) as u32))
+}
+
+/// What `{:?}` writes for the milliseconds `whole.frac` (frac in thousandths), as
+/// [`millis_parts`] splits them: `0.442`, `1.0`, `12345.679`, without `core::fmt`'s float
+/// printer.
+fn write_millis<W: std::fmt::Write + ?Sized>(
+    w: &mut W,
+    (whole, frac): (u64, u32),
+) -> std::fmt::Result {
+    w.write_str(itoa::Buffer::new().format(whole))?;
+    w.write_char('.')?;
+    let digits = [frac / 100, frac / 10 % 10, frac % 10];
+    let n = match frac {
+        0 => return w.write_char('0'),
+        _ if frac % 100 == 0 => 1,
+        _ if frac % 10 == 0 => 2,
+        _ => 3,
+    };
+    for d in &digits[..n] {
+        // A digit: below 10.
+        w.write_char(char::from(b'0' + *d as u8))?;
+    }
+    Ok(())
 }
 
 impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
@@ -893,15 +892,14 @@ impl Visit for JsonVisitor<'_> {
 
     fn record_u64(&mut self, field: &Field, value: u64) {
         if self.key(field) {
-            let mut buf = [0u8; 20];
-            self.result = self.writer.write_str(decimal(value, &mut buf));
+            self.result = self.writer.write_str(itoa::Buffer::new().format(value));
         }
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if self.key(field) {
-            let mut buf = [0u8; 20];
-            let digits = decimal(value.unsigned_abs(), &mut buf);
+            let mut buf = itoa::Buffer::new();
+            let digits = buf.format(value.unsigned_abs());
             self.result = (|| {
                 if value < 0 {
                     self.writer.write_char('-')?;
@@ -1390,23 +1388,34 @@ mod tests {
     /// paths; each must print exactly what `Debug` prints.
     #[test]
     fn fast_paths_print_what_debug_prints() {
-        let mut buf = [0u8; 20];
-        for n in [0u64, 7, 10, 99, 12_345, u64::MAX] {
-            assert_eq!(decimal(n, &mut buf), format!("{n:?}"));
-        }
-        let mut fbuf = [0u8; 32];
+        let fast = |parts| {
+            let mut s = String::new();
+            write_millis(&mut s, parts).unwrap();
+            s
+        };
         // Every microsecond up to two seconds, then samples up to the fast path's bound.
         let samples = (0..2_000_000u64).chain((0..100_000u64).map(|i| i * 9_999_991 + 17));
         for micros in samples {
             let v = millis(Duration::from_micros(micros));
+            let parts = millis_parts(v);
+            assert_eq!(parts.map(fast), Some(format!("{v:?}")), "{micros}");
             assert_eq!(
-                millis_debug(v, &mut fbuf),
-                Some(format!("{v:?}").as_str()),
+                duration_parts(Duration::from_micros(micros)),
+                parts,
                 "{micros}"
             );
         }
+        // Durations between microseconds, halfway ones among them, and past the bound.
+        let nanos = (0..200_000u64)
+            .map(|i| i * 7_919)
+            .chain((0..100_000u64).map(|i| i * 9_999_991_000 + 500))
+            .chain([999_999_999_999_499_999, 999_999_999_999_500_000, u64::MAX]);
+        for n in nanos {
+            let d = Duration::from_nanos(n);
+            assert_eq!(duration_parts(d), millis_parts(millis(d)), "{n}");
+        }
         for odd in [0.1 + 0.2, 1e9, 1e-7, -1.0, f64::NAN, f64::INFINITY] {
-            assert_eq!(millis_debug(odd, &mut fbuf), None, "{odd}");
+            assert_eq!(millis_parts(odd), None, "{odd}");
         }
     }
 
