@@ -276,11 +276,12 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
         _ => return Err(bad),
     };
     let count = req.headers.len();
-    let spans: Vec<_> = req
-        .headers
-        .iter()
-        .map(|h| (at(h.name.as_bytes()), at(h.value)))
-        .collect();
+    let mut spans = Spans::take();
+    spans.0.extend(
+        req.headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value))),
+    );
     if target.1 > usize::from(u16::MAX) - 1 {
         // Longer than `http::Uri` holds.
         return Err(Refused(StatusCode::URI_TOO_LONG));
@@ -290,15 +291,15 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut headers = HeaderMap::with_capacity(count);
     let mut framing = Framing::None;
     let (mut close, mut keep, mut expect_continue) = (false, false, false);
-    let mut has_length = false;
+    let mut length = Length::Absent;
     let mut chunked = false;
     let mut coded = false;
     let mut te = false;
-    for &((n, nl), (v, vl)) in &spans {
+    for &((n, nl), (v, vl)) in &spans.0 {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad)?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(|_| bad)?;
         if name == CONTENT_LENGTH {
-            has_length = true;
+            length = length.add(value.as_bytes());
         } else if name == TRANSFER_ENCODING {
             te = true;
             for coding in value.as_bytes().split(|&b| b == b',') {
@@ -329,10 +330,10 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     }
     // Every value, lists included, must give the same length (RFC 9112 §6.3), as for an
     // answer's.
-    let length = if has_length {
-        Some(one_length(headers.get_all(CONTENT_LENGTH)).ok_or(bad)?)
-    } else {
-        None
+    let length = match length {
+        Length::Absent => None,
+        Length::One(n) => Some(n),
+        Length::Bad => return Err(bad),
     };
     let mut keep_alive = match version {
         Version::HTTP_11 => !close,
@@ -1253,23 +1254,28 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
-    let mut headers = parts.headers;
+    let headers = parts.headers;
     let bodyless = is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    // The framing is this connection's: a Transfer-Encoding from elsewhere is not copied.
-    if headers.contains_key(TRANSFER_ENCODING) {
-        headers.remove(TRANSFER_ENCODING);
+    // The framing is this connection's: a Transfer-Encoding from elsewhere is not copied,
+    // and the length is written once, by this connection, from what the answer says or
+    // knows: a list of equal lengths is one length; lengths that differ or do not parse are
+    // none. So is `Connection`. One walk notes them and the date (lookups would hash each
+    // name again), and the fields' walk below leaves them out.
+    let mut length = Length::Absent;
+    let mut dated = false;
+    for (name, value) in &headers {
+        if name == CONTENT_LENGTH {
+            length = length.add(value.as_bytes());
+        } else if name == DATE {
+            dated = true;
+        }
     }
-    // The length is written once, by this connection, from what the answer says or knows:
-    // a list of equal lengths is one length; lengths that differ or do not parse are none.
-    let declared = if headers.contains_key(CONTENT_LENGTH) {
-        let n = one_length(headers.get_all(CONTENT_LENGTH));
-        headers.remove(CONTENT_LENGTH);
-        n
-    } else {
-        None
+    let declared = match length {
+        Length::One(n) => Some(n),
+        Length::Absent | Length::Bad => None,
     };
     let mut head = Vec::with_capacity(256 + headers.len() * 48);
     status_line(&mut head, status);
@@ -1298,18 +1304,18 @@ where
         Delimit::Close => keep_alive = false,
         _ => {}
     }
-    if headers.contains_key(CONNECTION) {
-        headers.remove(CONNECTION);
-    }
     if !keep_alive {
         head.extend_from_slice(b"connection: close\r\n");
     } else if version == Version::HTTP_10 {
         head.extend_from_slice(b"connection: keep-alive\r\n");
     }
-    if !headers.contains_key(DATE) {
+    if !dated {
         date_field(&mut head);
     }
     for (name, value) in &headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == CONNECTION {
+            continue;
+        }
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
@@ -1407,20 +1413,58 @@ fn poll_now<B: Body + Unpin>(body: &mut B) -> Poll<Option<Result<Frame<B::Data>,
     Pin::new(body).poll_frame(&mut Context::from_waker(Waker::noop()))
 }
 
-/// The one length a header's values give (`5`, `5, 5`), if they agree and parse: for a
-/// request's head and an answer's alike.
-fn one_length(values: http::header::GetAll<'_, HeaderValue>) -> Option<u64> {
-    let mut length = None;
-    for v in values {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = content_length(part)?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
+/// The one length a head's Content-Length values give (`5`, `5, 5`), gathered value by
+/// value in the walk over its fields: for a request's head and an answer's alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    /// No Content-Length field.
+    Absent,
+    /// Every value seen so far is this length.
+    One(u64),
+    /// Values that differ, or one that is not a length.
+    Bad,
+}
+
+impl Length {
+    /// With one more field's value (a list of lengths, RFC 9112 §6.3).
+    fn add(self, value: &[u8]) -> Length {
+        let mut now = self;
+        for part in value.split(|&b| b == b',') {
+            now = match (now, content_length(part)) {
+                (Length::Bad, _) | (_, None) => return Length::Bad,
+                (Length::One(l), Some(n)) if l != n => return Length::Bad,
+                (_, Some(n)) => Length::One(n),
+            };
         }
+        now
     }
-    length
+}
+
+/// Where a head's field names and values lie in its bytes, found by httparse while it borrows
+/// them and used once they are frozen.
+type Span = ((usize, usize), (usize, usize));
+
+thread_local! {
+    /// The shard's list of spans, kept from head to head (at most `MAX_HEADERS` long), so a
+    /// head's parse allocates only its header map.
+    static SPANS: std::cell::Cell<Vec<Span>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The shard's span list while a head is parsed, empty, and given back when dropped.
+struct Spans(Vec<Span>);
+
+impl Spans {
+    fn take() -> Spans {
+        Spans(SPANS.take())
+    }
+}
+
+impl Drop for Spans {
+    fn drop(&mut self) {
+        let mut list = std::mem::take(&mut self.0);
+        list.clear();
+        SPANS.set(list);
+    }
 }
 
 fn length_field(head: &mut Vec<u8>, n: u64) {

@@ -35,8 +35,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, HOST};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::header::HeaderValue;
+use http::uri::{Scheme, Uri};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -242,7 +242,6 @@ impl Pool {
         mut req: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_ {
         async move {
-            let absolute = req.uri().clone();
             // Sending again is only for a request no byte of which left (a reused connection that
             // had just been closed); a few tries bound it even if each one finds another such.
             let mut tries = 0;
@@ -265,14 +264,10 @@ impl Pool {
                         },
                     },
                     Checked::H1(mut lease) => {
-                        // Origin-form target and a `Host`, as HTTP/1.1 to a server wants.
-                        let pq = absolute
-                            .path_and_query()
-                            .cloned()
-                            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-                        *req.uri_mut() = Uri::from(pq);
-                        req.headers_mut().insert(HOST, self.host.clone());
-                        lease.conn.start(req);
+                        // The connection writes the origin-form target and the `Host`, as
+                        // HTTP/1.1 to a server wants, and leaves the request as it is, for
+                        // HTTP/2 if it comes back unsent.
+                        lease.conn.start(req, &self.host);
                         match poll_fn(|cx| lease.conn.poll_head(cx)).await {
                             Ok(head) if lease.conn.is_end_stream() => {
                                 // No body (HEAD, 204, 304, a zero length): the connection goes
@@ -292,10 +287,7 @@ impl Pool {
                                 }));
                             }
                             Err(e) => match lease.conn.take_unsent() {
-                                Some(back) if lease.reused && again => {
-                                    req = back;
-                                    *req.uri_mut() = absolute.clone();
-                                }
+                                Some(back) if lease.reused && again => req = back,
                                 _ => return Err(e.into()),
                             },
                         }
@@ -657,7 +649,7 @@ mod tests {
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         let path = req.uri().path().to_string();
-                        let host = req.headers().get(HOST).cloned();
+                        let host = req.headers().get(http::header::HOST).cloned();
                         let body = req.into_body().collect().await?.to_bytes();
                         let mut resp = Response::new(Full::new(Bytes::from(format!(
                             "{path} {} {}",

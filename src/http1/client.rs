@@ -39,11 +39,11 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, SizeHint};
 
-use super::{hex_line, length_field, one_length, Decoder, Out, Step, MAX_HEADERS, SCRATCH};
+use super::{hex_line, length_field, Decoder, Length, Out, Spans, Step, MAX_HEADERS, SCRATCH};
 use crate::body::{BodyError, RequestBody};
 
 /// The largest answer head read (hyper's client reads at most this much before giving up
@@ -179,8 +179,10 @@ where
     }
 
     /// Begin an exchange: the request's head is encoded and waits to be written by
-    /// [`Conn::poll_head`]. `req`'s URI is the origin-form target, `Host` among its fields.
-    pub fn start(&mut self, req: Request<RequestBody>) {
+    /// [`Conn::poll_head`]. The target is `req`'s path and query (origin-form, whatever the
+    /// URI's scheme and authority), and `host` is the one `Host` field, first after the
+    /// request line (RFC 9112 §3.2); one among `req`'s fields is not copied.
+    pub fn start(&mut self, req: Request<RequestBody>, host: &HeaderValue) {
         debug_assert!(self.reusable());
         let is_head = req.method() == Method::HEAD;
         // Room for a small body read whole too, copied in after the head (a larger one is
@@ -199,7 +201,9 @@ where
             Some(pq) => head.extend_from_slice(pq.as_str().as_bytes()),
             None => head.push(b'/'),
         }
-        head.extend_from_slice(b" HTTP/1.1\r\n");
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(host.as_bytes());
+        head.extend_from_slice(b"\r\n");
         let body = req.body();
         self.send = if body.is_end_stream() {
             if carries_content(req.method()) {
@@ -229,7 +233,7 @@ where
             }
         };
         for (name, value) in req.headers() {
-            if *name == CONTENT_LENGTH || *name == TRANSFER_ENCODING {
+            if *name == CONTENT_LENGTH || *name == TRANSFER_ENCODING || *name == HOST {
                 continue;
             }
             if *name == CONNECTION && has_token(value, b"close") {
@@ -615,7 +619,7 @@ where
                 return Err(Fault::Protocol("Transfer-Encoding in an HTTP/1.0 answer"));
             } else if let Some(chunked) = coding {
                 // With Transfer-Encoding, a length is not the body's (RFC 9112 §6.3).
-                if length {
+                if length != Length::Absent {
                     headers.remove(CONTENT_LENGTH);
                 }
                 if chunked {
@@ -624,12 +628,14 @@ where
                     self.keep_alive = false;
                     Recv::UntilClose
                 }
-            } else if length {
-                match one_length(headers.get_all(CONTENT_LENGTH)) {
-                    Some(0) => Recv::Done,
-                    Some(n) => Recv::Length(n),
-                    None => return Err(Fault::Protocol("Content-Length values that disagree")),
+            } else if let Length::One(n) = length {
+                if n == 0 {
+                    Recv::Done
+                } else {
+                    Recv::Length(n)
                 }
+            } else if length == Length::Bad {
+                return Err(Fault::Protocol("Content-Length values that disagree"));
             } else {
                 self.keep_alive = false;
                 Recv::UntilClose
@@ -674,8 +680,8 @@ struct Parsed {
     headers: HeaderMap,
     close: bool,
     keep: bool,
-    /// A Content-Length field is there.
-    length: bool,
+    /// What its Content-Length fields say.
+    length: Length,
     /// Transfer-Encoding: `None` without one; `Some(true)` when its last coding is chunked,
     /// `Some(false)` otherwise (an empty one included).
     coding: Option<bool>,
@@ -707,16 +713,18 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
     };
     let base = buf.as_ptr() as usize;
     let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
-    let spans: Vec<_> = resp
-        .headers
-        .iter()
-        .map(|h| (at(h.name.as_bytes()), at(h.value)))
-        .collect();
+    let mut spans = Spans::take();
+    spans.0.extend(
+        resp.headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value))),
+    );
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    let (mut close, mut keep, mut length) = (false, false, false);
+    let mut headers = HeaderMap::with_capacity(spans.0.len());
+    let (mut close, mut keep) = (false, false);
+    let mut length = Length::Absent;
     let mut coding = None;
-    for &((n, nl), (v, vl)) in &spans {
+    for &((n, nl), (v, vl)) in &spans.0 {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad("a bad field name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
             .map_err(|_| bad("a bad field value"))?;
@@ -724,7 +732,7 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
             close |= has_token(&value, b"close");
             keep |= has_token(&value, b"keep-alive");
         } else if name == CONTENT_LENGTH {
-            length = true;
+            length = length.add(value.as_bytes());
         } else if name == TRANSFER_ENCODING {
             // The last coding of the last field decides; a field with none leaves the
             // framing undelimited.
@@ -874,6 +882,7 @@ pub fn check_answer(bytes: &[u8], split: usize) {
             Request::post("/v1/chat/completions")
                 .body(body)
                 .expect("a fixed request"),
+            &HeaderValue::from_static("up.example"),
         );
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let head = match conn.poll_head(&mut cx) {
@@ -929,10 +938,13 @@ mod tests {
     fn request(method: Method, body: RequestBody) -> Request<RequestBody> {
         Request::builder()
             .method(method)
-            .uri("/v1/chat/completions?x=1")
-            .header(HOST, "up.example")
+            .uri("https://up.example/v1/chat/completions?x=1")
             .body(body)
             .unwrap()
+    }
+
+    fn up_host() -> HeaderValue {
+        HeaderValue::from_static("up.example")
     }
 
     fn buffered(b: &'static [u8]) -> RequestBody {
@@ -989,22 +1001,25 @@ mod tests {
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
     #[tokio::test]
-    async fn a_request_is_framed_by_its_body_and_not_by_fields_it_came_with() {
+    async fn a_request_is_framed_by_its_body_and_addressed_by_the_pool_not_by_fields_it_came_with()
+    {
         let mut req = request(Method::POST, buffered(b"{\"a\":1}"));
         req.headers_mut()
             .insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
         req.headers_mut()
             .insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         req.headers_mut()
+            .insert(HOST, HeaderValue::from_static("client.example"));
+        req.headers_mut()
             .append("x-many", HeaderValue::from_static("1"));
         req.headers_mut()
             .append("x-many", HeaderValue::from_static("2"));
         let mut conn = Conn::new(Script::answering(&[OK], false));
-        conn.start(req);
+        conn.start(req, &up_host());
         assert_eq!(head(&mut conn).unwrap().status(), 200);
         assert_eq!(
             written(&conn),
-            "POST /v1/chat/completions?x=1 HTTP/1.1\r\ncontent-length: 7\r\nhost: up.example\r\n\
+            "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up.example\r\ncontent-length: 7\r\n\
              x-many: 1\r\nx-many: 2\r\n\r\n{\"a\":1}"
         );
         assert_eq!(body(&mut conn).unwrap(), b"ok");
@@ -1015,7 +1030,7 @@ mod tests {
         // Large enough to be written from its own buffer beside the head's: still one write.
         static BIG: [u8; 5000] = [b'x'; 5000];
         let mut conn = Conn::new(Script::answering(&[OK], false));
-        conn.start(request(Method::POST, buffered(&BIG)));
+        conn.start(request(Method::POST, buffered(&BIG)), &up_host());
         head(&mut conn).unwrap();
         assert_eq!(conn.io.writes, 1);
         assert!(written(&conn).ends_with(std::str::from_utf8(&BIG).unwrap()));
@@ -1025,11 +1040,11 @@ mod tests {
             (Method::GET, "GET /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up.example\r\n\r\n"),
             (
                 Method::POST,
-                "POST /v1/chat/completions?x=1 HTTP/1.1\r\ncontent-length: 0\r\nhost: up.example\r\n\r\n",
+                "POST /v1/chat/completions?x=1 HTTP/1.1\r\nhost: up.example\r\ncontent-length: 0\r\n\r\n",
             ),
         ] {
             let mut conn = Conn::new(Script::answering(&[OK], false));
-            conn.start(request(method, buffered(b"")));
+            conn.start(request(method, buffered(b"")), &up_host());
             head(&mut conn).unwrap();
             assert_eq!(written(&conn), want);
         }
@@ -1039,14 +1054,14 @@ mod tests {
     async fn a_body_of_unknown_length_is_chunked_and_a_known_one_streams_under_its_length() {
         let (tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         assert!(now(|cx| conn.poll_head(cx)).is_pending());
         for piece in ["ab", "c", ""] {
             tx.try_send(Ok(Bytes::from(piece))).unwrap();
             assert!(now(|cx| conn.poll_head(cx)).is_pending());
         }
         assert!(written(&conn).ends_with(
-            "transfer-encoding: chunked\r\nhost: up.example\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
+            "host: up.example\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n1\r\nc\r\n0\r\n\r\n"
         ));
         conn.io.reads.push_back(OK.to_vec());
         head(&mut conn).unwrap();
@@ -1055,12 +1070,12 @@ mod tests {
 
         let (tx, body_in) = streamed(Some(3));
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::PUT, body_in));
+        conn.start(request(Method::PUT, body_in), &up_host());
         tx.try_send(Ok(Bytes::from_static(b"ab"))).unwrap();
         tx.try_send(Ok(Bytes::from_static(b"c"))).unwrap();
         drop(tx);
         assert!(now(|cx| conn.poll_head(cx)).is_pending());
-        assert!(written(&conn).ends_with("content-length: 3\r\nhost: up.example\r\n\r\nabc"));
+        assert!(written(&conn).ends_with("host: up.example\r\ncontent-length: 3\r\n\r\nabc"));
         conn.io.reads.push_back(OK.to_vec());
         head(&mut conn).unwrap();
         body(&mut conn).unwrap();
@@ -1102,7 +1117,7 @@ mod tests {
             let bytes: Vec<&[u8]> = answer.chunks(1).collect();
             for (how, pieces) in [("whole", whole), ("a byte a read", bytes)] {
                 let mut conn = Conn::new(Script::answering(&pieces, closed));
-                conn.start(request(method.clone(), buffered(b"")));
+                conn.start(request(method.clone(), buffered(b"")), &up_host());
                 let resp = head(&mut conn).unwrap_or_else(|e| panic!("{label}, {how}: {e}"));
                 assert_eq!(resp.status(), status, "{label}, {how}");
                 let got = body(&mut conn).unwrap_or_else(|e| panic!("{label}, {how}: {e}"));
@@ -1161,7 +1176,7 @@ mod tests {
         ];
         for (label, answer) in heads {
             let mut conn = Conn::new(Script::answering(&[answer], true));
-            conn.start(request(Method::POST, buffered(b"x")));
+            conn.start(request(Method::POST, buffered(b"x")), &up_host());
             let e = head(&mut conn).unwrap_err();
             let closed = label.starts_with("closed");
             assert_eq!(matches!(e, Fault::Closed(_)), closed, "{label}: {e}");
@@ -1185,7 +1200,7 @@ mod tests {
         ];
         for (label, answer) in bodies {
             let mut conn = Conn::new(Script::answering(&[answer], true));
-            conn.start(request(Method::POST, buffered(b"x")));
+            conn.start(request(Method::POST, buffered(b"x")), &up_host());
             head(&mut conn).unwrap();
             assert!(body(&mut conn).is_err(), "{label}");
             assert!(!conn.reusable(), "{label}");
@@ -1198,7 +1213,7 @@ mod tests {
         assert!(pieces.len() < MAX_HEADERS);
         let refs: Vec<&[u8]> = pieces.iter().map(|p| p.as_slice()).collect();
         let mut conn = Conn::new(Script::answering(&refs, false));
-        conn.start(request(Method::POST, buffered(b"x")));
+        conn.start(request(Method::POST, buffered(b"x")), &up_host());
         let e = head(&mut conn).unwrap_err();
         assert!(
             e.to_string().contains("too large"),
@@ -1212,11 +1227,12 @@ mod tests {
             write_limit: Some(0),
             ..Script::default()
         });
-        conn.start(request(Method::POST, buffered(b"{}")));
+        conn.start(request(Method::POST, buffered(b"{}")), &up_host());
         assert!(head(&mut conn).is_err());
         let back = conn.take_unsent().expect("nothing was written");
-        assert_eq!(back.uri(), "/v1/chat/completions?x=1");
-        assert_eq!(back.headers()[HOST], "up.example");
+        // As it was given: the URI absolute and no `Host` added, fit for HTTP/2 too.
+        assert_eq!(back.uri(), "https://up.example/v1/chat/completions?x=1");
+        assert!(!back.headers().contains_key(HOST));
         assert_eq!(back.body().size_hint().exact(), Some(2));
 
         let mut conn = Conn::new(Script {
@@ -1224,7 +1240,7 @@ mod tests {
             closed: true,
             ..Script::default()
         });
-        conn.start(request(Method::POST, buffered(b"{}")));
+        conn.start(request(Method::POST, buffered(b"{}")), &up_host());
         let e = head(&mut conn).unwrap_err();
         assert!(
             e.to_string().contains("broken pipe"),
@@ -1243,7 +1259,7 @@ mod tests {
             ..Script::default()
         });
         let (tx, body_in) = streamed(Some(1 << 20));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         tx.try_send(Ok(Bytes::from(vec![b'x'; 4096]))).unwrap();
         assert_eq!(head(&mut conn).unwrap().status(), 413);
         assert_eq!(body(&mut conn).unwrap(), b"big");
@@ -1256,7 +1272,7 @@ mod tests {
             &[b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],
             false,
         ));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         assert_eq!(head(&mut conn).unwrap().status(), 200);
         assert!(conn.is_end_stream());
         let _ = now(|cx| {
@@ -1274,7 +1290,7 @@ mod tests {
             stall_after: Some(1000),
             ..Script::default()
         });
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         tx.try_send(Ok(Bytes::from(vec![b'x'; 4096]))).unwrap();
         assert!(
             now(|cx| conn.poll_head(cx)).is_pending(),
@@ -1298,7 +1314,7 @@ mod tests {
     async fn an_answer_already_read_outlives_an_upload_that_fails_after_it() {
         let (tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         assert!(now(|cx| conn.poll_head(cx)).is_pending());
         // The answer is in the buffer when the upload fails: it is the outcome.
         conn.rd
@@ -1311,7 +1327,7 @@ mod tests {
         // The answer still in the socket when the upload fails: read, and the outcome.
         let (tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         assert!(now(|cx| conn.poll_head(cx)).is_pending());
         conn.io
             .reads
@@ -1323,7 +1339,7 @@ mod tests {
         // None at hand: the upload's fault, not a wait for an answer that may never come.
         let (tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         tx.try_send(Err("client went away".into())).unwrap();
         assert!(matches!(head(&mut conn), Err(Fault::Upload(_))));
 
@@ -1333,7 +1349,7 @@ mod tests {
             &[b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nb"],
             false,
         ));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         assert_eq!(head(&mut conn).unwrap().status(), 200);
         assert_eq!(
             now(|cx| conn.poll_data(cx)).map(|d| d.map(|d| d.map_err(|e| e.to_string()))),
@@ -1350,7 +1366,7 @@ mod tests {
         // A byte a read: the buffer grows past what it holds, and is let go at the end.
         let bytes: Vec<&[u8]> = OK.chunks(1).collect();
         let mut conn = Conn::new(Script::answering(&bytes, false));
-        conn.start(request(Method::POST, buffered(b"{}")));
+        conn.start(request(Method::POST, buffered(b"{}")), &up_host());
         head(&mut conn).unwrap();
         body(&mut conn).unwrap();
         assert!(conn.reusable());
@@ -1363,7 +1379,7 @@ mod tests {
         // A GET whose end is not known yet goes without a body, and lets its body go.
         let (_tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[OK], false));
-        conn.start(request(Method::GET, body_in));
+        conn.start(request(Method::GET, body_in), &up_host());
         head(&mut conn).unwrap();
         assert!(
             !written(&conn).contains("transfer-encoding"),
@@ -1379,7 +1395,7 @@ mod tests {
             flush_stalled: true,
             ..Script::answering(&[OK], false)
         });
-        conn.start(request(Method::POST, buffered(b"{}")));
+        conn.start(request(Method::POST, buffered(b"{}")), &up_host());
         head(&mut conn).unwrap();
         body(&mut conn).unwrap();
         assert!(!conn.reusable(), "unflushed");
@@ -1395,7 +1411,7 @@ mod tests {
     async fn an_upload_that_fails_is_an_upload_fault() {
         let (tx, body_in) = streamed(None);
         let mut conn = Conn::new(Script::answering(&[], false));
-        conn.start(request(Method::POST, body_in));
+        conn.start(request(Method::POST, body_in), &up_host());
         tx.try_send(Err("client went away".into())).unwrap();
         let e = head(&mut conn).unwrap_err();
         assert!(matches!(e, Fault::Upload(_)));
@@ -1417,7 +1433,7 @@ mod tests {
             ),
         ] {
             let mut conn = Conn::new(Script::answering(&[OK], false));
-            conn.start(request(Method::GET, buffered(b"")));
+            conn.start(request(Method::GET, buffered(b"")), &up_host());
             head(&mut conn).unwrap();
             body(&mut conn).unwrap();
             conn.io.reads.extend(reads);
