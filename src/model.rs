@@ -9,6 +9,7 @@
 //! any notion of which models exist upstream. No I/O; hostile input gives `None`/`false`,
 //! never a panic.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -18,48 +19,448 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 /// belongs to the account only), because model names key bounded tables.
 pub const MAX_MODEL_LEN: usize = 256;
 
-/// The request body, as far as the proxy cares: every other field is skipped by serde
-/// (through `IgnoredAny`) without being built.
-#[derive(serde::Deserialize)]
-struct Request {
-    #[serde(default)]
-    model: Option<ModelName>,
-}
-
-/// A `"model"` string value: `Some` when it is a usable name, `None` when it is empty or
-/// too long. Any other JSON type is a deserialization error, which ends in "no model" too.
-struct ModelName(Option<Arc<str>>);
-
-impl<'de> Deserialize<'de> for ModelName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = ModelName;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a model name")
+/// The top-level `"model"` string of a JSON request body, if there is one. Not JSON, not an
+/// object, `model` missing / not a string / empty / longer than [`MAX_MODEL_LEN`] → None.
+/// A body with `model` twice is None too: which of the two the upstream would read is not
+/// ours to guess.
+///
+/// The body is read once, without building it: the answer is exactly that of serde_json's
+/// `from_slice` into `struct { model: Option<String> }` (every other field skipped as
+/// `IgnoredAny`), which [`check_model`] holds it to in the unit tests and the `bodies` fuzz
+/// target. So the whole body must be JSON (trailing bytes, a bad number or escape, a control
+/// character in a string anywhere refuse it), the top-level keys and the model must be UTF-8
+/// with paired surrogates, while skipped strings are checked for their escapes only, as
+/// serde_json skips them. Nesting costs no stack (a bit a level) and strings are searched a
+/// word at a time: serde_json took 2.9k instructions for the e2e bench's 118-byte body, most
+/// of it its visitors (callgrind, BENCHMARKS.md eleventh session).
+pub fn request_model(body: &[u8]) -> Option<Arc<str>> {
+    let mut s = Scan { b: body, i: 0 };
+    s.ws();
+    if !s.eat(b'{') {
+        return None;
+    }
+    // `Some(None)`: a `model` that was null, or a string not usable as a name.
+    let mut model: Option<Option<Arc<str>>> = None;
+    s.ws();
+    if !s.eat(b'}') {
+        loop {
+            if !s.eat(b'"') {
+                return None;
             }
-            // Called with the body's own bytes (no escapes) or serde_json's scratch copy
-            // (escapes); either way the only allocation here is the bounded name.
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<ModelName, E> {
-                let usable = !s.is_empty() && s.len() <= MAX_MODEL_LEN;
-                Ok(ModelName(usable.then(|| Arc::from(s))))
+            let is_model = s.key()?;
+            s.ws();
+            if !s.eat(b':') {
+                return None;
+            }
+            s.ws();
+            if is_model {
+                if model.is_some() {
+                    return None;
+                }
+                model = Some(s.model()?);
+            } else {
+                s.skip_value()?;
+            }
+            s.ws();
+            match s.next()? {
+                b',' => s.ws(),
+                b'}' => break,
+                _ => return None,
             }
         }
-        d.deserialize_str(V)
+    }
+    s.ws();
+    if s.i != body.len() {
+        return None;
+    }
+    model.flatten()
+}
+
+/// A reading position in a body. Every method that can fail gives `None` at a byte that is not
+/// JSON or at the end.
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        let here = self.peek() == Some(c);
+        self.i += usize::from(here);
+        here
+    }
+
+    /// JSON's whitespace (serde_json's: space, tab, LF, CR).
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        if !self.b[self.i..].starts_with(word) {
+            return None;
+        }
+        self.i += word.len();
+        Some(())
+    }
+
+    /// Digits from here; how many.
+    fn digits(&mut self) -> usize {
+        let from = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - from
+    }
+
+    /// `-`? (`0` | `[1-9][0-9]*`) (`.` `[0-9]+`)? (`[eE]` `[+-]`? `[0-9]+`)?
+    fn skip_number(&mut self) -> Option<()> {
+        self.eat(b'-');
+        match self.next()? {
+            // A digit after a leading zero is not this number's: it is refused as the byte
+            // after a value.
+            b'0' => {}
+            b'1'..=b'9' => {
+                self.digits();
+            }
+            _ => return None,
+        }
+        if self.eat(b'.') && self.digits() == 0 {
+            return None;
+        }
+        if self.eat(b'e') || self.eat(b'E') {
+            if !self.eat(b'+') {
+                self.eat(b'-');
+            }
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    /// Where, from here, the next `"`, `\` or control character is (or the end), a word at a
+    /// time: whole prompts are skipped here.
+    fn special(&self) -> usize {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = ONES * 0x80;
+        let (b, mut i) = (self.b, self.i);
+        while let Some(word) = b.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
+            let w = u64::from_le_bytes(word);
+            let quote = w ^ (ONES * u64::from(b'"'));
+            let slash = w ^ (ONES * u64::from(b'\\'));
+            // The high bit of each byte that is zero in `quote` or `slash`, or below 0x20 in
+            // `w`. A borrow can flag a byte above the first such byte, never one below it,
+            // so the lowest flag is the first one.
+            let found = (quote.wrapping_sub(ONES) & !quote
+                | slash.wrapping_sub(ONES) & !slash
+                | w.wrapping_sub(ONES * 0x20) & !w)
+                & HIGH;
+            if found != 0 {
+                return i + (found.trailing_zeros() / 8) as usize;
+            }
+            i += 8;
+        }
+        while let Some(&c) = b.get(i) {
+            if c == b'"' || c == b'\\' || c < 0x20 {
+                break;
+            }
+            i += 1;
+        }
+        i
+    }
+
+    /// Four hex digits, as a code unit.
+    fn hex4(&mut self) -> Option<u16> {
+        let digits = self.b.get(self.i..self.i + 4)?;
+        self.i += 4;
+        let mut n = 0u16;
+        for &d in digits {
+            n = n << 4 | u16::from(char::from(d).to_digit(16)? as u8);
+        }
+        Some(n)
+    }
+
+    /// The rest of a string after its opening quote, skipped: escapes must be well formed
+    /// (any `\uXXXX`, paired or not) and control characters are refused; its bytes are not
+    /// checked for UTF-8 (serde_json's `ignore_str`).
+    fn skip_string(&mut self) -> Option<()> {
+        loop {
+            self.i = self.special();
+            match self.next()? {
+                b'"' => return Some(()),
+                b'\\' => match self.next()? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    b'u' => {
+                        self.hex4()?;
+                    }
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+    }
+
+    /// The rest of a string after its opening quote: its bytes when it has no escape, else
+    /// decoded (surrogates paired, as serde_json's `parse_str` wants them), not yet checked
+    /// for UTF-8.
+    fn string_bytes(&mut self) -> Option<Cow<'a, [u8]>> {
+        let from = self.i;
+        self.i = self.special();
+        match self.next()? {
+            b'"' => Some(Cow::Borrowed(&self.b[from..self.i - 1])),
+            b'\\' => self
+                .escaped(self.b[from..self.i - 1].to_vec())
+                .map(Cow::Owned),
+            _ => None,
+        }
+    }
+
+    /// A top-level key, after its opening quote: whether it is `model`. It must be UTF-8,
+    /// as serde_json reads a struct's keys whole.
+    fn key(&mut self) -> Option<bool> {
+        let key = self.string_bytes()?;
+        if *key == *b"model" {
+            return Some(true);
+        }
+        (key.is_ascii() || std::str::from_utf8(&key).is_ok()).then_some(false)
+    }
+
+    /// A string, after its opening quote: UTF-8, escapes decoded.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        match self.string_bytes()? {
+            Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+            Cow::Owned(v) => String::from_utf8(v).ok().map(Cow::Owned),
+        }
+    }
+
+    /// The rest of a string with escapes, from just past a backslash, after `text`.
+    #[cold]
+    fn escaped(&mut self, mut text: Vec<u8>) -> Option<Vec<u8>> {
+        loop {
+            let c = match self.next()? {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => {
+                    let n = self.hex4()?;
+                    let point = match n {
+                        0xD800..=0xDBFF => {
+                            self.literal(b"\\u")?;
+                            let low = self.hex4()?;
+                            if !(0xDC00..=0xDFFF).contains(&low) {
+                                return None;
+                            }
+                            0x1_0000 + ((u32::from(n) - 0xD800) << 10 | (u32::from(low) - 0xDC00))
+                        }
+                        0xDC00..=0xDFFF => return None,
+                        _ => u32::from(n),
+                    };
+                    char::from_u32(point)?
+                }
+                _ => return None,
+            };
+            text.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            let from = self.i;
+            self.i = self.special();
+            text.extend_from_slice(&self.b[from..self.i]);
+            match self.next()? {
+                b'"' => return Some(text),
+                b'\\' => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The model's value: `Some(None)` for null or a string that is no usable name; `None`
+    /// for any other value.
+    fn model(&mut self) -> Option<Option<Arc<str>>> {
+        match self.peek()? {
+            b'n' => {
+                self.literal(b"null")?;
+                Some(None)
+            }
+            b'"' => {
+                self.i += 1;
+                let name = self.string()?;
+                let usable = !name.is_empty() && name.len() <= MAX_MODEL_LEN;
+                Some(usable.then(|| Arc::from(&*name)))
+            }
+            _ => None,
+        }
+    }
+
+    /// A member's key and colon, from just before the key.
+    fn member(&mut self) -> Option<()> {
+        self.ws();
+        if !self.eat(b'"') {
+            return None;
+        }
+        self.skip_string()?;
+        self.ws();
+        self.eat(b':').then_some(())
+    }
+
+    /// Any value, skipped, nested ones on a bit stack instead of the call stack (serde_json's
+    /// `ignore_value`: no depth limit).
+    fn skip_value(&mut self) -> Option<()> {
+        let mut open = Frames::default();
+        loop {
+            self.ws();
+            match self.peek()? {
+                b'n' => self.literal(b"null")?,
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'-' | b'0'..=b'9' => self.skip_number()?,
+                b'"' => {
+                    self.i += 1;
+                    self.skip_string()?;
+                }
+                b'[' => {
+                    self.i += 1;
+                    self.ws();
+                    if !self.eat(b']') {
+                        open.push(false);
+                        continue;
+                    }
+                }
+                b'{' => {
+                    self.i += 1;
+                    self.ws();
+                    if !self.eat(b'}') {
+                        open.push(true);
+                        self.member()?;
+                        continue;
+                    }
+                }
+                _ => return None,
+            }
+            // A value ended: close what it ended, then on to the next one.
+            loop {
+                let Some(object) = open.top() else {
+                    return Some(());
+                };
+                self.ws();
+                match self.next()? {
+                    b',' if object => {
+                        self.member()?;
+                        break;
+                    }
+                    b',' => break,
+                    b'}' if object => open.pop(),
+                    b']' if !object => open.pop(),
+                    _ => return None,
+                }
+            }
+        }
     }
 }
 
-/// The top-level `"model"` string of a JSON request body, if there is one. Not JSON, not an
-/// object, `model` missing / not a string / empty / longer than [`MAX_MODEL_LEN`] → None.
-/// A body with `model` twice is refused by serde as a duplicate field, so it is None too:
-/// which of the two the upstream would read is not ours to guess.
-pub fn request_model(body: &[u8]) -> Option<Arc<str>> {
+/// What is open around a skipped value, innermost last: `true` for an object. A bit a level;
+/// only nesting past 64 levels allocates.
+#[derive(Default)]
+struct Frames {
+    low: u64,
+    depth: usize,
+    deep: Vec<bool>,
+}
+
+impl Frames {
+    fn push(&mut self, object: bool) {
+        if self.depth < 64 {
+            let bit = 1u64 << self.depth;
+            self.low = if object {
+                self.low | bit
+            } else {
+                self.low & !bit
+            };
+        } else {
+            self.deep.push(object);
+        }
+        self.depth += 1;
+    }
+
+    fn top(&self) -> Option<bool> {
+        match self.depth {
+            0 => None,
+            d if d <= 64 => Some(self.low >> (d - 1) & 1 == 1),
+            _ => self.deep.last().copied(),
+        }
+    }
+
+    fn pop(&mut self) {
+        if self.depth > 64 {
+            self.deep.pop();
+        }
+        self.depth = self.depth.saturating_sub(1);
+    }
+}
+
+/// What serde_json reads as the model of `body`: the definition [`request_model`] keeps, and
+/// the way the proxy read it before (for [`check_model`] and the `model` bench).
+#[doc(hidden)]
+pub fn serde_model(body: &[u8]) -> Option<Arc<str>> {
+    /// The request body, as far as the proxy cares: every other field is skipped by serde
+    /// (through `IgnoredAny`) without being built.
+    #[derive(serde::Deserialize)]
+    struct Request {
+        #[serde(default)]
+        model: Option<ModelName>,
+    }
+
+    /// A `"model"` string value: `Some` when it is a usable name.
+    struct ModelName(Option<Arc<str>>);
+
+    impl<'de> Deserialize<'de> for ModelName {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = ModelName;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a model name")
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<ModelName, E> {
+                    let usable = !s.is_empty() && s.len() <= MAX_MODEL_LEN;
+                    Ok(ModelName(usable.then(|| Arc::from(s))))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
     // serde reads a struct from a JSON array too (`["m"]`); a request body is an object.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return None;
     }
-    let req: Request = serde_json::from_slice(body).ok()?;
-    req.model?.0
+    serde_json::from_slice::<Request>(body).ok()?.model?.0
+}
+
+/// For the unit tests and the `bodies` fuzz target: [`request_model`] against
+/// [`serde_model`]. Panics if they differ.
+#[doc(hidden)]
+pub fn check_model(body: &[u8]) {
+    assert_eq!(
+        request_model(body),
+        serde_model(body),
+        "{:?}",
+        String::from_utf8_lossy(body)
+    );
 }
 
 /// `[limits.model_cost]`-style matching: a pattern with `*` wildcards (any run of
@@ -171,7 +572,56 @@ mod tests {
         ];
         for (label, body, want) in cases {
             assert_eq!(request_model(body).as_deref(), *want, "{label}");
+            check_model(body);
         }
+    }
+
+    /// The scanner against serde_json on bodies near real ones: every seed, every seed cut
+    /// short, and every seed with one byte taken out or replaced by one of the bytes JSON's
+    /// grammar turns on.
+    #[test]
+    fn request_model_reads_every_body_as_serde_json_does() {
+        let long_prompt = format!(
+            "{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"{}\\n\\\"q\\\"\"}}]}}",
+            "word ".repeat(50)
+        );
+        let seeds: &[&[u8]] = &[
+            br#"{"model":"bench/model","messages":[{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"stream":false}"#,
+            br#"{"messages":[],"temperature":0.7,"top_p":1e-3,"n":-0,"x":[1.5E+2,true,null,{}],"model":"Qwen/Qwen3-32B"}"#,
+            br#"{"model":"a\/b\u00e9\ud83d\ude00","x":"\ud800","y":{"z":[[],[{}],"\t"]}}"#,
+            br#"{"mod\u0065l":"m","\u00e9":1}"#,
+            "{\"model\":\"模型\",\"é\":\"ü\"}".as_bytes(),
+            b"\r\n { \"model\" : null , \"a\" : [ 1 , 2 ] } \n",
+            br#"{"model":"","model2":0}"#,
+            br#"{}"#,
+            br#"{"model":"m","model":"m"}"#,
+            long_prompt.as_bytes(),
+        ];
+        let specials = [
+            b'"', b'\\', b'{', b'}', b'[', b']', b',', b':', b' ', b'0', b'1', b'-', b'+', b'.',
+            b'e', b'u', b'n', b'd', b'8', 0x00, 0x1f, 0x7f, 0xc3, 0xff,
+        ];
+        let mut checked = 0;
+        for seed in seeds {
+            for cut in 0..=seed.len() {
+                check_model(&seed[..cut]);
+                checked += 1;
+            }
+            for at in 0..seed.len() {
+                let mut body = seed.to_vec();
+                body.remove(at);
+                check_model(&body);
+                for &c in &specials {
+                    let mut body = seed.to_vec();
+                    body[at] = c;
+                    check_model(&body);
+                    body.insert(at, c);
+                    check_model(&body);
+                    checked += 2;
+                }
+            }
+        }
+        assert!(checked > 20_000, "{checked}");
     }
 
     /// The obvious exponential definition, as the reference `wildcard_match` must agree with.

@@ -4,10 +4,12 @@
 //!
 //! Never panics, and the documented bounds hold: a reset instant is finite, usage figures
 //! are at most ten million, a model name is non-empty and at most `MAX_MODEL_LEN` bytes.
-//! Not checked here: that the classification is *right* (the unit tables say what is).
+//! `request_model`'s scanner gives what serde_json's reading of the same bytes gives
+//! (`model::check_model`). Not checked here: that the classification is *right* (the unit
+//! tables say what is).
 #![no_main]
 
-use chutes_proxy::model::{request_model, MAX_MODEL_LEN};
+use chutes_proxy::model::{check_model, request_model, MAX_MODEL_LEN};
 use chutes_proxy::signals::{
     classify_402, classify_429, quota_exceeded, quota_usage, Kind402, MAX_QUOTA_FIGURE,
 };
@@ -35,4 +37,5 @@ fuzz_target!(|data: &[u8]| {
     if let Some(m) = request_model(data) {
         assert!(!m.is_empty() && m.len() <= MAX_MODEL_LEN, "{m:?}");
     }
+    check_model(data);
 });
