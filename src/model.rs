@@ -25,12 +25,12 @@ pub const MAX_MODEL_LEN: usize = 256;
 /// ours to guess.
 ///
 /// The body is read once, without building it: the answer is exactly that of serde_json's
-/// `from_slice` into `struct { model: Option<String> }` (every other field skipped as
-/// `IgnoredAny`), which [`check_model`] holds it to in the unit tests and the `bodies` fuzz
-/// target. So the whole body must be JSON (trailing bytes, a bad number or escape, a control
-/// character in a string anywhere refuse it), the top-level keys and the model must be UTF-8
-/// with paired surrogates, while skipped strings are checked for their escapes only, as
-/// serde_json skips them. Nesting costs no stack (a bit a level) and strings are searched a
+/// `from_slice` into a struct of one optional string field, `model` (every other field
+/// skipped as `IgnoredAny`), which [`check_model`] holds it to in the unit tests and the
+/// `bodies` fuzz target. So the whole body must be JSON (trailing bytes, a bad number or
+/// escape, a control character in a string anywhere refuse it), the top-level keys and the
+/// model must be UTF-8 with paired surrogates, while skipped strings are checked for their
+/// escapes only, as serde_json skips them. Nesting costs no stack (a bit a level) and strings are searched a
 /// word at a time: serde_json took 2.9k instructions for the e2e bench's 118-byte body, most
 /// of it its visitors (callgrind, BENCHMARKS.md eleventh session).
 pub fn request_model(body: &[u8]) -> Option<Arc<str>> {
