@@ -731,6 +731,12 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
         if name == CONNECTION {
             close |= has_token(&value, b"close");
             keep |= has_token(&value, b"keep-alive");
+            if value.as_bytes().eq_ignore_ascii_case(b"keep-alive") {
+                // What most HTTP/1.1 upstreams send: it is this connection's, names only
+                // `Keep-Alive` (hop-by-hop itself), and every answer's fields lose it in
+                // `strip_hop_by_hop`; not kept, it costs neither an insert nor a removal.
+                continue;
+            }
         } else if name == CONTENT_LENGTH {
             length = length.add(value.as_bytes());
         } else if name == TRANSFER_ENCODING {
@@ -1132,6 +1138,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_keep_alive_field_is_not_kept_and_any_other_is() {
+        let answer: &[u8] =
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nkeep-alive: timeout=5\r\n\
+            connection: x-hop\r\nx-hop: 1\r\ncontent-length: 2\r\n\r\nok";
+        let mut conn = Conn::new(Script::answering(&[answer], false));
+        conn.start(request(Method::POST, buffered(b"{}")), &up_host());
+        let resp = head(&mut conn).unwrap();
+        let kept: Vec<_> = resp.headers().get_all(CONNECTION).iter().collect();
+        assert_eq!(
+            kept,
+            ["x-hop"],
+            "the field that names another header stays, for the strip"
+        );
+        assert_eq!(resp.headers()["keep-alive"], "timeout=5");
+        assert_eq!(body(&mut conn).unwrap(), b"ok");
+        assert!(
+            conn.reusable(),
+            "HTTP/1.0 kept alive: the field was still read"
+        );
+
+        let mut resp = resp;
+        crate::upstream::strip_hop_by_hop(resp.headers_mut());
+        let left: Vec<_> = resp.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["content-length"]);
     }
 
     #[test]
