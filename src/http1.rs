@@ -1262,8 +1262,8 @@ where
     // The framing is this connection's: a Transfer-Encoding from elsewhere is not copied,
     // and the length is written once, by this connection, from what the answer says or
     // knows: a list of equal lengths is one length; lengths that differ or do not parse are
-    // none. So is `Connection`. One walk notes them and the date (lookups would hash each
-    // name again), and the fields' walk below leaves them out.
+    // none; `Connection` is this connection's too. One walk notes the length and the date
+    // (lookups would hash each name again), and the fields' walk below leaves those three out.
     let mut length = Length::Absent;
     let mut dated = false;
     for (name, value) in &headers {

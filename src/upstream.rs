@@ -320,6 +320,7 @@ fn proxy_only(name: &HeaderName) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{parse_upstream_url, Config, Overrides};
 
     #[test]
     fn the_lists_and_their_lookups_agree() {
@@ -336,7 +337,6 @@ mod tests {
             assert_eq!((hop_by_hop(&name), proxy_only(&name)), (None, None));
         }
     }
-    use crate::config::{parse_upstream_url, Config, Overrides};
 
     fn upstream(url: &str, key: Option<&str>) -> Upstream {
         let key = key.map(str::to_string);
