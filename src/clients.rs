@@ -10,10 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderMap, AUTHORIZATION};
-
+use crate::asked::Asked;
 use crate::config::{ApiKey, ClientsConfig};
-use crate::upstream::CLIENT_HEADER;
 
 /// A row of the client table. Only [`ClientTable`] gives these out (and [`DEFAULT_CLIENT`],
 /// its first row, which every table has), so an id cannot be made from an arbitrary number
@@ -129,8 +127,8 @@ impl ClientTable {
         (0..).map(ClientId).zip(&self.rows)
     }
 
-    pub fn identify(&self, headers: &HeaderMap) -> Ident {
-        let presented = presented_key(headers);
+    pub fn identify(&self, asked: &Asked<'_>) -> Ident {
+        let presented = presented_key(asked);
         let mut found = None;
         if let Some(key) = presented {
             for (token, id) in &self.tokens {
@@ -154,16 +152,13 @@ impl ClientTable {
                 strip_auth: false,
             };
         }
-        let named = headers
-            .get(CLIENT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|n| {
-                let n = n.trim();
-                self.by_name
-                    .iter()
-                    .copied()
-                    .find(|&id| &*self.row(id).name == n)
-            });
+        let named = asked.client.and_then(|v| v.to_str().ok()).and_then(|n| {
+            let n = n.trim();
+            self.by_name
+                .iter()
+                .copied()
+                .find(|&id| &*self.row(id).name == n)
+        });
         Ident {
             client: named.unwrap_or(DEFAULT_CLIENT),
             unauthorized: false,
@@ -211,15 +206,14 @@ pub struct Ident {
 }
 
 /// The API key a client sent: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
-fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(AUTHORIZATION) {
+fn presented_key<'a>(asked: &Asked<'a>) -> Option<&'a [u8]> {
+    if let Some(v) = asked.authorization {
         let b = v.as_bytes();
         if b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ") {
             return Some(trim(&b[7..]));
         }
     }
-    const X_API_KEY: http::header::HeaderName = http::header::HeaderName::from_static("x-api-key");
-    headers.get(&X_API_KEY).map(|v| trim(v.as_bytes()))
+    asked.api_key.map(|v| trim(v.as_bytes()))
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -268,8 +262,13 @@ mod tests {
         ClientTable::new(&c.clients)
     }
 
-    fn h(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
+    /// Attribution of a request with these headers.
+    fn ident(c: &ClientTable, pairs: &[(&str, &str)]) -> Ident {
+        c.identify(&Asked::of(&h(pairs)))
+    }
+
+    fn h(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
         for (k, v) in pairs {
             m.insert(
                 http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -283,52 +282,35 @@ mod tests {
     fn attribution_order() {
         let c = clients(false);
         assert_eq!(
-            c.identify(&h(&[("authorization", "Bearer tok-bot")]))
-                .client,
+            ident(&c, &[("authorization", "Bearer tok-bot")]).client,
             ClientId(1)
         );
-        assert!(
-            c.identify(&h(&[("authorization", "bearer tok-bot")]))
-                .strip_auth
-        );
-        assert_eq!(
-            c.identify(&h(&[("x-api-key", "tok-bot")])).client,
-            ClientId(1)
-        );
+        assert!(ident(&c, &[("authorization", "bearer tok-bot")]).strip_auth);
+        assert_eq!(ident(&c, &[("x-api-key", "tok-bot")]).client, ClientId(1));
         // A token wins over a name.
         assert_eq!(
-            c.identify(&h(&[("x-api-key", "tok-bot"), ("x-proxy-client", "batch")]))
-                .client,
+            ident(&c, &[("x-api-key", "tok-bot"), ("x-proxy-client", "batch")]).client,
             ClientId(1)
         );
         assert_eq!(
-            c.identify(&h(&[("x-proxy-client", "batch")])).client,
+            ident(&c, &[("x-proxy-client", "batch")]).client,
             ClientId(2)
         );
         // A client with a token cannot be claimed by name.
+        assert_eq!(ident(&c, &[("x-proxy-client", "bot")]).client, ClientId(0));
         assert_eq!(
-            c.identify(&h(&[("x-proxy-client", "bot")])).client,
+            ident(&c, &[("authorization", "Bearer nope")]).client,
             ClientId(0)
         );
-        assert_eq!(
-            c.identify(&h(&[("authorization", "Bearer nope")])).client,
-            ClientId(0)
-        );
-        assert!(
-            !c.identify(&h(&[("authorization", "Bearer nope")]))
-                .strip_auth
-        );
+        assert!(!ident(&c, &[("authorization", "Bearer nope")]).strip_auth);
     }
 
     #[test]
     fn require_token_refuses_everyone_else() {
         let c = clients(true);
-        assert!(c.identify(&h(&[])).unauthorized);
-        assert!(c.identify(&h(&[("x-proxy-client", "batch")])).unauthorized);
-        assert!(
-            !c.identify(&h(&[("authorization", "Bearer tok-bot")]))
-                .unauthorized
-        );
+        assert!(ident(&c, &[]).unauthorized);
+        assert!(ident(&c, &[("x-proxy-client", "batch")]).unauthorized);
+        assert!(!ident(&c, &[("authorization", "Bearer tok-bot")]).unauthorized);
     }
 
     /// The table is the only source of client ids: an id that attribution gives out names the
@@ -356,7 +338,7 @@ mod tests {
         ];
         let mut permits = Vec::new();
         for (headers, name) in calls {
-            let id = settings.clients.identify(&h(headers)).client;
+            let id = ident(&settings.clients, headers).client;
             assert_eq!(&*settings.clients.row(id).name, name);
             permits.push(admission.admit(Ask::new(id, Duration::ZERO)).await.unwrap());
             metrics.request(id, None);

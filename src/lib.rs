@@ -5,6 +5,7 @@
 //! - [`config`]: TOML + flags -> validated, typed `Config`; every error at once.
 //! - [`server`]: accept loops, connection limits, graceful drain.
 //! - [`proxy`]: the request pipeline (identify, admit, forward, read signals, answer).
+//! - [`asked`]: the request fields the proxy reads, found in one walk.
 //! - [`clients`]: which configured client a request belongs to.
 //! - [`admission`]: the budget: governor bucket, daily cap, concurrency, cooldown, fair queue.
 //! - [`upstream`]: the pooled hyper client, TLS, target rewrite, header rules.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod asked;
 pub mod body;
 pub mod clients;
 pub mod clock;

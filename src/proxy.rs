@@ -24,6 +24,7 @@ use http_body_util::BodyExt as _;
 use tokio::time::Instant;
 
 use crate::admission::{Admission, Ask, ClientId, Observed, Outcome, Permit};
+use crate::asked::Asked;
 use crate::body::{RequestBody, ResponseBody, UploadStats};
 use crate::clock;
 use crate::config::Config;
@@ -32,12 +33,8 @@ use crate::log::RequestLog;
 use crate::metrics::{Metrics, RetryCause};
 use crate::pool::UpstreamBody;
 use crate::response::{Reason, Rejection, REQUEST_ID};
-
-/// The request id header tracing setups commonly send, kept when ours is absent.
-const X_REQUEST_ID: http::header::HeaderName =
-    http::header::HeaderName::from_static("x-request-id");
 use crate::signals;
-use crate::upstream::{SendError, Upstream, MAX_WAIT_HEADER};
+use crate::upstream::{SendError, Upstream};
 
 /// On a response that came after re-sends on the client's behalf: how many.
 const RETRIES: http::HeaderName = http::HeaderName::from_static("x-proxy-retries");
@@ -141,9 +138,9 @@ impl Proxy {
         r
     }
 
-    fn request_id(&self, h: &http::HeaderMap) -> HeaderValue {
+    fn request_id(&self, asked: &Asked<'_>) -> HeaderValue {
         // Ours first, then the common `x-request-id` that tracing setups already send.
-        if let Some(v) = h.get(&REQUEST_ID).or_else(|| h.get(&X_REQUEST_ID)) {
+        if let Some(v) = asked.request_id.or(asked.x_request_id) {
             // A client-sent id is kept if it is a sane token (it goes into logs and bodies).
             if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
             {
@@ -172,16 +169,25 @@ impl Proxy {
     ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let (mut parts, body) = req.into_parts();
         async move {
-            let request_id = self.request_id(&parts.headers);
+            // One look at the budget's settings for the whole request (they change on a reload).
+            let settings = self.admission.settings();
+            // Everything the head is asked before admission, in one walk over it; the borrow
+            // ends with this block, so no await keeps it.
+            let (request_id, ident, max_wait, read_first) = {
+                let asked = Asked::of(&parts.headers);
+                let request_id = self.request_id(&asked);
+                // Attribution reads the same client table admission indexes, so an id names
+                // one client.
+                let ident = settings.clients.identify(&asked);
+                let max_wait = max_wait(&settings, asked.max_wait, ident.client);
+                let read_first = reads_body(&parts.method, asked.content_type);
+                (request_id, ident, max_wait, read_first)
+            };
             if crate::response::is_healthz(&parts.method, &parts.uri) {
                 // Probes hit the service port: answered here, never forwarded, counted or logged.
                 return crate::response::healthz(&request_id).map(ResponseBody::full);
             }
             let live = self.live();
-            // One look at the budget's settings for the whole request (they change on a reload).
-            let settings = self.admission.settings();
-            // Attribution reads the same client table admission indexes, so an id names one client.
-            let ident = settings.clients.identify(&parts.headers);
             let client = ident.client;
             let log = RequestLog::new(
                 crate::log::LogId(request_id),
@@ -211,7 +217,11 @@ impl Proxy {
                     )));
                 }
             }
-            let max_wait = match max_wait(&settings, &parts.headers, client) {
+            // Moved into the match (`{ .. }`, which the lint would drop): matched in place, an
+            // `Ok` would leave the result, a rejection's size, in the future through every
+            // await below (1,336 bytes instead of 1,160; `a_request_s_future_stays_small`).
+            #[allow(clippy::blocks_in_conditions)]
+            let max_wait = match { max_wait } {
                 Ok(w) => w,
                 Err(r) => return p.own(r),
             };
@@ -226,7 +236,7 @@ impl Proxy {
             p.log.upload = Some(Arc::clone(&upload));
             // Held while the request waits, given back once it is admitted or shed.
             let mut hold = self.metrics.held_bodies.hold();
-            let (body, model) = if reads_body(&parts) {
+            let (body, model) = if read_first {
                 let idle = self.config.upstream.idle_timeout;
                 match read_body(body, limit, idle, &upload, &mut hold).await {
                     Ok(bytes) => {
@@ -309,14 +319,14 @@ impl Proxy {
 #[allow(clippy::result_large_err)] // see admission::Admission::admit
 fn max_wait(
     settings: &crate::admission::Settings,
-    headers: &http::HeaderMap,
+    asked: Option<&HeaderValue>,
     client: ClientId,
 ) -> Result<Duration, Rejection> {
     let mut wait = settings.queue.max_wait;
     if let Some(w) = settings.clients.row(client).max_wait {
         wait = wait.min(w);
     }
-    if let Some(v) = headers.get(MAX_WAIT_HEADER) {
+    if let Some(v) = asked {
         let asked = v
             .to_str()
             .map_err(|_| "not text".to_string())
@@ -981,14 +991,14 @@ pub enum Upload {
 
 /// Whether a request's body is read before admission to learn its model: bodies that can
 /// be JSON (declared JSON, text, or curl's default form type) of methods that carry one. Uploads of other types stream as before.
-fn reads_body(parts: &http::request::Parts) -> bool {
+fn reads_body(method: &Method, content_type: Option<&HeaderValue>) -> bool {
     if matches!(
-        parts.method,
+        *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::DELETE | Method::TRACE
     ) {
         return false;
     }
-    match parts.headers.get(CONTENT_TYPE) {
+    match content_type {
         // No type: an upload of raw bytes, not an API call; it streams.
         None => false,
         // Compared without case and without a lower-cased copy.
@@ -1280,7 +1290,12 @@ mod tests {
             ("GET", Some(b"application/json"), false),
             ("DELETE", Some(b"application/json"), false),
         ] {
-            assert_eq!(reads_body(&parts(method, ct)), want, "{method} {ct:?}");
+            let p = parts(method, ct);
+            assert_eq!(
+                reads_body(&p.method, p.headers.get(http::header::CONTENT_TYPE)),
+                want,
+                "{method} {ct:?}"
+            );
         }
     }
 
