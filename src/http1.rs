@@ -53,6 +53,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::alarm::Alarm;
 use crate::body::BoxError;
 
 pub mod client;
@@ -675,8 +676,10 @@ where
         let mut rbuf = BytesMut::new();
         let mut first = true;
         let opened = Instant::now();
+        // The head timeout's one timer, moved at each wait.
+        let mut alarm = Alarm::new();
         loop {
-            let head = match next_head(stream, &mut rbuf, first, settings, stop).await {
+            let head = match next_head(stream, &mut rbuf, first, settings, stop, &mut alarm).await {
                 Ok(head) => head,
                 Err(Ended::H2) => return Served::H2(rbuf.freeze(), opened + settings.head_timeout),
                 Err(Ended::Refused) => return Served::Finish,
@@ -722,8 +725,9 @@ enum Next {
     Gone,
 }
 
-/// The next request head, within the head timeout, unless the proxy stops first. A head
-/// that is refused is answered here, and then the connection closes.
+/// The next request head, within the head timeout (on the connection's `alarm`), unless
+/// the proxy stops first. A head that is refused is answered here, and then the connection
+/// closes.
 #[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
 fn next_head<'a>(
     stream: &'a TcpStream,
@@ -731,9 +735,11 @@ fn next_head<'a>(
     first: bool,
     settings: &'a Settings,
     stop: &'a mut watch::Receiver<bool>,
+    alarm: &'a mut Alarm,
 ) -> impl Future<Output = Result<Head, Ended>> + use<'a> {
     async move {
         let deadline = Instant::now() + settings.head_timeout;
+        let mut set = false;
         loop {
             if first && !rbuf.is_empty() && H2_PREFACE.starts_with(&rbuf[..rbuf.len().min(24)]) {
                 if rbuf.len() >= H2_PREFACE.len() {
@@ -749,13 +755,19 @@ fn next_head<'a>(
                     }
                 }
             }
+            if !set {
+                alarm.set(deadline);
+                set = true;
+            }
+            // Bytes that are there win over a deadline just passed, as in `timeout_at`.
             let read = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
-                r = tokio::time::timeout_at(deadline, read_more(stream, rbuf)) => r,
+                r = read_more(stream, rbuf) => r,
+                () = &mut *alarm => return Err(Ended::Quiet),
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(n) if n > 0 => {}
                 _ => return Err(Ended::Quiet),
             }
         }

@@ -23,9 +23,11 @@
 //! - [`status`]: the `/status` document's one type, written by `admin`, read by `status_cmd`.
 //! - [`status_cmd`]: the `chutes-proxy status` command.
 //! - [`clock`], [`units`]: time sources, durations, sizes, dates.
+//! - [`alarm`]: a connection's deadline timer, kept and moved instead of made for each wait.
 
 pub mod admin;
 pub mod admission;
+pub mod alarm;
 pub mod asked;
 pub mod body;
 pub mod clients;

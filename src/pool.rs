@@ -48,6 +48,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
+use crate::alarm::Alarm;
 use crate::body::{BoxError, RequestBody};
 use crate::config::UpstreamUrl;
 use crate::http1::client::Conn;
@@ -139,10 +140,25 @@ impl Drop for DialOutcome<'_> {
     }
 }
 
+/// No answer head by the exchange's deadline (`upstream.first_byte_timeout`).
+#[derive(Debug)]
+pub struct Elapsed;
+
+impl std::fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no answer head before the exchange's deadline")
+    }
+}
+
+impl std::error::Error for Elapsed {}
+
 /// An HTTP/1.1 connection held by one exchange, which drives it.
 pub struct Lease {
     conn: Box<Conn<Io>>,
     reused: bool,
+    /// The first-byte deadline of the exchange holding the connection, kept with it from one
+    /// exchange to the next (`crate::alarm`).
+    alarm: Alarm,
 }
 
 impl Lease {
@@ -231,8 +247,12 @@ impl Pool {
     }
 
     /// Send `req` (its URI absolute: the configured upstream's) and wait for the response
-    /// head. The response's body drives its HTTP/1.1 connection and returns it to the pool
-    /// once it has been read to the end.
+    /// head until `deadline` ([`Elapsed`] then): the wait for a connection, a dial, the
+    /// request's writing and the answer's head together. The response's body drives its
+    /// HTTP/1.1 connection and returns it to the pool once it has been read to the end.
+    ///
+    /// On an HTTP/1.1 connection the deadline is the connection's own [`Alarm`], moved for
+    /// each exchange; the wait for a connection has a timer only when it has to wait.
     ///
     /// Not an `async fn`: that would keep the request twice (the argument and its moved copy)
     /// in a future every request in flight holds.
@@ -240,6 +260,7 @@ impl Pool {
     pub fn send(
         &self,
         mut req: Request<RequestBody>,
+        deadline: Instant,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_ {
         async move {
             // Sending again is only for a request no byte of which left (a reused connection that
@@ -248,27 +269,46 @@ impl Pool {
             loop {
                 tries += 1;
                 let again = tries < MAX_TRIES;
-                match self.checkout().await? {
-                    Checked::H2 { mut send, reused } => match send.try_send_request(req).await {
-                        Ok(resp) => {
-                            return Ok(resp.map(|body| UpstreamBody {
-                                inner: Inner::H2(body),
-                            }))
-                        }
-                        Err(mut e) => match e.take_message() {
-                            Some(back) if reused && again => {
-                                self.forget_shared(&send);
-                                req = back;
+                // A connection at hand is taken in the first poll, before the timer is.
+                let Ok(checked) = tokio::time::timeout_at(deadline, self.checkout()).await else {
+                    return Err(Elapsed.into());
+                };
+                match checked? {
+                    Checked::H2 { mut send, reused } => {
+                        match tokio::time::timeout_at(deadline, send.try_send_request(req))
+                            .await
+                            .map_err(|_| Elapsed)?
+                        {
+                            Ok(resp) => {
+                                return Ok(resp.map(|body| UpstreamBody {
+                                    inner: Inner::H2(body),
+                                }))
                             }
-                            _ => return Err(e.into_error().into()),
-                        },
-                    },
+                            Err(mut e) => match e.take_message() {
+                                Some(back) if reused && again => {
+                                    self.forget_shared(&send);
+                                    req = back;
+                                }
+                                _ => return Err(e.into_error().into()),
+                            },
+                        }
+                    }
                     Checked::H1(mut lease) => {
                         // The connection writes the origin-form target and the `Host`, as
                         // HTTP/1.1 to a server wants, and leaves the request as it is, for
                         // HTTP/2 if it comes back unsent.
                         lease.conn.start(req, &self.host);
-                        match poll_fn(|cx| lease.conn.poll_head(cx)).await {
+                        lease.alarm.set(deadline);
+                        // The answer that is there wins over a deadline just passed, as in
+                        // `timeout_at`. Given up, the lease is dropped: the connection, in the
+                        // middle of an exchange, closes.
+                        let head = poll_fn(|cx| match lease.conn.poll_head(cx) {
+                            Poll::Ready(head) => Poll::Ready(Ok(head)),
+                            Poll::Pending => Pin::new(&mut lease.alarm).poll(cx).map(Err),
+                        })
+                        .await
+                        .map_err(|()| Elapsed)?;
+                        match head {
                             Ok(head) if lease.conn.is_end_stream() => {
                                 // No body (HEAD, 204, 304, a zero length): the connection goes
                                 // back now, once what the request still owes is written.
@@ -399,6 +439,7 @@ impl Pool {
         Ok(Checked::H1(Lease {
             conn: Box::new(Conn::new(io)),
             reused: false,
+            alarm: Alarm::new(),
         }))
     }
 
@@ -637,7 +678,8 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// An HTTP/1.1 upstream on loopback counting the connections it accepted; `/close` answers
-    /// with `Connection: close`, `/sse` streams `n` events written at once.
+    /// with `Connection: close`, `/sse` streams `n` events written at once, `/hang` never
+    /// answers.
     async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -649,6 +691,9 @@ mod tests {
                 tokio::spawn(async move {
                     let svc = service_fn(|req: Request<Incoming>| async move {
                         let path = req.uri().path().to_string();
+                        if path == "/hang" {
+                            std::future::pending::<()>().await;
+                        }
                         let host = req.headers().get(http::header::HOST).cloned();
                         let body = req.into_body().collect().await?.to_bytes();
                         let mut resp = Response::new(Full::new(Bytes::from(format!(
@@ -704,9 +749,67 @@ mod tests {
         req
     }
 
+    /// A deadline no exchange of these tests reaches.
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     async fn text(resp: Response<UpstreamBody>) -> String {
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// The first-byte deadline on a reused connection is its own exchange's, whatever the
+    /// connection's timer was last set to: earlier than the last exchange's (the timer is
+    /// filed again), or after it went off unused while the connection idled. An exchange
+    /// given up closes its connection. Paused time with real sockets: the deadlines are the
+    /// only timers, and every exchange but the `/hang` ones is answered at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_reused_connection_keeps_each_exchange_s_own_deadline() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr, Duration::from_secs(600));
+        let five = Duration::from_secs(5);
+        text(pool.send(request(addr, "/a", ""), far()).await.unwrap()).await;
+        // Reused; its timer is at an hour and must now go off at five seconds.
+        let started = Instant::now();
+        let e = pool
+            .send(request(addr, "/hang", ""), started + five)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is::<Elapsed>(), "{e}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        let took = started.elapsed();
+        assert!(
+            took >= five && took < five + Duration::from_millis(5),
+            "{took:?}"
+        );
+        // The given-up connection was closed: a new one, whose timer then goes off idle.
+        text(
+            pool.send(request(addr, "/b", ""), Instant::now() + five)
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(2 * five).await;
+        let started = Instant::now();
+        let e = pool
+            .send(request(addr, "/hang", ""), started + five)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is::<Elapsed>(), "{e}");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the idle connection was used"
+        );
+        let took = started.elapsed();
+        assert!(
+            took >= five && took < five + Duration::from_millis(5),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
@@ -715,7 +818,7 @@ mod tests {
         let pool = pool(addr, Duration::from_secs(50));
         for i in 0..5 {
             let resp = pool
-                .send(request(addr, "/v1/x?a=1", "hello"))
+                .send(request(addr, "/v1/x?a=1", "hello"), far())
                 .await
                 .unwrap();
             assert_eq!(resp.status(), 200);
@@ -733,13 +836,13 @@ mod tests {
     async fn a_body_dropped_unread_or_a_close_does_not_come_back() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr, Duration::from_secs(50));
-        let resp = pool.send(request(addr, "/close", "")).await.unwrap();
+        let resp = pool.send(request(addr, "/close", ""), far()).await.unwrap();
         text(resp).await;
         assert_eq!(pool.idle(), 0, "a Connection: close answer is not pooled");
-        let resp = pool.send(request(addr, "/a", "")).await.unwrap();
+        let resp = pool.send(request(addr, "/a", ""), far()).await.unwrap();
         drop(resp);
         assert_eq!(pool.idle(), 0, "an unread body's connection is closed");
-        let resp = pool.send(request(addr, "/b", "")).await.unwrap();
+        let resp = pool.send(request(addr, "/b", ""), far()).await.unwrap();
         text(resp).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
         assert_eq!(pool.idle(), 1);
@@ -751,11 +854,11 @@ mod tests {
     async fn a_response_without_a_body_returns_its_connection_at_once() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr, Duration::from_secs(50));
-        let resp = pool.send(request(addr, "/empty", "")).await.unwrap();
+        let resp = pool.send(request(addr, "/empty", ""), far()).await.unwrap();
         assert_eq!(resp.status(), 204);
         drop(resp);
         assert_eq!(pool.idle(), 1);
-        text(pool.send(request(addr, "/next", "")).await.unwrap()).await;
+        text(pool.send(request(addr, "/next", ""), far()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
@@ -763,9 +866,10 @@ mod tests {
     async fn concurrent_exchanges_get_their_own_connections_and_all_come_back() {
         let (addr, accepted) = upstream().await;
         let pool = Arc::new(pool(addr, Duration::from_secs(50)));
-        let heads: Vec<_> =
-            futures_util::future::join_all((0..4).map(|_| pool.send(request(addr, "/c", "x"))))
-                .await;
+        let heads: Vec<_> = futures_util::future::join_all(
+            (0..4).map(|_| pool.send(request(addr, "/c", "x"), far())),
+        )
+        .await;
         for h in heads {
             text(h.unwrap()).await;
         }
@@ -807,7 +911,7 @@ mod tests {
         });
         let pool = pool(addr, Duration::from_secs(50));
         assert_eq!(
-            text(pool.send(request(addr, "/", "")).await.unwrap()).await,
+            text(pool.send(request(addr, "/", ""), far()).await.unwrap()).await,
             "ok"
         );
         assert_eq!(pool.idle(), 1);
@@ -822,7 +926,7 @@ mod tests {
         .await
         .expect("the closed connection never left the pool");
         assert_eq!(
-            text(pool.send(request(addr, "/", "")).await.unwrap()).await,
+            text(pool.send(request(addr, "/", ""), far()).await.unwrap()).await,
             "ok"
         );
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -858,7 +962,7 @@ mod tests {
             let _ = stream.read(&mut buf).await;
         });
         let pool = pool(addr, Duration::from_secs(50));
-        let resp = pool.send(request(addr, "/", "")).await.unwrap();
+        let resp = pool.send(request(addr, "/", ""), far()).await.unwrap();
         let mut body = resp.into_body();
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(&first[..], b"data: {\"n\":0}\n\n");
@@ -1045,7 +1149,7 @@ mod tests {
     /// Four exchanges at once through `pool`: their answers' texts.
     async fn burst(pool: &Pool, addr: std::net::SocketAddr, prefix: &str) -> Vec<String> {
         let answers = futures_util::future::join_all(
-            (0..4).map(|i| pool.send(https_request(addr, &format!("/{prefix}{i}")))),
+            (0..4).map(|i| pool.send(https_request(addr, &format!("/{prefix}{i}")), far())),
         )
         .await;
         let mut texts = Vec::new();
@@ -1145,13 +1249,13 @@ mod tests {
         let pool = tls_pool(addr);
         let started = tokio::time::Instant::now();
         let impatient = async {
-            let first = pool.send(https_request(addr, "/0"));
+            let first = pool.send(https_request(addr, "/0"), far());
             assert!(tokio::time::timeout(Duration::from_secs(1), first)
                 .await
                 .is_err());
         };
         let waiters = futures_util::future::join_all(
-            (1..3).map(|i| pool.send(https_request(addr, &format!("/{i}")))),
+            (1..3).map(|i| pool.send(https_request(addr, &format!("/{i}")), far())),
         );
         let burst = futures_util::future::join(impatient, waiters);
         let ((), answers) = tokio::time::timeout(Duration::from_secs(60), burst)
@@ -1181,7 +1285,7 @@ mod tests {
         let pool = tls_pool(addr);
         let started = tokio::time::Instant::now();
         let burst = futures_util::future::join_all(
-            (0..3).map(|i| pool.send(https_request(addr, &format!("/{i}")))),
+            (0..3).map(|i| pool.send(https_request(addr, &format!("/{i}")), far())),
         );
         let answers = tokio::time::timeout(Duration::from_secs(60), burst)
             .await
@@ -1262,11 +1366,11 @@ mod tests {
     async fn idle_connections_expire() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr, Duration::from_secs(50));
-        text(pool.send(request(addr, "/", "")).await.unwrap()).await;
+        text(pool.send(request(addr, "/", ""), far()).await.unwrap()).await;
         assert_eq!(pool.idle(), 1);
         tokio::time::sleep(Duration::from_secs(61)).await;
         assert_eq!(pool.idle(), 0, "the sweeper closes it");
-        text(pool.send(request(addr, "/", "")).await.unwrap()).await;
+        text(pool.send(request(addr, "/", ""), far()).await.unwrap()).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

@@ -181,10 +181,11 @@ impl Upstream {
         req: Request<RequestBody>,
     ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + '_ {
         let limit = self.first_byte_timeout;
-        tokio::time::timeout(limit, self.pool.send(req)).map(move |sent| match sent {
-            Err(_) => Err(SendError::Timeout(limit)),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(classify(&*e)),
+        let deadline = tokio::time::Instant::now() + limit;
+        self.pool.send(req, deadline).map(move |sent| match sent {
+            Ok(resp) => Ok(resp),
+            Err(e) if e.is::<crate::pool::Elapsed>() => Err(SendError::Timeout(limit)),
+            Err(e) => Err(classify(&*e)),
         })
     }
 }
