@@ -1,4 +1,4 @@
-//! A deadline timer kept for the life of a connection and moved at each use.
+//! A deadline timer kept for the life of a connection (or a body) and moved at each use.
 //!
 //! A fresh [`tokio::time::Sleep`] for every wait (what `tokio::time::timeout` makes) is put
 //! into the runtime's timer wheel when first polled and taken out again when dropped, under
@@ -7,7 +7,8 @@
 //! "twelfth session"). A registered timer moved to a later deadline only records the new one
 //! (tokio's `extend_expiration`, one atomic exchange); the wheel finds it moved when it
 //! reaches the old one and files it again. So an [`Alarm`] is set for each wait and never
-//! disarmed: set again for the next wait, nearly always later, it costs next to nothing.
+//! disarmed: set again for the next wait, nearly always later, it costs next to nothing. A
+//! body's idle timer (`body.rs`) is one too, moved at each wait for a chunk.
 //!
 //! What that leaves: a timer that goes off between waits wakes the task that last polled it
 //! once, for nothing (a task that has ended is not run again; its memory is kept until then,
@@ -28,6 +29,12 @@ impl Alarm {
     /// An alarm with no timer yet: nothing is allocated until it is first set.
     pub const fn new() -> Alarm {
         Alarm(None)
+    }
+
+    /// Whether it has a timer (it has been set).
+    #[cfg(test)]
+    pub(crate) fn is_made(&self) -> bool {
+        self.0.is_some()
     }
 
     /// Go off at `deadline` (instead of any deadline set before).

@@ -20,9 +20,10 @@ use std::time::Duration;
 use crate::http1::ClientBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::admission::Permit;
+use crate::alarm::Alarm;
 use crate::log::RequestLog;
 use crate::pool::UpstreamBody;
 use crate::response::OpenAiError;
@@ -75,7 +76,7 @@ pub struct RequestBody {
 /// answer read with its head) never reads the clock or allocates a timer.
 struct IdleTimer {
     idle: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
+    alarm: Alarm,
     /// A poll has found nothing ready since the last progress: the deadline is set.
     waiting: bool,
 }
@@ -84,7 +85,7 @@ impl IdleTimer {
     fn new(idle: Duration) -> Self {
         IdleTimer {
             idle,
-            sleep: None,
+            alarm: Alarm::new(),
             waiting: false,
         }
     }
@@ -103,16 +104,10 @@ impl IdleTimer {
             let deadline = now
                 .checked_add(self.idle)
                 .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
-            match &mut self.sleep {
-                Some(sleep) => sleep.as_mut().reset(deadline),
-                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
+            self.alarm.set(deadline);
         }
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            // Set just above whenever it was not already.
-            None => Poll::Pending,
-        }
+        // Set just above whenever it was not already.
+        Pin::new(&mut self.alarm).poll(cx)
     }
 }
 
@@ -445,11 +440,11 @@ mod tests {
         let mut t = IdleTimer::new(Duration::from_secs(10));
         tokio::time::advance(Duration::from_secs(4)).await;
         t.progress();
-        assert!(t.sleep.is_none(), "made without a pending poll");
+        assert!(!t.alarm.is_made(), "made without a pending poll");
         // Nobody asked for 30 s (the consumer was busy): not counted.
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(t.poll_expired(&mut cx).is_pending());
-        assert!(t.sleep.is_some());
+        assert!(t.alarm.is_made());
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(
             t.poll_expired(&mut cx).is_pending(),
