@@ -676,7 +676,7 @@ where
         let mut rbuf = BytesMut::new();
         let mut first = true;
         let opened = Instant::now();
-        // The head timeout's one timer, moved at each wait.
+        // The head timeout's one timer from the second request on, moved at each wait.
         let mut alarm = Alarm::new();
         loop {
             let head = match next_head(stream, &mut rbuf, first, settings, stop, &mut alarm).await {
@@ -725,9 +725,9 @@ enum Next {
     Gone,
 }
 
-/// The next request head, within the head timeout (on the connection's `alarm`), unless
-/// the proxy stops first. A head that is refused is answered here, and then the connection
-/// closes.
+/// The next request head, within the head timeout (after the first, on the connection's
+/// `alarm`), unless the proxy stops first. A head that is refused is answered here, and then
+/// the connection closes.
 #[allow(clippy::manual_async_fn)] // not an `async fn`: see [`serve`]
 fn next_head<'a>(
     stream: &'a TcpStream,
@@ -755,16 +755,30 @@ fn next_head<'a>(
                     }
                 }
             }
-            if !set {
-                alarm.set(deadline);
-                set = true;
-            }
-            // Bytes that are there win over a deadline just passed, as in `timeout_at`.
-            let read = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
-                r = read_more(stream, rbuf) => r,
-                () = &mut *alarm => return Err(Ended::Quiet),
+            let read = if first {
+                // The first wait has a timer of its own, kept in this future (whose space the
+                // exchange's reuses): a connection that never gets past its first request,
+                // idle or queued, holds no timer (and no allocation for one) beside it.
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
+                    r = tokio::time::timeout_at(deadline, read_more(stream, rbuf)) => match r {
+                        Ok(r) => r,
+                        Err(_) => return Err(Ended::Quiet),
+                    },
+                }
+            } else {
+                if !set {
+                    alarm.set(deadline);
+                    set = true;
+                }
+                // Bytes that are there win over a deadline just passed, as in `timeout_at`.
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return Err(Ended::Quiet),
+                    r = read_more(stream, rbuf) => r,
+                    () = &mut *alarm => return Err(Ended::Quiet),
+                }
             };
             match read {
                 Ok(n) if n > 0 => {}
