@@ -759,6 +759,23 @@ mod tests {
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
+    /// An exchange the upstream never answers, due `within` from now: given up then, not
+    /// sooner, and not much later (paused time: only the deadline can end it).
+    async fn given_up_after(pool: &Pool, addr: std::net::SocketAddr, within: Duration) {
+        let started = Instant::now();
+        let e = pool
+            .send(request(addr, "/hang", ""), started + within)
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is::<Elapsed>(), "{e}");
+        let took = started.elapsed();
+        assert!(
+            took >= within && took < within + Duration::from_millis(5),
+            "{took:?}"
+        );
+    }
+
     /// The first-byte deadline on a reused connection is its own exchange's, whatever the
     /// connection's timer was last set to: earlier than the last exchange's (the timer is
     /// filed again), or after it went off unused while the connection idled. An exchange
@@ -771,19 +788,8 @@ mod tests {
         let five = Duration::from_secs(5);
         text(pool.send(request(addr, "/a", ""), far()).await.unwrap()).await;
         // Reused; its timer is at an hour and must now go off at five seconds.
-        let started = Instant::now();
-        let e = pool
-            .send(request(addr, "/hang", ""), started + five)
-            .await
-            .err()
-            .unwrap();
-        assert!(e.is::<Elapsed>(), "{e}");
+        given_up_after(&pool, addr, five).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        let took = started.elapsed();
-        assert!(
-            took >= five && took < five + Duration::from_millis(5),
-            "{took:?}"
-        );
         // The given-up connection was closed: a new one, whose timer then goes off idle.
         text(
             pool.send(request(addr, "/b", ""), Instant::now() + five)
@@ -793,22 +799,11 @@ mod tests {
         .await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         tokio::time::sleep(2 * five).await;
-        let started = Instant::now();
-        let e = pool
-            .send(request(addr, "/hang", ""), started + five)
-            .await
-            .err()
-            .unwrap();
-        assert!(e.is::<Elapsed>(), "{e}");
+        given_up_after(&pool, addr, five).await;
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
             "the idle connection was used"
-        );
-        let took = started.elapsed();
-        assert!(
-            took >= five && took < five + Duration::from_millis(5),
-            "{took:?}"
         );
     }
 
