@@ -661,6 +661,38 @@ async fn no_response_head_within_first_byte_timeout_is_a_504() {
     proxy.stop().await.unwrap();
 }
 
+/// The first-byte deadline on a pooled connection is each exchange's own: the connection
+/// that answered one request at once times the next one out at the next one's deadline, not
+/// sooner (a deadline left from the first exchange would end it early; a lower bound, which
+/// load cannot break).
+#[tokio::test]
+async fn a_reused_upstream_connection_still_times_out_the_next_request() {
+    let mock = MockUpstream::start().await;
+    // Half a second into the first exchange's two: a deadline left from it would end the next
+    // one after one and a half.
+    mock.push(Reply::json(200, "{}").head_delay(Duration::from_millis(500)));
+    // Never opened.
+    mock.push(Reply::json(200, "{}").gated(Gate::new()));
+    let proxy = Start::new(&mock.url(), "first_byte_timeout = \"2s\"\n")
+        .start()
+        .await;
+    let http = client();
+    let got = get(&http, &proxy.url("/v1/models")).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    let started = tokio::time::Instant::now();
+    let got = get(&http, &proxy.url("/v1/models")).await;
+    assert_own(&got, 504, "upstream_timeout");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2), "given up after {took:?}");
+    assert_eq!(mock.count(), 2);
+    assert_eq!(
+        mock.connections(),
+        1,
+        "the second request went on the first's connection"
+    );
+    proxy.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_head_delay_past_first_byte_timeout_is_a_504() {
     let mock = MockUpstream::start().await;
