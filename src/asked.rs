@@ -131,6 +131,7 @@ mod tests {
         assert_eq!(NAMES[2], http::header::AUTHORIZATION.as_str());
         assert_eq!(NAMES[6], http::header::CONTENT_TYPE.as_str());
         assert_eq!(NAMES[0], crate::response::REQUEST_ID.as_str());
+        assert_eq!(NAMES[3], crate::upstream::X_API_KEY.as_str());
         assert_eq!(NAMES[4], crate::upstream::CLIENT_HEADER.as_str());
         assert_eq!(NAMES[5], crate::upstream::MAX_WAIT_HEADER.as_str());
     }

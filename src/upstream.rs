@@ -30,7 +30,8 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Headers that only the proxy reads; never forwarded.
 pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-proxy-max-wait");
 pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-proxy-client");
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The other header a client sends its key in (`Authorization: Bearer` is the first).
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
