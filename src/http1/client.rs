@@ -726,8 +726,7 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
     let mut coding = None;
     for &((n, nl), (v, vl)) in &spans.0 {
         let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad("a bad field name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-            .map_err(|_| bad("a bad field value"))?;
+        let value = super::field_value(head.slice(v..v + vl));
         if name == CONNECTION {
             close |= has_token(&value, b"close");
             keep |= has_token(&value, b"keep-alive");
@@ -932,6 +931,38 @@ mod tests {
 
     use crate::body::UploadStats;
     use crate::http1::{ClientBody, Streamed};
+
+    /// As the request parser's test of the same name: `field_value` trusts httparse's check of
+    /// a response's values, so every byte at every place must come out as `http` would take it.
+    #[test]
+    fn a_value_is_taken_as_header_value_would_take_it() {
+        let mut taken = 0;
+        for at in 0..70 {
+            for b in 0..=255u8 {
+                let mut value = vec![b'v'; 70];
+                value.insert(at, b);
+                let mut head = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-v: ".to_vec();
+                head.extend_from_slice(&value);
+                head.extend_from_slice(b"\r\n\r\n");
+                let parsed = match parse_response(&mut BytesMut::from(&head[..])) {
+                    Ok(Some(parsed)) => parsed,
+                    Ok(None) => panic!("byte {b:#04x} at {at}: a whole head was not complete"),
+                    Err(_) => continue,
+                };
+                for v in parsed.headers.values() {
+                    assert_eq!(
+                        HeaderValue::from_bytes(v.as_bytes()).ok().as_ref(),
+                        Some(v),
+                        "byte {b:#04x} at {at}"
+                    );
+                }
+                taken += 1;
+                let http_takes = b == b'\t' || (b >= 32 && b != 127);
+                assert!(http_takes, "byte {b:#04x} at {at} was let through");
+            }
+        }
+        assert_eq!(taken, 70 * 224);
+    }
 
     fn now<T>(mut f: impl FnMut(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
         f(&mut Context::from_waker(std::task::Waker::noop()))
