@@ -11,7 +11,10 @@
 # divided by the requests wrk saw answered. Start-up and shutdown are under 1% of the total.
 # Knobs: CG_SECS, CG_LOG (the proxy's RUST_LOG, default info), CG_TOML (config appended, e.g.
 # $'[retry]\nmax_attempts = 0'),
-# CG_CHUTES=1 (the upstream's answers carry Chutes' X-Chutes-Quota-* and X-Chutes-RL-* headers),
+# CG_CHUTES=1 (the upstream's answers carry Chutes' X-Chutes-Quota-*, X-Chutes-RL-* and
+# X-Chutes-InvocationID headers),
+# CG_SDK=1 (the request carries the fields openai-python 2.54.0 sends, read off one on loopback:
+# Accept, Accept-Encoding, User-Agent and nine X-Stainless-* fields),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
 # CG_NGINX=1 adds a row for nginx as the reverse proxy in the proxy's place (one worker, no master
 # process, keep-alive to the upstream, an access log line per request as the proxy writes one):
@@ -37,7 +40,8 @@ mkdir -p "$work/nginx"
 chutes_headers=""
 if [[ ${CG_CHUTES:-0} == 1 ]]; then
     chutes_headers="add_header X-Chutes-Quota-Total 5000000; add_header X-Chutes-Quota-Used 812; \
-add_header X-Chutes-Quota-Remaining 4999188; add_header X-Chutes-RL-User inf; add_header X-Chutes-RL-Chute inf;"
+add_header X-Chutes-Quota-Remaining 4999188; add_header X-Chutes-RL-User inf; add_header X-Chutes-RL-Chute inf; \
+add_header X-Chutes-InvocationID 9b2e4c1a-5d7f-4e0b-8a3c-2f6d1e9b7a40;"
 fi
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
@@ -60,6 +64,24 @@ cat >"$work/post.lua" <<'EOF'
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench-client"
+EOF
+if [[ ${CG_SDK:-0} == 1 ]]; then
+    cat >>"$work/post.lua" <<'EOF'
+wrk.headers["Accept"] = "application/json"
+wrk.headers["Accept-Encoding"] = "gzip, deflate"
+wrk.headers["User-Agent"] = "OpenAI/Python 2.54.0"
+wrk.headers["X-Stainless-Lang"] = "python"
+wrk.headers["X-Stainless-Package-Version"] = "2.54.0"
+wrk.headers["X-Stainless-OS"] = "Linux"
+wrk.headers["X-Stainless-Arch"] = "x64"
+wrk.headers["X-Stainless-Runtime"] = "CPython"
+wrk.headers["X-Stainless-Runtime-Version"] = "3.11.7"
+wrk.headers["X-Stainless-Async"] = "false"
+wrk.headers["x-stainless-retry-count"] = "0"
+wrk.headers["x-stainless-read-timeout"] = "600"
+EOF
+fi
+cat >>"$work/post.lua" <<'EOF'
 wrk.body = '{"model":"bench/model","messages":[{"role":"user","content":"Say hello in five words."}],"max_tokens":16,"stream":false}'
 EOF
 cat >"$work/proxy.toml" <<EOF
