@@ -45,7 +45,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING,
+    HeaderName, HeaderValue, InvalidHeaderName, CONNECTION, CONTENT_LENGTH, DATE, EXPECT,
+    TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -297,7 +298,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Refus
     let mut coded = false;
     let mut te = false;
     for &((n, nl), (v, vl)) in &spans.0 {
-        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad)?;
+        let name = field_name(&head[n..n + nl]).map_err(|_| bad)?;
         let value = field_value(head.slice(v..v + vl));
         if name == CONTENT_LENGTH {
             length = length.add(value.as_bytes());
@@ -387,6 +388,89 @@ pub(crate) fn field_value(bytes: Bytes) -> HeaderValue {
     // SAFETY: `bytes` is a value httparse parsed, so each byte is one `HeaderValue` accepts
     // (see above); the function is only called on such values.
     unsafe { HeaderValue::from_maybe_shared_unchecked(bytes) }
+}
+
+/// The `x-` field names the proxy sees on most exchanges, each once interned.
+///
+/// `http` knows the standard names as static values but makes every other name a fresh
+/// allocation with a per-byte table walk: the nine or ten `X-Stainless-*` fields every OpenAI SDK
+/// request carries cost ~650 instructions each that way, the five `X-Chutes-*` figures of
+/// every Chutes answer about ~360 each. A name here is a `match` on its lowercased bytes
+/// and a static `HeaderName`, which `HeaderMap` also hashes and compares faster.
+macro_rules! known_names {
+    ($($name:literal),* $(,)?) => {
+        /// Every name in the table, for the test that keeps it equal to `from_bytes`.
+        #[cfg(test)]
+        fn known_names() -> Vec<HeaderName> {
+            vec![$(HeaderName::from_static(ascii($name))),*]
+        }
+
+        /// The interned name whose text is `lower`, already lowercase.
+        fn known_lowercase(lower: &[u8]) -> Option<HeaderName> {
+            match lower {
+                $($name => Some(const { HeaderName::from_static(ascii($name)) }),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+/// A byte-string literal of the table as the `&str` `from_static` takes, at compile time.
+const fn ascii(name: &'static [u8]) -> &'static str {
+    match std::str::from_utf8(name) {
+        Ok(name) => name,
+        Err(_) => panic!("a known field name is ASCII"),
+    }
+}
+
+known_names![
+    b"x-stainless-lang",
+    b"x-stainless-package-version",
+    b"x-stainless-os",
+    b"x-stainless-arch",
+    b"x-stainless-runtime",
+    b"x-stainless-runtime-version",
+    b"x-stainless-async",
+    b"x-stainless-retry-count",
+    b"x-stainless-read-timeout",
+    b"x-stainless-timeout",
+    b"x-proxy-max-wait",
+    b"x-proxy-client",
+    b"x-api-key",
+    b"x-chutes-quota-total",
+    b"x-chutes-quota-used",
+    b"x-chutes-quota-remaining",
+    b"x-chutes-rl-user",
+    b"x-chutes-rl-chute",
+    b"x-chutes-invocationid",
+];
+
+/// The longest name in the table (`x-stainless-package-version`).
+const KNOWN_NAME_MAX: usize = 27;
+
+/// A field name httparse has parsed, as `HeaderName::from_bytes` would make it, from the
+/// table of known names when it is one of them.
+#[inline]
+pub(crate) fn field_name(name: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+    if name.len() > 2 && name[1] == b'-' && name[0] | 0x20 == b'x' {
+        if let Some(known) = known_name(name) {
+            return Ok(known);
+        }
+    }
+    HeaderName::from_bytes(name)
+}
+
+#[inline(never)]
+fn known_name(name: &[u8]) -> Option<HeaderName> {
+    if name.len() > KNOWN_NAME_MAX {
+        return None;
+    }
+    let mut lower = [0u8; KNOWN_NAME_MAX];
+    let lower = &mut lower[..name.len()];
+    for (l, &b) in lower.iter_mut().zip(name) {
+        *l = b.to_ascii_lowercase();
+    }
+    known_lowercase(lower)
 }
 
 /// One Content-Length value: decimal digits only, no sign, no spaces but around it.
@@ -1653,6 +1737,72 @@ mod tests {
         }
         // Every byte `http` takes was taken everywhere: 70 places times 224 bytes.
         assert_eq!(taken, 70 * 224);
+    }
+
+    /// The table of known names gives, in any case, exactly the name `from_bytes` makes, and
+    /// nothing for a name that is only near one of them.
+    #[test]
+    fn a_known_name_is_the_name_from_bytes_makes() {
+        let names = known_names();
+        assert_eq!(names.len(), 19);
+        for name in [
+            crate::upstream::MAX_WAIT_HEADER,
+            crate::upstream::CLIENT_HEADER,
+            crate::upstream::X_API_KEY,
+        ] {
+            assert!(names.contains(&name), "{name} is known");
+        }
+        let same = |b: &[u8]| {
+            let from_bytes = HeaderName::from_bytes(b).ok();
+            assert_eq!(
+                field_name(b).ok(),
+                from_bytes,
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
+            from_bytes
+        };
+        for known in &names {
+            let text = known.as_str().as_bytes();
+            assert!(text.len() <= KNOWN_NAME_MAX);
+            let mut title = text.to_vec();
+            for i in 0..title.len() {
+                if i == 0 || title[i - 1] == b'-' {
+                    title[i] = title[i].to_ascii_uppercase();
+                }
+            }
+            for variant in [text.to_vec(), text.to_ascii_uppercase(), title] {
+                assert_eq!(known_name(&variant).as_ref(), Some(known));
+                assert_eq!(same(&variant).as_ref(), Some(known));
+            }
+            let mut longer = text.to_vec();
+            longer.push(b'x');
+            let mut off = text.to_vec();
+            *off.last_mut().unwrap() ^= 0x01;
+            let mut spaced = text.to_vec();
+            spaced.insert(2, b' ');
+            for near in [text[..text.len() - 1].to_vec(), longer, off, spaced] {
+                let made = same(&near);
+                let expected = made.filter(|n| names.contains(n));
+                assert_eq!(
+                    known_name(&near),
+                    expected,
+                    "{:?}",
+                    String::from_utf8_lossy(&near)
+                );
+            }
+        }
+        // Names the table does not hold are made as before.
+        for other in [
+            &b"x-"[..],
+            b"x",
+            b"X-Other",
+            b"content-type",
+            b"x-\xff",
+            b"",
+        ] {
+            same(other);
+        }
     }
 
     #[test]

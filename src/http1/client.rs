@@ -40,7 +40,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, SizeHint};
 
 use super::{hex_line, length_field, Decoder, Length, Out, Spans, Step, MAX_HEADERS, SCRATCH};
@@ -725,7 +725,7 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<Parsed>, Fault> {
     let mut length = Length::Absent;
     let mut coding = None;
     for &((n, nl), (v, vl)) in &spans.0 {
-        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad("a bad field name"))?;
+        let name = super::field_name(&head[n..n + nl]).map_err(|_| bad("a bad field name"))?;
         let value = super::field_value(head.slice(v..v + vl));
         if name == CONNECTION {
             close |= has_token(&value, b"close");
