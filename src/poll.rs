@@ -85,9 +85,9 @@ pub async fn poll_once(proxy: &Proxy, url: &http::Uri) -> Result<(u64, u64), Pol
         http::HeaderValue::from_static("application/json"),
     );
     let answer = tokio::time::timeout(POLL_TIMEOUT, async {
-        let resp = proxy
+        let (resp, _) = proxy
             .upstream
-            .send(req)
+            .send(req, false)
             .await
             .map_err(|e| format!("{e:?}"))?;
         let status = resp.status();

@@ -63,6 +63,9 @@ const MAX_TRIES: u32 = 3;
 const H2_PING_EVERY: Duration = Duration::from_secs(20);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An answer's head, and the request's headers when the caller asked for them back.
+pub type Sent = (Response<UpstreamBody>, Option<http::HeaderMap>);
+
 pub struct Pool {
     connector: HttpsConnector<HttpConnector>,
     /// Scheme and authority: what the connector dials.
@@ -241,6 +244,18 @@ impl Pool {
         })
     }
 
+    /// `send_keeping` without the headers, for the tests.
+    #[cfg(test)]
+    pub async fn send(
+        &self,
+        req: Request<RequestBody>,
+        deadline: Instant,
+    ) -> Result<Response<UpstreamBody>, BoxError> {
+        self.send_keeping(req, deadline, false)
+            .await
+            .map(|(resp, _)| resp)
+    }
+
     /// This shard's connections.
     fn home(&self) -> &Arc<Home> {
         &self.homes[crate::server::shard() % self.homes.len()]
@@ -254,14 +269,19 @@ impl Pool {
     /// On an HTTP/1.1 connection the deadline is the connection's own [`Alarm`], moved for
     /// each exchange; the wait for a connection has a timer only when it has to wait.
     ///
+    /// With `keep`, the request's headers come back beside the answer, for a caller that may
+    /// send the request again: an HTTP/1.1 connection only reads them and hands them back, an
+    /// HTTP/2 one is given a clone (hyper takes the request).
+    ///
     /// Not an `async fn`: that would keep the request twice (the argument and its moved copy)
     /// in a future every request in flight holds.
     #[allow(clippy::manual_async_fn)]
-    pub fn send(
+    pub fn send_keeping(
         &self,
         mut req: Request<RequestBody>,
         deadline: Instant,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, BoxError>> + Send + '_ {
+        keep: bool,
+    ) -> impl Future<Output = Result<Sent, BoxError>> + Send + '_ {
         async move {
             // Sending again is only for a request no byte of which left (a reused connection that
             // had just been closed); a few tries bound it even if each one finds another such.
@@ -275,14 +295,16 @@ impl Pool {
                 };
                 match checked? {
                     Checked::H2 { mut send, reused } => {
+                        let kept = keep.then(|| req.headers().clone());
                         match tokio::time::timeout_at(deadline, send.try_send_request(req))
                             .await
                             .map_err(|_| Elapsed)?
                         {
                             Ok(resp) => {
-                                return Ok(resp.map(|body| UpstreamBody {
+                                let resp = resp.map(|body| UpstreamBody {
                                     inner: Inner::H2(body),
-                                }))
+                                });
+                                return Ok((resp, kept));
                             }
                             Err(mut e) => match e.take_message() {
                                 Some(back) if reused && again => {
@@ -317,14 +339,18 @@ impl Pool {
                                     Poll::Ready(())
                                 })
                                 .await;
+                                // Taken kept or not: a connection back in the pool holds none.
+                                let kept = lease.conn.take_headers().filter(|_| keep);
                                 self.home().put(lease);
-                                return Ok(head.map(|()| UpstreamBody::ended()));
+                                return Ok((head.map(|()| UpstreamBody::ended()), kept));
                             }
                             Ok(head) => {
+                                let kept = lease.conn.take_headers().filter(|_| keep);
                                 let home = Arc::clone(self.home());
-                                return Ok(head.map(|()| UpstreamBody {
+                                let resp = head.map(|()| UpstreamBody {
                                     inner: Inner::H1(Some((lease, home))),
-                                }));
+                                });
+                                return Ok((resp, kept));
                             }
                             Err(e) => match lease.conn.take_unsent() {
                                 Some(back) if lease.reused && again => req = back,
@@ -1152,6 +1178,50 @@ mod tests {
             texts.push(text(a.unwrap()).await);
         }
         texts
+    }
+
+    /// Headers a request is sent with, a retry's to send again: repeated names, one the
+    /// known-name table interns and one it does not.
+    fn with_headers(mut req: Request<RequestBody>) -> Request<RequestBody> {
+        let h = req.headers_mut();
+        h.append("x-stainless-lang", HeaderValue::from_static("python"));
+        h.append("x-trace", HeaderValue::from_static("a"));
+        h.append("x-trace", HeaderValue::from_static("b"));
+        h.append(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        req
+    }
+
+    /// With `keep`, the headers come back beside the answer exactly as the request had them,
+    /// over HTTP/1.1 (an answer with a body and one without) and HTTP/2; without, none do.
+    #[tokio::test]
+    async fn kept_headers_come_back_as_they_were_sent() {
+        let (addr, _) = upstream().await;
+        let h1 = pool(addr, Duration::from_secs(600));
+        for path in ["/a", "/empty", "/b"] {
+            let req = with_headers(request(addr, path, "{}"));
+            let sent = req.headers().clone();
+            let (resp, kept) = h1.send_keeping(req, far(), true).await.unwrap();
+            assert_eq!(kept.as_ref(), Some(&sent), "{path}");
+            text(resp).await;
+            let req = with_headers(request(addr, path, "{}"));
+            let (resp, kept) = h1.send_keeping(req, far(), false).await.unwrap();
+            assert!(kept.is_none(), "{path}");
+            text(resp).await;
+        }
+        let (addr, _, _, _, h2) = tls_upstream(false).await;
+        let req = with_headers(https_request(addr, "/h2"));
+        let sent = req.headers().clone();
+        let (resp, kept) = h2.send_keeping(req, far(), true).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(kept.as_ref(), Some(&sent));
+        text(resp).await;
+        let req = with_headers(https_request(addr, "/h2"));
+        let (resp, kept) = h2.send_keeping(req, far(), false).await.unwrap();
+        assert!(kept.is_none());
+        text(resp).await;
     }
 
     /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. A cold start's burst dials

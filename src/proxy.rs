@@ -472,20 +472,21 @@ impl Pipeline {
                     let mut up = Request::new(body);
                     *up.method_mut() = parts.method.clone();
                     *up.uri_mut() = uri.clone();
-                    // Only an attempt a retry may follow keeps the headers for it: one that no
-                    // retry can follow (no body kept) takes them.
-                    *up.headers_mut() = if replay.is_some() {
-                        parts.headers.clone()
-                    } else {
-                        std::mem::take(&mut parts.headers)
-                    };
-                    proxy.upstream.send(up)
+                    // Only an attempt a retry may follow (a body kept) has the headers back
+                    // for it.
+                    *up.headers_mut() = std::mem::take(&mut parts.headers);
+                    proxy.upstream.send(up, replay.is_some())
                 };
                 let result = send.await;
                 let latency = sent_at.elapsed();
                 self.log.upstream_latency = Some(latency);
                 let resp = match result {
-                    Ok(resp) => resp,
+                    Ok((resp, kept)) => {
+                        if let Some(headers) = kept {
+                            parts.headers = headers;
+                        }
+                        resp
+                    }
                     Err(e) => {
                         permit.report(Outcome::Failed);
                         let r = self.send_error(e, &upload);

