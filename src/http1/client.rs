@@ -123,7 +123,8 @@ pub struct Conn<T> {
     /// The request until the first byte of its head is written: taken back if that fails.
     unsent: Option<Request<RequestBody>>,
     /// The request's headers once it is written, until [`Conn::take_headers`] hands them back
-    /// for a retry (a clone of them per exchange cost 4% of a request's instructions).
+    /// for a retry (a clone of them per exchange cost 1.6% of a request's instructions, 3% of
+    /// an SDK's).
     sent_headers: Option<HeaderMap>,
     /// The connection may carry another exchange once this one is over.
     keep_alive: bool,
