@@ -185,6 +185,9 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     /// Which CAs the upstream's certificate may chain to.
     pub tls_roots: TlsRoots,
+    /// Over TLS, offer HTTP/2 by ALPN (one shared connection per shard) besides HTTP/1.1
+    /// (one connection per exchange in flight, the cheaper per request: BENCHMARKS.md).
+    pub http2: bool,
     /// The account usage poll (`quota_url`, resolved: `"auto"` becomes Chutes' endpoint when
     /// `url` is on llm.chutes.ai, else off).
     pub quota_source: QuotaSource,
@@ -215,6 +218,7 @@ impl fmt::Debug for UpstreamConfig {
             .field("first_byte_timeout", &self.first_byte_timeout)
             .field("idle_timeout", &self.idle_timeout)
             .field("tls_roots", &self.tls_roots)
+            .field("http2", &self.http2)
             .finish()
     }
 }
@@ -554,6 +558,7 @@ impl Config {
                 TlsRoots::Native => "native",
             })
         );
+        let _ = writeln!(out, "http2 = {}", u.http2);
         let _ = writeln!(out, "\n[limits]");
         let _ = writeln!(out, "requests_per_minute = {}", l.requests_per_minute);
         let _ = writeln!(out, "burst = {}", l.burst);
@@ -1287,6 +1292,7 @@ impl Validator {
                 TlsRoots::Webpki
             }
         };
+        let http2 = self.bool_val(&mut s, "http2", false);
         let quota_url = self
             .str_val(&mut s, "quota_url", "auto")
             .unwrap_or_default();
@@ -1329,6 +1335,7 @@ impl Validator {
             first_byte_timeout,
             idle_timeout,
             tls_roots,
+            http2,
             quota_source,
             quota_poll,
         })
@@ -2207,6 +2214,18 @@ mod tests {
         assert!(c.render().contains("tls_roots = \"native\""));
         let e = load("[upstream]\ntls_roots = \"system\"\n").unwrap_err();
         assert_eq!(keys(e), vec!["upstream.tls_roots"]);
+    }
+
+    #[test]
+    fn http2_is_off_unless_asked_for() {
+        let c = load("").unwrap();
+        assert!(!c.upstream.http2);
+        assert!(c.render().contains("http2 = false"));
+        let c = load("[upstream]\nhttp2 = true\n").unwrap();
+        assert!(c.upstream.http2);
+        assert!(c.render().contains("http2 = true"));
+        let e = load("[upstream]\nhttp2 = \"yes\"\n").unwrap_err();
+        assert_eq!(keys(e), vec!["upstream.http2"]);
     }
 
     #[test]

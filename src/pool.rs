@@ -9,7 +9,11 @@
 //! all in one poll, so they are written to the client together (BENCHMARKS.md, issue 15).
 //! When the body ends the connection goes back to the pool, newest first.
 //!
-//! An HTTP/2 connection (chosen by ALPN on TLS) is shared by every exchange; it runs in a
+//! Over TLS, ALPN offers HTTP/1.1 alone unless `upstream.http2` is set: hyper's HTTP/2 client
+//! spawns two tasks per exchange beside the connection's own and costs 1.2–1.6× the CPU of
+//! an HTTP/1.1 exchange over TLS (BENCHMARKS.md, third session of 2026-12-06).
+//!
+//! An HTTP/2 connection (chosen by ALPN when offered) is shared by every exchange; it runs in a
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
 //! client's side takes what has arrived in one poll there too. It is let go after the idle
 //! timeout unused and pings while streams are open. While ALPN may choose HTTP/2 (over TLS
@@ -186,13 +190,23 @@ enum Checked {
 }
 
 impl Pool {
+    /// The pool for `base`, dialling with `tls` over `tcp`. Over TLS, ALPN offers HTTP/1.1
+    /// alone, or HTTP/2 first and HTTP/1.1 too with `http2` (`upstream.http2`): what the
+    /// connector offers and what the pool expects of a dial are decided here together.
     pub fn new(
-        connector: HttpsConnector<HttpConnector>,
+        tls: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsProtocols1>,
+        tcp: HttpConnector,
+        http2: bool,
         base: &UpstreamUrl,
         idle_timeout: Duration,
         connect_timeout: Duration,
         shards: usize,
     ) -> Result<Pool, String> {
+        let connector = if http2 {
+            tls.enable_all_versions().wrap_connector(tcp)
+        } else {
+            tls.enable_http1().wrap_connector(tcp)
+        };
         let dial = Uri::builder()
             .scheme(base.scheme.clone())
             .authority(base.authority.clone())
@@ -228,7 +242,7 @@ impl Pool {
                         state: Mutex::new(State {
                             idle: VecDeque::new(),
                             shared: None,
-                            speaks: if base.scheme == Scheme::HTTPS {
+                            speaks: if http2 && base.scheme == Scheme::HTTPS {
                                 Speaks::Unknown
                             } else {
                                 Speaks::Http1
@@ -755,13 +769,11 @@ mod tests {
         .unwrap();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
             .unwrap()
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
-        Pool::new(https, &cfg.upstream.url, idle_timeout, CONNECT, 1).unwrap()
+            .https_or_http();
+        Pool::new(tls, http, true, &cfg.upstream.url, idle_timeout, CONNECT, 1).unwrap()
     }
 
     fn request(addr: std::net::SocketAddr, path: &str, body: &'static str) -> Request<RequestBody> {
@@ -1027,8 +1039,15 @@ mod tests {
         )
     }
 
-    /// A one-shard pool for `https://{addr}/` that trusts the test certificate.
+    /// A one-shard pool for `https://{addr}/` that trusts the test certificate and offers
+    /// HTTP/2 by ALPN.
     fn tls_pool(addr: std::net::SocketAddr) -> Pool {
+        tls_pool_offering(addr, true)
+    }
+
+    /// A one-shard pool for `https://{addr}/` that trusts the test certificate, offering
+    /// HTTP/2 by ALPN only with `http2`.
+    fn tls_pool_offering(addr: std::net::SocketAddr, http2: bool) -> Pool {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         // The fixture is self-signed (a CA certificate, which webpki refuses as a server's):
         // these tests trust exactly that certificate, with the signatures still checked.
@@ -1043,11 +1062,9 @@ mod tests {
             .with_no_client_auth();
         let mut http = HttpConnector::new();
         http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(client)
-            .https_only()
-            .enable_all_versions()
-            .wrap_connector(http);
+            .https_only();
         let url = format!("[upstream]\nurl = \"https://{addr}/\"\n");
         let cfg = crate::config::Config::from_toml(
             &url,
@@ -1056,7 +1073,9 @@ mod tests {
         )
         .unwrap();
         Pool::new(
-            https,
+            tls,
+            http,
+            http2,
             &cfg.upstream.url,
             Duration::from_secs(50),
             CONNECT,
@@ -1224,7 +1243,7 @@ mod tests {
         text(resp).await;
     }
 
-    /// The path to Chutes: TLS, and HTTP/2 when ALPN picks it. A cold start's burst dials
+    /// With `upstream.http2`, TLS and HTTP/2 when ALPN picks it. A cold start's burst dials
     /// once; that connection then carries every exchange, concurrent ones included, and stays
     /// shared for the next; when the upstream closes it, the burst that follows waits for one
     /// new dial.
@@ -1254,6 +1273,26 @@ mod tests {
     #[tokio::test]
     async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
         let (addr, accepted, _, _, pool) = tls_upstream(true).await;
+        let want = |p: &str| answered("HTTP/1.1", p);
+        assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(pool.idle(), 4, "each went back once its body was read");
+        assert_eq!(burst(&pool, addr, "again").await, want("again"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            4,
+            "the idle ones carried it"
+        );
+    }
+
+    /// `upstream.http2 = false` (the default): an upstream that would choose HTTP/2 is offered
+    /// HTTP/1.1 alone, and the pool knows it before any dial, so a cold burst dials side by
+    /// side instead of waiting to learn what ALPN chose; the connections are used again.
+    #[tokio::test]
+    async fn over_tls_without_http2_alpn_offers_http1_alone_and_a_cold_burst_dials_at_once() {
+        let (addr, accepted, _, _, _) = tls_upstream(false).await;
+        let pool = tls_pool_offering(addr, false);
+        assert_eq!(pool.homes[0].lock().speaks, Speaks::Http1);
         let want = |p: &str| answered("HTTP/1.1", p);
         assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
         assert_eq!(accepted.load(Ordering::SeqCst), 4);

@@ -2,9 +2,9 @@
 //! rewrite that makes it impossible to reach anywhere else, the header rules (hop-by-hop, key
 //! injection), and the first-byte timeout.
 //!
-//! TLS is rustls on ring with the webpki roots (no OpenSSL, no cmake); HTTP/2 or HTTP/1.1 is
-//! chosen by ALPN; plain `http://` upstreams speak HTTP/1.1 (tests and sidecars). Idle
-//! connections expire after `POOL_IDLE_TIMEOUT`.
+//! TLS is rustls on ring with the webpki roots (no OpenSSL, no cmake) and speaks HTTP/1.1,
+//! or HTTP/2 when `upstream.http2` lets ALPN choose it; plain `http://` upstreams speak
+//! HTTP/1.1 (tests and sidecars). Idle connections expire after `POOL_IDLE_TIMEOUT`.
 //!
 //! Not here: deciding whether to send (admission) or what a status means (signals, proxy).
 
@@ -80,12 +80,10 @@ impl Upstream {
                     )
                 })?,
         };
-        let https = builder
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
         let pool = Pool::new(
-            https,
+            builder.https_or_http(),
+            http,
+            cfg.http2,
             &cfg.url,
             POOL_IDLE_TIMEOUT,
             cfg.connect_timeout,
