@@ -15,7 +15,12 @@
 # X-Chutes-InvocationID headers),
 # CG_SDK=1 (the request carries the fields openai-python 2.54.0 sends, read off one on loopback:
 # Accept, Accept-Encoding, User-Agent and nine X-Stainless-* fields),
+# CG_UPSTREAM (lines for the config's [upstream] table, e.g. 'http2 = true'),
 # CG_FORMAT (text|json), CG_KEEP=1 keeps callgrind.out.1, .2, ... (one per build, for callgrind_annotate).
+# CG_TLS=h2|h1: the upstream is nginx over TLS (a throwaway CA made with openssl, trusted through
+# `upstream.tls_roots = "native"` and SSL_CERT_FILE), offering HTTP/2 by ALPN (h2) or HTTP/1.1
+# only (h1): the path to Chutes, which a plain-HTTP upstream does not exercise. The nginx row
+# then proxies to it over TLS too (HTTP/1.1 with keep-alive: nginx has no HTTP/2 upstreams).
 # CG_NGINX=1 adds a row for nginx as the reverse proxy in the proxy's place (one worker, no master
 # process, keep-alive to the upstream, an access log line per request as the proxy writes one):
 # the baseline the issue's targets name, counted the same way.
@@ -43,6 +48,28 @@ if [[ ${CG_CHUTES:-0} == 1 ]]; then
 add_header X-Chutes-Quota-Remaining 4999188; add_header X-Chutes-RL-User inf; add_header X-Chutes-RL-Chute inf; \
 add_header X-Chutes-InvocationID 9b2e4c1a-5d7f-4e0b-8a3c-2f6d1e9b7a40;"
 fi
+scheme=http tls_listen="" tls_certs="" proxy_tls="" roots=""
+if [[ -n ${CG_TLS:-} ]]; then
+    # A CA and a leaf it signs for 127.0.0.1 (webpki refuses a self-signed CA as a server's).
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+        -subj /CN=bench-ca -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=127.0.0.1 \
+        -keyout "$work/leaf.key" -out "$work/leaf.csr" 2>/dev/null
+    printf 'basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' \
+        >"$work/leaf.ext"
+    openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+        -CAcreateserial -days 2 -extfile "$work/leaf.ext" -out "$work/leaf.pem" 2>/dev/null
+    scheme=https
+    case $CG_TLS in
+    h2) tls_listen=" ssl http2" ;;
+    h1) tls_listen=" ssl" ;;
+    *) echo "CG_TLS is h2 or h1" >&2; exit 2 ;;
+    esac
+    tls_certs="ssl_certificate $work/leaf.pem; ssl_certificate_key $work/leaf.key; keepalive_timeout 300s;"
+    proxy_tls="proxy_ssl_trusted_certificate $work/ca.pem; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on;"
+    export SSL_CERT_FILE="$work/ca.pem"
+    roots='tls_roots = "native"'
+fi
 cat >"$work/nginx.conf" <<EOF
 worker_processes 1;
 pid $work/nginx.pid;
@@ -54,7 +81,8 @@ http {
     uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
     keepalive_requests 1000000;
     server {
-        listen 127.0.0.1:$up;
+        listen 127.0.0.1:$up$tls_listen;
+        $tls_certs
         location / { default_type application/json; $chutes_headers return 200 '$reply'; }
     }
 }
@@ -86,7 +114,9 @@ wrk.body = '{"model":"bench/model","messages":[{"role":"user","content":"Say hel
 EOF
 cat >"$work/proxy.toml" <<EOF
 [upstream]
-url = "http://127.0.0.1:$up"
+url = "$scheme://127.0.0.1:$up"
+$roots
+${CG_UPSTREAM:-}
 [limits]
 requests_per_minute = 60000000
 burst = 1000000
@@ -110,6 +140,42 @@ start_proxy() { # bin listen [wrapper...]: the proxy on `listen`, in the backgro
     done
 }
 
+start_nginx() { # listen [wrapper...]: nginx as the reverse proxy on `listen`, in the background
+    local listen=$1
+    shift
+    cat >"$work/nginx-proxy.conf" <<EOF
+worker_processes 1;
+master_process off;
+daemon off;
+pid $work/nginx-proxy.pid;
+error_log $work/nginx/proxy-error.log;
+events { worker_connections 1024; }
+http {
+    access_log $work/nginx/access.log;
+    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+    keepalive_requests 1000000;
+    upstream up { server 127.0.0.1:$up; keepalive 64; }
+    server {
+        listen 127.0.0.1:$listen;
+        location / {
+            proxy_pass $scheme://up;
+            $proxy_tls
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer cpk_bench_not_a_real_key";
+        }
+    }
+}
+EOF
+    "$@" /usr/sbin/nginx -c "$work/nginx-proxy.conf" -p "$work" 2>"$work/nginx-proxy.err" &
+    pid=$!
+    for _ in $(seq 300); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
+        sleep 0.1
+    done
+}
+
 if [[ ${AB_MODE:-callgrind} == cpu ]]; then
     secs=${CG_SECS:-3}
     tick=$(getconf CLK_TCK)
@@ -117,9 +183,11 @@ if [[ ${AB_MODE:-callgrind} == cpu ]]; then
     printf '| build | connections | round | requests | 4xx/5xx | req/s | CPU per request |\n|---|---|---|---|---|---|---|\n'
     for c in ${AB_CONNS:-1 16 64}; do
         for round in $(seq "${AB_ROUNDS:-5}"); do
-            for bin in "${bins[@]}"; do
+            rows=("${bins[@]}")
+            if [[ ${CG_NGINX:-0} == 1 ]]; then rows+=(nginx); fi
+            for bin in "${rows[@]}"; do
                 listen=$(port)
-                start_proxy "$bin" "$listen"
+                if [[ $bin == nginx ]]; then start_nginx "$listen"; else start_proxy "$bin" "$listen"; fi
                 sleep 0.5
                 t0=$(cpu_ticks "$pid")
                 wrk -t1 -c"$c" -d"${secs}s" -s "$work/post.lua" \
@@ -127,7 +195,7 @@ if [[ ${AB_MODE:-callgrind} == cpu ]]; then
                 t1=$(cpu_ticks "$pid")
                 reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
                 odd=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
-                kill -INT "$pid"
+                if [[ $bin == nginx ]]; then kill -QUIT "$pid"; else kill -INT "$pid"; fi
                 wait "$pid" || true
                 printf '| %s | %s | %s | %s | %s | %.0f | %.0f µs |\n' "$bin" "$c" "$round" "$reqs" "${odd:-0}" \
                     "$(echo "$reqs / $secs" | bc -l)" "$(echo "($t1 - $t0) / $tick * 1000000 / $reqs" | bc -l)"
@@ -162,38 +230,8 @@ for bin in "${bins[@]}"; do
 done
 if [[ ${CG_NGINX:-0} == 1 ]]; then
     listen=$(port)
-    cat >"$work/nginx-proxy.conf" <<EOF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/nginx-proxy.pid;
-error_log $work/nginx/proxy-error.log;
-events { worker_connections 1024; }
-http {
-    access_log $work/nginx/access.log;
-    client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-    uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-    keepalive_requests 1000000;
-    upstream up { server 127.0.0.1:$up; keepalive 64; }
-    server {
-        listen 127.0.0.1:$listen;
-        location / {
-            proxy_pass http://up;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer cpk_bench_not_a_real_key";
-        }
-    }
-}
-EOF
     out="$work/callgrind.nginx"
-    valgrind --tool=callgrind --callgrind-out-file="$out" \
-        /usr/sbin/nginx -c "$work/nginx-proxy.conf" -p "$work" 2>"$work/nginx-proxy.vg" &
-    pid=$!
-    for _ in $(seq 300); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
-        sleep 0.1
-    done
+    start_nginx "$listen" valgrind --tool=callgrind --callgrind-out-file="$out"
     load
     # SIGQUIT: a graceful stop, after which callgrind writes its counts.
     kill -QUIT "$pid"
