@@ -18,7 +18,9 @@
 //! E2E_CLOSED_SECS (default 3), E2E_RATE (JSON req/s, default 1000), E2E_SSE_RATE (streams/s,
 //! default 100), E2E_CONNS (default "1,16,64"), E2E_PAYLOADS (default "json,sse50"),
 //! E2E_PROXY_LOG (the proxy's RUST_LOG, default "info" = one log line per request, as users
-//! run it), E2E_NGINX=0 to skip nginx, BENCH_PROXY_BIN to measure another build of the
+//! run it), E2E_NGINX=0 to skip nginx, E2E_UPSTREAM=tls for the mock behind TLS (the path to
+//! Chutes: `direct` then speaks TLS to it, the proxy and nginx speak plain HTTP to the
+//! generator on loopback and TLS to the mock, as a sidecar would; ALPN http/1.1), BENCH_PROXY_BIN to measure another build of the
 //! proxy (an A/B of a change). Under `cargo test` it does a smoke run of a second.
 //!
 //! SSE streams are offered at 100/s (5,000 events/s), not 1,000/s: a 50-event stream that
@@ -93,26 +95,44 @@ fn main() {
     };
     let nofile = raise_nofile();
 
-    let mock = Mock::start(2, false, Duration::from_secs(1));
+    // The smoke run covers the TLS upstream too, so it cannot rot unseen.
+    let tls = std::env::var("E2E_UPSTREAM").as_deref() == Ok("tls") || !full;
+    let mock = Mock::start_with(
+        2,
+        false,
+        Duration::from_secs(1),
+        tls.then(support::tls::server),
+    );
     let proxy_log = std::env::var("E2E_PROXY_LOG").unwrap_or_else(|_| "info".into());
-    let proxy = ProxyProcess::start(&proxy_config(&mock.url()), false, &proxy_log);
+    let proxy = if tls {
+        ProxyProcess::start_with_env(
+            &proxy_config(&mock.url(), "tls_roots = \"native\"\n"),
+            false,
+            &proxy_log,
+            &[("SSL_CERT_FILE", support::tls::CA)],
+        )
+    } else {
+        ProxyProcess::start(&proxy_config(&mock.url(), ""), false, &proxy_log)
+    };
     let nginx = if full && std::env::var("E2E_NGINX").as_deref() != Ok("0") {
-        Nginx::start(mock.addr)
+        Nginx::start(mock.addr, tls)
     } else {
         None
     };
+    let direct_tls = tls.then(support::tls::client);
 
-    // (name, address, process whose CPU time is charged to the path)
-    let mut paths: Vec<(&str, SocketAddr, Option<u32>)> = vec![
-        ("direct", mock.addr, None),
-        ("proxy", proxy.addr, Some(proxy.pid())),
+    // (name, address, TLS to it, process whose CPU time is charged to the path)
+    let mut paths: Vec<Path> = vec![
+        ("direct", mock.addr, direct_tls.as_ref(), None),
+        ("proxy", proxy.addr, None, Some(proxy.pid())),
     ];
     if let Some(n) = &nginx {
-        paths.push(("nginx", n.addr, Some(n.child.id())));
+        paths.push(("nginx", n.addr, None, Some(n.child.id())));
     }
     println!(
-        "e2e: open loop {:.0} req/s (SSE: {:.0} streams/s) for {:.1}s per cell, closed loop {:.1}s; connections {:?}; proxy {} (RUST_LOG={proxy_log}); nofile {nofile}",
-        plan.rate, plan.sse_rate, plan.open_secs, plan.closed_secs, plan.conns, support::proxy_bin()
+        "e2e: open loop {:.0} req/s (SSE: {:.0} streams/s) for {:.1}s per cell, closed loop {:.1}s; connections {:?}; upstream {}; proxy {} (RUST_LOG={proxy_log}); nofile {nofile}",
+        plan.rate, plan.sse_rate, plan.open_secs, plan.closed_secs, plan.conns,
+        if tls { "TLS (http/1.1)" } else { "plain HTTP/1.1" }, support::proxy_bin()
     );
 
     let mut results: Vec<(&str, usize, &str, Cell)> = Vec::new();
@@ -124,10 +144,10 @@ fn main() {
         for &conns in &plan.conns {
             // Paths interleaved per cell, so that drift in the machine's load (other jobs on
             // a shared host) hits all three alike rather than whichever ran last.
-            for &(name, addr, pid) in &paths {
+            for &(name, addr, tls, pid) in &paths {
                 let req = raw_request(addr, stream, "");
                 let rate = if stream { plan.sse_rate } else { plan.rate };
-                let cell = measure(addr, &req, conns, rate, &plan, pid);
+                let cell = measure((addr, tls), &req, conns, rate, &plan, pid);
                 eprintln!(
                     "  {payload:5} c={conns:<3} {name:6} open p50 {} p99 {} | closed {:.0} req/s",
                     fmt_dur(cell.open.clone().quantile(0.5)),
@@ -153,13 +173,26 @@ fn main() {
     }
 }
 
+/// A measured path: its name, where the generator connects, over TLS with this config or
+/// not, and the process whose CPU time is charged to it.
+type Path<'a> = (
+    &'static str,
+    SocketAddr,
+    Option<&'a Arc<rustls::ClientConfig>>,
+    Option<u32>,
+);
+
+/// Where a generator connects, and over TLS with this config or not.
+type Target<'a> = (SocketAddr, Option<&'a Arc<rustls::ClientConfig>>);
+
 /// Limits that cannot bind at any rate this machine can produce: 60M/min is one token per
 /// microsecond, with a burst of a million; memory-only state so no disk I/O is measured.
-fn proxy_config(upstream: &str) -> String {
+/// `upstream_extra` is more of the `[upstream]` table.
+fn proxy_config(upstream: &str, upstream_extra: &str) -> String {
     format!(
         r#"[upstream]
 url = "{upstream}"
-[limits]
+{upstream_extra}[limits]
 requests_per_minute = 60000000
 burst = 1000000
 max_concurrent = 4096
@@ -172,7 +205,7 @@ path = ""
 }
 
 fn measure(
-    addr: SocketAddr,
+    to: Target<'_>,
     req: &[u8],
     conns: usize,
     rate: f64,
@@ -180,9 +213,9 @@ fn measure(
     cpu_pid: Option<u32>,
 ) -> Cell {
     // Warm-up: opens every connection of the proxy's (and nginx's) upstream pool.
-    let _ = closed_loop(addr, req, conns, plan.warmup);
+    let _ = closed_loop(to, req, conns, plan.warmup);
     let (open, open_errors, open_sent) = open_loop(
-        addr,
+        to,
         req,
         conns,
         rate,
@@ -190,7 +223,7 @@ fn measure(
     );
     let cpu0 = cpu_pid.map(support::cpu_time_tree);
     let d = Duration::from_secs_f64(plan.closed_secs);
-    let (closed, closed_errors, elapsed) = closed_loop(addr, req, conns, d);
+    let (closed, closed_errors, elapsed) = closed_loop(to, req, conns, d);
     let cpu_per_req = match (cpu_pid, cpu0) {
         (Some(pid), Some(c0)) if !closed.is_empty() => {
             Some((support::cpu_time_tree(pid).saturating_sub(c0)) / closed.len() as u32)
@@ -213,7 +246,7 @@ fn measure(
 /// the scheduled send time: a connection that falls behind sends at once and its queueing
 /// delay is counted (wrk2's correction for coordinated omission).
 fn open_loop(
-    addr: SocketAddr,
+    (addr, tls): Target<'_>,
     req: &[u8],
     conns: usize,
     rate: f64,
@@ -232,7 +265,7 @@ fn open_loop(
                 let start_at = Arc::clone(&start_at);
                 s.spawn(move || {
                     tight_timer_slack();
-                    let conn = Conn::connect(addr);
+                    let conn = Conn::connect_to(addr, tls);
                     barrier.wait();
                     let mut conn = match conn {
                         Ok(c) => c,
@@ -260,7 +293,7 @@ fn open_loop(
                             Ok(_) => errors += 1,
                             Err(_) => {
                                 errors += 1;
-                                match Conn::connect(addr) {
+                                match Conn::connect_to(addr, tls) {
                                     Ok(c) => conn = c,
                                     Err(_) => break,
                                 }
@@ -289,7 +322,7 @@ fn open_loop(
 /// Closed loop: each connection sends its next request as soon as the previous response has
 /// been read, for `dur`. Returns latencies (from send), errors, and the real elapsed time.
 fn closed_loop(
-    addr: SocketAddr,
+    (addr, tls): Target<'_>,
     req: &[u8],
     conns: usize,
     dur: Duration,
@@ -303,7 +336,7 @@ fn closed_loop(
             .map(|_| {
                 let barrier = Arc::clone(&barrier);
                 s.spawn(move || {
-                    let conn = Conn::connect(addr);
+                    let conn = Conn::connect_to(addr, tls);
                     barrier.wait();
                     let Ok(mut conn) = conn else {
                         return (Samples::default(), 1);
@@ -323,7 +356,7 @@ fn closed_loop(
                             Ok(_) => errors += 1,
                             Err(_) => {
                                 errors += 1;
-                                match Conn::connect(addr) {
+                                match Conn::connect_to(addr, tls) {
                                     Ok(c) => conn = c,
                                     Err(_) => break,
                                 }
@@ -451,11 +484,23 @@ impl Nginx {
             .find(|p| p.exists())
     }
 
-    fn start(upstream: SocketAddr) -> Option<Nginx> {
+    /// nginx in front of the mock at `upstream`, which speaks TLS with `tls`.
+    fn start(upstream: SocketAddr, tls: bool) -> Option<Nginx> {
         let bin = Self::binary()?;
         let dir = tempfile::tempdir().ok()?;
         let port = support::free_port();
         let d = dir.path().display();
+        let (scheme, upstream_tls) = if tls {
+            (
+                "https",
+                format!(
+                    "proxy_ssl_trusted_certificate {}; proxy_ssl_verify on; proxy_ssl_name 127.0.0.1; proxy_ssl_session_reuse on;",
+                    support::tls::CA
+                ),
+            )
+        } else {
+            ("http", String::new())
+        };
         // Two workers for two cores, as chutes-proxy runs two tokio workers; an access log
         // line per request, as the proxy logs one (both are the products' defaults).
         let conf = format!(
@@ -482,7 +527,8 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location / {{
-      proxy_pass http://mock;
+      proxy_pass {scheme}://mock;
+      {upstream_tls}
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_buffering off;

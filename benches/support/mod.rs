@@ -142,6 +142,16 @@ impl ProxyProcess {
     /// `toml` must not set `server.listen`/`admin_listen`; they are passed as flags. `rust_log`
     /// is the log filter (`info` logs one line per request, as a user's proxy would).
     pub fn start(toml: &str, with_admin: bool, rust_log: &str) -> ProxyProcess {
+        Self::start_with_env(toml, with_admin, rust_log, &[])
+    }
+
+    /// As [`ProxyProcess::start`], with `env` set for the process too.
+    pub fn start_with_env(
+        toml: &str,
+        with_admin: bool,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let cfg = dir.path().join("proxy.toml");
         std::fs::write(&cfg, toml).expect("write proxy config");
@@ -163,6 +173,7 @@ impl ProxyProcess {
             .env_remove("CHUTES_PROXY_UPSTREAM")
             .env("CHUTES_API_KEY", "cpk_bench_not_a_real_key")
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -298,12 +309,25 @@ pub struct Mock {
     pub addr: SocketAddr,
     pub state: Arc<MockState>,
     runtime: Option<tokio::runtime::Runtime>,
+    tls: bool,
 }
 
 impl Mock {
     /// `workers` tokio worker threads; `record` keeps an arrival log; `primer_reset` is how
     /// long a primer reply closes the proxy's gate for.
     pub fn start(workers: usize, record: bool, primer_reset: Duration) -> Mock {
+        Self::start_with(workers, record, primer_reset, None)
+    }
+
+    /// As [`Mock::start`], serving over TLS with `tls` (see [`tls`]) when given.
+    pub fn start_with(
+        workers: usize,
+        record: bool,
+        primer_reset: Duration,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Mock {
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        let is_tls = tls.is_some();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.max(1))
             .thread_name("mock-upstream")
@@ -333,12 +357,25 @@ impl Mock {
                 };
                 let _ = stream.set_nodelay(true);
                 let st = Arc::clone(&st);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| mock_handle(Arc::clone(&st), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let mut http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => {
+                            http.keep_alive(true)
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await
+                        }
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) => {
+                                http.keep_alive(true)
+                                    .serve_connection(TokioIo::new(tls), svc)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                    };
                 });
             }
         });
@@ -346,11 +383,13 @@ impl Mock {
             addr,
             state,
             runtime: Some(runtime),
+            tls: is_tls,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn arrivals(&self) -> Vec<Arrival> {
@@ -537,18 +576,71 @@ pub struct RawResponse {
 /// generator costs a write and a couple of reads per request and nothing else: a full client
 /// library on the same two cores would be measured along with the proxy.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
+/// A generator's connection: plain, or TLS (rustls, blocking) to the TLS mock.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
 impl Conn {
     pub fn connect(addr: SocketAddr) -> io::Result<Conn> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_nodelay(true)?;
+        Self::connect_to(addr, None)
+    }
+
+    /// A connection to `addr`, over TLS with `tls` (the handshake done here, before the first
+    /// request, so no request's latency carries it).
+    pub fn connect_to(
+        addr: SocketAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> io::Result<Conn> {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        tcp.set_nodelay(true)?;
         // A response that never comes fails the request instead of hanging the bench.
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let conn = rustls::ClientConnection::new(Arc::clone(cfg), name)
+                    .map_err(io::Error::other)?;
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                while s.conn.is_handshaking() {
+                    s.conn.complete_io(&mut s.sock)?;
+                }
+                Stream::Tls(Box::new(s))
+            }
+        };
         Ok(Conn {
             stream,
             buf: vec![0; 64 * 1024],
@@ -874,5 +966,55 @@ impl InProcess {
     pub async fn stop(self, within: Duration) {
         let _ = self.stop.send(());
         let _ = tokio::time::timeout(within, self.task).await;
+    }
+}
+
+/// The TLS of the benches' TLS upstream: a CA and a leaf it signed for 127.0.0.1, both made
+/// once with openssl for these benches only (`benches/support/tls`, valid until 2126; webpki
+/// refuses a self-signed CA as a server's certificate). The proxy trusts the CA through
+/// `upstream.tls_roots = "native"` and `SSL_CERT_FILE`, nginx through
+/// `proxy_ssl_trusted_certificate`, the generator through [`tls::client`].
+pub mod tls {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    /// The CA's certificate, PEM.
+    pub const CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/support/tls/ca.pem");
+    const LEAF: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/support/tls/leaf.pem");
+    const KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/support/tls/leaf.key");
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    /// The mock's side: the leaf and its key, ALPN http/1.1 (the mock speaks HTTP/1.1 only).
+    pub fn server() -> Arc<rustls::ServerConfig> {
+        let leaf = CertificateDer::from_pem_file(LEAF).expect("bench TLS leaf");
+        let key = PrivateKeyDer::from_pem_file(KEY).expect("bench TLS key");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf], key)
+            .expect("bench TLS certificate");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// A generator's side: trusts the CA alone.
+    pub fn client() -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(CA).expect("bench TLS CA"))
+            .expect("bench TLS CA");
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
     }
 }
