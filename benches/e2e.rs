@@ -20,7 +20,9 @@
 //! E2E_PROXY_LOG (the proxy's RUST_LOG, default "info" = one log line per request, as users
 //! run it), E2E_NGINX=0 to skip nginx, E2E_UPSTREAM=tls for the mock behind TLS (the path to
 //! Chutes: `direct` then speaks TLS to it, the proxy and nginx speak plain HTTP to the
-//! generator on loopback and TLS to the mock, as a sidecar would; ALPN http/1.1), BENCH_PROXY_BIN to measure another build of the
+//! generator on loopback and TLS to the mock, as a sidecar would; ALPN http/1.1), or
+//! E2E_UPSTREAM=tls-h2 for the same with the mock offering h2 first and the proxy set to
+//! `upstream.http2 = true` (nginx and direct still speak HTTP/1.1 to it), BENCH_PROXY_BIN to measure another build of the
 //! proxy (an A/B of a change). Under `cargo test` it does a smoke run of a second.
 //!
 //! SSE streams are offered at 100/s (5,000 events/s), not 1,000/s: a 50-event stream that
@@ -96,17 +98,26 @@ fn main() {
     let nofile = raise_nofile();
 
     // The smoke run covers the TLS upstream too, so it cannot rot unseen.
-    let tls = std::env::var("E2E_UPSTREAM").as_deref() == Ok("tls") || !full;
+    let upstream = std::env::var("E2E_UPSTREAM").unwrap_or_default();
+    let h2 = upstream == "tls-h2";
+    let tls = upstream == "tls" || h2 || !full;
     let mock = Mock::start_with(
         2,
         false,
         Duration::from_secs(1),
-        tls.then(support::tls::server),
+        tls.then(|| support::tls::server(h2)),
     );
     let proxy_log = std::env::var("E2E_PROXY_LOG").unwrap_or_else(|_| "info".into());
     let proxy = if tls {
         ProxyProcess::start_with_env(
-            &proxy_config(&mock.url(), "tls_roots = \"native\"\n"),
+            &proxy_config(
+                &mock.url(),
+                if h2 {
+                    "tls_roots = \"native\"\nhttp2 = true\n"
+                } else {
+                    "tls_roots = \"native\"\n"
+                },
+            ),
             false,
             &proxy_log,
             &[("SSL_CERT_FILE", support::tls::CA)],
@@ -132,7 +143,12 @@ fn main() {
     println!(
         "e2e: open loop {:.0} req/s (SSE: {:.0} streams/s) for {:.1}s per cell, closed loop {:.1}s; connections {:?}; upstream {}; proxy {} (RUST_LOG={proxy_log}); nofile {nofile}",
         plan.rate, plan.sse_rate, plan.open_secs, plan.closed_secs, plan.conns,
-        if tls { "TLS (http/1.1)" } else { "plain HTTP/1.1" }, support::proxy_bin()
+        match (tls, h2) {
+            (true, true) => "TLS (the proxy: h2 by ALPN)",
+            (true, false) => "TLS (http/1.1)",
+            _ => "plain HTTP/1.1",
+        },
+        support::proxy_bin()
     );
 
     let mut results: Vec<(&str, usize, &str, Cell)> = Vec::new();
@@ -159,6 +175,12 @@ fn main() {
         }
     }
     report(&mut results, &plan);
+    let st = &mock.state;
+    println!(
+        "mock: {} requests, {} of them over HTTP/2",
+        st.requests.load(std::sync::atomic::Ordering::Relaxed),
+        st.h2_requests.load(std::sync::atomic::Ordering::Relaxed)
+    );
     if nginx.is_none() && full {
         println!("nginx: skipped (not installed, or E2E_NGINX=0); scripts/bench-e2e.sh installs it when run as root");
     }

@@ -295,6 +295,8 @@ pub struct Arrival {
 
 pub struct MockState {
     pub requests: AtomicU64,
+    /// Of those, the ones that came over HTTP/2.
+    pub h2_requests: AtomicU64,
     record: bool,
     pub arrivals: Mutex<Vec<Arrival>>,
     json: Bytes,
@@ -336,6 +338,7 @@ impl Mock {
             .expect("mock runtime");
         let state = Arc::new(MockState {
             requests: AtomicU64::new(0),
+            h2_requests: AtomicU64::new(0),
             record,
             arrivals: Mutex::new(Vec::new()),
             json: Bytes::from_static(JSON_REPLY.as_bytes()),
@@ -368,6 +371,13 @@ impl Mock {
                                 .await
                         }
                         Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                hyper::server::conn::http2::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(TokioIo::new(tls), svc)
+                                .await
+                            }
                             Ok(tls) => {
                                 http.keep_alive(true)
                                     .serve_connection(TokioIo::new(tls), svc)
@@ -438,6 +448,9 @@ async fn mock_handle(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = req.into_parts();
+    if parts.version == http::Version::HTTP_2 {
+        st.h2_requests.fetch_add(1, Ordering::Relaxed);
+    }
     // Read the whole request, as a real server does before answering.
     let body = body
         .collect()
@@ -989,8 +1002,10 @@ pub mod tls {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
-    /// The mock's side: the leaf and its key, ALPN http/1.1 (the mock speaks HTTP/1.1 only).
-    pub fn server() -> Arc<rustls::ServerConfig> {
+    /// The mock's side: the leaf and its key; ALPN http/1.1 alone, or h2 first with `h2`
+    /// (as Chutes' edge offers it; a client that offers no ALPN, as nginx's upstream side,
+    /// gets HTTP/1.1).
+    pub fn server(h2: bool) -> Arc<rustls::ServerConfig> {
         let leaf = CertificateDer::from_pem_file(LEAF).expect("bench TLS leaf");
         let key = PrivateKeyDer::from_pem_file(KEY).expect("bench TLS key");
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -999,7 +1014,11 @@ pub mod tls {
             .with_no_client_auth()
             .with_single_cert(vec![leaf], key)
             .expect("bench TLS certificate");
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = if h2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         Arc::new(cfg)
     }
 
