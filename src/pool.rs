@@ -1268,21 +1268,31 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2, "one dial for the burst");
     }
 
-    /// Over TLS where ALPN picks HTTP/1.1: the cold burst's exchanges wait for the first dial
-    /// only to learn that, then each has a connection of its own, and they are used again.
-    #[tokio::test]
-    async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
-        let (addr, accepted, _, _, pool) = tls_upstream(true).await;
+    /// A cold burst of four over HTTP/1.1 has a connection each, and the next burst is carried
+    /// by those, idle again once each body was read.
+    async fn bursts_over_http1_each_with_its_own_connection(
+        pool: &Pool,
+        addr: std::net::SocketAddr,
+        accepted: &AtomicUsize,
+    ) {
         let want = |p: &str| answered("HTTP/1.1", p);
-        assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
+        assert_eq!(burst(pool, addr, "cold").await, want("cold"));
         assert_eq!(accepted.load(Ordering::SeqCst), 4);
         assert_eq!(pool.idle(), 4, "each went back once its body was read");
-        assert_eq!(burst(&pool, addr, "again").await, want("again"));
+        assert_eq!(burst(pool, addr, "again").await, want("again"));
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             4,
             "the idle ones carried it"
         );
+    }
+
+    /// Over TLS where ALPN picks HTTP/1.1: the cold burst's exchanges wait for the first dial
+    /// only to learn that, then each has a connection of its own, and they are used again.
+    #[tokio::test]
+    async fn over_tls_alpn_http1_each_exchange_of_a_burst_has_its_own_connection() {
+        let (addr, accepted, _, _, pool) = tls_upstream(true).await;
+        bursts_over_http1_each_with_its_own_connection(&pool, addr, &accepted).await;
     }
 
     /// `upstream.http2 = false` (the default): an upstream that would choose HTTP/2 is offered
@@ -1293,16 +1303,7 @@ mod tests {
         let (addr, accepted, _, _, _) = tls_upstream(false).await;
         let pool = tls_pool_offering(addr, false);
         assert_eq!(pool.homes[0].lock().speaks, Speaks::Http1);
-        let want = |p: &str| answered("HTTP/1.1", p);
-        assert_eq!(burst(&pool, addr, "cold").await, want("cold"));
-        assert_eq!(accepted.load(Ordering::SeqCst), 4);
-        assert_eq!(pool.idle(), 4, "each went back once its body was read");
-        assert_eq!(burst(&pool, addr, "again").await, want("again"));
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            4,
-            "the idle ones carried it"
-        );
+        bursts_over_http1_each_with_its_own_connection(&pool, addr, &accepted).await;
     }
 
     /// An upstream that spoke HTTP/2 and, after a restart, offers HTTP/1.1 alone: the pool
