@@ -10,8 +10,9 @@
 //! When the body ends the connection goes back to the pool, newest first.
 //!
 //! Over TLS, ALPN offers HTTP/1.1 alone unless `upstream.http2` is set: hyper's HTTP/2 client
-//! spawns two tasks per exchange beside the connection's own and costs 1.2–1.6× the CPU of
-//! an HTTP/1.1 exchange over TLS (BENCHMARKS.md, third session of 2026-12-06).
+//! spawns two tasks per exchange beside the connection's own and costs 1.2–1.7× the CPU of
+//! an HTTP/1.1 exchange over TLS; only many concurrent SSE streams come out ahead on it
+//! (BENCHMARKS.md, third session of 2026-12-06).
 //!
 //! An HTTP/2 connection (chosen by ALPN when offered) is shared by every exchange; it runs in a
 //! task of its own, as multiplexing needs, and hyper buffers each stream's DATA frames, so the
