@@ -2253,5 +2253,28 @@ mod tests {
         let text = include_str!("../config.toml");
         let c = load(text).expect("config.toml must be valid");
         assert_eq!(c.limits.requests_per_minute.get(), 50);
+        // Every key the canonical rendering has (each one the code accepts) is in the file
+        // users copy, in its table.
+        let keys_of = |t: &str| -> std::collections::BTreeSet<String> {
+            let mut table = String::new();
+            let mut out = std::collections::BTreeSet::new();
+            for line in t.lines().map(str::trim) {
+                if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+                    table = name.to_string();
+                } else if let Some((k, _)) = line.split_once('=') {
+                    let k = k.trim();
+                    if !k.is_empty() && !k.starts_with('#') && !k.starts_with('"') {
+                        out.insert(format!("{table}.{k}"));
+                    }
+                }
+            }
+            out
+        };
+        let shipped = keys_of(text);
+        let missing: Vec<String> = keys_of(&load("").unwrap().render())
+            .into_iter()
+            .filter(|k| !shipped.contains(k))
+            .collect();
+        assert!(missing.is_empty(), "config.toml lacks {missing:?}");
     }
 }
