@@ -13,15 +13,14 @@
 //! the client is not charged for service it never got. Choosing the next client and counting
 //! who is ahead of a newcomer are O(clients), and clients are the bounded configured set.
 //!
-//! A client's FIFO is a map ordered by waiter id (ids only grow, so id order is arrival
-//! order): arriving, being served and leaving from anywhere in it are O(log n). A `VecDeque`
-//! made leaving from the middle O(n): 10,000 waiters hanging up in random order cost 1.8–2.0 µs
-//! each under the lock; with the map, 0.57–0.65 µs (115–126 ns at 10, where the deque's 76–98
-//! ns was cheaper; BENCHMARKS.md, fifth session).
+//! A client's FIFO is a doubly linked list threaded through one slab of waiters shared by
+//! every line, and a waiter's id names its slot: arriving, being served and leaving from
+//! anywhere are O(1), whatever the depth. A `VecDeque` made leaving from the middle O(n)
+//! (10,000 waiters hanging up in random order cost 1.8–2.0 µs each under the lock); an ordered
+//! map made it O(log n) (670 instructions a leaving at 10 queued, 920 at 10,000; the slab's
+//! are 470 and 505). BENCHMARKS.md has the timings.
 //!
 //! The queue only orders; it knows nothing about tokens, time or responses. Depth is exact.
-
-use std::collections::BTreeMap;
 
 use tokio::time::Instant;
 
@@ -32,7 +31,15 @@ use crate::clients::ClientTable;
 /// stays exact to well under a part per million.
 const SCALE: u64 = 1 << 40;
 
+/// No slot: the end of a line, or of the free list.
+const NIL: u32 = u32::MAX;
+
+/// The slab keeps at most this many slots' room once the queue is empty again, so a burst of
+/// 10,000 waiters does not hold their memory after they are gone.
+const KEPT_SLOTS: usize = 256;
+
 pub struct Waiter<T> {
+    /// Unique while it is queued: the push's sequence number above, its slot below.
     pub id: u64,
     pub client: ClientId,
     pub deadline: Instant,
@@ -40,17 +47,51 @@ pub struct Waiter<T> {
     pub payload: T,
 }
 
-struct ClientQueue<T> {
+/// A waiter's slot when it is queued: its place in its line.
+struct Node<T> {
+    waiter: Waiter<T>,
+    prev: u32,
+    next: u32,
+    /// In the urgent line rather than its client's.
+    urgent: bool,
+}
+
+enum Slot<T> {
+    Used(Node<T>),
+    Free { next: u32 },
+}
+
+/// One FIFO: its ends in the slab and its length.
+#[derive(Clone, Copy)]
+struct Line {
+    head: u32,
+    tail: u32,
+    len: usize,
+}
+
+impl Line {
+    const EMPTY: Line = Line {
+        head: NIL,
+        tail: NIL,
+        len: 0,
+    };
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+struct ClientQueue {
     /// Which client this is (the queues are the table's rows, in its order).
     id: ClientId,
     cost: u64,
     /// Virtual start of the head waiter; while the queue is empty, where the client left off.
     head_tag: u64,
-    /// By id, which is arrival order.
-    waiters: BTreeMap<u64, Waiter<T>>,
+    /// Its waiters in arrival order.
+    line: Line,
 }
 
-impl<T> ClientQueue<T> {
+impl ClientQueue {
     /// Virtual start of the waiter at `pos`.
     fn tag_at(&self, pos: usize) -> u64 {
         self.head_tag
@@ -59,44 +100,71 @@ impl<T> ClientQueue<T> {
 
     /// How many of this client's waiters start no later than `tag`.
     fn starting_by(&self, tag: u64) -> usize {
-        if self.waiters.is_empty() || tag < self.head_tag {
+        if self.line.is_empty() || tag < self.head_tag {
             return 0;
         }
         let n = (tag - self.head_tag) / self.cost.max(1) + 1;
-        (n.min(self.waiters.len() as u64)) as usize
+        (n.min(self.line.len as u64)) as usize
+    }
+}
+
+/// The waiters in one line, front to back.
+struct Walk<'a, T> {
+    slots: &'a [Slot<T>],
+    at: u32,
+}
+
+impl<'a, T> Iterator for Walk<'a, T> {
+    type Item = &'a Waiter<T>;
+
+    fn next(&mut self) -> Option<&'a Waiter<T>> {
+        match self.slots.get(self.at as usize)? {
+            Slot::Used(n) => {
+                self.at = n.next;
+                Some(&n.waiter)
+            }
+            Slot::Free { .. } => None,
+        }
     }
 }
 
 pub struct FairQueue<T> {
-    clients: Vec<ClientQueue<T>>,
+    /// Every queued waiter, each in one line; free slots chained from `free`.
+    slots: Vec<Slot<T>>,
+    free: u32,
+    clients: Vec<ClientQueue>,
     /// Requests retried after an upstream 429: served before everyone else (the first of
-    /// them is the probe when the cooldown ends), FIFO among themselves (by id).
-    urgent: BTreeMap<u64, Waiter<T>>,
+    /// them is the probe when the cooldown ends), FIFO among themselves.
+    urgent: Line,
     /// How many of `urgent` each client has, by the client's row.
     urgent_of: Vec<usize>,
     vtime: u64,
     len: usize,
-    next_id: u64,
+    /// Pushes so far (wrapping), the upper half of each id: a stale id whose slot was taken
+    /// again names another push and is refused.
+    pushes: u32,
 }
 
 impl<T> FairQueue<T> {
     /// One FIFO per row of `clients`, each with its row's weight (all ≥ 1).
     pub fn new(clients: &ClientTable) -> Self {
         FairQueue {
+            slots: Vec::new(),
+            free: NIL,
             clients: clients
                 .ids()
                 .map(|(id, c)| ClientQueue {
                     id,
                     cost: SCALE / u64::from(c.weight.max(1)),
                     head_tag: 0,
-                    waiters: BTreeMap::new(),
+                    line: Line::EMPTY,
                 })
                 .collect(),
-            urgent: BTreeMap::new(),
+            urgent: Line::EMPTY,
             urgent_of: vec![0; clients.ids().count()],
             vtime: 0,
             len: 0,
-            next_id: 0,
+            pushes: 0,
         }
     }
 
@@ -108,12 +176,19 @@ impl<T> FairQueue<T> {
         self.len == 0
     }
 
+    fn walk(&self, line: &Line) -> Walk<'_, T> {
+        Walk {
+            slots: &self.slots,
+            at: line.head,
+        }
+    }
+
     /// The virtual start a new arrival from `client` would get.
-    fn arrival_tag(&self, c: &ClientQueue<T>) -> u64 {
-        if c.waiters.is_empty() {
+    fn arrival_tag(&self, c: &ClientQueue) -> u64 {
+        if c.line.is_empty() {
             self.vtime.max(c.head_tag)
         } else {
-            c.tag_at(c.waiters.len())
+            c.tag_at(c.line.len)
         }
     }
 
@@ -124,7 +199,7 @@ impl<T> FairQueue<T> {
             return self.len;
         };
         let tag = self.arrival_tag(c);
-        self.urgent.len()
+        self.urgent.len
             + self
                 .clients
                 .iter()
@@ -134,9 +209,7 @@ impl<T> FairQueue<T> {
 
     /// Waiters of `client` queued now.
     pub fn client_len(&self, client: ClientId) -> usize {
-        self.clients
-            .get(client.index())
-            .map_or(0, |c| c.waiters.len())
+        self.clients.get(client.index()).map_or(0, |c| c.line.len)
             + self.urgent_of.get(client.index()).copied().unwrap_or(0)
     }
 
@@ -148,45 +221,100 @@ impl<T> FairQueue<T> {
         now: Instant,
         payload: T,
     ) -> u64 {
-        let w = self.waiter(client, deadline, now, payload);
-        let id = w.id;
         if let Some(n) = self.urgent_of.get_mut(client.index()) {
             *n += 1;
         }
-        self.urgent.insert(id, w);
+        let mut line = self.urgent;
+        let id = self.append(&mut line, true, client, deadline, now, payload);
+        self.urgent = line;
         id
     }
 
     pub fn push(&mut self, client: ClientId, deadline: Instant, now: Instant, payload: T) -> u64 {
-        let w = self.waiter(client, deadline, now, payload);
-        let id = w.id;
         let vtime = self.vtime;
         let c = &mut self.clients[client.index()];
-        if c.waiters.is_empty() {
+        if c.line.is_empty() {
             c.head_tag = vtime.max(c.head_tag);
         }
-        c.waiters.insert(id, w);
+        let mut line = c.line;
+        let id = self.append(&mut line, false, client, deadline, now, payload);
+        self.clients[client.index()].line = line;
         id
     }
 
-    /// A new waiter with the next id, counted in the depth (the caller queues it).
-    fn waiter(
+    /// A new waiter with the next id at the back of `line`, counted in the depth.
+    fn append(
         &mut self,
+        line: &mut Line,
+        urgent: bool,
         client: ClientId,
         deadline: Instant,
         now: Instant,
         payload: T,
-    ) -> Waiter<T> {
-        let id = self.next_id;
-        self.next_id += 1;
+    ) -> u64 {
+        let slot = match self.slots.get(self.free as usize) {
+            Some(&Slot::Free { next }) => std::mem::replace(&mut self.free, next),
+            _ => {
+                // The free list is empty: a new slot at the end. Depth is bounded by
+                // `queue.max_depth` (≤ 10⁷) plus the retries in flight, far below `NIL`.
+                self.slots.push(Slot::Free { next: NIL });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let id = (u64::from(self.pushes) << 32) | u64::from(slot);
+        self.pushes = self.pushes.wrapping_add(1);
         self.len += 1;
-        Waiter {
-            id,
-            client,
-            deadline,
-            enqueued: now,
-            payload,
+        self.slots[slot as usize] = Slot::Used(Node {
+            waiter: Waiter {
+                id,
+                client,
+                deadline,
+                enqueued: now,
+                payload,
+            },
+            prev: line.tail,
+            next: NIL,
+            urgent,
+        });
+        match self.slots.get_mut(line.tail as usize) {
+            Some(Slot::Used(tail)) => tail.next = slot,
+            _ => line.head = slot,
         }
+        line.tail = slot;
+        line.len += 1;
+        id
+    }
+
+    /// The slot of queued waiter `id`, if it is still queued.
+    fn slot_of(&self, id: u64) -> Option<u32> {
+        let slot = id as u32;
+        match self.slots.get(slot as usize) {
+            Some(Slot::Used(n)) if n.waiter.id == id => Some(slot),
+            _ => None,
+        }
+    }
+
+    /// Unlink `slot` from `line`, which holds it, and free it; `None` if it is not queued.
+    fn unlink(&mut self, line: &mut Line, slot: u32) -> Option<Waiter<T>> {
+        let cell = self.slots.get_mut(slot as usize)?;
+        if matches!(cell, Slot::Free { .. }) {
+            return None;
+        }
+        let Slot::Used(node) = std::mem::replace(cell, Slot::Free { next: self.free }) else {
+            return None;
+        };
+        self.free = slot;
+        match self.slots.get_mut(node.prev as usize) {
+            Some(Slot::Used(p)) => p.next = node.next,
+            _ => line.head = node.next,
+        }
+        match self.slots.get_mut(node.next as usize) {
+            Some(Slot::Used(n)) => n.prev = node.prev,
+            _ => line.tail = node.prev,
+        }
+        line.len -= 1;
+        self.len -= 1;
+        Some(node.waiter)
     }
 
     /// The client whose head is served next.
@@ -195,7 +323,7 @@ impl<T> FairQueue<T> {
         self.clients
             .iter()
             .enumerate()
-            .filter(|(_, c)| !c.waiters.is_empty())
+            .filter(|(_, c)| !c.line.is_empty())
             .map(|(i, c)| (c.head_tag, i))
             .min()
             .map(|(_, i)| i)
@@ -204,13 +332,9 @@ impl<T> FairQueue<T> {
     #[cfg(test)]
     pub fn pop(&mut self) -> Option<Waiter<T>> {
         let i = self.next_client()?;
-        let c = &mut self.clients[i];
-        let (_, w) = c.waiters.pop_first()?;
-        self.vtime = self.vtime.max(c.head_tag);
-        c.head_tag = c.head_tag.saturating_add(c.cost);
-        self.len -= 1;
-        self.after_removal();
-        Some(w)
+        let c = &self.clients[i];
+        let (client, id) = (c.id, self.walk(&c.line).next()?.id);
+        self.serve(client, id)
     }
 
     /// The first waiter, in service order, that may go now: clients are taken in the order
@@ -224,14 +348,17 @@ impl<T> FairQueue<T> {
         mut ok: impl FnMut(&Waiter<T>) -> bool,
         scan: usize,
     ) -> Option<(ClientId, u64)> {
-        if let Some(w) = self.urgent.values().find(|w| client_ok(w.client) && ok(w)) {
+        if let Some(w) = self
+            .walk(&self.urgent)
+            .find(|w| client_ok(w.client) && ok(w))
+        {
             return Some((w.client, w.id));
         }
         let mut order: Vec<(u64, usize)> = self
             .clients
             .iter()
             .enumerate()
-            .filter(|(_, c)| !c.waiters.is_empty())
+            .filter(|(_, c)| !c.line.is_empty())
             .map(|(i, c)| (c.head_tag, i))
             .collect();
         order.sort_unstable();
@@ -240,7 +367,7 @@ impl<T> FairQueue<T> {
             if !client_ok(c.id) {
                 continue;
             }
-            if let Some(w) = c.waiters.values().take(scan).find(|w| ok(w)) {
+            if let Some(w) = self.walk(&c.line).take(scan).find(|w| ok(w)) {
                 return Some((c.id, w.id));
             }
         }
@@ -257,12 +384,12 @@ impl<T> FairQueue<T> {
     /// client, id and that count.
     pub fn ranks(&self) -> Vec<(ClientId, u64, usize)> {
         let mut out = Vec::with_capacity(self.len);
-        let urgent = self.urgent.len();
-        for (i, w) in self.urgent.values().enumerate() {
+        let urgent = self.urgent.len;
+        for (i, w) in self.walk(&self.urgent).enumerate() {
             out.push((w.client, w.id, i));
         }
         for (i, c) in self.clients.iter().enumerate() {
-            for (pos, w) in c.waiters.values().enumerate() {
+            for (pos, w) in self.walk(&c.line).enumerate() {
                 let tag = c.tag_at(pos);
                 let ahead: usize = self
                     .clients
@@ -300,27 +427,32 @@ impl<T> FairQueue<T> {
     /// service (it was served), as if it had been at the head. A retry in the urgent line is
     /// never charged: it was served out of turn once already.
     fn take(&mut self, client: ClientId, id: u64, charge: bool) -> Option<Waiter<T>> {
-        if let Some(w) = self.take_urgent(id) {
-            return Some(w);
-        }
-        let c = self.clients.get_mut(client.index())?;
-        let w = c.waiters.remove(&id)?;
-        if charge {
-            self.vtime = self.vtime.max(c.head_tag);
-            c.head_tag = c.head_tag.saturating_add(c.cost);
-        }
-        self.len -= 1;
-        self.after_removal();
-        Some(w)
-    }
-
-    /// Take retried waiter `id` out of the urgent line, if it is there.
-    fn take_urgent(&mut self, id: u64) -> Option<Waiter<T>> {
-        let w = self.urgent.remove(&id)?;
-        if let Some(n) = self.urgent_of.get_mut(w.client.index()) {
-            *n = n.saturating_sub(1);
-        }
-        self.len -= 1;
+        let slot = self.slot_of(id)?;
+        let Some(Slot::Used(node)) = self.slots.get(slot as usize) else {
+            return None;
+        };
+        let w = if node.urgent {
+            let mut line = self.urgent;
+            let w = self.unlink(&mut line, slot)?;
+            self.urgent = line;
+            if let Some(n) = self.urgent_of.get_mut(w.client.index()) {
+                *n = n.saturating_sub(1);
+            }
+            w
+        } else {
+            if node.waiter.client != client {
+                return None;
+            }
+            let mut line = self.clients.get(client.index())?.line;
+            let w = self.unlink(&mut line, slot)?;
+            let c = &mut self.clients[client.index()];
+            c.line = line;
+            if charge {
+                self.vtime = self.vtime.max(c.head_tag);
+                c.head_tag = c.head_tag.saturating_add(c.cost);
+            }
+            w
+        };
         self.after_removal();
         Some(w)
     }
@@ -332,41 +464,41 @@ impl<T> FairQueue<T> {
             for c in &mut self.clients {
                 c.head_tag = 0;
             }
+            // Every slot is free: the slab starts over, and gives back a burst's room.
+            self.slots.clear();
+            self.slots.shrink_to(KEPT_SLOTS);
+            self.free = NIL;
         }
     }
 
     /// Remove and return every waiter for which `pred` holds (used when a gate closes for
-    /// longer than they can wait).
+    /// longer than they can wait), in each line's order.
     pub fn drain_where(&mut self, mut pred: impl FnMut(&Waiter<T>) -> bool) -> Vec<Waiter<T>> {
         let mut out = Vec::new();
-        // Rebuilt from what stays, in order: a map built from sorted entries is built in O(n).
-        let mut split = |map: &mut BTreeMap<u64, Waiter<T>>, out: &mut Vec<Waiter<T>>| {
-            if !map.values().any(&mut pred) {
-                return;
-            }
-            let mut keep = Vec::with_capacity(map.len());
-            for (id, w) in std::mem::take(map) {
-                if pred(&w) {
-                    out.push(w);
-                } else {
-                    keep.push((id, w));
+        let mut split = |q: &mut Self, line: &mut Line, out: &mut Vec<Waiter<T>>| {
+            let mut at = line.head;
+            while let Some(Slot::Used(n)) = q.slots.get(at as usize) {
+                let (here, next) = (at, n.next);
+                if pred(&n.waiter) {
+                    out.extend(q.unlink(line, here));
                 }
+                at = next;
             }
-            *map = keep.into_iter().collect();
         };
-        split(&mut self.urgent, &mut out);
-        for n in &mut self.urgent_of {
-            *n = 0;
-        }
-        for w in self.urgent.values() {
+        let mut line = self.urgent;
+        let before = out.len();
+        split(self, &mut line, &mut out);
+        self.urgent = line;
+        for w in &out[before..] {
             if let Some(n) = self.urgent_of.get_mut(w.client.index()) {
-                *n += 1;
+                *n = n.saturating_sub(1);
             }
         }
-        for c in &mut self.clients {
-            split(&mut c.waiters, &mut out);
+        for i in 0..self.clients.len() {
+            let mut line = self.clients[i].line;
+            split(self, &mut line, &mut out);
+            self.clients[i].line = line;
         }
-        self.len -= out.len();
         self.after_removal();
         out
     }
@@ -375,9 +507,17 @@ impl<T> FairQueue<T> {
     pub fn oldest(&self) -> Option<Instant> {
         self.clients
             .iter()
-            .filter_map(|c| c.waiters.first_key_value().map(|(_, w)| w.enqueued))
-            .chain(self.urgent.values().map(|w| w.enqueued))
+            .map(|c| &c.line)
+            .chain(std::iter::once(&self.urgent))
+            .filter_map(|line| self.walk(line).next().map(|w| w.enqueued))
             .min()
+    }
+
+    /// The ids in `client`'s line (or the urgent line), front to back.
+    #[cfg(test)]
+    fn ids(&self, client: Option<usize>) -> Vec<u64> {
+        let line = client.map_or(&self.urgent, |i| &self.clients[i].line);
+        self.walk(line).map(|w| w.id).collect()
     }
 }
 
@@ -463,7 +603,7 @@ mod tests {
                 q.push(c(2), now, now, ());
             }
             if round % 2 == 0 {
-                let oldest = *q.clients[1].waiters.first_key_value().unwrap().0;
+                let oldest = q.ids(Some(1))[0];
                 q.remove(c(1), oldest);
             }
             served[q.pop().unwrap().client.index()] += 1;
@@ -496,6 +636,61 @@ mod tests {
         let served: Vec<_> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
         assert_eq!(served, vec![ids[0], ids[1], ids[3], ids[4]]);
         assert!(q.is_empty());
+    }
+
+    /// A waiter's slot is taken again by the next arrival once it leaves, and again from the
+    /// start once the queue empties: an id that left must never remove who holds its slot now.
+    #[tokio::test(start_paused = true)]
+    async fn an_id_that_left_never_names_its_slots_next_waiter() {
+        let mut q = q(&[1, 1]);
+        let now = Instant::now();
+        let keep = q.push(c(0), now, now, ());
+        let gone = q.push(c(0), now, now, ());
+        assert!(q.remove(c(0), gone).is_some());
+        let next = q.push(c(0), now, now, ());
+        assert_eq!(next as u32, gone as u32, "the freed slot is reused");
+        assert!(q.remove(c(0), gone).is_none());
+        assert!(q.serve(c(0), gone).is_none());
+        // Wrong client for a live id: refused, as before.
+        assert!(q.remove(c(1), next).is_none());
+        assert_eq!(q.ids(Some(0)), vec![keep, next]);
+        // Emptied: the slab starts over, and the old ids stay dead.
+        assert!(q.remove(c(0), keep).is_some());
+        assert!(q.remove(c(0), next).is_some());
+        assert!(q.is_empty());
+        let fresh = q.push(c(0), now, now, ());
+        assert_eq!(fresh as u32, keep as u32);
+        for stale in [keep, gone, next] {
+            assert!(q.remove(c(0), stale).is_none());
+        }
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.ids(Some(0)), vec![fresh]);
+    }
+
+    /// Drained waiters leave their lines linked: the rest keep their order, and the freed
+    /// slots are reused without losing anyone.
+    #[tokio::test(start_paused = true)]
+    async fn drain_keeps_the_lines_linked() {
+        let mut q = q(&[1]);
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(10);
+        let ids: Vec<u64> = (0..8)
+            .map(|i| q.push(c(0), if i % 3 == 0 { now } else { later }, now, ()))
+            .collect();
+        let r = q.push_urgent(c(0), now, now, ());
+        let gone = q.drain_where(|w| w.deadline < later);
+        let gone: Vec<u64> = gone.iter().map(|w| w.id).collect();
+        assert_eq!(gone, vec![r, ids[0], ids[3], ids[6]]);
+        assert_eq!(q.client_len(c(0)), 5);
+        let more: Vec<u64> = (0..4).map(|_| q.push(c(0), later, now, ())).collect();
+        let want: Vec<u64> = [1, 2, 4, 5, 7]
+            .iter()
+            .map(|&i| ids[i])
+            .chain(more)
+            .collect();
+        assert_eq!(q.ids(Some(0)), want);
+        let served: Vec<u64> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
+        assert_eq!(served, want);
     }
 
     /// Random arrivals, retries, departures from anywhere, services and drains, against a
@@ -546,7 +741,7 @@ mod tests {
             for cl in 0..3 {
                 let want = model.iter().filter(|m| m.1 == cl).count();
                 assert_eq!(q.client_len(c(cl)), want, "{step}");
-                let ids: Vec<u64> = q.clients[cl].waiters.values().map(|w| w.id).collect();
+                let ids = q.ids(Some(cl));
                 let want: Vec<u64> = model
                     .iter()
                     .filter(|m| m.1 == cl && !m.2)
@@ -554,7 +749,7 @@ mod tests {
                     .collect();
                 assert_eq!(ids, want, "{step}");
             }
-            let urgent: Vec<u64> = q.urgent.values().map(|w| w.id).collect();
+            let urgent = q.ids(None);
             let want: Vec<u64> = model.iter().filter(|m| m.2).map(|m| m.0).collect();
             assert_eq!(urgent, want, "{step}");
         }
