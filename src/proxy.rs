@@ -148,11 +148,7 @@ impl Proxy {
             }
         }
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut id = Vec::with_capacity(self.id_prefix.len() + 14);
-        id.extend_from_slice(self.id_prefix.as_bytes());
-        id.push(b'-');
-        push_base36(&mut id, n);
-        HeaderValue::from_maybe_shared(Bytes::from(id))
+        HeaderValue::from_maybe_shared(new_id(&self.id_prefix, n))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
     }
 
@@ -1112,22 +1108,53 @@ fn declared_length(body: &ClientBody) -> Option<u64> {
 }
 
 /// Append `n` in base 36 (lowercase), for compact request ids.
-fn push_base36(out: &mut Vec<u8>, mut n: u64) {
+fn push_base36(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(base36(n, &mut [0; 13]));
+}
+
+/// `n` in base 36, lower case, written at the end of `buf` (13 digits hold any `u64`).
+fn base36(mut n: u64, buf: &mut [u8; 13]) -> &[u8] {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let start = out.len();
+    let mut at = buf.len();
     loop {
-        out.push(DIGITS[(n % 36) as usize]);
+        at -= 1;
+        buf[at] = DIGITS[(n % 36) as usize];
         n /= 36;
         if n == 0 {
-            break;
+            return &buf[at..];
         }
     }
-    out[start..].reverse();
+}
+
+/// `{prefix}-{n in base 36}`, cut from this thread's arena of ids.
+fn new_id(prefix: &str, n: u64) -> Bytes {
+    let mut digits = [0; 13];
+    let digits = base36(n, &mut digits);
+    IDS.with_borrow_mut(|ids| {
+        let len = prefix.len() + 1 + digits.len();
+        if ids.capacity() - ids.len() < len {
+            *ids = BytesMut::with_capacity(ID_ARENA.max(len));
+        }
+        ids.extend_from_slice(prefix.as_bytes());
+        ids.extend_from_slice(b"-");
+        ids.extend_from_slice(digits);
+        ids.split().freeze()
+    })
+}
+
+/// How many bytes of request ids one allocation holds: about 200 ids, each a slice of it, so an
+/// id and its clones (the upstream's header, the response's, the log line) cost no allocation
+/// of their own; an arena is freed when the last of its ids is.
+const ID_ARENA: usize = 4096;
+
+thread_local! {
+    /// This thread's arena of request ids (see [`ID_ARENA`]).
+    static IDS: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{push_base36, read_body, reads_body, Unread};
+    use super::{new_id, push_base36, read_body, reads_body, Unread, ID_ARENA};
     use crate::held::HeldBodies;
     use crate::http1::ClientBody;
     use bytes::Bytes;
@@ -1298,6 +1325,26 @@ mod tests {
                 "{method} {ct:?}"
             );
         }
+    }
+
+    /// Ids cut from the arena stay whole and distinct across arenas, while earlier ones (and
+    /// a prefix longer than an arena) are still held.
+    #[test]
+    fn ids_from_the_arena_are_whole_across_arenas() {
+        let prefix = "m3x8k2p1";
+        let ids: Vec<Bytes> = (0..3 * ID_ARENA as u64)
+            .map(|n| new_id(prefix, n))
+            .collect();
+        for (n, id) in ids.iter().enumerate() {
+            let mut want = format!("{prefix}-").into_bytes();
+            push_base36(&mut want, n as u64);
+            assert_eq!(&id[..], &want[..], "{n}");
+        }
+        let long = "p".repeat(ID_ARENA + 10);
+        let id = new_id(&long, 35);
+        assert_eq!(id.len(), long.len() + 2);
+        assert!(id.ends_with(b"-z"));
+        assert_eq!(&new_id(prefix, 36)[..], b"m3x8k2p1-10");
     }
 
     #[test]
