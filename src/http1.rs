@@ -720,7 +720,7 @@ fn read_more<'a>(
 ) -> impl Future<Output = io::Result<usize>> + use<'a> {
     std::future::poll_fn(move |cx| loop {
         std::task::ready!(stream.poll_read_ready(cx))?;
-        let got = SCRATCH.with_borrow_mut(|s| match stream.try_read(s) {
+        let got = SCRATCH.with_borrow_mut(|s| match read_draining(stream, s) {
             Ok(n) => {
                 append(buf, &s[..n]);
                 Ok(n)
@@ -733,6 +733,29 @@ fn read_more<'a>(
             r => return Poll::Ready(r),
         }
     })
+}
+
+/// One read into `s`; a read that did not fill it drained the socket, so its readiness is
+/// cleared as tokio's own `poll_read` does, and the next poll waits for the kernel to say
+/// more has come instead of asking it with a read that finds nothing (one `recvfrom` and
+/// `EAGAIN` a request: the watch for a client leaving, polled while the upstream works).
+/// The clear is tokio's: it is skipped if readiness came again since it was read.
+fn read_draining(stream: &TcpStream, s: &mut [u8]) -> io::Result<usize> {
+    let mut got = None;
+    let read = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = stream.try_read(s)?;
+        got = Some(n);
+        if n > 0 && n < s.len() {
+            // Said as `WouldBlock` only so `try_io` clears the readiness; `got` has the bytes.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => read,
+    }
 }
 
 /// Append what a read brought to a connection's pending bytes.
@@ -2446,5 +2469,44 @@ mod tests {
         c.write_all(b"abc").await.unwrap();
         read_more(&s, &mut buf).await.unwrap();
         assert_eq!(buf.capacity(), 20);
+    }
+
+    /// A read that drained the socket leaves it not ready, so the next poll waits for the
+    /// kernel instead of reading nothing; what comes next is still read, and a read that
+    /// fills its buffer keeps the readiness, since more may be waiting.
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_and_the_next_bytes_still_come() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let ready = |s: &TcpStream| {
+            let waker = std::task::Waker::noop();
+            s.poll_read_ready(&mut std::task::Context::from_waker(waker))
+                .is_ready()
+        };
+        let mut buf = BytesMut::new();
+        c.write_all(b"hello").await.unwrap();
+        read_more(&s, &mut buf).await.unwrap();
+        assert_eq!(&buf[..], b"hello");
+        assert!(!ready(&s), "a drained socket is not ready");
+        c.write_all(b" world").await.unwrap();
+        while buf.len() < 11 {
+            read_more(&s, &mut buf).await.unwrap();
+        }
+        assert_eq!(&buf[..], b"hello world");
+
+        c.write_all(b"0123456789").await.unwrap();
+        s.readable().await.unwrap();
+        let mut small = [0u8; 4];
+        assert_eq!(read_draining(&s, &mut small).unwrap(), 4);
+        assert!(ready(&s), "a full read may have left more");
+        assert_eq!(read_draining(&s, &mut small).unwrap(), 4);
+        assert_eq!(read_draining(&s, &mut small).unwrap(), 2);
+        assert_eq!(&small[..2], b"89");
+        assert!(!ready(&s));
+        // The end of stream is still seen once the kernel says so.
+        drop(c);
+        let mut rest = BytesMut::new();
+        assert_eq!(read_more(&s, &mut rest).await.unwrap(), 0);
     }
 }
