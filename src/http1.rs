@@ -736,16 +736,21 @@ fn read_more<'a>(
 }
 
 /// One read into `s`; a read that did not fill it drained the socket, so its readiness is
-/// cleared as tokio's own `poll_read` does, and the next poll waits for the kernel to say
-/// more has come instead of asking it with a read that finds nothing (one `recvfrom` and
-/// `EAGAIN` a request: the watch for a client leaving, polled while the upstream works).
-/// The clear is tokio's: it is skipped if readiness came again since it was read.
+/// cleared as tokio's own `poll_read` does on epoll and kqueue, and the next poll waits for
+/// the kernel to say more has come instead of asking it with a read that finds nothing (one
+/// `recvfrom` and `EAGAIN` a request: the watch for a client leaving, polled while the
+/// upstream works). The clear is tokio's: it is skipped if readiness came again since it was
+/// read, and it keeps a seen end of stream.
 fn read_draining(stream: &TcpStream, s: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    // The read itself is the socket's, not `TcpStream`'s, whose methods keep the readiness
+    // themselves (`try_io`'s contract).
+    let socket = socket2::SockRef::from(stream);
     let mut got = None;
     let read = stream.try_io(tokio::io::Interest::READABLE, || {
-        let n = stream.try_read(s)?;
+        let n = (&*socket).read(s)?;
         got = Some(n);
-        if n > 0 && n < s.len() {
+        if n > 0 && n < s.len() && !cfg!(windows) {
             // Said as `WouldBlock` only so `try_io` clears the readiness; `got` has the bytes.
             Err(io::ErrorKind::WouldBlock.into())
         } else {
