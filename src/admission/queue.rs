@@ -285,11 +285,11 @@ impl<T> FairQueue<T> {
         id
     }
 
-    /// The slot of queued waiter `id`, if it is still queued.
-    fn slot_of(&self, id: u64) -> Option<u32> {
+    /// Queued waiter `id`'s slot and place, if it is still queued.
+    fn queued(&self, id: u64) -> Option<(u32, &Node<T>)> {
         let slot = id as u32;
         match self.slots.get(slot as usize) {
-            Some(Slot::Used(n)) if n.waiter.id == id => Some(slot),
+            Some(Slot::Used(n)) if n.waiter.id == id => Some((slot, n)),
             _ => None,
         }
     }
@@ -297,11 +297,12 @@ impl<T> FairQueue<T> {
     /// Unlink `slot` from `line`, which holds it, and free it; `None` if it is not queued.
     fn unlink(&mut self, line: &mut Line, slot: u32) -> Option<Waiter<T>> {
         let cell = self.slots.get_mut(slot as usize)?;
-        if matches!(cell, Slot::Free { .. }) {
-            return None;
-        }
-        let Slot::Used(node) = std::mem::replace(cell, Slot::Free { next: self.free }) else {
-            return None;
+        let node = match std::mem::replace(cell, Slot::Free { next: self.free }) {
+            Slot::Used(node) => node,
+            free => {
+                *cell = free;
+                return None;
+            }
         };
         self.free = slot;
         match self.slots.get_mut(node.prev as usize) {
@@ -427,10 +428,7 @@ impl<T> FairQueue<T> {
     /// service (it was served), as if it had been at the head. A retry in the urgent line is
     /// never charged: it was served out of turn once already.
     fn take(&mut self, client: ClientId, id: u64, charge: bool) -> Option<Waiter<T>> {
-        let slot = self.slot_of(id)?;
-        let Some(Slot::Used(node)) = self.slots.get(slot as usize) else {
-            return None;
-        };
+        let (slot, node) = self.queued(id)?;
         let w = if node.urgent {
             let mut line = self.urgent;
             let w = self.unlink(&mut line, slot)?;
